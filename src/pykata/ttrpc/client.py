@@ -1,0 +1,171 @@
+"""ttRPC client over asyncio streams: concurrent unary calls on one connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+from google.protobuf import message as pb_message
+
+from pykata import errors
+from pykata.protos import ttrpc_pb2
+from pykata.ttrpc import frames
+from pykata.ttrpc.status import to_error
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=pb_message.Message)
+
+
+class Client:
+    """One ttRPC connection. ``call`` may be awaited from many tasks at once."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._next_id = 1
+        self._pending: dict[int, asyncio.Future[ttrpc_pb2.Response]] = {}
+        self._write_lock = asyncio.Lock()
+        self._closed: errors.PykataError | None = None
+        self._recv_task = asyncio.ensure_future(self._receive())
+
+    @classmethod
+    async def connect_unix(cls, path: str | os.PathLike[str]) -> Client:
+        try:
+            reader, writer = await asyncio.open_unix_connection(
+                os.fspath(path), limit=frames.MAX_DATA + frames.HEADER_SIZE
+            )
+        except OSError as exc:
+            raise errors.Unavailable(f"cannot connect to ttrpc socket {path}: {exc}") from exc
+        return cls(reader, writer)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        request: pb_message.Message,
+        response_type: type[M],
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | Sequence[str]] | None = None,
+    ) -> M:
+        """Send one request and wait for its response.
+
+        Raises the PykataError matching the returned status, DeadlineExceeded on
+        ``timeout`` (which is also sent to the server as ``timeout_nano``), and
+        Unavailable when the connection is or becomes closed.
+        """
+        if self._closed is not None:
+            raise errors.Unavailable(f"ttrpc connection closed: {self._closed}")
+        req = ttrpc_pb2.Request(
+            service=service, method=method, payload=request.SerializeToString()
+        )
+        if timeout is not None:
+            req.timeout_nano = max(1, int(timeout * 1e9))
+        for key, value in (metadata or {}).items():
+            values = [value] if isinstance(value, str) else list(value)
+            for v in values:
+                req.metadata.add(key=key, value=v)
+        data = req.SerializeToString()
+        if len(data) > frames.MAX_DATA:
+            raise errors.ResourceExhausted(
+                f"{method}: request of {len(data)} bytes exceeds maximum message size of"
+                f" {frames.MAX_DATA}"
+            )
+        stream_id = self._next_id
+        self._next_id += 2
+        fut: asyncio.Future[ttrpc_pb2.Response] = asyncio.get_running_loop().create_future()
+        self._pending[stream_id] = fut
+        try:
+            async with self._write_lock:
+                try:
+                    self._writer.write(frames.encode(stream_id, frames.TYPE_REQUEST, data))
+                    await self._writer.drain()
+                except (ConnectionError, RuntimeError) as exc:
+                    self._fail_all(errors.Unavailable(f"ttrpc connection lost: {exc}"))
+            try:
+                resp = await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"{service}/{method}: no answer within {timeout:g}s"
+                ) from None
+        finally:
+            self._pending.pop(stream_id, None)
+        if resp.status.code != 0:
+            raise to_error(resp.status)
+        out = response_type()
+        try:
+            out.ParseFromString(resp.payload)
+        except pb_message.DecodeError as exc:
+            raise errors.Internal(f"{method}: undecodable response: {exc}") from exc
+        return out
+
+    async def _receive(self) -> None:
+        reason: errors.PykataError = errors.Unavailable("ttrpc connection closed by peer")
+        try:
+            while True:
+                frame = await frames.read_frame(self._reader)
+                if frame.type != frames.TYPE_RESPONSE:
+                    continue
+                fut = self._pending.get(frame.stream_id)
+                if fut is None or fut.done():
+                    log.debug("ttrpc response for unknown stream %d", frame.stream_id)
+                    continue
+                if frame.oversize:
+                    fut.set_exception(
+                        errors.ResourceExhausted(
+                            f"response of {frame.oversize} bytes exceeds maximum message size"
+                            f" of {frames.MAX_DATA}"
+                        )
+                    )
+                    continue
+                resp = ttrpc_pb2.Response()
+                try:
+                    resp.ParseFromString(frame.data)
+                except pb_message.DecodeError as exc:
+                    fut.set_exception(errors.Internal(f"undecodable ttrpc response: {exc}"))
+                    continue
+                fut.set_result(resp)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial or exc.expected != frames.HEADER_SIZE:
+                reason = errors.Unavailable("ttrpc connection closed in the middle of a frame")
+        except (ConnectionError, OSError) as exc:
+            reason = errors.Unavailable(f"ttrpc connection lost: {exc}")
+        except asyncio.CancelledError:
+            reason = errors.Unavailable("ttrpc client closed")
+            raise
+        finally:
+            self._fail_all(reason)
+
+    def _fail_all(self, reason: errors.PykataError) -> None:
+        if self._closed is None:
+            self._closed = reason
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(type(reason)(reason.message))
+        self._pending.clear()
+
+    async def close(self) -> None:
+        self._recv_task.cancel()
+        try:
+            await self._recv_task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            pass
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

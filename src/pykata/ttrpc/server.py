@@ -1,0 +1,233 @@
+"""ttRPC server over asyncio streams: many concurrent unary calls per connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from google.protobuf import message as pb_message
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+
+from pykata import errors
+from pykata.protos import ttrpc_pb2
+from pykata.ttrpc import frames
+from pykata.ttrpc.status import to_status
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], Awaitable[pb_message.Message]]
+
+# Metadata of the call being handled (key -> list of values).
+call_metadata: contextvars.ContextVar[Mapping[str, list[str]]] = contextvars.ContextVar(
+    "call_metadata", default={}
+)
+
+
+class _Method:
+    __slots__ = ("handler", "request_type")
+
+    def __init__(self, request_type: type[pb_message.Message], handler: Handler) -> None:
+        self.request_type = request_type
+        self.handler = handler
+
+
+class Server:
+    """Dispatches ttRPC requests to registered async handlers.
+
+    Handlers take the decoded request message and return the response message.
+    Raising a :class:`pykata.errors.PykataError` returns its status code; any
+    other exception returns UNKNOWN with its text (and is logged).
+    """
+
+    def __init__(self) -> None:
+        self._methods: dict[tuple[str, str], _Method] = {}
+        self._connections: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+
+    def register(
+        self, service: str, method: str, request_type: type[pb_message.Message], handler: Handler
+    ) -> None:
+        self._methods[(service, method)] = _Method(request_type, handler)
+
+    def register_service(self, descriptor: ServiceDescriptor, impl: object) -> None:
+        """Register every RPC of ``descriptor`` that ``impl`` has a coroutine method for."""
+        for m in descriptor.methods:
+            handler = getattr(impl, m.name, None)
+            if handler is None:
+                continue
+            request_type = message_factory.GetMessageClass(m.input_type)
+            self.register(descriptor.full_name, m.name, request_type, handler)
+
+    async def serve_unix(self, path: str | os.PathLike[str]) -> asyncio.Server:
+        srv = await asyncio.start_unix_server(self._on_connection, path=os.fspath(path))
+        self._servers.append(srv)
+        return srv
+
+    async def serve_socket(self, sock: Any) -> asyncio.Server:
+        """Serve on an already listening socket (e.g. AF_VSOCK, or one passed by a parent)."""
+        srv = await asyncio.start_server(self._on_connection, sock=sock)
+        self._servers.append(srv)
+        return srv
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self.serve_stream(reader, writer)
+        finally:
+            self._connections.discard(task)
+
+    async def serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one connection until the peer closes it or it breaks."""
+        conn = _Connection(self, reader, writer)
+        await conn.run()
+
+    async def close(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for task in list(self._connections):
+            task.cancel()
+        for srv in self._servers:
+            try:
+                await srv.wait_closed()
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
+        self._servers.clear()
+
+
+class _Connection:
+    def __init__(
+        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.write_lock = asyncio.Lock()
+        self.calls: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    frame = await frames.read_frame(self.reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                self._dispatch(frame)
+        finally:
+            for t in list(self.calls):
+                t.cancel()
+            if self.calls:
+                await asyncio.gather(*self.calls, return_exceptions=True)
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except Exception:  # noqa: BLE001 - the peer is gone already
+                pass
+
+    def _dispatch(self, frame: frames.Frame) -> None:
+        if frame.type != frames.TYPE_REQUEST:
+            log.debug("ignoring ttrpc frame of type %d on stream %d", frame.type, frame.stream_id)
+            return
+        if frame.oversize:
+            self._spawn(
+                self._reply_error(
+                    frame.stream_id,
+                    errors.ResourceExhausted(
+                        f"message length {frame.oversize} exceeds maximum message size of"
+                        f" {frames.MAX_DATA}"
+                    ),
+                )
+            )
+            return
+        if frame.stream_id % 2 == 0:
+            self._spawn(
+                self._reply_error(
+                    frame.stream_id,
+                    errors.InvalidArgument("stream id must be odd for client-initiated streams"),
+                )
+            )
+            return
+        self._spawn(self._handle(frame))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+
+    async def _handle(self, frame: frames.Frame) -> None:
+        req = ttrpc_pb2.Request()
+        try:
+            req.ParseFromString(frame.data)
+        except pb_message.DecodeError as exc:
+            await self._reply_error(frame.stream_id, errors.InvalidArgument(f"bad request: {exc}"))
+            return
+        method = self.server._methods.get((req.service, req.method))
+        if method is None:
+            await self._reply_error(
+                frame.stream_id,
+                errors.Unimplemented(f"{req.service}/{req.method} is not implemented"),
+            )
+            return
+        try:
+            request = method.request_type()
+            request.ParseFromString(req.payload)
+        except pb_message.DecodeError as exc:
+            await self._reply_error(
+                frame.stream_id, errors.InvalidArgument(f"bad {req.method} payload: {exc}")
+            )
+            return
+        md: dict[str, list[str]] = {}
+        for kv in req.metadata:
+            md.setdefault(kv.key, []).append(kv.value)
+        call_metadata.set(md)
+        try:
+            coro = method.handler(request)
+            if req.timeout_nano > 0:
+                response = await asyncio.wait_for(coro, req.timeout_nano / 1e9)
+            else:
+                response = await coro
+        except TimeoutError:
+            await self._reply_error(
+                frame.stream_id, errors.DeadlineExceeded(f"{req.method}: deadline exceeded")
+            )
+            return
+        except asyncio.CancelledError:
+            raise
+        except errors.PykataError as exc:
+            log.debug("%s/%s failed: %s", req.service, req.method, exc)
+            await self._reply_error(frame.stream_id, exc)
+            return
+        except Exception as exc:
+            log.exception("%s/%s raised", req.service, req.method)
+            await self._reply_error(frame.stream_id, exc)
+            return
+        payload = response.SerializeToString()
+        resp = ttrpc_pb2.Response(payload=payload)
+        await self._send(frame.stream_id, resp)
+
+    async def _reply_error(self, stream_id: int, exc: BaseException) -> None:
+        await self._send(stream_id, ttrpc_pb2.Response(status=to_status(exc)))
+
+    async def _send(self, stream_id: int, resp: ttrpc_pb2.Response) -> None:
+        data = resp.SerializeToString()
+        if len(data) > frames.MAX_DATA:
+            err = errors.ResourceExhausted(
+                f"response of {len(data)} bytes exceeds maximum message size of {frames.MAX_DATA}"
+            )
+            data = ttrpc_pb2.Response(status=to_status(err)).SerializeToString()
+        async with self.write_lock:
+            try:
+                self.writer.write(frames.encode(stream_id, frames.TYPE_RESPONSE, data))
+                await self.writer.drain()
+            except (ConnectionError, RuntimeError):
+                log.debug("connection lost before the response to stream %d was sent", stream_id)
