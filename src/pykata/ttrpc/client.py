@@ -156,12 +156,12 @@ class Client:
         self._recv_task.cancel()
         try:
             await self._recv_task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001
+        except (asyncio.CancelledError, Exception):
             pass
         self._writer.close()
         try:
             await self._writer.wait_closed()
-        except Exception:  # noqa: BLE001 - already gone
+        except Exception:
             pass
 
     async def __aenter__(self) -> Client:

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Any], Awaitable[pb_message.Message]]
 
 # Metadata of the call being handled (key -> list of values).
-call_metadata: contextvars.ContextVar[Mapping[str, list[str]]] = contextvars.ContextVar(
-    "call_metadata", default={}
+call_metadata: contextvars.ContextVar[Mapping[str, list[str]] | None] = contextvars.ContextVar(
+    "call_metadata", default=None
 )
 
 
@@ -100,7 +100,7 @@ class Server:
         for srv in self._servers:
             try:
                 await srv.wait_closed()
-            except Exception:  # noqa: BLE001 - best effort on shutdown
+            except Exception:
                 pass
         self._servers.clear()
 
@@ -131,7 +131,7 @@ class _Connection:
             self.writer.close()
             try:
                 await self.writer.wait_closed()
-            except Exception:  # noqa: BLE001 - the peer is gone already
+            except Exception:
                 pass
 
     def _dispatch(self, frame: frames.Frame) -> None:

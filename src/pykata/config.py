@@ -1,0 +1,271 @@
+"""Configuration: /etc/pykata/configuration.toml over built-in defaults.
+
+``PYKATA_CONFIG`` names another file. Every key is validated: an unknown key,
+a wrong type or an impossible value is an InvalidArgument naming the file, the
+section and the key. ``pykata env`` prints the effective result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pykata.errors import InvalidArgument
+
+DEFAULT_PATH = Path("/etc/pykata/configuration.toml")
+ENV_VAR = "PYKATA_CONFIG"
+
+# The kernel command line that boots fastest here (see docs/benchmarks.md).
+LEAN_KERNEL_PARAMS = (
+    "quiet loglevel=1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 "
+    "i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 i8042.nokbd=1 "
+    "noreplace-smp reboot=k cryptomgr.notests pci=lastbus=0 panic=-1 "
+    "mitigations=off random.trust_cpu=on nowatchdog"
+)
+
+
+@dataclass
+class QemuConfig:
+    """[hypervisor.qemu]"""
+
+    path: str = "/usr/bin/qemu-system-x86_64"
+    kernel: str = ""  # "" = the built image: vmlinux if present, else vmlinuz
+    initrd: str = ""  # "" = the built initrd
+    machine_type: str = "q35"
+    machine_options: str = "sata=off,smbus=off,vmport=off,smm=off,usb=off"
+    accelerator: str = "auto"  # auto | kvm | tcg
+    cpu_model: str = ""  # "" = host (kvm) or max (tcg)
+    kernel_params: str = ""
+    default_vcpus: int = 1
+    default_maxvcpus: int = 0  # 0 = number of host CPUs
+    default_memory: int = 512  # MiB
+    memory_slots: int = 10
+    default_maxmemory: int = 0  # MiB, 0 = host memory
+    shared_fs: str = "virtio-fs"  # virtio-fs | none
+    virtio_fs_daemon: str = "/usr/lib/qemu/virtiofsd"
+    virtio_fs_cache: str = "auto"  # auto | always | none
+    virtio_fs_cache_size: int = 0  # DAX window, MiB (0 = no DAX)
+    virtio_fs_extra_args: list[str] = field(default_factory=list)
+    agent_channel: str = "auto"  # auto | vsock | serial
+    tb_size: int = 64  # MiB of TCG translation cache (TCG only)
+    enable_debug: bool = False
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HypervisorConfig:
+    qemu: QemuConfig = field(default_factory=QemuConfig)
+
+
+@dataclass
+class AgentConfig:
+    """[agent]"""
+
+    dial_timeout: int = 45  # seconds to wait for the agent after VM start
+    enable_debug: bool = False
+    kernel_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RuntimeConfig:
+    """[runtime]"""
+
+    state_dir: str = "/run/pykata"
+    internetworking_model: str = "tcfilter"  # tcfilter | macvtap | none
+    create_container_timeout: int = 60
+    enable_debug: bool = False
+    sandbox_cgroup_only: bool = False
+
+
+@dataclass
+class ImageConfig:
+    """[image]"""
+
+    output_dir: str = "/var/lib/pykata"
+
+
+@dataclass
+class Config:
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    source: str = ""  # the file it was read from ("" = built-in defaults)
+
+    @property
+    def qemu(self) -> QemuConfig:
+        return self.hypervisor.qemu
+
+    def kernel_path(self) -> Path:
+        if self.qemu.kernel:
+            return Path(self.qemu.kernel)
+        out = Path(self.image.output_dir)
+        vmlinux = out / "vmlinux"
+        return vmlinux if vmlinux.exists() else out / "vmlinuz"
+
+    def initrd_path(self) -> Path:
+        if self.qemu.initrd:
+            return Path(self.qemu.initrd)
+        return Path(self.image.output_dir) / "initrd.img"
+
+
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("hypervisor.qemu", "accelerator"): ("auto", "kvm", "tcg"),
+    ("hypervisor.qemu", "shared_fs"): ("virtio-fs", "none"),
+    ("hypervisor.qemu", "virtio_fs_cache"): ("auto", "always", "none", "never", "metadata"),
+    ("hypervisor.qemu", "agent_channel"): ("auto", "vsock", "serial"),
+    ("runtime", "internetworking_model"): ("tcfilter", "macvtap", "none"),
+}
+_MINIMUM: dict[tuple[str, str], int] = {
+    ("hypervisor.qemu", "default_vcpus"): 1,
+    ("hypervisor.qemu", "default_maxvcpus"): 0,
+    ("hypervisor.qemu", "default_memory"): 64,
+    ("hypervisor.qemu", "memory_slots"): 0,
+    ("hypervisor.qemu", "default_maxmemory"): 0,
+    ("hypervisor.qemu", "virtio_fs_cache_size"): 0,
+    ("hypervisor.qemu", "tb_size"): 0,
+    ("agent", "dial_timeout"): 1,
+    ("runtime", "create_container_timeout"): 1,
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return "a list of strings"
+    names = {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}
+    return names.get(tp, str(tp))
+
+
+def _check_value(where: str, section: str, key: str, tp: Any, value: Any) -> Any:
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument(f"{where}: [{section}] {key} must be a list of strings")
+        return list(value)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not ok:
+        raise InvalidArgument(
+            f"{where}: [{section}] {key} must be {_type_name(tp)}, not {value!r}"
+        )
+    choices = _CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise InvalidArgument(
+            f"{where}: [{section}] {key} = {value!r} is not one of {', '.join(choices)}"
+        )
+    minimum = _MINIMUM.get((section, key))
+    if minimum is not None and value < minimum:
+        raise InvalidArgument(f"{where}: [{section}] {key} = {value} is below {minimum}")
+    return value
+
+
+def _fill(where: str, section: str, obj: Any, table: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in table.items():
+        if key not in names or key == "source":
+            known = ", ".join(sorted(n for n in names if n != "source"))
+            raise InvalidArgument(
+                f"{where}: unknown key {key!r} in [{section or 'top level'}] (known: {known})"
+            )
+        tp = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            sub = f"{section}.{key}" if section else key
+            if not isinstance(value, dict):
+                raise InvalidArgument(f"{where}: [{sub}] must be a table")
+            _fill(where, sub, current, value)
+        else:
+            setattr(obj, key, _check_value(where, section, key, tp, value))
+
+
+def parse(text: str, where: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"{where}: not valid TOML: {exc}") from exc
+    cfg = Config()
+    _fill(where, "", cfg, data)
+    cfg.source = where
+    _cross_check(cfg, where)
+    return cfg
+
+
+def _cross_check(cfg: Config, where: str) -> None:
+    q = cfg.qemu
+    if q.default_maxvcpus and q.default_maxvcpus < q.default_vcpus:
+        raise InvalidArgument(
+            f"{where}: [hypervisor.qemu] default_maxvcpus ({q.default_maxvcpus}) is below"
+            f" default_vcpus ({q.default_vcpus})"
+        )
+    if q.default_maxmemory and q.default_maxmemory < q.default_memory:
+        raise InvalidArgument(
+            f"{where}: [hypervisor.qemu] default_maxmemory ({q.default_maxmemory}) is below"
+            f" default_memory ({q.default_memory})"
+        )
+
+
+def config_path() -> Path:
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load(path: Path | None = None) -> Config:
+    """The effective configuration: the file (if it exists) over the defaults.
+
+    A file named by PYKATA_CONFIG or ``path`` must exist; the default path may not.
+    """
+    explicit = path is not None or ENV_VAR in os.environ
+    p = path or config_path()
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        if explicit:
+            raise InvalidArgument(f"configuration file {p} does not exist") from None
+        return Config()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read configuration file {p}: {exc}") from exc
+    return parse(text, str(p))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    s = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def to_toml(cfg: Config) -> str:
+    """The configuration as TOML (what ``pykata env`` prints)."""
+    out: list[str] = []
+
+    def emit(section: str, obj: Any) -> None:
+        scalars = []
+        tables = []
+        for f in dataclasses.fields(obj):
+            if f.name == "source":
+                continue
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                tables.append((f"{section}.{f.name}" if section else f.name, v))
+            else:
+                scalars.append(f"{f.name} = {_toml_value(v)}")
+        if scalars:
+            out.append(f"[{section}]")
+            out.extend(scalars)
+            out.append("")
+        for name, sub in tables:
+            emit(name, sub)
+
+    emit("", cfg)
+    return "\n".join(out)
+
+

@@ -1,0 +1,110 @@
+"""The one hypervisor contract. Drivers override what they support; the rest
+raises Unimplemented naming the driver and the operation."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pykata.errors import Unimplemented
+
+
+@dataclass
+class VMSpec:
+    """What the runtime asks of a hypervisor, in its own terms (not QEMU's)."""
+
+    id: str
+    run_dir: Path  # per-VM directory: sockets, console log, pid file
+    kernel: Path
+    initrd: Path | None = None
+    image: Path | None = None  # a disk image root filesystem instead of an initrd
+    kernel_params: str = ""
+    vcpus: int = 1
+    max_vcpus: int = 1
+    memory_mib: int = 512
+    max_memory_mib: int = 512
+    memory_slots: int = 0
+    shared_fs_socket: Path | None = None  # vhost-user-fs socket of virtiofsd
+    shared_fs_tag: str = "pykatashared"
+    shared_fs_cache_size_mib: int = 0  # DAX window
+    agent_channel: str = "serial"  # serial | vsock
+    vsock_cid: int = 0
+    debug: bool = False
+    tap_fds: list[int] = field(default_factory=list)
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+
+class AgentChannel(abc.ABC):
+    """How the host reaches the agent in this VM."""
+
+    @abc.abstractmethod
+    async def connect(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A byte stream to the agent, once it can be had (or DeadlineExceeded)."""
+
+    async def close(self) -> None:
+        """Release what the channel holds on the host (listening sockets)."""
+
+
+class Hypervisor(abc.ABC):
+    """One VM. ``start`` launches it, ``stop`` always leaves no process behind."""
+
+    name = "hypervisor"
+
+    def __init__(self, spec: VMSpec) -> None:
+        self.spec = spec
+
+    def _unsupported(self, what: str) -> Unimplemented:
+        return Unimplemented(f"{self.name} driver does not support {what}")
+
+    async def prepare(self) -> None:
+        """Check assets and create what the VMM needs before it starts."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Graceful, then forced; returns once the VMM process is reaped."""
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Wait for the VMM process to exit; its exit status."""
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int | None: ...
+
+    @abc.abstractmethod
+    def agent_channel(self) -> AgentChannel: ...
+
+    async def pause(self) -> None:
+        raise self._unsupported("pause")
+
+    async def resume(self) -> None:
+        raise self._unsupported("resume")
+
+    async def hotplug_vcpus(self, total: int) -> int:
+        """Grow to ``total`` vCPUs; returns the number now present."""
+        raise self._unsupported("CPU hotplug")
+
+    async def hotplug_memory(self, size_mib: int) -> int:
+        """Add ``size_mib`` of memory; returns the MiB actually added."""
+        raise self._unsupported("memory hotplug")
+
+    async def hotplug_block(self, drive_id: str, path: Path, readonly: bool = False) -> str:
+        """Attach a block device; returns the guest-visible address (PCI path)."""
+        raise self._unsupported("block device hotplug")
+
+    async def unplug_block(self, drive_id: str) -> None:
+        raise self._unsupported("block device unplug")
+
+    async def save(self, path: Path) -> None:
+        raise self._unsupported("save")
+
+    async def restore(self, path: Path) -> None:
+        raise self._unsupported("restore")

@@ -1,0 +1,1 @@
+"""Small host helpers shared by the layers: processes, mounts, files."""
