@@ -1,0 +1,36 @@
+# pykata: two commands on a fresh machine.
+#   make demo   set everything up, run a container in its own VM through containerd
+#   make test   set everything up, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+
+.PHONY: setup test unit integration lint demo protos image clean
+
+setup:
+	PYTHON=$(PYTHON) scripts/setup.sh
+
+test: setup
+	scripts/test.sh
+
+unit: setup
+	$(VENV)/bin/pytest tests/unit
+
+integration: setup
+	$(VENV)/bin/pytest tests/integration
+
+lint:
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+demo: setup
+	scripts/demo.sh
+
+image:
+	$(VENV)/bin/pykata image build
+
+protos:
+	PYTHON=$(CURDIR)/$(VENV)/bin/python scripts/gen-protos.sh
+
+clean:
+	-$(VENV)/bin/pykata cleanup
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole suite: lint, types, unit tests, integration tests (real QEMU, real
+# containerd, ...). pytest's exit code 5 (no tests collected) is a failure here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+V=.venv/bin
+status=0
+run() { echo "==> $*"; "$@"; local rc=$?; [ $rc -eq 0 ] || { echo "FAILED ($rc): $*"; status=1; }; return 0; }
+run $V/ruff check src tests
+run $V/mypy
+echo "==> pytest"
+$V/pytest -p no:cacheprovider --timeout=600 "$@"
+rc=$?
+if [ $rc -eq 5 ]; then echo "FAILED: pytest collected no tests"; status=1
+elif [ $rc -ne 0 ]; then status=1; fi
+# Nothing of pykata may be left running or mounted after the suite.
+left=$(pgrep -a -f 'qemu-system|virtiofsd|containerd-shim-pykata|pykata-agent' | grep -v pgrep || true)
+if [ -n "$left" ]; then echo "FAILED: processes left behind:"; echo "$left"; status=1; fi
+if grep -q ' /run/pykata' /proc/mounts; then
+  echo "FAILED: mounts left under /run/pykata:"; grep ' /run/pykata' /proc/mounts; status=1
+fi
+exit $status

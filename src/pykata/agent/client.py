@@ -1,0 +1,181 @@
+"""Typed host-side client of the guest agent (pykata.agent.v1 over ttRPC)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from pykata.agent import convert
+from pykata.protos import agent_pb2 as pb
+from pykata.runtime.types import (
+    ContainerStats,
+    ExitStatus,
+    GuestDetails,
+    ProcessInfo,
+    Storage,
+)
+from pykata.ttrpc import Client
+
+AGENT_SERVICE = "pykata.agent.v1.AgentService"
+HEALTH_SERVICE = "pykata.agent.v1.Health"
+
+M = TypeVar("M", bound=Message)
+
+
+class AgentClient:
+    """One connection to one agent. Long-polling calls (ReadStdout, WaitProcess,
+    GetOOMEvent) run concurrently on it without blocking the others."""
+
+    def __init__(self, conn: Client, default_timeout: float = 60.0) -> None:
+        self.conn = conn
+        self.default_timeout = default_timeout
+
+    async def _call(self, method: str, req: Message, resp_type: type[M],
+                    timeout: float | bool | None = True, service: str = AGENT_SERVICE) -> M:
+        t: float | None
+        if timeout is True:
+            t = self.default_timeout
+        elif timeout is False:
+            t = None
+        else:
+            t = timeout
+        return await self.conn.call(service, method, req, resp_type, timeout=t)
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    # -- health ----------------------------------------------------------------------
+    async def check(self, timeout: float = 5.0) -> bool:
+        resp = await self._call("Check", pb.CheckRequest(), pb.HealthCheckResponse,
+                                timeout=timeout, service=HEALTH_SERVICE)
+        return resp.status == pb.HealthCheckResponse.SERVING
+
+    async def version(self) -> str:
+        resp = await self._call("Version", pb.CheckRequest(), pb.VersionCheckResponse,
+                                service=HEALTH_SERVICE)
+        return resp.agent_version
+
+    # -- sandbox ---------------------------------------------------------------------
+    async def create_sandbox(self, sandbox_id: str, hostname: str, storages: Sequence[Storage],
+                             dns: Sequence[str] = (), hosts: str = "", sandbox_pidns: bool = False,
+                             kernel_modules: Sequence[str] = (), random_seed: bytes = b"") -> None:
+        req = pb.CreateSandboxRequest(
+            sandbox_id=sandbox_id, hostname=hostname, dns=list(dns), hosts=hosts,
+            storages=convert.storages_to_pb(storages), sandbox_pidns=sandbox_pidns,
+            host_time_unix_nano=time.time_ns(), random_seed=random_seed,
+            kernel_modules=[pb.KernelModule(name=m) for m in kernel_modules],
+        )
+        await self._call("CreateSandbox", req, pb.Empty)
+
+    async def destroy_sandbox(self, timeout: float = 10.0) -> None:
+        await self._call("DestroySandbox", pb.DestroySandboxRequest(), pb.Empty, timeout=timeout)
+
+    async def guest_details(self) -> GuestDetails:
+        resp = await self._call("GetGuestDetails", pb.GetGuestDetailsRequest(),
+                                pb.GuestDetailsResponse)
+        return convert.guest_details(resp)
+
+    async def online_cpu_mem(self, nb_cpus: int = 0, cpu_only: bool = False) -> tuple[int, int]:
+        resp = await self._call("OnlineCPUMem", pb.OnlineCPUMemRequest(
+            wait=True, nb_cpus=nb_cpus, cpu_only=cpu_only), pb.OnlineCPUMemResponse)
+        return resp.online_cpus, resp.mem_total_bytes
+
+    async def metrics(self) -> str:
+        return (await self._call("GetMetrics", pb.GetMetricsRequest(), pb.Metrics)).metrics
+
+    async def oom_event(self) -> str:
+        """Blocks until a container is OOM-killed; its id."""
+        resp = await self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent,
+                                timeout=False)
+        return resp.container_id
+
+    # -- containers ------------------------------------------------------------------
+    async def create_container(self, container_id: str, spec: dict[str, Any],
+                               storages: Sequence[Storage] = (), sandbox_pidns: bool = False,
+                               timeout: float | None = None) -> None:
+        req = pb.CreateContainerRequest(
+            container_id=container_id, oci_spec_json=json.dumps(spec).encode(),
+            storages=convert.storages_to_pb(storages), sandbox_pidns=sandbox_pidns,
+        )
+        await self._call("CreateContainer", req, pb.Empty, timeout=timeout or True)
+
+    async def start_container(self, container_id: str) -> int:
+        resp = await self._call("StartContainer", pb.StartContainerRequest(
+            container_id=container_id), pb.ProcessResponse)
+        return resp.pid
+
+    async def remove_container(self, container_id: str, timeout_s: int = 10) -> None:
+        await self._call("RemoveContainer", pb.RemoveContainerRequest(
+            container_id=container_id, timeout_seconds=timeout_s), pb.Empty,
+            timeout=timeout_s + 5.0)
+
+    async def exec_process(self, container_id: str, exec_id: str,
+                           process: dict[str, Any]) -> int:
+        resp = await self._call("ExecProcess", pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id,
+            process_json=json.dumps(process).encode()), pb.ProcessResponse)
+        return resp.pid
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int,
+                             all_processes: bool = False) -> None:
+        await self._call("SignalProcess", pb.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=signal, all=all_processes),
+            pb.Empty)
+
+    async def wait_process(self, container_id: str, exec_id: str = "") -> ExitStatus:
+        resp = await self._call("WaitProcess", pb.WaitProcessRequest(
+            container_id=container_id, exec_id=exec_id), pb.WaitProcessResponse, timeout=False)
+        return convert.exit_status(resp)
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        resp = await self._call("WriteStdin", pb.WriteStreamRequest(
+            container_id=container_id, exec_id=exec_id, data=data), pb.WriteStreamResponse,
+            timeout=False)
+        return resp.len
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        await self._call("CloseStdin", pb.CloseStdinRequest(
+            container_id=container_id, exec_id=exec_id), pb.Empty)
+
+    async def read_stdout(self, container_id: str, exec_id: str = "", size: int = 65536) -> bytes:
+        """Up to ``size`` bytes as soon as there are any; b"" at end of stream."""
+        resp = await self._call("ReadStdout", pb.ReadStreamRequest(
+            container_id=container_id, exec_id=exec_id, len=size), pb.ReadStreamResponse,
+            timeout=False)
+        return resp.data
+
+    async def read_stderr(self, container_id: str, exec_id: str = "", size: int = 65536) -> bytes:
+        resp = await self._call("ReadStderr", pb.ReadStreamRequest(
+            container_id=container_id, exec_id=exec_id, len=size), pb.ReadStreamResponse,
+            timeout=False)
+        return resp.data
+
+    async def resize_tty(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        await self._call("TtyWinResize", pb.TtyWinResizeRequest(
+            container_id=container_id, exec_id=exec_id, row=rows, column=cols), pb.Empty)
+
+    async def stats(self, container_id: str) -> ContainerStats:
+        resp = await self._call("StatsContainer", pb.StatsContainerRequest(
+            container_id=container_id), pb.StatsContainerResponse)
+        return convert.stats(resp)
+
+    async def pause(self, container_id: str) -> None:
+        await self._call("PauseContainer", pb.PauseContainerRequest(
+            container_id=container_id), pb.Empty)
+
+    async def resume(self, container_id: str) -> None:
+        await self._call("ResumeContainer", pb.ResumeContainerRequest(
+            container_id=container_id), pb.Empty)
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        await self._call("UpdateContainer", pb.UpdateContainerRequest(
+            container_id=container_id, resources_json=json.dumps(resources).encode()), pb.Empty)
+
+    async def list_processes(self, container_id: str) -> list[ProcessInfo]:
+        resp = await self._call("ListProcesses", pb.ListProcessesRequest(
+            container_id=container_id), pb.ListProcessesResponse)
+        return convert.processes(resp)

@@ -1,0 +1,241 @@
+"""`pykata`: the admin CLI. Build the guest image, check the host, show the
+configuration, run a bundle in a VM for debugging, clean up leftovers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from pykata import __version__, config, errors
+
+
+def _load_config(args: argparse.Namespace) -> config.Config:
+    return config.load(Path(args.config) if args.config else None)
+
+
+# -- image --------------------------------------------------------------------------
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from pykata.image import build_image
+
+    cfg = _load_config(args)
+    out = Path(args.output or cfg.image.output_dir)
+    art = build_image(out, force=args.force, progress=not args.quiet)
+    print(f"kernel  {art.kernel} ({art.kernel_release})")
+    if art.vmlinux:
+        print(f"vmlinux {art.vmlinux}")
+    print(f"initrd  {art.initrd} ({art.size_bytes / 2**20:.1f} MiB)")
+    print(f"digest  {art.digest}")
+    return 0
+
+
+def cmd_image_show(args: argparse.Namespace) -> int:
+    from pykata.image import find_image
+
+    cfg = _load_config(args)
+    art = find_image(Path(args.output or cfg.image.output_dir))
+    if art is None:
+        print(f"no guest image in {args.output or cfg.image.output_dir}: run 'pykata image build'")
+        return 1
+    print(f"kernel  {art.kernel} ({art.kernel_release})")
+    print(f"initrd  {art.initrd} ({art.size_bytes / 2**20:.1f} MiB)")
+    print(f"digest  {art.digest}")
+    return 0
+
+
+# -- check --------------------------------------------------------------------------
+def host_checks(cfg: config.Config) -> list[tuple[str, bool, str, str]]:
+    """(what, ok, detail, how to fix) for everything pykata needs on this host."""
+    from pykata.hypervisor.channels import vhost_vsock_available
+    from pykata.hypervisor.qemu.accel import probe
+
+    q = cfg.qemu
+    out: list[tuple[str, bool, str, str]] = []
+    out.append(("running as root", os.geteuid() == 0, f"euid {os.geteuid()}",
+                "run as root (VMs, mounts and network namespaces need it)"))
+    qemu_ok = os.access(q.path, os.X_OK)
+    out.append(("QEMU", qemu_ok, q.path,
+                "apt-get install qemu-system-x86, or set [hypervisor.qemu] path"))
+    if qemu_ok:
+        acc = probe(q.path, q.accelerator,
+                    Path(cfg.runtime.state_dir) / "accel.json")
+        out.append(("accelerator", True, f"{acc.accel}: {acc.reason}",
+                    "" if acc.accel == "kvm" else "TCG works but is slow; KVM needs VT-x/AMD-V"))
+    if q.shared_fs == "virtio-fs":
+        out.append(("virtiofsd", os.access(q.virtio_fs_daemon, os.X_OK), q.virtio_fs_daemon,
+                    "apt-get install qemu-system-common, or set virtio_fs_daemon"))
+    kernel, initrd = cfg.kernel_path(), cfg.initrd_path()
+    out.append(("guest kernel", kernel.is_file(), str(kernel), "run 'pykata image build'"))
+    out.append(("guest initrd", initrd.is_file(), str(initrd), "run 'pykata image build'"))
+    vsock = vhost_vsock_available()
+    out.append(("agent channel", True,
+                "vsock (/dev/vhost-vsock)" if vsock else "virtio-serial (no /dev/vhost-vsock)", ""))
+    cg2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    cg1 = Path("/sys/fs/cgroup/memory").is_dir()
+    out.append(("host cgroups", cg1 or cg2,
+                "v2" if cg2 else ("v1" + (" (hybrid)" if Path(
+                    "/sys/fs/cgroup/unified").is_dir() else "") if cg1 else "none"),
+                "mount cgroup hierarchies under /sys/fs/cgroup"))
+    out.append(("/dev/net/tun", Path("/dev/net/tun").exists(), "/dev/net/tun",
+                "modprobe tun (needed for pod networking)"))
+    state = Path(cfg.runtime.state_dir)
+    writable = os.access(state if state.exists() else state.parent, os.W_OK)
+    out.append(("state directory", writable, str(state), "make it writable for root"))
+    return out
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    failed = 0
+    for what, ok, detail, fix in host_checks(cfg):
+        mark = "ok  " if ok else "FAIL"
+        line = f"[{mark}] {what:16} {detail}"
+        if not ok and fix:
+            line += f"\n       fix: {fix}"
+            failed += 1
+        print(line)
+    if failed:
+        print(f"\n{failed} check(s) failed: this host cannot run pykata yet.")
+        return 1
+    print("\nThis host can run pykata.")
+    return 0
+
+
+# -- env / config -------------------------------------------------------------------
+def _version_of(argv: list[str]) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=False)
+    except OSError:
+        return "not found"
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from pykata.image import find_image
+
+    cfg = _load_config(args)
+    art = find_image(Path(cfg.image.output_dir))
+    print("# pykata environment")
+    print("[versions]")
+    print(f'pykata = "{__version__}"')
+    print(f'python = "{platform.python_version()}"')
+    print(f'host_kernel = "{platform.release()}"')
+    print(f'qemu = "{_version_of([cfg.qemu.path, "--version"])}"')
+    print(f'guest_kernel = "{art.kernel_release if art else "not built"}"')
+    print(f'guest_image_digest = "{art.digest if art else ""}"')
+    print()
+    print(f"# configuration: {cfg.source or 'built-in defaults'} "
+          f"(file: {config.config_path()})")
+    print(config.to_toml(cfg))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    print(f"{cfg.source or 'built-in defaults'}: valid")
+    return 0
+
+
+# -- run (debug) --------------------------------------------------------------------
+async def _run_bundle(cfg: config.Config, bundle: Path, cid: str) -> int:
+    from pykata.runtime.sandbox import Sandbox
+
+    sb = await Sandbox.create(cid, cfg)
+    try:
+        c = await sb.create_container(cid, bundle)
+        await c.start()
+
+        async def pump(read: Any, out: Any) -> None:
+            while data := await read():
+                out.write(data)
+                out.flush()
+
+        pumps = [asyncio.ensure_future(pump(c.init.read_stdout, sys.stdout.buffer))]
+        if not c.init.terminal:
+            pumps.append(asyncio.ensure_future(pump(c.init.read_stderr, sys.stderr.buffer)))
+        status = await c.wait()
+        await asyncio.wait(pumps, timeout=10)
+        return status.code
+    finally:
+        await sb.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    return asyncio.run(_run_bundle(cfg, Path(args.bundle).resolve(), args.id))
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from pykata.runtime.sandbox import cleanup
+    from pykata.runtime.state import sandboxes_dir
+
+    cfg = _load_config(args)
+    root = sandboxes_dir(cfg.runtime.state_dir)
+    ids = [args.id] if args.id else sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    for sid in ids:
+        if asyncio.run(cleanup(cfg.runtime.state_dir, sid)):
+            print(f"cleaned up sandbox {sid}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pykata", description="pykata admin tool")
+    p.add_argument("--version", action="version", version=f"pykata {__version__}")
+    p.add_argument("--config", help="configuration file (default: $PYKATA_CONFIG or "
+                   f"{config.DEFAULT_PATH})")
+    p.add_argument("--debug", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    img = sub.add_parser("image", help="guest kernel and root filesystem")
+    isub = img.add_subparsers(dest="image_cmd", required=True)
+    b = isub.add_parser("build", help="build (or reuse) the guest image")
+    b.add_argument("--output", help="output directory (default: [image] output_dir)")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--quiet", action="store_true", help="no progress display")
+    b.set_defaults(func=cmd_image_build)
+    s = isub.add_parser("show", help="show the built image")
+    s.add_argument("--output")
+    s.set_defaults(func=cmd_image_show)
+
+    sub.add_parser("check", help="can this host run pykata?").set_defaults(func=cmd_check)
+    sub.add_parser("env", help="effective configuration and versions").set_defaults(func=cmd_env)
+    c = sub.add_parser("config", help="configuration")
+    csub = c.add_subparsers(dest="config_cmd", required=True)
+    csub.add_parser("check", help="validate the configuration file").set_defaults(
+        func=cmd_config_check)
+    r = sub.add_parser("run", help="run an OCI bundle in its own VM (debugging aid)")
+    r.add_argument("--bundle", required=True)
+    r.add_argument("id")
+    r.set_defaults(func=cmd_run)
+    cl = sub.add_parser("cleanup", help="remove sandboxes whose owner is gone")
+    cl.add_argument("id", nargs="?")
+    cl.set_defaults(func=cmd_cleanup)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result: int = args.func(args)
+        return result
+    except errors.PykataError as exc:
+        print(f"pykata: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

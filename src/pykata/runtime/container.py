@@ -1,0 +1,255 @@
+"""Container and Process: explicit states, each operation checks it may run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pykata import errors
+from pykata.runtime import specconv
+from pykata.runtime.state import ContainerRecord
+from pykata.runtime.types import ContainerStats, ExitStatus, ProcessInfo, State
+from pykata.utils import mounts
+
+if TYPE_CHECKING:
+    from pykata.runtime.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+
+def _require(what: str, current: State, *allowed: State) -> None:
+    if current not in allowed:
+        raise errors.FailedPrecondition(
+            f"cannot {what}: it is {current.value} (needs {' or '.join(s.value for s in allowed)})"
+        )
+
+
+class Process:
+    """The init process (exec_id "") or an exec'd process of a container."""
+
+    def __init__(self, container: Container, exec_id: str, spec: dict[str, Any]) -> None:
+        self.container = container
+        self.exec_id = exec_id
+        self.spec = spec
+        self.pid = 0
+        self.state = State.CREATED
+        self.exit: ExitStatus | None = None
+        self._exited = asyncio.Event()
+        self._waiter: asyncio.Task[None] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return bool(self.spec.get("terminal"))
+
+    @property
+    def _agent(self) -> Any:
+        return self.container.sandbox.agent
+
+    @property
+    def _ids(self) -> tuple[str, str]:
+        return self.container.id, self.exec_id
+
+    def _started(self, pid: int) -> None:
+        self.pid = pid
+        self.state = State.RUNNING
+        self._waiter = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            status = await self._agent.wait_process(*self._ids)
+        except errors.PykataError as exc:
+            log.warning("lost process %s/%s: %s", *self._ids, exc)
+            status = ExitStatus(255, 0)
+        self.exit = status
+        self.state = State.STOPPED
+        self._exited.set()
+        self.container._process_exited(self)
+
+    async def wait(self) -> ExitStatus:
+        await self._exited.wait()
+        assert self.exit is not None
+        return self.exit
+
+    async def signal(self, sig: int) -> None:
+        if self.state is State.STOPPED:
+            raise errors.NotFound(f"process {self.container.id}/{self.exec_id or 'init'}"
+                                  " has already exited")
+        await self._agent.signal_process(*self._ids, sig)
+
+    async def write_stdin(self, data: bytes) -> int:
+        result: int = await self._agent.write_stdin(*self._ids, data)
+        return result
+
+    async def close_stdin(self) -> None:
+        await self._agent.close_stdin(*self._ids)
+
+    async def read_stdout(self, size: int = 65536) -> bytes:
+        data: bytes = await self._agent.read_stdout(*self._ids, size)
+        return data
+
+    async def read_stderr(self, size: int = 65536) -> bytes:
+        data: bytes = await self._agent.read_stderr(*self._ids, size)
+        return data
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._agent.resize_tty(*self._ids, rows, cols)
+
+    def cancel_watch(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+
+
+class Container:
+    def __init__(self, sandbox: Sandbox, container_id: str, bundle: Path,
+                 spec: dict[str, Any]) -> None:
+        self.sandbox = sandbox
+        self.id = container_id
+        self.bundle = bundle
+        self.spec = spec
+        self.state = State.CREATING
+        self.init = Process(self, "", spec.get("process", {}))
+        self.execs: dict[str, Process] = {}
+        self._host_mounts: list[Path] = []
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.sandbox.shared_dir / self.id
+
+    def record(self) -> ContainerRecord:
+        return ContainerRecord(self.id, str(self.bundle), self.state.value,
+                               [str(p) for p in self._host_mounts])
+
+    async def create(self) -> None:
+        """Share the root filesystem and bind mounts, then create it in the guest."""
+        specconv.validate(self.spec, self.bundle)
+        guest, host_mounts = specconv.guest_spec(self.spec, self.id, self.bundle)
+        try:
+            self._mount_shared(host_mounts)
+            self.sandbox.persist()
+            await self.sandbox.agent.create_container(
+                self.id, guest, timeout=self.sandbox.config.runtime.create_container_timeout)
+        except BaseException:
+            self.unmount_shared()
+            raise
+        self.state = State.CREATED
+
+    def _mount_shared(self, host_mounts: list[specconv.HostMount]) -> None:
+        for hm in host_mounts:
+            target = self.sandbox.shared_dir / hm.target
+            if not hm.source.exists():
+                raise errors.InvalidArgument(f"mount source {hm.source} does not exist")
+            if hm.source.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.touch(exist_ok=True)
+            try:
+                mounts.bind(hm.source, target, readonly=hm.readonly)
+            except OSError as exc:
+                raise errors.Internal(f"cannot share {hm.source} with the VM: {exc}") from exc
+            self._host_mounts.append(target)
+
+    def unmount_shared(self) -> None:
+        failed = mounts.umount_all(self.shared_dir)
+        if failed:
+            log.error("container %s: cannot unmount %s", self.id, ", ".join(failed))
+        else:
+            shutil.rmtree(self.shared_dir, ignore_errors=True)
+        self._host_mounts.clear()
+
+    async def start(self) -> int:
+        _require(f"start container {self.id}", self.state, State.CREATED)
+        pid = await self.sandbox.agent.start_container(self.id)
+        self.init._started(pid)
+        self.state = State.RUNNING
+        self.sandbox.persist()
+        return pid
+
+    def _process_exited(self, proc: Process) -> None:
+        if proc is self.init:
+            self.state = State.STOPPED
+            with contextlib.suppress(Exception):
+                self.sandbox.persist()
+
+    async def exec(self, exec_id: str, process: dict[str, Any]) -> Process:
+        _require(f"exec in container {self.id}", self.state, State.RUNNING)
+        if not exec_id:
+            raise errors.InvalidArgument("exec id must not be empty")
+        if exec_id in self.execs:
+            raise errors.AlreadyExists(f"exec {exec_id} already exists in container {self.id}")
+        args = process.get("args")
+        if not isinstance(args, list) or not args:
+            raise errors.InvalidArgument("exec process.args must be a non-empty list")
+        proc = Process(self, exec_id, process)
+        self.execs[exec_id] = proc
+        try:
+            pid = await self.sandbox.agent.exec_process(self.id, exec_id, process)
+        except BaseException:
+            del self.execs[exec_id]
+            raise
+        proc._started(pid)
+        return proc
+
+    def process(self, exec_id: str = "") -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise errors.NotFound(f"exec {exec_id} not found in container {self.id}") from None
+
+    async def kill(self, sig: int, all_processes: bool = False, exec_id: str = "") -> None:
+        if exec_id:
+            await self.process(exec_id).signal(sig)
+            return
+        if self.state is State.STOPPED:
+            raise errors.NotFound(f"container {self.id}: process already finished")
+        await self.sandbox.agent.signal_process(self.id, "", sig, all_processes)
+
+    async def wait(self) -> ExitStatus:
+        return await self.init.wait()
+
+    async def pause(self) -> None:
+        _require(f"pause container {self.id}", self.state, State.RUNNING)
+        await self.sandbox.agent.pause(self.id)
+        self.state = State.PAUSED
+
+    async def resume(self) -> None:
+        _require(f"resume container {self.id}", self.state, State.PAUSED)
+        await self.sandbox.agent.resume(self.id)
+        self.state = State.RUNNING
+
+    async def stats(self) -> ContainerStats:
+        stats: ContainerStats = await self.sandbox.agent.stats(self.id)
+        return stats
+
+    async def update(self, resources: dict[str, Any]) -> None:
+        _require(f"update container {self.id}", self.state, State.CREATED, State.RUNNING,
+                 State.PAUSED)
+        await self.sandbox.agent.update(self.id, resources)
+
+    async def pids(self) -> list[ProcessInfo]:
+        procs: list[ProcessInfo] = await self.sandbox.agent.list_processes(self.id)
+        return procs
+
+    async def delete(self, force: bool = False) -> ExitStatus | None:
+        """Remove from the guest and unshare its files. Running: only with force."""
+        if self.state in (State.RUNNING, State.PAUSED) and not force:
+            raise errors.FailedPrecondition(
+                f"cannot delete container {self.id}: it is {self.state.value}")
+        try:
+            await self.sandbox.agent.remove_container(self.id)
+        except errors.NotFound:
+            pass
+        except errors.Unavailable as exc:
+            log.warning("container %s: agent gone during delete: %s", self.id, exc)
+        for p in (self.init, *self.execs.values()):
+            p.cancel_watch()
+        self.unmount_shared()
+        self.state = State.STOPPED
+        self.sandbox._forget(self)
+        return self.init.exit

@@ -1,0 +1,302 @@
+"""Sandbox: one VM, its virtiofsd, its agent connection and its containers.
+
+    create() --> RUNNING --stop()--> STOPPED        (any failure in create()
+                  |  ^                                tears down what it started)
+            pause |  | resume
+                  v  |
+                 PAUSED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pykata import errors
+from pykata.agent import AgentClient
+from pykata.config import LEAN_KERNEL_PARAMS, Config
+from pykata.hypervisor.base import Hypervisor, VMSpec
+from pykata.hypervisor.channels import vhost_vsock_available
+from pykata.hypervisor.qemu import QemuHypervisor
+from pykata.hypervisor.qemu.accel import probe
+from pykata.hypervisor.qemu.cmdline import QemuOptions
+from pykata.resources.sharedfs import GUEST_SHARED_DIR, SHARED_TAG, VirtioFsDaemon
+from pykata.runtime.container import Container
+from pykata.runtime.state import SandboxRecord, sandbox_dir
+from pykata.runtime.types import State, Storage
+from pykata.ttrpc import Client
+from pykata.utils import mounts
+from pykata.utils.process import ProcRef, tail, terminate
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_id(kind: str, value: str) -> None:
+    if not _ID.match(value or ""):
+        raise errors.InvalidArgument(
+            f"invalid {kind} id {value!r}: use 1-128 letters, digits, '_', '.', '-'"
+        )
+
+
+class Sandbox:
+    def __init__(self, sandbox_id: str, config: Config) -> None:
+        check_id("sandbox", sandbox_id)
+        self.id = sandbox_id
+        self.config = config
+        self.dir = sandbox_dir(config.runtime.state_dir, sandbox_id)
+        self.shared_dir = self.dir / "shared"
+        self.state = State.CREATING
+        self.vm: Hypervisor | None = None
+        self.virtiofsd: VirtioFsDaemon | None = None
+        self._agent: AgentClient | None = None
+        self.containers: dict[str, Container] = {}
+        self.record = SandboxRecord(sandbox_id, self.state.value, str(self.dir))
+        self.accel = ""
+
+    # -- creation ------------------------------------------------------------------
+    @classmethod
+    async def create(cls, sandbox_id: str, config: Config, *, hostname: str = "",
+                     dns: list[str] | None = None, hosts: str = "", vcpus: int | None = None,
+                     memory_mib: int | None = None) -> Sandbox:
+        """Boot the VM and bring up the agent. On any error nothing is left behind."""
+        sb = cls(sandbox_id, config)
+        try:
+            await sb._start(hostname or sandbox_id[:63], dns or [], hosts, vcpus, memory_mib)
+        except BaseException:
+            await sb._teardown()
+            raise
+        return sb
+
+    async def _start(self, hostname: str, dns: list[str], hosts: str, vcpus: int | None,
+                     memory_mib: int | None) -> None:
+        try:
+            self.dir.mkdir(parents=True)
+        except FileExistsError:
+            raise errors.AlreadyExists(f"sandbox {self.id} already exists ({self.dir})") from None
+        self.dir.chmod(0o700)
+        self.shared_dir.mkdir()
+        self.persist()
+        q = self.config.qemu
+        share = q.shared_fs == "virtio-fs"
+        vfs_sock = self.dir / "vfs.sock"
+        if share:
+            self.virtiofsd = VirtioFsDaemon(
+                q.virtio_fs_daemon, self.shared_dir, vfs_sock, self.dir / "virtiofsd.log",
+                cache=q.virtio_fs_cache, extra_args=q.virtio_fs_extra_args,
+            )
+        spec = self._vm_spec(vcpus, memory_mib, vfs_sock if share else None)
+        accel = await asyncio.to_thread(
+            probe, q.path, q.accelerator, Path(self.config.runtime.state_dir) / "accel.json")
+        self.accel = accel.accel
+        log.debug("sandbox %s: accelerator %s (%s)", self.id, accel.accel, accel.reason)
+        self.vm = QemuHypervisor(spec, q.path, QemuOptions(
+            accel=accel.accel, cpu_model=q.cpu_model, machine_type=q.machine_type,
+            machine_options=q.machine_options, tb_size_mib=q.tb_size if accel.accel == "tcg"
+            else 0, pcie_root_ports=2, extra_args=tuple(q.extra_args),
+        ))
+        await self.vm.prepare()
+        if self.virtiofsd is not None:
+            await self.virtiofsd.start()
+            self.record.virtiofsd = _ref_json(self.virtiofsd.ref)
+        await self.vm.start()
+        self.record.qemu = _ref_json(ProcRef.of(self.vm.pid) if self.vm.pid else None)
+        self.persist()
+        await self._connect_agent()
+        storages = []
+        if share:
+            storages.append(Storage("virtiofs", SHARED_TAG, GUEST_SHARED_DIR, fstype="virtiofs"))
+        await self.agent.create_sandbox(
+            self.id, hostname, storages, dns=dns, hosts=hosts,
+            kernel_modules=self.config.agent.kernel_modules, random_seed=os.urandom(64),
+        )
+        self.state = State.RUNNING
+        self.persist()
+        log.info("sandbox %s running (VM pid %s, %s)", self.id, self.vm.pid, self.accel)
+
+    def _vm_spec(self, vcpus: int | None, memory_mib: int | None,
+                 vfs_sock: Path | None) -> VMSpec:
+        q = self.config.qemu
+        host_cpus = os.cpu_count() or 1
+        n = vcpus or q.default_vcpus
+        max_cpus = max(n, q.default_maxvcpus or host_cpus)
+        mem = memory_mib or q.default_memory
+        host_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+        max_mem = max(mem, q.default_maxmemory or host_mem)
+        channel = q.agent_channel
+        if channel == "auto":
+            channel = "vsock" if vhost_vsock_available() else "serial"
+        params = q.kernel_params or LEAN_KERNEL_PARAMS
+        return VMSpec(
+            id=self.id, run_dir=self.dir, kernel=self.config.kernel_path(),
+            initrd=self.config.initrd_path(), kernel_params=params, vcpus=n,
+            max_vcpus=max_cpus, memory_mib=mem, max_memory_mib=max_mem,
+            memory_slots=q.memory_slots, shared_fs_socket=vfs_sock,
+            shared_fs_cache_size_mib=q.virtio_fs_cache_size, agent_channel=channel,
+            vsock_cid=_vsock_cid(self.id), debug=q.enable_debug or self.config.agent.enable_debug,
+        )
+
+    async def _connect_agent(self) -> None:
+        assert self.vm is not None
+        timeout = float(self.config.agent.dial_timeout)
+        channel = self.vm.agent_channel()
+        dial = asyncio.ensure_future(channel.connect(timeout))
+        died = asyncio.ensure_future(self.vm.wait())
+        done, _ = await asyncio.wait({dial, died}, return_when=asyncio.FIRST_COMPLETED)
+        if died in done:
+            dial.cancel()
+            raise errors.VMLaunchError(f"VM of sandbox {self.id} exited while booting",
+                                       exit_code=died.result(),
+                                       console_tail=tail(self.dir / "console.log"))
+        died.cancel()
+        reader, writer = dial.result()
+        self._agent = AgentClient(Client(reader, writer),
+                                  default_timeout=float(self.config.runtime.create_container_timeout))
+        try:
+            await self._agent.check(timeout=timeout)
+        except errors.PykataError as exc:
+            raise errors.Unavailable(
+                f"agent in sandbox {self.id} did not answer: {exc}; console: "
+                f"{tail(self.dir / 'console.log', 3) or 'empty'}"
+            ) from exc
+
+    @property
+    def agent(self) -> AgentClient:
+        if self._agent is None:
+            raise errors.FailedPrecondition(f"sandbox {self.id} has no agent connection")
+        return self._agent
+
+    def persist(self) -> None:
+        self.record.state = self.state.value
+        self.record.containers = {c.id: c.record() for c in self.containers.values()}
+        if self.dir.is_dir():
+            self.record.save()
+
+    # -- containers ----------------------------------------------------------------
+    async def create_container(self, container_id: str, bundle: Path,
+                               spec: dict[str, Any] | None = None) -> Container:
+        check_id("container", container_id)
+        if self.state is not State.RUNNING:
+            raise errors.FailedPrecondition(
+                f"cannot create a container: sandbox {self.id} is {self.state.value}")
+        if container_id in self.containers:
+            raise errors.AlreadyExists(f"container {container_id} already exists")
+        if spec is None:
+            spec = load_spec(bundle)
+        c = Container(self, container_id, bundle, spec)
+        self.containers[container_id] = c
+        try:
+            await c.create()
+        except BaseException:
+            self.containers.pop(container_id, None)
+            self.persist()
+            raise
+        self.persist()
+        return c
+
+    def container(self, container_id: str) -> Container:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise errors.NotFound(f"container {container_id} not found") from None
+
+    def _forget(self, c: Container) -> None:
+        self.containers.pop(c.id, None)
+        self.persist()
+
+    async def pause(self) -> None:
+        if self.vm is None:
+            raise errors.FailedPrecondition(f"sandbox {self.id} has no VM")
+        await self.vm.pause()
+        self.state = State.PAUSED
+
+    async def resume(self) -> None:
+        if self.vm is None:
+            raise errors.FailedPrecondition(f"sandbox {self.id} has no VM")
+        await self.vm.resume()
+        self.state = State.RUNNING
+
+    # -- teardown ------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Stop every container, the VM and virtiofsd; remove all state. Idempotent."""
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self._agent is not None and self.state is State.RUNNING:
+            for c in list(self.containers.values()):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(c.delete(force=True), 15)
+            with contextlib.suppress(Exception):
+                await self._agent.destroy_sandbox(timeout=5.0)
+        for c in list(self.containers.values()):
+            c.unmount_shared()
+        self.containers.clear()
+        if self._agent is not None:
+            with contextlib.suppress(Exception):
+                await self._agent.close()
+            self._agent = None
+        if self.vm is not None:
+            await self.vm.stop()
+        if self.virtiofsd is not None:
+            await self.virtiofsd.stop()
+        self.state = State.STOPPED
+        remove_sandbox_dir(self.dir)
+        log.info("sandbox %s stopped and removed", self.id)
+
+
+def remove_sandbox_dir(d: Path) -> None:
+    if not d.exists():
+        return
+    failed = mounts.umount_all(d)
+    if failed:
+        raise errors.Internal(f"cannot unmount {', '.join(failed)}; left {d} in place")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _ref_json(ref: ProcRef | None) -> dict[str, int] | None:
+    return ref.to_json() if ref is not None else None
+
+
+def _vsock_cid(sandbox_id: str) -> int:
+    import zlib
+
+    return 3 + zlib.crc32(sandbox_id.encode()) % 0x7FFFFFF0
+
+
+def load_spec(bundle: Path) -> dict[str, Any]:
+    import json
+
+    path = bundle / "config.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise errors.InvalidArgument(f"bundle {bundle} has no config.json") from None
+    except (OSError, ValueError) as exc:
+        raise errors.InvalidArgument(f"cannot read {path}: {exc}") from exc
+    return data
+
+
+async def cleanup(state_dir: str | Path, sandbox_id: str) -> bool:
+    """Clean up a sandbox whose owner is gone: kill its VMM and virtiofsd, unmount,
+    remove its state. True if there was something to clean."""
+    d = sandbox_dir(state_dir, sandbox_id)
+    if not d.exists():
+        return False
+    try:
+        rec = SandboxRecord.load(d)
+    except (errors.NotFound, ValueError, TypeError):
+        rec = None
+    if rec is not None:
+        for data in (rec.qemu, rec.virtiofsd):
+            ref = ProcRef.from_json(data)
+            if ref is not None:
+                await terminate(ref, grace=2.0)
+    remove_sandbox_dir(d)
+    return True

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pykata import config
+from pykata.errors import InvalidArgument
+
+
+def test_defaults_without_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PYKATA_CONFIG", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "absent.toml")
+    cfg = config.load()
+    assert cfg.qemu.machine_type == "q35"
+    assert cfg.runtime.internetworking_model == "tcfilter"
+    assert cfg.source == ""
+
+
+def test_file_overrides_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[hypervisor.qemu]\ndefault_memory = 1024\nkernel_params = "quiet"\n'
+                 '[runtime]\nstate_dir = "/tmp/s"\n')
+    monkeypatch.setenv("PYKATA_CONFIG", str(f))
+    cfg = config.load()
+    assert cfg.qemu.default_memory == 1024
+    assert cfg.qemu.default_vcpus == 1  # untouched default
+    assert cfg.runtime.state_dir == "/tmp/s"
+    assert cfg.source == str(f)
+
+
+def test_explicit_missing_file_is_an_error(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("PYKATA_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        config.load()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[hypervisor.qemu]\nfoo = 1", r"unknown key 'foo' in \[hypervisor.qemu\]"),
+    ("[hypervisor.qemu]\ndefault_memory = \"big\"", "must be an integer"),
+    ("[hypervisor.qemu]\ndefault_memory = true", "must be an integer"),
+    ("[hypervisor.qemu]\ndefault_memory = 16", "below 64"),
+    ("[hypervisor.qemu]\naccelerator = \"xen\"", "not one of auto, kvm, tcg"),
+    ("[runtime]\ninternetworking_model = \"bridge\"", "not one of tcfilter, macvtap, none"),
+    ("[hypervisor.qemu]\nextra_args = [1]", "list of strings"),
+    ("[hypervisor]\nqemu = 3", r"\[hypervisor.qemu\] must be a table"),
+    ("[nope]\nx = 1", "unknown key 'nope'"),
+    ("[hypervisor.qemu]\ndefault_vcpus = 4\ndefault_maxvcpus = 2", "below default_vcpus"),
+    ("this is = = not toml", "not valid TOML"),
+])
+def test_invalid_config_names_file_section_and_key(text: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message) as ei:
+        config.parse(text, "/etc/pykata/x.toml")
+    assert str(ei.value).startswith("/etc/pykata/x.toml: ")
+
+
+def test_to_toml_round_trips() -> None:
+    cfg = config.parse('[hypervisor.qemu]\nextra_args = ["-a", "b\\"c"]\n[agent]\n'
+                       'enable_debug = true\n')
+    again = config.parse(config.to_toml(cfg))
+    assert again.qemu.extra_args == ["-a", 'b"c']
+    assert again.agent.enable_debug is True
+    assert config.to_toml(again) == config.to_toml(cfg)
+
+
+def test_kernel_defaults_to_built_image(tmp_path: Path) -> None:
+    cfg = config.parse(f'[image]\noutput_dir = "{tmp_path}"\n')
+    assert cfg.kernel_path() == tmp_path / "vmlinuz"
+    (tmp_path / "vmlinux").write_bytes(b"")
+    assert cfg.kernel_path() == tmp_path / "vmlinux"
+    assert cfg.initrd_path() == tmp_path / "initrd.img"

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pykata.hypervisor.base import VMSpec
+from pykata.hypervisor.qemu.accel import probe, probe_firmware
+from pykata.hypervisor.qemu.cmdline import QemuOptions, build_argv, kernel_command_line
+
+
+def spec(**kw: object) -> VMSpec:
+    base: dict[str, object] = dict(id="sb1", run_dir=Path("/run/pykata/sbs/sb1"),
+                                   kernel=Path("/k/vmlinux"), initrd=Path("/k/initrd.img"))
+    base.update(kw)
+    return VMSpec(**base)  # type: ignore[arg-type]
+
+
+def opts(**kw: object) -> QemuOptions:
+    base: dict[str, object] = dict(qmp_socket=Path("/r/qmp.sock"),
+                                   agent_socket=Path("/r/agent.sock"))
+    base.update(kw)
+    return QemuOptions(**base)  # type: ignore[arg-type]
+
+
+def arg_after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_tcg_basic_shape() -> None:
+    argv = build_argv("/usr/bin/qemu-system-x86_64", spec(), opts(accel="tcg", tb_size_mib=64))
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert arg_after(argv, "-accel") == ["tcg,tb-size=64"]
+    assert arg_after(argv, "-cpu") == ["max"]
+    assert arg_after(argv, "-machine") == ["q35,memory-backend=pykata-mem"]
+    assert arg_after(argv, "-kernel") == ["/k/vmlinux"]
+    assert arg_after(argv, "-initrd") == ["/k/initrd.img"]
+    assert "-nodefaults" in argv and "-no-reboot" in argv
+    # Shared guest RAM for vhost-user (virtio-fs).
+    assert "memory-backend-memfd,id=pykata-mem,size=512M,share=on" in arg_after(argv, "-object")
+    # Console captured to a file in the run dir.
+    assert "file,id=console,path=/run/pykata/sbs/sb1/console.log" in arg_after(argv, "-chardev")
+
+
+def test_kvm_uses_host_cpu_and_no_tb_size() -> None:
+    argv = build_argv("q", spec(), opts(accel="kvm", tb_size_mib=64))
+    assert arg_after(argv, "-accel") == ["kvm"]
+    assert arg_after(argv, "-cpu") == ["host"]
+
+
+def test_smp_and_memory_hotplug_limits() -> None:
+    argv = build_argv("q", spec(vcpus=2, max_vcpus=4, memory_mib=256, max_memory_mib=2048,
+                                memory_slots=8), opts())
+    assert arg_after(argv, "-smp") == ["2,maxcpus=4"]
+    assert arg_after(argv, "-m") == ["256M,slots=8,maxmem=2048M"]
+    argv = build_argv("q", spec(memory_mib=256, max_memory_mib=256, memory_slots=8), opts())
+    assert arg_after(argv, "-m") == ["256M"]
+
+
+def test_serial_agent_channel() -> None:
+    argv = build_argv("q", spec(agent_channel="serial"), opts())
+    devices = arg_after(argv, "-device")
+    assert "virtio-serial-pci,id=vser0" in devices
+    assert "virtserialport,bus=vser0.0,chardev=agent,name=agent.channel.0" in devices
+    assert "socket,id=agent,path=/r/agent.sock,reconnect=1" in arg_after(argv, "-chardev")
+    assert not any("vsock" in d for d in devices)
+
+
+def test_vsock_agent_channel() -> None:
+    argv = build_argv("q", spec(agent_channel="vsock", vsock_cid=42), opts())
+    devices = arg_after(argv, "-device")
+    assert "vhost-vsock-pci,id=vsock0,guest-cid=42" in devices
+    assert not any("virtserialport" in d for d in devices)
+
+
+def test_qmp_is_a_client_of_our_socket() -> None:
+    argv = build_argv("q", spec(), opts())
+    assert "socket,id=qmp,path=/r/qmp.sock" in arg_after(argv, "-chardev")
+    assert arg_after(argv, "-mon") == ["chardev=qmp,mode=control"]
+
+
+def test_virtio_fs_and_dax() -> None:
+    argv = build_argv("q", spec(shared_fs_socket=Path("/r/vfs.sock"),
+                                shared_fs_cache_size_mib=256), opts())
+    assert "socket,id=vfs,path=/r/vfs.sock" in arg_after(argv, "-chardev")
+    assert ("vhost-user-fs-pci,chardev=vfs,tag=pykatashared,queue-size=1024,cache-size=256M"
+            in arg_after(argv, "-device"))
+    assert not any("vhost-user-fs" in d for d in arg_after(build_argv("q", spec(), opts()),
+                                                           "-device"))
+
+
+def test_kernel_command_line_and_debug() -> None:
+    assert kernel_command_line(spec(kernel_params="quiet panic=-1")) == \
+        "console=ttyS0 quiet panic=-1"
+    dbg = kernel_command_line(spec(kernel_params="quiet loglevel=1 panic=-1", debug=True))
+    assert "quiet" not in dbg.split() and "loglevel=1" not in dbg
+    assert dbg.endswith("pykata.agent.log=debug")
+
+
+def test_root_ports_disk_image_and_taps() -> None:
+    argv = build_argv("q", spec(initrd=None, image=Path("/i.img"), tap_fds=[7]),
+                      opts(pcie_root_ports=2, extra_args=("-S",)))
+    devices = arg_after(argv, "-device")
+    assert "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1" in devices
+    assert "pcie-root-port,id=rp1,bus=pcie.0,chassis=2,slot=2" in devices
+    assert "-initrd" not in argv
+    assert "if=none,id=rootdisk,file=/i.img,format=raw,readonly=on" in arg_after(argv, "-drive")
+    assert arg_after(argv, "-netdev") == ["tap,id=net0,fd=7"]
+    assert argv[-1] == "-S"
+
+
+def test_probe_firmware_reset_vector() -> None:
+    fw = probe_firmware()
+    assert len(fw) == 65536
+    # The CPU starts 16 bytes below the top: mov al,0x2a; out 0xf4,al; hlt.
+    assert fw[-16:-12] == bytes([0xB0, 0x2A, 0xE6, 0xF4])
+
+
+def test_probe_obeys_configuration() -> None:
+    assert probe("/nonexistent", "tcg").accel == "tcg"
+    assert probe("/nonexistent", "kvm").accel == "kvm"
