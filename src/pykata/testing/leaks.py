@@ -1,0 +1,38 @@
+"""What a sandbox may have left behind: processes, mounts, state directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pykata.utils.mounts import mounts_under
+
+_NAMES = ("qemu-system", "virtiofsd", "containerd-shim-pykata")
+
+
+def _processes_mentioning(needle: str) -> list[str]:
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd and any(n in cmd for n in _NAMES):
+            found.append(f"{p.name}: {cmd.strip()[:160]}")
+    return found
+
+
+def leftovers(state_dir: str | Path, sandbox_id: str = "") -> list[str]:
+    """Everything of pykata under ``state_dir`` (or of one sandbox) still present."""
+    root = Path(state_dir)
+    needle = f"{root}/sbs/{sandbox_id}" if sandbox_id else str(root)
+    out = [f"process {p}" for p in _processes_mentioning(needle)]
+    target = root / "sbs" / sandbox_id if sandbox_id else root / "sbs"
+    if root.exists():
+        out += [f"mount {m}" for m in mounts_under(target)]
+    if sandbox_id and target.exists():
+        out.append(f"state directory {target}")
+    elif not sandbox_id and target.exists():
+        out += [f"state directory {d}" for d in target.iterdir()]
+    return out
