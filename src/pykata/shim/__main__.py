@@ -1,0 +1,5 @@
+import sys
+
+from pykata.shim.main import main
+
+sys.exit(main())

@@ -1,0 +1,223 @@
+"""`containerd-shim-pykata-v2`: containerd's runtime v2 shim binary.
+
+    start   (cwd = bundle) start the pod's shim, or reuse it, print its address
+    delete  clean up a container whose shim is gone; print a DeleteResponse
+    (none)  serve containerd.task.v2.Task on the socket handed over by `start`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pykata import config, errors
+
+log = logging.getLogger("pykata.shim")
+
+LISTEN_FD_ENV = "PYKATA_SHIM_LISTEN_FD"
+SOCKET_DIR = Path("/run/pykata/s")
+
+# Annotations that group containers into pods.
+CRI_TYPE = "io.kubernetes.cri.container-type"
+CRI_SANDBOX = "io.kubernetes.cri.sandbox-id"
+CRIO_TYPE = "io.kubernetes.cri-o.ContainerType"
+CRIO_SANDBOX = "io.kubernetes.cri-o.SandboxID"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="containerd-shim-pykata-v2", add_help=True)
+    p.add_argument("-namespace", default="")
+    p.add_argument("-address", default="")
+    p.add_argument("-publish-binary", dest="publish_binary", default="")
+    p.add_argument("-id", default="")
+    p.add_argument("-bundle", default="")
+    p.add_argument("-socket", default="")
+    p.add_argument("-debug", action="store_true")
+    p.add_argument("-v", dest="version", action="store_true")
+    p.add_argument("-info", action="store_true")
+    p.add_argument("action", nargs="?", default="")
+    return p.parse_args(argv)
+
+
+def pod_of(spec: dict[str, Any], container_id: str) -> tuple[str, bool]:
+    """(sandbox id, this container is the sandbox) from the spec's annotations."""
+    ann = spec.get("annotations") or {}
+    for type_key, sb_key in ((CRI_TYPE, CRI_SANDBOX), (CRIO_TYPE, CRIO_SANDBOX)):
+        kind = ann.get(type_key)
+        if kind == "container" and ann.get(sb_key):
+            return str(ann[sb_key]), False
+        if kind == "sandbox":
+            return container_id, True
+    return container_id, True
+
+
+def socket_path(address: str, namespace: str, sandbox_id: str) -> Path:
+    digest = hashlib.sha256(f"{address}/{namespace}/{sandbox_id}".encode()).hexdigest()
+    return SOCKET_DIR / digest[:32]
+
+
+def _spec(bundle: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((bundle / "config.json").read_text())
+        return data
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    bundle = Path.cwd()
+    sandbox_id, is_sandbox = pod_of(_spec(bundle), args.id)
+    path = socket_path(args.address, args.namespace, sandbox_id)
+    address = f"unix://{path}"
+    if not is_sandbox:
+        if not _alive(path):
+            print(f"pod sandbox {sandbox_id} has no running pykata shim", file=sys.stderr)
+            return 1
+        print(address, end="")
+        return 0
+    if _alive(path):
+        print(address, end="")
+        return 0
+    SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(64)
+    env = dict(os.environ, **{LISTEN_FD_ENV: str(sock.fileno())})
+    argv = [sys.executable, "-m", "pykata.shim", "-namespace", args.namespace, "-address",
+            args.address, "-publish-binary", args.publish_binary, "-id", sandbox_id]
+    if args.debug:
+        argv.append("-debug")
+    proc = subprocess.Popen(argv, cwd=bundle, env=env, pass_fds=(sock.fileno(),),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    sock.close()
+    (bundle / "shim.pid").write_text(str(proc.pid))
+    (bundle / "address").write_text(address)
+    print(address, end="")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, cfg: config.Config) -> int:
+    """containerd's cleanup when the shim is gone: stop the VM if this container
+    was the pod's sandbox, unmount, remove state; then print a DeleteResponse."""
+    from pykata.protos import containerd_shim_pb2 as pb
+    from pykata.runtime.sandbox import cleanup
+    from pykata.runtime.state import sandbox_dir
+    from pykata.shim.rootfs import unmount_rootfs
+    from pykata.utils import mounts
+
+    bundle = Path(args.bundle) if args.bundle else Path.cwd()
+    sandbox_id, is_sandbox = pod_of(_spec(bundle), args.id)
+    if is_sandbox:
+        path = socket_path(args.address, args.namespace, sandbox_id)
+        asyncio.run(cleanup(cfg.runtime.state_dir, sandbox_id))
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    else:
+        shared = sandbox_dir(cfg.runtime.state_dir, sandbox_id) / "shared" / args.id
+        mounts.umount_all(shared)
+    unmount_rootfs(bundle)
+    resp = pb.DeleteResponse(exit_status=128 + signal.SIGKILL)
+    resp.exited_at.FromNanoseconds(time.time_ns())
+    sys.stdout.buffer.write(resp.SerializeToString())
+    sys.stdout.flush()
+    return 0
+
+
+def _setup_logging(debug: bool, sandbox_id: str) -> None:
+    """Log into containerd's `log` fifo in the bundle (else stderr)."""
+    stream: Any = sys.stderr
+    try:
+        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        stream = os.fdopen(fd, "w", buffering=1)
+    except OSError:
+        pass
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(
+        f"time=%(asctime)s level=%(levelname)s sandbox={sandbox_id} "
+        "source=%(name)s msg=%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+async def serve(args: argparse.Namespace, cfg: config.Config) -> int:
+    from pykata.protos import containerd_shim_pb2 as pb
+    from pykata.shim.events import Publisher
+    from pykata.shim.service import TaskService
+    from pykata.ttrpc import Server
+
+    fd = int(os.environ.pop(LISTEN_FD_ENV, "-1"))
+    if fd < 0:
+        log.error("no listening socket handed over (run through 'start')")
+        return 1
+    sock = socket.socket(fileno=fd)
+    shutdown = asyncio.Event()
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
+    publisher.start()
+    service = TaskService(args.id, args.namespace, cfg, publisher, shutdown)
+    server = Server()
+    server.register_service(pb.DESCRIPTOR.services_by_name["Task"], service)
+    await server.serve_socket(sock)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.set)
+    log.info("shim serving pod %s (pid %d)", args.id, os.getpid())
+    await shutdown.wait()
+    await asyncio.sleep(0.05)  # let the Shutdown response go out
+    await service.close()
+    await publisher.close()
+    await server.close()
+    with contextlib.suppress(OSError):
+        os.unlink(socket_path(args.address, args.namespace, args.id))
+    log.info("shim for pod %s exiting", args.id)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.version:
+        from pykata import __version__
+
+        print(f"containerd-shim-pykata-v2:\n  Version: {__version__}\n  Runtime: pykata")
+        return 0
+    try:
+        cfg = config.load()
+        if args.action == "start":
+            return cmd_start(args)
+        if args.action == "delete":
+            return cmd_delete(args, cfg)
+        _setup_logging(args.debug or cfg.runtime.enable_debug, args.id)
+        code = asyncio.run(serve(args, cfg))
+    except errors.PykataError as exc:
+        print(f"pykata: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.flush()
+    os._exit(code)  # no lingering threads (fifo opens) may keep the shim alive

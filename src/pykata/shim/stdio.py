@@ -1,0 +1,145 @@
+"""Relay a process's stdio between containerd's fifos and the guest agent.
+
+Output relays end at the agent's end-of-stream, so everything the process
+wrote reaches the fifo before its exit is reported. Stdin EOF closes the
+process's stdin in the guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable
+
+from pykata import errors
+from pykata.runtime.container import Process
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+
+
+async def open_fifo(path: str, flags: int) -> int:
+    """Open a fifo without blocking the loop or leaving a thread that could
+    keep the process alive (opening blocks until the other end is there)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+
+    def deliver(fd: int | None, exc: OSError | None) -> None:
+        if fut.cancelled():
+            if fd is not None:
+                os.close(fd)
+        elif exc is not None:
+            fut.set_exception(exc)
+        else:
+            assert fd is not None
+            fut.set_result(fd)
+
+    def worker() -> None:
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            loop.call_soon_threadsafe(deliver, None, exc)
+            return
+        loop.call_soon_threadsafe(deliver, fd, None)
+
+    threading.Thread(target=worker, name=f"open {path}", daemon=True).start()
+    return await fut
+
+
+async def fifo_writer(path: str) -> asyncio.StreamWriter:
+    fd = await open_fifo(path, os.O_WRONLY)
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", buffering=0))
+    return asyncio.StreamWriter(transport, protocol, None, loop)
+
+
+async def fifo_reader(path: str) -> asyncio.StreamReader:
+    fd = await open_fifo(path, os.O_RDONLY)
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                 os.fdopen(fd, "rb", buffering=0))
+    return reader
+
+
+class StdioRelay:
+    def __init__(self, proc: Process, stdin: str, stdout: str, stderr: str,
+                 terminal: bool) -> None:
+        self.proc = proc
+        self.paths = (stdin, stdout, stderr)
+        self.terminal = terminal
+        self._out_tasks: list[asyncio.Task[None]] = []
+        self._in_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        stdin, stdout, stderr = self.paths
+        if stdout:
+            self._out_tasks.append(asyncio.ensure_future(
+                self._pump_out(stdout, self.proc.read_stdout)))
+        if stderr and not self.terminal:
+            self._out_tasks.append(asyncio.ensure_future(
+                self._pump_out(stderr, self.proc.read_stderr)))
+        if stdin:
+            self._in_task = asyncio.ensure_future(self._pump_in(stdin))
+
+    async def _pump_out(self, path: str, read: Callable[[int], Awaitable[bytes]]) -> None:
+        writer: asyncio.StreamWriter | None = None
+        broken = False
+        try:
+            writer = await fifo_writer(path)
+            while data := await read(CHUNK):
+                if broken:
+                    continue  # nobody reads any more: keep draining the guest side
+                try:
+                    writer.write(data)
+                    await writer.drain()
+                except (BrokenPipeError, ConnectionResetError):
+                    broken = True
+        except errors.PykataError as exc:
+            log.debug("output relay to %s ended: %s", path, exc)
+        except OSError as exc:
+            log.warning("output relay to %s failed: %s", path, exc)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    async def _pump_in(self, path: str) -> None:
+        try:
+            reader = await fifo_reader(path)
+            while data := await reader.read(CHUNK):
+                await self.proc.write_stdin(data)
+            await self.proc.close_stdin()
+        except errors.PykataError as exc:
+            log.debug("stdin relay from %s ended: %s", path, exc)
+        except OSError as exc:
+            log.debug("stdin relay from %s ended: %s", path, exc)
+
+    async def close_stdin(self) -> None:
+        """CloseIO: no more input for this process."""
+        if self._in_task is not None and not self._in_task.done():
+            self._in_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._in_task
+        with contextlib.suppress(errors.PykataError):
+            await self.proc.close_stdin()
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait until the output relays have delivered everything (bounded)."""
+        if self._out_tasks:
+            done, pending = await asyncio.wait(self._out_tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+
+    async def stop(self) -> None:
+        for t in [*self._out_tasks, *([self._in_task] if self._in_task else [])]:
+            t.cancel()
+        for t in [*self._out_tasks, *([self._in_task] if self._in_task else [])]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
