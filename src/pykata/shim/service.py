@@ -60,6 +60,7 @@ class ExecRecord:
     relay: StdioRelay | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit: ExitStatus | None = None
+    watcher: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -157,7 +158,7 @@ class TaskService:
         task = self._task(req.id)
         if not req.exec_id:
             await task.container.start()
-            asyncio.ensure_future(self._watch_exit(task, task.init))
+            task.init.watcher = asyncio.ensure_future(self._watch_exit(task, task.init))
             self.publisher.publish("/tasks/start", ev.TaskStart(
                 container_id=task.id, pid=self._vm_pid))
             return pb.StartResponse(pid=self._vm_pid)
@@ -167,7 +168,7 @@ class TaskService:
         rec.process = await task.container.exec(rec.exec_id, rec.spec)
         rec.relay = StdioRelay(rec.process, rec.stdin, rec.stdout, rec.stderr, rec.terminal)
         rec.relay.start()
-        asyncio.ensure_future(self._watch_exit(task, rec))
+        rec.watcher = asyncio.ensure_future(self._watch_exit(task, rec))
         self.publisher.publish("/tasks/exec-started", ev.TaskExecStarted(
             container_id=task.id, exec_id=rec.exec_id, pid=self._vm_pid))
         return pb.StartResponse(pid=self._vm_pid)

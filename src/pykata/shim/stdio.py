@@ -133,7 +133,7 @@ class StdioRelay:
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait until the output relays have delivered everything (bounded)."""
         if self._out_tasks:
-            done, pending = await asyncio.wait(self._out_tasks, timeout=timeout)
+            _, pending = await asyncio.wait(self._out_tasks, timeout=timeout)
             for t in pending:
                 t.cancel()
 
