@@ -17,13 +17,14 @@ from typing import Any
 
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from pykata import errors
+from pykata import config, errors
 from pykata.config import Config
 from pykata.protos import cgroups_v2_metrics_pb2 as m2
 from pykata.protos import containerd_events_pb2 as ev
 from pykata.protos import containerd_runc_options_pb2 as runcopts
 from pykata.protos import containerd_shim_pb2 as pb
 from pykata.protos import containerd_task_types_pb2 as tt
+from pykata.protos import runtimeoptions_pb2 as rtopts
 from pykata.runtime.container import Container, Process
 from pykata.runtime.sandbox import Sandbox, load_spec
 from pykata.runtime.types import ContainerStats, ExitStatus, State
@@ -131,6 +132,7 @@ class TaskService:
                 rootfs.Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs])
             try:
                 if self.sandbox is None:
+                    self._apply_options(req)
                     self.sandbox = await Sandbox.create(
                         self.sandbox_id, self.config, hostname=spec.get("hostname", ""))
                 container = await self.sandbox.create_container(req.id, bundle, spec)
@@ -153,6 +155,16 @@ class TaskService:
                          terminal=req.terminal),
             checkpoint=req.checkpoint, pid=self._vm_pid))
         return pb.CreateTaskResponse(pid=self._vm_pid)
+
+    def _apply_options(self, req: pb.CreateTaskRequest) -> None:
+        """`ConfigPath` from CRI runtime options or `ctr run --runtime-config-path`."""
+        if not req.options.type_url.endswith("runtimeoptions.v1.Options"):
+            return
+        opts = rtopts.Options.FromString(req.options.value)
+        if opts.config_path:
+            self.config = config.load(Path(opts.config_path))
+        elif opts.config_body:
+            self.config = config.parse(opts.config_body.decode(), "runtime options")
 
     async def Start(self, req: pb.StartRequest) -> pb.StartResponse:
         task = self._task(req.id)
