@@ -1,0 +1,170 @@
+"""Issue 3 acceptance: containerd 1.6 (private instance) drives pykata's shim
+through `ctr`, exactly as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pykata.testing import busybox_rootfs
+from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
+from pykata.testing.images import BUSYBOX_REF, oci_archive
+
+IMG = BUSYBOX_REF
+RT = ["--runtime", RUNTIME_TYPE]
+
+
+def pykata_leftovers() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "qemu-system|virtiofsd|pykata.shim"],
+                         capture_output=True, text=True, check=False).stdout.splitlines()
+    left = [f"process {ln}" for ln in out if "pgrep" not in ln]
+    with open("/proc/mounts") as f:
+        left += [f"mount {ln.split()[1]}" for ln in f if " /run/pykata/" in ln]
+    sbs = Path("/run/pykata/sbs")
+    if sbs.is_dir():
+        left += [f"state {p}" for p in sbs.iterdir()]
+    s = Path("/run/pykata/s")
+    if s.is_dir():
+        left += [f"socket {p}" for p in s.iterdir()]
+    return left
+
+
+def wait_clean(timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    left = pykata_leftovers()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = pykata_leftovers()
+    return left
+
+
+@pytest.fixture(scope="module")
+def ctd(rootfs: Path) -> Iterator[PrivateContainerd]:
+    archive = oci_archive(rootfs, Path("/var/tmp/pykata-test/busybox.oci.tar"))
+    c = PrivateContainerd(base=Path(f"/run/pykata-ctd-{uuid.uuid4().hex[:6]}"),
+                          root=Path("/var/lib/pykata-test/containerd"), namespace="pktest")
+    c.start()
+    try:
+        c.import_image(archive)
+        yield c
+    finally:
+        for line in c.ctr("tasks", "ls", "-q", check=False).stdout.decode().split():
+            c.ctr("tasks", "kill", "-s", "KILL", line, check=False)
+            c.ctr("tasks", "delete", "-f", line, check=False)
+        for line in c.ctr("containers", "ls", "-q", check=False).stdout.decode().split():
+            c.ctr("containers", "delete", line, check=False)
+        c.stop()
+
+
+@pytest.fixture
+def clean() -> Iterator[None]:
+    yield
+    left = wait_clean()
+    assert not left, f"left behind: {left}"
+
+
+def cid() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def test_run_rm_output_exit_code_and_guest_kernel(ctd: PrivateContainerd, clean: None) -> None:
+    r = ctd.ctr("run", "--rm", *RT, IMG, cid(), "sh", "-c",
+                "echo out; echo err >&2; cat /proc/version; exit 3", check=False)
+    out = r.stdout.decode()
+    assert r.returncode == 3, r.stderr.decode()
+    # ctr without a tty gives stdout and stderr separately.
+    assert out.splitlines()[0] == "out"
+    assert b"err" in r.stderr
+    version = out.splitlines()[1]
+    assert version.startswith("Linux version") and platform.release() not in version
+
+
+def test_large_output_is_complete(ctd: PrivateContainerd, clean: None) -> None:
+    r = ctd.ctr("run", "--rm", *RT, IMG, cid(), "sh", "-c",
+                "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done", check=False)
+    lines = r.stdout.decode().splitlines()
+    assert r.returncode == 0
+    assert len(lines) == 20000 and lines[-1] == "line-19999"
+
+
+def test_stdin_eof_propagates(ctd: PrivateContainerd, clean: None) -> None:
+    r = ctd.ctr("run", "--rm", "-i", *RT, IMG, cid(), "sh", "-c", "cat; echo done",
+                input=b"piped in\n", check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"piped in\ndone\n"
+
+
+def test_detached_exec_ps_pause_resume_metrics_kill_delete(
+        ctd: PrivateContainerd, clean: None) -> None:
+    c = cid()
+    ctd.ctr("run", "-d", *RT, IMG, c, "sleep", "600")
+    try:
+        r = ctd.ctr("task", "exec", "--exec-id", "e1", c, "sh", "-c", "echo exec-out; exit 5",
+                    check=False)
+        assert r.returncode == 5 and r.stdout == b"exec-out\n"
+        # With a terminal (ctr allocates a pty locally when -t is given).
+        r = ctd.ctr("task", "exec", "-t", "--exec-id", "e2", c, "sh", "-c",
+                    "tty >/dev/null && echo has-tty", check=False)
+        assert r.returncode == 0 and b"has-tty" in r.stdout, r
+        ps = ctd.ctr("task", "ps", c).stdout.decode()
+        assert "PID" in ps and len(ps.strip().splitlines()) >= 2
+        ctd.ctr("task", "pause", c)
+        assert "PAUSED" in ctd.ctr("task", "ls").stdout.decode()
+        ctd.ctr("task", "resume", c)
+        assert "RUNNING" in ctd.ctr("task", "ls").stdout.decode()
+        metrics = ctd.ctr("task", "metrics", "--format", "json", c).stdout.decode()
+        data = json.loads(metrics)
+        assert data["memory"]["usage"] > 0
+        ctd.ctr("task", "kill", "-s", "SIGTERM", c)
+        deadline = time.monotonic() + 60
+        while "STOPPED" not in ctd.ctr("task", "ls").stdout.decode():
+            assert time.monotonic() < deadline, "task did not stop on SIGTERM"
+            time.sleep(0.2)
+        ctd.ctr("task", "delete", c)
+    finally:
+        ctd.ctr("task", "delete", "-f", c, check=False)
+        ctd.ctr("container", "delete", c, check=False)
+
+
+def test_missing_binary_is_one_clear_error(ctd: PrivateContainerd, clean: None) -> None:
+    c = cid()
+    r = ctd.ctr("run", "--rm", *RT, IMG, c, "/no/such/binary", check=False)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert "/no/such/binary" in err
+    ctd.ctr("container", "delete", c, check=False)
+
+
+def test_missing_guest_image_names_file_and_fix(ctd: PrivateContainerd, clean: None,
+                                                tmp_path: Path) -> None:
+    cfg = tmp_path / "configuration.toml"
+    cfg.write_text('[hypervisor.qemu]\nkernel = "/nonexistent/vmlinux"\n')
+    c = cid()
+    r = ctd.ctr("run", "--rm", *RT, "--runtime-config-path", str(cfg), IMG, c, "true",
+                check=False)
+    ctd.ctr("container", "delete", c, check=False)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert "/nonexistent/vmlinux" in err and "pykata image build" in err
+
+
+def test_shim_killed_then_delete_cleans_up(ctd: PrivateContainerd, clean: None) -> None:
+    c = cid()
+    ctd.ctr("run", "-d", *RT, IMG, c, "sleep", "600")
+    shims = subprocess.run(["pgrep", "-f", f"pykata.shim .*-id {c}"], capture_output=True,
+                           text=True, check=False).stdout.split()
+    assert shims, "no shim process found"
+    for pid in shims:
+        os.kill(int(pid), signal.SIGKILL)
+    time.sleep(1)
+    ctd.ctr("task", "delete", "-f", c, check=False)
+    ctd.ctr("container", "delete", c, check=False)
