@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from pykata.testing import busybox_rootfs
 from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
 from pykata.testing.images import BUSYBOX_REF, oci_archive
 
