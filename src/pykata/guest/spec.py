@@ -1,0 +1,109 @@
+"""The host's OCI spec -> the spec crun runs in the guest: pure, unit-tested.
+
+The host already rewrote ``root.path`` and bind-mount sources to guest paths.
+Here the agent drops what means nothing inside the VM (namespace paths of the
+host, the network namespace, host hooks), puts the container in its own guest
+cgroup, and joins the sandbox's pid namespace when asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+
+from pykata.errors import InvalidArgument
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Container and exec ids name files and cgroups: a safe charset only."""
+    if not _ID_RE.match(value):
+        raise InvalidArgument(
+            f"invalid {kind} id {value!r}: use letters, digits, '_', '.', '+', '-'"
+            " (at most 128, not starting with a symbol)")
+    return value
+
+
+def load_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"invalid {what}: not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"invalid {what}: a JSON object is expected")
+    return obj
+
+
+def validate_process(proc: Any, what: str = "process") -> dict[str, Any]:
+    if not isinstance(proc, dict):
+        raise InvalidArgument(f"invalid OCI spec: '{what}' is missing")
+    args = proc.get("args")
+    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+        raise InvalidArgument(f"invalid OCI spec: {what}.args must be a non-empty list of strings")
+    cwd = proc.get("cwd", "/")
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        raise InvalidArgument(f"invalid OCI spec: {what}.cwd must be an absolute path")
+    env = proc.get("env", [])
+    if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
+        raise InvalidArgument(f"invalid OCI spec: {what}.env must be a list of strings")
+    if not isinstance(proc.get("terminal", False), bool):
+        raise InvalidArgument(f"invalid OCI spec: {what}.terminal must be a boolean")
+    return proc
+
+
+def validate(spec: dict[str, Any]) -> None:
+    """Reject what crun would reject, with one line saying what is wrong."""
+    validate_process(spec.get("process"))
+    root = spec.get("root")
+    if not isinstance(root, dict) or not isinstance(root.get("path"), str) or not root["path"]:
+        raise InvalidArgument("invalid OCI spec: root.path is missing")
+    if not root["path"].startswith("/"):
+        raise InvalidArgument(
+            f"invalid OCI spec: root.path {root['path']!r} must be an absolute guest path")
+    mounts = spec.get("mounts", []) or []
+    if not isinstance(mounts, list):
+        raise InvalidArgument("invalid OCI spec: mounts must be a list")
+    for m in mounts:
+        if not isinstance(m, dict) or not isinstance(m.get("destination"), str):
+            raise InvalidArgument(f"invalid OCI spec: bad mount entry {m!r}")
+    linux = spec.get("linux", {})
+    if linux is not None and not isinstance(linux, dict):
+        raise InvalidArgument("invalid OCI spec: linux must be an object")
+
+
+def terminal(proc: dict[str, Any]) -> bool:
+    return bool(proc.get("terminal", False))
+
+
+def guest_spec(
+    spec: dict[str, Any],
+    container_id: str,
+    cgroup_parent: str,
+    pidns_path: str | None = None,
+) -> dict[str, Any]:
+    """The spec to write into the guest bundle (``spec`` is not modified)."""
+    out = copy.deepcopy(spec)
+    out.pop("hooks", None)  # host hooks; they ran (or will run) on the host
+    linux = out.get("linux")
+    if not isinstance(linux, dict):
+        linux = {}
+        out["linux"] = linux
+    namespaces = []
+    for ns in linux.get("namespaces", []) or []:
+        if not isinstance(ns, dict):
+            continue
+        kind = ns.get("type")
+        if kind == "network":
+            # Containers share the VM's network namespace: it is the pod network.
+            continue
+        entry = {"type": kind}
+        if kind == "pid" and pidns_path:
+            entry["path"] = pidns_path
+        namespaces.append(entry)
+    linux["namespaces"] = namespaces
+    parent = "/" + cgroup_parent.strip("/") if cgroup_parent.strip("/") else ""
+    linux["cgroupsPath"] = f"{parent}/{container_id}"
+    return out

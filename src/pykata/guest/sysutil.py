@@ -1,0 +1,461 @@
+"""Linux system calls the agent needs, through ctypes (stdlib only).
+
+Mounts, kernel modules, hostname, clock, child subreaper, bringing ``lo`` up,
+and the kernel command line. Parsing helpers are pure and unit-tested; the
+rest raise ``OSError`` with the errno of the failed call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# mount(2) flags
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
+MS_MANDLOCK = 64
+MS_DIRSYNC = 128
+MS_NOSYMFOLLOW = 256
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_SILENT = 32768
+MS_UNBINDABLE = 1 << 17
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+MNT_DETACH = 2
+
+# Options that are flags: name -> (set?, flag). Everything else is file system data.
+_FLAG_OPTIONS: dict[str, tuple[bool, int]] = {
+    "ro": (True, MS_RDONLY),
+    "rw": (False, MS_RDONLY),
+    "nosuid": (True, MS_NOSUID),
+    "suid": (False, MS_NOSUID),
+    "nodev": (True, MS_NODEV),
+    "dev": (False, MS_NODEV),
+    "noexec": (True, MS_NOEXEC),
+    "exec": (False, MS_NOEXEC),
+    "sync": (True, MS_SYNCHRONOUS),
+    "async": (False, MS_SYNCHRONOUS),
+    "remount": (True, MS_REMOUNT),
+    "mand": (True, MS_MANDLOCK),
+    "nomand": (False, MS_MANDLOCK),
+    "dirsync": (True, MS_DIRSYNC),
+    "nosymfollow": (True, MS_NOSYMFOLLOW),
+    "noatime": (True, MS_NOATIME),
+    "atime": (False, MS_NOATIME),
+    "nodiratime": (True, MS_NODIRATIME),
+    "diratime": (False, MS_NODIRATIME),
+    "bind": (True, MS_BIND),
+    "rbind": (True, MS_BIND | MS_REC),
+    "silent": (True, MS_SILENT),
+    "relatime": (True, MS_RELATIME),
+    "norelatime": (False, MS_RELATIME),
+    "strictatime": (True, MS_STRICTATIME),
+    "lazytime": (True, MS_LAZYTIME),
+    "private": (True, MS_PRIVATE),
+    "rprivate": (True, MS_PRIVATE | MS_REC),
+    "slave": (True, MS_SLAVE),
+    "rslave": (True, MS_SLAVE | MS_REC),
+    "shared": (True, MS_SHARED),
+    "rshared": (True, MS_SHARED | MS_REC),
+    "unbindable": (True, MS_UNBINDABLE),
+    "runbindable": (True, MS_UNBINDABLE | MS_REC),
+    "defaults": (True, 0),
+}
+
+_PROPAGATION = MS_PRIVATE | MS_SLAVE | MS_SHARED | MS_UNBINDABLE
+
+_libc: ctypes.CDLL | None = None
+
+
+def libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+# -- mounts -----------------------------------------------------------------------------
+
+
+def parse_mount_options(options: Iterable[str]) -> tuple[int, int, str]:
+    """Mount options -> (flags, propagation flags, data string)."""
+    flags = 0
+    propagation = 0
+    data: list[str] = []
+    for opt in options:
+        if not opt:
+            continue
+        known = _FLAG_OPTIONS.get(opt)
+        if known is None:
+            data.append(opt)
+            continue
+        on, flag = known
+        if flag & _PROPAGATION:
+            propagation |= flag
+        elif on:
+            flags |= flag
+        else:
+            flags &= ~flag
+    return flags, propagation, ",".join(data)
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
+    ret = libc().mount(
+        source.encode() if source else None,
+        target.encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    _check(ret, f"mount {source or 'none'} on {target} ({fstype or 'bind'})")
+
+
+def mount_with_options(source: str, target: str, fstype: str | None,
+                       options: Sequence[str] = ()) -> None:
+    """mount(8)-like: flags and data from ``options``; propagation applied after."""
+    flags, propagation, data = parse_mount_options(options)
+    mount(source, target, fstype, flags, data)
+    if flags & MS_BIND and flags & MS_RDONLY:
+        # A bind mount ignores MS_RDONLY until remounted.
+        mount("", target, None, MS_REMOUNT | MS_BIND | (flags & ~MS_REC))
+    if propagation:
+        mount("", target, None, propagation)
+
+
+def umount(target: str, detach: bool = False) -> None:
+    ret = libc().umount2(target.encode(), MNT_DETACH if detach else 0)
+    _check(ret, f"umount {target}")
+
+
+def parse_mountinfo(text: str) -> list[tuple[str, str]]:
+    """(mount point, fs type) per line of /proc/self/mountinfo."""
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields = left.split()
+        if len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        fstype = right.split()[0] if right.split() else ""
+        out.append((point, fstype))
+    return out
+
+
+def mounts() -> list[tuple[str, str]]:
+    try:
+        return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    except OSError:
+        return []
+
+
+def is_mountpoint(path: str) -> bool:
+    p = os.path.normpath(path)
+    return any(m == p for m, _ in mounts())
+
+
+def root_fstype() -> str:
+    """File system type of "/" (the last mount on it): "rootfs" in an initramfs."""
+    fstype = ""
+    for point, t in mounts():
+        if point == "/":
+            fstype = t
+    return fstype
+
+
+def ensure_mount(source: str, target: str, fstype: str, options: Sequence[str] = (),
+                 mode: int = 0o755) -> None:
+    """Mount unless something is mounted there already."""
+    os.makedirs(target, mode=mode, exist_ok=True)
+    if is_mountpoint(target):
+        return
+    mount_with_options(source, target, fstype, options)
+
+
+# -- kernel modules ------------------------------------------------------------------
+
+MODULE_INIT_COMPRESSED_FILE = 4
+_SYS_FINIT_MODULE = 313  # x86_64
+
+
+def load_module(path: str, params: str = "") -> bool:
+    """finit_module(2); False if it was loaded already."""
+    flags = MODULE_INIT_COMPRESSED_FILE if path.endswith((".xz", ".zst", ".gz")) else 0
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ret = libc().syscall(_SYS_FINIT_MODULE, fd, params.encode(), flags)
+    finally:
+        os.close(fd)
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        raise OSError(err, f"load module {path}: {os.strerror(err)}")
+    return True
+
+
+def parse_module_list(text: str) -> list[str]:
+    """Lines of /etc/pykata/modules: paths relative to /, '#' comments."""
+    out = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(line if line.startswith("/") else "/" + line)
+    return out
+
+
+def load_modules_file(path: str = "/etc/pykata/modules") -> int:
+    """Load every module listed in ``path`` in order; errors are logged, not fatal."""
+    try:
+        listed = parse_module_list(Path(path).read_text())
+    except FileNotFoundError:
+        return 0
+    loaded = 0
+    for mod in listed:
+        try:
+            if load_module(mod):
+                loaded += 1
+        except OSError as exc:
+            log.warning("%s", exc)
+    return loaded
+
+
+def module_name(path: str) -> str:
+    base = os.path.basename(path)
+    for suffix in (".xz", ".zst", ".gz"):
+        base = base.removesuffix(suffix)
+    return base.removesuffix(".ko").replace("-", "_")
+
+
+def parse_modules_dep(text: str) -> dict[str, list[str]]:
+    """modules.dep -> module name -> [its path, then its dependencies' paths]."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        mod, sep, deps = line.partition(":")
+        if not sep:
+            continue
+        out[module_name(mod.strip())] = [mod.strip(), *deps.split()]
+    return out
+
+
+def load_module_by_name(name: str, params: Sequence[str] = ()) -> None:
+    """Load a module of the running kernel and its dependencies (via modules.dep)."""
+    base = f"/lib/modules/{os.uname().release}"
+    try:
+        deps = parse_modules_dep(Path(base, "modules.dep").read_text())
+    except OSError as exc:
+        raise OSError(exc.errno or errno.ENOENT, f"no modules.dep for this kernel: {exc}") from exc
+    key = name.replace("-", "_")
+    entry = deps.get(key)
+    if entry is None:
+        raise FileNotFoundError(errno.ENOENT, f"kernel module {name} not found")
+    own, *needed = entry
+    for dep in reversed(needed):
+        load_module(os.path.join(base, dep))
+    load_module(os.path.join(base, own), " ".join(params))
+
+
+# -- identity, time, entropy -----------------------------------------------------------
+
+
+def set_hostname(name: str) -> None:
+    raw = name.encode()
+    _check(libc().sethostname(raw, len(raw)), f"sethostname {name}")
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+CLOCK_REALTIME = 0
+
+
+def set_clock(unix_nano: int) -> None:
+    ts = _Timespec(unix_nano // 1_000_000_000, unix_nano % 1_000_000_000)
+    _check(libc().clock_settime(CLOCK_REALTIME, ctypes.byref(ts)), "clock_settime")
+
+
+def add_entropy(data: bytes) -> None:
+    """Mix ``data`` into the kernel's random pool (no entropy credit)."""
+    if not data:
+        return
+    with open("/dev/urandom", "wb", buffering=0) as f:
+        f.write(data)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_child_subreaper() -> None:
+    _check(libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def sync() -> None:
+    os.sync()
+
+
+# -- network --------------------------------------------------------------------------
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def link_up(name: str = "lo") -> None:
+    """Set IFF_UP on an interface (ioctl, no ip tool needed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH22x", name.encode(), 0)
+        res = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req)
+        flags = struct.unpack("16sH22x", res)[1]
+        if flags & IFF_UP:
+            return
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(),
+                                                           flags | IFF_UP))
+
+
+# -- kernel command line ---------------------------------------------------------------
+
+
+def parse_cmdline(text: str, prefix: str = "pykata.") -> dict[str, str]:
+    """``key=value`` words of the kernel command line that start with ``prefix``."""
+    out: dict[str, str] = {}
+    for word in text.split():
+        if not word.startswith(prefix):
+            continue
+        key, _, value = word.partition("=")
+        out[key] = value
+    return out
+
+
+def kernel_params() -> dict[str, str]:
+    try:
+        return parse_cmdline(Path("/proc/cmdline").read_text())
+    except OSError:
+        return {}
+
+
+# -- init (PID 1) setup -----------------------------------------------------------------
+
+CGROUP_CONTROLLERS = ("cpu", "cpuset", "memory", "pids", "io")
+
+
+def _console_stdio() -> None:
+    """Make sure fds 0-2 exist: the kernel gives none if /dev/console was missing."""
+    try:
+        os.fstat(2)
+        return
+    except OSError:
+        pass
+    try:
+        fd = os.open("/dev/console", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        fd = os.open("/dev/null", os.O_RDWR)
+    for target in (0, 1, 2):
+        if fd != target:
+            os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+
+
+def init_filesystems() -> None:
+    """Mount what a booted Linux needs; each failure is logged, none is fatal."""
+    steps: list[tuple[str, str, str, list[str], int]] = [
+        ("proc", "/proc", "proc", ["nosuid", "nodev", "noexec"], 0o555),
+        ("sysfs", "/sys", "sysfs", ["nosuid", "nodev", "noexec"], 0o555),
+        ("devtmpfs", "/dev", "devtmpfs", ["nosuid", "mode=0755"], 0o755),
+    ]
+    for source, target, fstype, options, mode in steps:
+        try:
+            ensure_mount(source, target, fstype, options, mode)
+        except OSError as exc:
+            log.error("%s", exc)
+    _console_stdio()
+    steps = [
+        ("devpts", "/dev/pts", "devpts",
+         ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"], 0o755),
+        ("shm", "/dev/shm", "tmpfs", ["nosuid", "nodev", "mode=1777"], 0o1777),
+        ("tmpfs", "/run", "tmpfs", ["nosuid", "nodev", "mode=0755"], 0o755),
+        ("tmpfs", "/tmp", "tmpfs", ["nosuid", "nodev", "mode=1777"], 0o1777),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", ["nosuid", "nodev", "noexec"], 0o755),
+    ]
+    for source, target, fstype, options, mode in steps:
+        try:
+            ensure_mount(source, target, fstype, options, mode)
+        except OSError as exc:
+            log.error("%s", exc)
+    # /dev/ptmx must be the devpts instance's, and /dev/fd & co are expected.
+    for link, dest in (("/dev/ptmx", "pts/ptmx"), ("/dev/fd", "/proc/self/fd"),
+                       ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"),
+                       ("/dev/stderr", "/proc/self/fd/2")):
+        try:
+            if link == "/dev/ptmx" and os.path.exists(link) and not os.path.islink(link):
+                os.unlink(link)
+            if not os.path.lexists(link):
+                os.symlink(dest, link)
+        except OSError as exc:
+            log.debug("cannot link %s: %s", link, exc)
+    enable_cgroup_controllers("/sys/fs/cgroup")
+
+
+def enable_cgroup_controllers(root: str, wanted: Sequence[str] = CGROUP_CONTROLLERS) -> None:
+    try:
+        available = Path(root, "cgroup.controllers").read_text().split()
+    except OSError as exc:
+        log.warning("no cgroup v2 at %s: %s", root, exc)
+        return
+    for c in wanted:
+        if c not in available:
+            log.debug("cgroup controller %s not available", c)
+            continue
+        try:
+            Path(root, "cgroup.subtree_control").write_text(f"+{c}")
+        except OSError as exc:
+            log.warning("cannot enable cgroup controller %s: %s", c, exc)
+
+
+def init_system(modules_file: str = "/etc/pykata/modules") -> None:
+    """Everything PID 1 does before serving: mounts, modules, hostname, lo."""
+    t0 = time.monotonic()
+    init_filesystems()
+    n = load_modules_file(modules_file)
+    try:
+        set_hostname("localhost")
+    except OSError as exc:
+        log.warning("%s", exc)
+    try:
+        link_up("lo")
+    except OSError as exc:
+        log.warning("cannot bring lo up: %s", exc)
+    for d in ("/run/pykata", "/etc"):
+        os.makedirs(d, exist_ok=True)
+    log.info("guest initialised in %.0f ms (%d modules loaded)", (time.monotonic() - t0) * 1000, n)
