@@ -1,0 +1,1 @@
+"""The agent that runs inside the guest VM (see README.md beside this file)."""

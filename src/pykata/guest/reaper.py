@@ -15,6 +15,7 @@ import collections
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -64,7 +65,9 @@ class Reaper:
 
     def __init__(self) -> None:
         self._watchers: dict[int, list[asyncio.Future[int]]] = {}
-        self._unclaimed: collections.OrderedDict[int, int] = collections.OrderedDict()
+        # pid -> (status, time.monotonic() when reaped)
+        self._unclaimed: collections.OrderedDict[int, tuple[int, float]] = \
+            collections.OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -94,7 +97,7 @@ class Reaper:
         watchers = self._watchers.pop(pid, None)
         if not watchers:
             log.debug("reaped pid %d (status %d)", pid, code)
-            self._unclaimed[pid] = code
+            self._unclaimed[pid] = (code, time.monotonic())
             self._unclaimed.move_to_end(pid)
             while len(self._unclaimed) > self.MAX_UNCLAIMED:
                 self._unclaimed.popitem(last=False)
@@ -103,16 +106,20 @@ class Reaper:
             if not fut.done():
                 fut.set_result(code)
 
-    def watch(self, pid: int) -> asyncio.Future[int]:
+    def watch(self, pid: int, since: float | None = None) -> asyncio.Future[int]:
         """A future for the exit status of ``pid`` (exit code, or 128 + signal).
 
         Call it in the same loop step that learnt the pid (no await in between)
-        for a child just spawned; for an orphan the status may already be here.
+        for a child just spawned. For an orphan (a container process whose pid
+        came from crun's pid file) the status may be here already: ``since``
+        (a ``time.monotonic()`` taken before the process was created) keeps a
+        stale status of an earlier process with a recycled pid from being taken.
         """
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
-        if pid in self._unclaimed:
-            fut.set_result(self._unclaimed.pop(pid))
+        early = self._unclaimed.pop(pid, None)
+        if early is not None and (since is None or early[1] >= since):
+            fut.set_result(early[0])
             return fut
         self._watchers.setdefault(pid, []).append(fut)
         return fut

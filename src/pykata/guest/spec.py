@@ -103,6 +103,8 @@ def guest_spec(
         if kind == "pid" and pidns_path:
             entry["path"] = pidns_path
         namespaces.append(entry)
+    if pidns_path and not any(ns["type"] == "pid" for ns in namespaces):
+        namespaces.append({"type": "pid", "path": pidns_path})
     linux["namespaces"] = namespaces
     parent = "/" + cgroup_parent.strip("/") if cgroup_parent.strip("/") else ""
     linux["cgroupsPath"] = f"{parent}/{container_id}"

@@ -53,7 +53,7 @@ class FdReader:
             return b""
 
     async def read_all(self) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             data = await self.read(65536)
             if not data:

@@ -9,16 +9,32 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
-import logging
 import os
-import socket
-import struct
+import threading
 import time
-from collections.abc import Iterable, Sequence
-from pathlib import Path
 
-log = logging.getLogger(__name__)
+# Imported lazily: this module runs first in a booting guest, where every
+# import is slow (TCG), so only what mounting and module loading need is loaded.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Iterable, Sequence
+
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger(__name__)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 # mount(2) flags
 MS_RDONLY = 1
@@ -174,7 +190,7 @@ def parse_mountinfo(text: str) -> list[tuple[str, str]]:
 
 def mounts() -> list[tuple[str, str]]:
     try:
-        return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+        return parse_mountinfo(_read("/proc/self/mountinfo"))
     except OSError:
         return []
 
@@ -234,20 +250,40 @@ def parse_module_list(text: str) -> list[str]:
     return out
 
 
-def load_modules_file(path: str = "/etc/pykata/modules") -> int:
-    """Load every module listed in ``path`` in order; errors are logged, not fatal."""
+def load_modules_file(path: str = "/etc/pykata/modules") -> tuple[int, list[str]]:
+    """Load every module listed in ``path`` in order: (loaded, error lines)."""
     try:
-        listed = parse_module_list(Path(path).read_text())
+        listed = parse_module_list(_read(path))
     except FileNotFoundError:
-        return 0
+        return 0, []
+    except OSError as exc:
+        return 0, [f"cannot read {path}: {exc}"]
     loaded = 0
+    failed = []
     for mod in listed:
         try:
             if load_module(mod):
                 loaded += 1
         except OSError as exc:
-            log.warning("%s", exc)
-    return loaded
+            failed.append(str(exc))
+    return loaded, failed
+
+
+class ModuleLoader(threading.Thread):
+    """Loads the listed modules while the main thread goes on importing (finit_module
+    runs in the kernel with the GIL released)."""
+
+    def __init__(self, path: str = "/etc/pykata/modules") -> None:
+        super().__init__(name="modules", daemon=True)
+        self.path = path
+        self.loaded = 0
+        self.errors: list[str] = []
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        self.loaded, self.errors = load_modules_file(self.path)
+        self.seconds = time.monotonic() - t0
 
 
 def module_name(path: str) -> str:
@@ -272,7 +308,7 @@ def load_module_by_name(name: str, params: Sequence[str] = ()) -> None:
     """Load a module of the running kernel and its dependencies (via modules.dep)."""
     base = f"/lib/modules/{os.uname().release}"
     try:
-        deps = parse_modules_dep(Path(base, "modules.dep").read_text())
+        deps = parse_modules_dep(_read(os.path.join(base, "modules.dep")))
     except OSError as exc:
         raise OSError(exc.errno or errno.ENOENT, f"no modules.dep for this kernel: {exc}") from exc
     key = name.replace("-", "_")
@@ -333,6 +369,10 @@ IFF_UP = 0x1
 
 def link_up(name: str = "lo") -> None:
     """Set IFF_UP on an interface (ioctl, no ip tool needed)."""
+    import fcntl
+    import socket
+    import struct
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sH22x", name.encode(), 0)
         res = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req)
@@ -359,7 +399,7 @@ def parse_cmdline(text: str, prefix: str = "pykata.") -> dict[str, str]:
 
 def kernel_params() -> dict[str, str]:
     try:
-        return parse_cmdline(Path("/proc/cmdline").read_text())
+        return parse_cmdline(_read("/proc/cmdline"))
     except OSError:
         return {}
 
@@ -398,7 +438,7 @@ def init_filesystems() -> None:
         try:
             ensure_mount(source, target, fstype, options, mode)
         except OSError as exc:
-            log.error("%s", exc)
+            _log().error("%s", exc)
     _console_stdio()
     steps = [
         ("devpts", "/dev/pts", "devpts",
@@ -412,7 +452,7 @@ def init_filesystems() -> None:
         try:
             ensure_mount(source, target, fstype, options, mode)
         except OSError as exc:
-            log.error("%s", exc)
+            _log().error("%s", exc)
     # /dev/ptmx must be the devpts instance's, and /dev/fd & co are expected.
     for link, dest in (("/dev/ptmx", "pts/ptmx"), ("/dev/fd", "/proc/self/fd"),
                        ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"),
@@ -423,39 +463,35 @@ def init_filesystems() -> None:
             if not os.path.lexists(link):
                 os.symlink(dest, link)
         except OSError as exc:
-            log.debug("cannot link %s: %s", link, exc)
+            _log().debug("cannot link %s: %s", link, exc)
     enable_cgroup_controllers("/sys/fs/cgroup")
 
 
 def enable_cgroup_controllers(root: str, wanted: Sequence[str] = CGROUP_CONTROLLERS) -> None:
     try:
-        available = Path(root, "cgroup.controllers").read_text().split()
+        available = _read(os.path.join(root, "cgroup.controllers")).split()
     except OSError as exc:
-        log.warning("no cgroup v2 at %s: %s", root, exc)
+        _log().warning("no cgroup v2 at %s: %s", root, exc)
         return
     for c in wanted:
         if c not in available:
-            log.debug("cgroup controller %s not available", c)
+            _log().debug("cgroup controller %s not available", c)
             continue
         try:
-            Path(root, "cgroup.subtree_control").write_text(f"+{c}")
+            _write(os.path.join(root, "cgroup.subtree_control"), f"+{c}")
         except OSError as exc:
-            log.warning("cannot enable cgroup controller %s: %s", c, exc)
+            _log().warning("cannot enable cgroup controller %s: %s", c, exc)
 
 
-def init_system(modules_file: str = "/etc/pykata/modules") -> None:
-    """Everything PID 1 does before serving: mounts, modules, hostname, lo."""
-    t0 = time.monotonic()
-    init_filesystems()
-    n = load_modules_file(modules_file)
+def init_system() -> None:
+    """What PID 1 does once modules are loaded: hostname, lo, directories."""
     try:
         set_hostname("localhost")
     except OSError as exc:
-        log.warning("%s", exc)
+        _log().warning("%s", exc)
     try:
         link_up("lo")
     except OSError as exc:
-        log.warning("cannot bring lo up: %s", exc)
+        _log().warning("cannot bring lo up: %s", exc)
     for d in ("/run/pykata", "/etc"):
         os.makedirs(d, exist_ok=True)
-    log.info("guest initialised in %.0f ms (%d modules loaded)", (time.monotonic() - t0) * 1000, n)

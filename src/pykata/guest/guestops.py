@@ -1,0 +1,220 @@
+"""Less frequent guest operations: storages, files, CPU and memory hotplug,
+guest details and metrics. Imported lazily by the service."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pykata import errors
+from pykata.guest import cgroups, sysutil
+
+STORAGE_DRIVERS = ("virtiofs", "tmpfs", "local", "blk", "bind")
+
+
+def mount_storage(driver: str, source: str, mount_point: str, fstype: str,
+                  options: Sequence[str], wait_device: float = 5.0) -> bool:
+    """Make one storage available at ``mount_point``; False if nothing was mounted."""
+    if not mount_point.startswith("/"):
+        raise errors.InvalidArgument(f"storage mount point {mount_point!r} is not absolute")
+    driver = driver or fstype
+    try:
+        if driver == "local":
+            mode = 0o777
+            for opt in options:
+                if opt.startswith("mode="):
+                    mode = int(opt[5:], 8)
+            os.makedirs(mount_point, exist_ok=True)
+            os.chmod(mount_point, mode)
+            return False
+        os.makedirs(mount_point, exist_ok=True)
+        if driver == "virtiofs":
+            if not source:
+                raise errors.InvalidArgument("virtiofs storage needs a source tag")
+            sysutil.mount_with_options(source, mount_point, "virtiofs", options)
+        elif driver == "tmpfs":
+            sysutil.mount_with_options(source or "tmpfs", mount_point, "tmpfs", options)
+        elif driver == "blk":
+            if not source.startswith("/dev/"):
+                raise errors.InvalidArgument(
+                    f"blk storage source {source!r} must be a guest device path")
+            deadline = time.monotonic() + wait_device
+            while not os.path.exists(source) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not os.path.exists(source):
+                raise errors.NotFound(f"block device {source} did not appear in the guest")
+            sysutil.mount_with_options(source, mount_point, fstype or "ext4", options)
+        elif driver == "bind":
+            opts = list(options)
+            if "bind" not in opts and "rbind" not in opts:
+                opts.append("rbind")
+            sysutil.mount_with_options(source, mount_point, None, opts)
+        else:
+            raise errors.InvalidArgument(
+                f"unknown storage driver {driver!r} (known: {', '.join(STORAGE_DRIVERS)})")
+    except OSError as exc:
+        raise errors.Internal(f"cannot mount {driver} storage {source} at {mount_point}:"
+                              f" {exc.strerror or exc}") from None
+    return True
+
+
+def unmount(mount_point: str) -> None:
+    try:
+        sysutil.umount(mount_point)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT):
+            return
+        try:
+            sysutil.umount(mount_point, detach=True)
+        except OSError as exc2:
+            raise errors.Internal(f"cannot unmount {mount_point}: {exc2.strerror}") from None
+
+
+def write_etc(resolv_lines: Sequence[str], hosts: str, etc: str = "/etc") -> None:
+    if resolv_lines:
+        text = "".join(line.rstrip("\n") + "\n" for line in resolv_lines)
+        Path(etc, "resolv.conf").write_text(text)
+    if hosts:
+        Path(etc, "hosts").write_text(hosts if hosts.endswith("\n") else hosts + "\n")
+
+
+def copy_file(path: str, data: bytes, offset: int, file_size: int, file_mode: int,
+              dir_mode: int, uid: int, gid: int) -> None:
+    """Write one chunk of a file; the last chunk moves it into place atomically."""
+    if not path.startswith("/"):
+        raise errors.InvalidArgument(f"copy target {path!r} is not absolute")
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.pykata-copy")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode or 0o755)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if offset == 0 else 0)
+        fd = os.open(tmp, flags, file_mode & 0o7777 or 0o644)
+        try:
+            if data:
+                os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+        if offset + len(data) >= file_size:
+            os.chmod(tmp, file_mode & 0o7777 or 0o644)
+            os.chown(tmp, uid, gid)
+            os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            if offset + len(data) >= file_size:
+                tmp.unlink()
+        raise errors.Internal(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _cpu_ids(text: str) -> list[int]:
+    """A kernel CPU list ("0-3,5") as ids."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def online_cpus(sysfs: str = "/sys/devices/system/cpu") -> int:
+    try:
+        return len(_cpu_ids(Path(sysfs, "online").read_text()))
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+def online_cpu_mem(nb_cpus: int, cpu_only: bool, sysfs: str = "/sys/devices/system") -> int:
+    """Online offline present CPUs (``nb_cpus`` of them, 0: all) and memory blocks."""
+    base = Path(sysfs)
+    try:
+        present = set(_cpu_ids((base / "cpu/present").read_text()))
+        online = set(_cpu_ids((base / "cpu/online").read_text()))
+    except (OSError, ValueError):
+        present = online = set()
+    todo = sorted(present - online)
+    if nb_cpus:
+        todo = todo[:nb_cpus]
+    for cpu in todo:
+        with contextlib.suppress(OSError):
+            (base / f"cpu/cpu{cpu}/online").write_text("1")
+    if not cpu_only:
+        for state in sorted((base / "memory").glob("memory*/state")):
+            with contextlib.suppress(OSError):
+                if state.read_text().strip() == "offline":
+                    state.write_text("online")
+    return online_cpus(str(base / "cpu"))
+
+
+def mem_block_size(sysfs: str = "/sys/devices/system/memory") -> int:
+    try:
+        return int(Path(sysfs, "block_size_bytes").read_text().strip(), 16)
+    except (OSError, ValueError):
+        return 0
+
+
+def kernel_version() -> str:
+    try:
+        return Path("/proc/version").read_text().strip()
+    except OSError:
+        return os.uname().version
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics(containers: int) -> str:
+    """Prometheus text exposition of a few guest metrics."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value:g}" if not float(value).is_integer()
+                         else f"{name}{labels} {int(value)}")
+
+    meminfo = cgroups.parse_meminfo(_read("/proc/meminfo"))
+    metric("pykata_guest_meminfo", "gauge", "Guest /proc/meminfo in bytes.",
+           [(f'{{item="{_esc(k)}"}}', float(v)) for k, v in sorted(meminfo.items())])
+    load = _read("/proc/loadavg").split()
+    if len(load) >= 3:
+        for i, name in enumerate(("load1", "load5", "load15")):
+            metric(f"pykata_guest_{name}", "gauge", f"Guest {name} load average.",
+                   [("", float(load[i]))])
+    stat = _read("/proc/stat").splitlines()
+    fields = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    samples: list[tuple[str, float]] = []
+    for line in stat:
+        parts = line.split()
+        if not parts or not parts[0].startswith("cpu"):
+            continue
+        cpu = "total" if parts[0] == "cpu" else parts[0][3:]
+        for name, val in zip(fields, parts[1:], strict=False):
+            samples.append((f'{{cpu="{cpu}",item="{name}"}}', int(val) / tick))
+    metric("pykata_guest_cpu_time", "counter", "Guest CPU time in seconds.", samples)
+    metric("pykata_agent_rss_bytes", "gauge", "Resident memory of the agent.",
+           [("", float(_rss()))])
+    metric("pykata_agent_containers", "gauge", "Containers the agent knows.",
+           [("", float(containers))])
+    return "\n".join(lines) + "\n"
+
+
+def _rss() -> int:
+    try:
+        pages = int(_read("/proc/self/statm").split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (IndexError, ValueError):
+        return 0
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
