@@ -410,9 +410,9 @@ def _assemble(stage: Path, debs: list[Path], kernel_pkg: str, out: Path,
     names = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, capture_output=True,
                            check=True).stdout
     sorted_names = b"\n".join(sorted(names.split(b"\n"))).strip() + b"\n"
-    with open(out / "initrd.img", "wb") as f:
+    with open(out / "initrd.img", "wb") as fh:
         p = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "--reproducible"], cwd=root,
-                           input=sorted_names, stdout=f, stderr=subprocess.PIPE, check=False)
+                           input=sorted_names, stdout=fh, stderr=subprocess.PIPE, check=False)
     if p.returncode != 0:
         raise errors.Internal(f"cpio failed: {p.stderr.decode(errors='replace').strip()}")
     step("initrd")
