@@ -411,10 +411,10 @@ def _assemble(stage: Path, debs: list[Path], kernel_pkg: str, out: Path,
                            check=True).stdout
     sorted_names = b"\n".join(sorted(names.split(b"\n"))).strip() + b"\n"
     with open(out / "initrd.img", "wb") as fh:
-        p = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "--reproducible"], cwd=root,
+        cp = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "--reproducible"], cwd=root,
                            input=sorted_names, stdout=fh, stderr=subprocess.PIPE, check=False)
-    if p.returncode != 0:
-        raise errors.Internal(f"cpio failed: {p.stderr.decode(errors='replace').strip()}")
+    if cp.returncode != 0:
+        raise errors.Internal(f"cpio failed: {cp.stderr.decode(errors='replace').strip()}")
     step("initrd")
     return release, (out / "initrd.img").stat().st_size
 
