@@ -71,6 +71,38 @@ def clean() -> Iterator[None]:
     assert not left, f"left behind: {left}"
 
 
+def run_in_pty(argv: list[str], timeout: float = 120) -> tuple[int, bytes]:
+    """Run a command with a pseudo-terminal as its stdio (ctr -t needs a real tty)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            start_new_session=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([master], [], [], 0.2)
+        if r:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    try:
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    return rc, out
+
+
 def cid() -> str:
     return f"t{uuid.uuid4().hex[:8]}"
 
@@ -96,7 +128,7 @@ def test_large_output_is_complete(ctd: PrivateContainerd, clean: None) -> None:
 
 
 def test_stdin_eof_propagates(ctd: PrivateContainerd, clean: None) -> None:
-    r = ctd.ctr("run", "--rm", "-i", *RT, IMG, cid(), "sh", "-c", "cat; echo done",
+    r = ctd.ctr("run", "--rm", *RT, IMG, cid(), "sh", "-c", "cat; echo done",
                 input=b"piped in\n", check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"piped in\ndone\n"
@@ -105,15 +137,17 @@ def test_stdin_eof_propagates(ctd: PrivateContainerd, clean: None) -> None:
 def test_detached_exec_ps_pause_resume_metrics_kill_delete(
         ctd: PrivateContainerd, clean: None) -> None:
     c = cid()
-    ctd.ctr("run", "-d", *RT, IMG, c, "sleep", "600")
+    # As with runc, PID 1 of the container only sees SIGTERM if it handles it.
+    ctd.ctr("run", "-d", *RT, IMG, c, "sh", "-c", "trap 'exit 143' TERM; sleep 600 & wait")
     try:
         r = ctd.ctr("task", "exec", "--exec-id", "e1", c, "sh", "-c", "echo exec-out; exit 5",
                     check=False)
         assert r.returncode == 5 and r.stdout == b"exec-out\n"
         # With a terminal (ctr allocates a pty locally when -t is given).
-        r = ctd.ctr("task", "exec", "-t", "--exec-id", "e2", c, "sh", "-c",
-                    "tty >/dev/null && echo has-tty", check=False)
-        assert r.returncode == 0 and b"has-tty" in r.stdout, r
+        rc, out = run_in_pty(["ctr", "--address", str(ctd.socket), "--namespace",
+                              ctd.namespace, "task", "exec", "-t", "--exec-id", "e2", c, "sh",
+                              "-c", "tty && echo has-tty"])
+        assert rc == 0 and b"has-tty" in out and b"/dev/pts/" in out, out
         ps = ctd.ctr("task", "ps", c).stdout.decode()
         assert "PID" in ps and len(ps.strip().splitlines()) >= 2
         ctd.ctr("task", "pause", c)
