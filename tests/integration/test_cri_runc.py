@@ -36,6 +36,7 @@ from pykata.testing.cri import (
     write_cni_config,
 )
 from pykata.testing.images import oci_archive
+from pykata.testing.leaks import pod_leftovers, procs_mentioning
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -80,32 +81,6 @@ def _remove_our_pods(client: CRIClient) -> None:
         with contextlib.suppress(CRIError):
             client.stop_pod_sandbox(pod.id)
             client.remove_pod_sandbox(pod.id)
-
-
-def _procs_mentioning(needles: list[str]) -> list[str]:
-    """Processes whose command line or cgroup paths contain one of ``needles``."""
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cg = (p / "cgroup").read_text()
-        except OSError:
-            continue
-        if any(n in cmd or n in cg for n in needles):
-            found.append(f"{p.name}: {cmd.strip()[:160]}")
-    return found
-
-
-def _leftovers(needles: list[str], netns: str) -> list[str]:
-    left = [f"process {x}" for x in _procs_mentioning(needles)]
-    if netns and Path(netns).exists():
-        left.append(f"netns {netns}")
-    with open("/proc/mounts") as f:
-        left += [f"mount {ln.split()[1]}" for ln in f if any(n in ln for n in needles)]
-    left += [f"cgroup {d}" for n in needles for d in Path("/sys/fs/cgroup").glob(f"*/*/{n}")]
-    return left
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -190,8 +165,8 @@ def test_pod_with_two_containers(env: tuple[PrivateContainerd, CNINetwork, CRICl
             assert s.log_path == str(logdir / f"{s.metadata.name}.log")
         assert {x.id for x in c.list_containers(pod_id=pod_id)} == set(cids)
         # The leak check below sees this pod's processes while they live.
-        assert len(_procs_mentioning([tag])) >= 2
-        assert _procs_mentioning([pod_id]) and _procs_mentioning([c1]) and _procs_mentioning([c2])
+        assert len(procs_mentioning([tag])) >= 2
+        assert procs_mentioning([pod_id]) and procs_mentioning([c1]) and procs_mentioning([c2])
         assert list(Path("/sys/fs/cgroup").glob(f"memory/*/{c1}"))
 
         # ExecSync in both: output, error output and exit code.
@@ -268,8 +243,8 @@ def test_pod_with_two_containers(env: tuple[PrivateContainerd, CNINetwork, CRICl
         with contextlib.suppress(CRIError):
             c.stop_pod_sandbox(pod_id)
             c.remove_pod_sandbox(pod_id)
-    _wait(lambda: not _leftovers(needles, netns))
-    left = _leftovers(needles, netns)
+    _wait(lambda: not pod_leftovers(needles, netns))
+    left = pod_leftovers(needles, netns)
     assert not left, f"left behind by pod {pod_id}: {left}"
     print(f"RunPodSandbox with {HANDLER}: {run_s:.2f}s")
 

@@ -49,6 +49,7 @@ def test_host_devices_hooks_and_netns_paths_dropped() -> None:
     assert all(h.source != Path("/dev/kvm") for h in host)
     assert "hooks" not in out
     assert all("path" not in ns for ns in out["linux"]["namespaces"])
+    assert {"type": "cgroup"} in out["linux"]["namespaces"]
 
 
 def test_input_not_modified() -> None:

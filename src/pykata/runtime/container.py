@@ -115,6 +115,12 @@ class Container:
         self.execs: dict[str, Process] = {}
         self._host_mounts: list[Path] = []
 
+    def resources(self) -> dict[str, Any]:
+        """The container's OCI linux.resources (as last created or updated)."""
+        linux = self.spec.get("linux") or {}
+        res: dict[str, Any] = linux.get("resources") or {}
+        return res
+
     @property
     def shared_dir(self) -> Path:
         return self.sandbox.shared_dir / self.id
@@ -126,10 +132,12 @@ class Container:
     async def create(self) -> None:
         """Share the root filesystem and bind mounts, then create it in the guest."""
         specconv.validate(self.spec, self.bundle)
+        self.sandbox.check_resources(self.resources())
         guest, host_mounts = specconv.guest_spec(self.spec, self.id, self.bundle)
         try:
             self._mount_shared(host_mounts)
             self.sandbox.persist()
+            await self.sandbox.fit_resources()
             await self.sandbox.agent.create_container(
                 self.id, guest, timeout=self.sandbox.config.runtime.create_container_timeout)
         except BaseException:
@@ -230,6 +238,13 @@ class Container:
     async def update(self, resources: dict[str, Any]) -> None:
         _require(f"update container {self.id}", self.state, State.CREATED, State.RUNNING,
                  State.PAUSED)
+        self.sandbox.check_resources(resources)
+        linux = self.spec.setdefault("linux", {})
+        merged = dict(linux.get("resources") or {})
+        merged.update({k: v for k, v in resources.items() if v is not None})
+        linux["resources"] = merged
+        # Grow the VM first, so a raised limit has CPUs and memory behind it.
+        await self.sandbox.fit_resources()
         await self.sandbox.agent.update(self.id, resources)
 
     async def pids(self) -> list[ProcessInfo]:

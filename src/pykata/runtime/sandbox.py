@@ -60,6 +60,10 @@ class Sandbox:
         self.containers: dict[str, Container] = {}
         self.record = SandboxRecord(sandbox_id, self.state.value, str(self.dir))
         self.accel = ""
+        self.vcpus = 0  # present vCPUs
+        self.memory_mib = 0  # boot memory + hot-plugged DIMMs
+        self._base = (0, 0)  # what the configuration gives before any container
+        self._resize_lock = asyncio.Lock()
 
     # -- creation ------------------------------------------------------------------
     @classmethod
@@ -93,6 +97,8 @@ class Sandbox:
                 cache=q.virtio_fs_cache, extra_args=q.virtio_fs_extra_args,
             )
         spec = self._vm_spec(vcpus, memory_mib, vfs_sock if share else None)
+        self.vcpus, self.memory_mib = spec.vcpus, spec.memory_mib
+        self._base = (spec.vcpus, spec.memory_mib)
         accel = await asyncio.to_thread(
             probe, q.path, q.accelerator, Path(self.config.runtime.state_dir) / "accel.json")
         self.accel = accel.accel
@@ -210,6 +216,65 @@ class Sandbox:
     def _forget(self, c: Container) -> None:
         self.containers.pop(c.id, None)
         self.persist()
+
+    # -- resources -----------------------------------------------------------------
+    @staticmethod
+    def _needs(res: dict[str, Any]) -> tuple[int, int]:
+        """(CPUs, MiB) one container's OCI resources ask for (0: no limit)."""
+        cpu = res.get("cpu") or {}
+        quota, period = cpu.get("quota") or 0, cpu.get("period") or 100000
+        cpus = -(-quota // period) if quota > 0 and period > 0 else 0
+        limit = (res.get("memory") or {}).get("limit") or 0
+        return cpus, -(-limit // (1 << 20)) if limit > 0 else 0
+
+    def wanted_resources(self) -> tuple[int, int]:
+        """(vCPUs, MiB) the VM should have: the configured base plus every
+        container's CPU limit (quota/period, rounded up) and memory limit."""
+        cpus, mem = self._base
+        for c in self.containers.values():
+            if c.state is not State.STOPPED:
+                more_cpus, more_mem = self._needs(c.resources())
+                cpus += more_cpus
+                mem += more_mem
+        return cpus, mem
+
+    def check_resources(self, res: dict[str, Any]) -> None:
+        """A container may not ask for more than the VM can ever have."""
+        if self.vm is None:
+            return
+        spec = self.vm.spec
+        cpus, mem = self._needs(res)
+        if cpus > spec.max_vcpus:
+            raise errors.InvalidArgument(
+                f"a CPU limit of {cpus} vCPUs is impossible: sandbox {self.id} can have at most"
+                f" {spec.max_vcpus} (default_maxvcpus)")
+        if mem > spec.max_memory_mib:
+            raise errors.InvalidArgument(
+                f"a memory limit of {mem} MiB is impossible: sandbox {self.id} can have at most"
+                f" {spec.max_memory_mib} MiB (default_maxmemory)")
+
+    async def fit_resources(self) -> None:
+        """Grow the VM towards what its containers ask for (up to its maximum):
+        hot-plug vCPUs and memory and have the agent bring them online. It never
+        shrinks; the limits inside the guest do that."""
+        if self.vm is None:
+            return
+        async with self._resize_lock:
+            spec = self.vm.spec
+            cpus, mem = self.wanted_resources()
+            cpus = min(cpus, spec.max_vcpus)
+            mem = min(mem, spec.max_memory_mib)
+            if cpus > self.vcpus:
+                self.vcpus = await self.vm.hotplug_vcpus(cpus)
+                online, _ = await self.agent.online_cpu_mem(cpu_only=True)
+                log.info("sandbox %s: %d vCPUs present, %d online", self.id, self.vcpus, online)
+            block = 128  # MiB, the guest's memory block size on x86_64
+            if mem - self.memory_mib >= block:
+                add = (mem - self.memory_mib) // block * block
+                self.memory_mib += await self.vm.hotplug_memory(add)
+                _, total = await self.agent.online_cpu_mem()
+                log.info("sandbox %s: memory %d MiB (guest sees %d MiB)", self.id,
+                         self.memory_mib, total >> 20)
 
     async def pause(self) -> None:
         if self.vm is None:

@@ -100,6 +100,11 @@ def guest_spec(spec: dict[str, Any], container_id: str,
     out.pop("hooks", None)
     linux = out.get("linux")
     if isinstance(linux, dict):
-        for ns in linux.get("namespaces", []) or []:
+        namespaces = linux.setdefault("namespaces", [])
+        for ns in namespaces:
             ns.pop("path", None)
+        # The guest runs cgroup v2: give the container its own cgroup view, as
+        # containerd does on v2 hosts (a v1 host's spec has no cgroup namespace).
+        if not any(ns.get("type") == "cgroup" for ns in namespaces):
+            namespaces.append({"type": "cgroup"})
     return out, host

@@ -113,13 +113,14 @@ class TaskService:
         status = await rec.process.wait()
         if rec.relay is not None:
             await rec.relay.drain()
+        if status.oom_killed and not rec.exec_id:
+            # Before the exit, as containerd's own shims do: CRI then reports OOMKilled.
+            self.publisher.publish("/tasks/oom", ev.TaskOOM(container_id=task.id))
         rec.exit = status
         rec.exited.set()
         self.publisher.publish("/tasks/exit", ev.TaskExit(
             container_id=task.id, id=rec.exec_id or task.id, pid=self._vm_pid,
             exit_status=status.code, exited_at=_ts(status.exited_at_ns)))
-        if status.oom_killed and not rec.exec_id:
-            self.publisher.publish("/tasks/oom", ev.TaskOOM(container_id=task.id))
 
     # -- Task service ----------------------------------------------------------------
     async def Create(self, req: pb.CreateTaskRequest) -> pb.CreateTaskResponse:

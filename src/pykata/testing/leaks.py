@@ -36,3 +36,31 @@ def leftovers(state_dir: str | Path, sandbox_id: str = "") -> list[str]:
     elif not sandbox_id and target.exists():
         out += [f"state directory {d}" for d in target.iterdir()]
     return out
+
+
+def procs_mentioning(needles: list[str]) -> list[str]:
+    """Processes whose command line or cgroup paths contain one of ``needles``."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cg = (p / "cgroup").read_text()
+        except OSError:
+            continue
+        if any(n in cmd or n in cg for n in needles):
+            found.append(f"{p.name}: {cmd.strip()[:160]}")
+    return found
+
+
+def pod_leftovers(needles: list[str], netns: str = "") -> list[str]:
+    """What a pod (named by its ids in ``needles``) left: processes, its netns,
+    mounts, host cgroups."""
+    left = [f"process {x}" for x in procs_mentioning(needles)]
+    if netns and Path(netns).exists():
+        left.append(f"netns {netns}")
+    with open("/proc/mounts") as f:
+        left += [f"mount {ln.split()[1]}" for ln in f if any(n in ln for n in needles)]
+    left += [f"cgroup {d}" for n in needles for d in Path("/sys/fs/cgroup").glob(f"*/*/{n}")]
+    return left

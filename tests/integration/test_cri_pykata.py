@@ -1,0 +1,239 @@
+"""Issue 4 acceptance: whole pod lifecycles through containerd's CRI plugin with
+the runtime handler ``pykata``, driven the way the kubelet drives them."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from pykata.protos import cri_api_pb2 as cri
+from pykata.testing.containerd import PrivateContainerd
+from pykata.testing.cri import (
+    BUSYBOX_REF,
+    PAUSE_REF,
+    CNINetwork,
+    CRIClient,
+    CRIError,
+    container_config,
+    pod_config,
+    prepare_images,
+    resources,
+    write_cni_config,
+)
+from pykata.testing.leaks import pod_leftovers
+
+pytestmark = pytest.mark.timeout(600)
+
+HANDLER = "pykata"
+LABEL = {"pykata.test": "cri-pykata"}
+MiB = 1 << 20
+Env = tuple[PrivateContainerd, CNINetwork, CRIClient]
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _remove_our_pods(client: CRIClient) -> None:
+    for pod in client.list_pod_sandbox(labels=LABEL):
+        with contextlib.suppress(CRIError):
+            client.stop_pod_sandbox(pod.id)
+            client.remove_pod_sandbox(pod.id)
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    base = Path(f"/run/pykata-crik-{uuid.uuid4().hex[:6]}")
+    ctd = PrivateContainerd(base=base, root=Path("/var/lib/pykata-crik-test"),
+                            namespace="k8s.io", cri=True, sandbox_image=PAUSE_REF)
+    net = write_cni_config(base)
+    try:
+        ctd.start()
+        prepare_images(ctd)
+        with CRIClient(ctd.socket, timeout=180) as client:
+            client.wait_ready(30)
+            _remove_our_pods(client)
+            try:
+                yield ctd, net, client
+            finally:
+                _remove_our_pods(client)
+    finally:
+        ctd.stop()
+        net.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+        for d in Path("/sys/fs/cgroup").glob("*/k8s.io"):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+class Pod:
+    """A pod of the test: its sandbox, containers, and the cleanup check."""
+
+    def __init__(self, env: Env, **pod_kw: object) -> None:
+        self.ctd, _, self.c = env
+        self.tag = uuid.uuid4().hex[:10]
+        self.config = pod_config(f"pk-{self.tag}", "pykata-test", uid=self.tag,
+                                 log_directory=self.ctd.base / "pods" / self.tag,
+                                 hostname=f"h-{self.tag}", labels=LABEL, **pod_kw)
+        self.id = self.c.run_pod_sandbox(self.config, runtime_handler=HANDLER)
+        self.cids: list[str] = []
+
+    def container(self, name: str, script: str, **kw: object) -> str:
+        cfg = container_config(name, BUSYBOX_REF, ["/bin/sh", "-c"], [script],
+                               log_path=f"{name}.log", **kw)
+        cid = self.c.create_container(self.id, cfg, self.config)
+        self.cids.append(cid)
+        self.c.start_container(cid)
+        return cid
+
+    def sh(self, cid: str, script: str, timeout: int = 30) -> tuple[str, int]:
+        r = self.c.exec_sync(cid, ["sh", "-c", script], timeout=timeout)
+        return r.stdout.decode(), r.exit_code
+
+    def remove(self) -> list[str]:
+        self.c.stop_pod_sandbox(self.id)
+        self.c.remove_pod_sandbox(self.id)
+        needles = [self.id, *self.cids]
+        _wait(lambda: not leftovers(needles), 30)
+        return leftovers(needles)
+
+
+def leftovers(needles: list[str]) -> list[str]:
+    left = pod_leftovers(needles)
+    sbs = Path("/run/pykata/sbs")
+    left += [f"state {p}" for n in needles if (p := sbs / n).exists()]
+    return left
+
+
+SLEEP = "trap 'exit 0' TERM; sleep 3600 & wait"
+
+
+def test_two_containers_share_one_vm(env: Env) -> None:
+    pod = Pod(env)
+    try:
+        web = pod.container("web", "mkdir -p /www && echo hello-from-web > /www/index.html && "
+                                   "trap 'exit 0' TERM; httpd -f -p 8080 -h /www & wait")
+        cli = pod.container("cli", SLEEP)
+        kernels = {cid: pod.sh(cid, "uname -r; cat /proc/sys/kernel/random/boot_id")
+                   for cid in (web, cli)}
+        (k1, rc1), (k2, rc2) = kernels.values()
+        assert rc1 == rc2 == 0
+        assert k1 == k2, "the two containers are not in the same VM"
+        assert k1.split()[0] != platform.release(), "the containers saw the host kernel"
+        # Each other's localhost: the pod's containers share the VM's network.
+        out, rc = "", 1
+        for _ in range(20):
+            out, rc = pod.sh(cli, "wget -q -O - http://127.0.0.1:8080/index.html")
+            if rc == 0:
+                break
+            time.sleep(0.5)
+        assert (out, rc) == ("hello-from-web\n", 0)
+        # ExecSync: output and exit codes, in each container.
+        assert pod.sh(web, "echo w; exit 3") == ("w\n", 3)
+        assert pod.sh(cli, "hostname; exit 5") == (f"h-{pod.tag}\n", 5)
+        # Stats are real figures from the guest's cgroups.
+        st = pod.c.container_stats(web)
+        assert st.memory.working_set_bytes.value > 0
+        assert st.cpu.usage_core_nano_seconds.value > 0
+        status = pod.c.container_status(cli).status
+        assert status.state == cri.CONTAINER_RUNNING
+    finally:
+        left = pod.remove()
+    assert not left, f"left behind: {left}"
+
+
+def test_update_resources_grows_the_vm_and_limits(env: Env) -> None:
+    pod = Pod(env)
+    try:
+        cid = pod.container("app", SLEEP, cpu_period=100000, cpu_quota=50000,
+                            memory_limit=64 * MiB)
+        before, _ = pod.sh(cid, "nproc; cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; "
+                                "grep MemTotal /proc/meminfo")
+        nproc0, mem0, cpu0, total0 = before.splitlines()
+        assert mem0 == str(64 * MiB) and cpu0 == "50000 100000"
+        pod.c.update_container_resources(cid, resources(cpu_period=100000, cpu_quota=200000,
+                                                        memory_limit=512 * MiB))
+        after, _ = pod.sh(cid, "nproc; cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; "
+                               "grep MemTotal /proc/meminfo")
+        nproc1, mem1, cpu1, total1 = after.splitlines()
+        assert mem1 == str(512 * MiB)
+        assert cpu1 == "200000 100000"
+        assert int(nproc1) > int(nproc0), (before, after)
+        assert int(total1.split()[1]) > int(total0.split()[1]), (before, after)
+        # Lowering the limits lowers them in the guest (the VM keeps its size).
+        pod.c.update_container_resources(cid, resources(cpu_period=100000, cpu_quota=50000,
+                                                        memory_limit=96 * MiB))
+        low, _ = pod.sh(cid, "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max")
+        assert low.splitlines() == [str(96 * MiB), "50000 100000"]
+    finally:
+        left = pod.remove()
+    assert not left, f"left behind: {left}"
+
+
+def test_oom_kill_is_reported_as_oomkilled(env: Env) -> None:
+    pod = Pod(env)
+    try:
+        cid = pod.container("hog", "exec tail /dev/zero", memory_limit=48 * MiB)
+        assert _wait(lambda: pod.c.container_status(cid).status.state == cri.CONTAINER_EXITED,
+                     60)
+        status = pod.c.container_status(cid).status
+        assert status.reason == "OOMKilled", status
+        assert status.exit_code == 137
+    finally:
+        left = pod.remove()
+    assert not left, f"left behind: {left}"
+
+
+def test_invalid_requests_fail_clearly_and_leave_nothing(env: Env) -> None:
+    pod = Pod(env)
+    try:
+        with pytest.raises(CRIError) as ei:
+            cfg = container_config("nope", "docker.io/pykata/no-such-image:1", ["true"])
+            pod.c.create_container(pod.id, cfg, pod.config)
+        assert ei.value.code.name in ("NOT_FOUND", "UNKNOWN", "INVALID_ARGUMENT")
+        assert "no-such-image" in str(ei.value)
+        with pytest.raises(CRIError) as ei:
+            cfg = container_config("seccomp", BUSYBOX_REF, ["true"],
+                                   seccomp="localhost/nonexistent/profile.json")
+            pod.c.create_container(pod.id, cfg, pod.config)
+        assert "profile.json" in str(ei.value)
+        with pytest.raises(CRIError) as ei:
+            pod.container("huge", SLEEP, cpu_period=100000, cpu_quota=100000 * 512)
+        assert "vCPUs" in str(ei.value)
+        # The pod still works after the failures.
+        ok = pod.container("fine", SLEEP)
+        assert pod.sh(ok, "echo ok") == ("ok\n", 0)
+    finally:
+        left = pod.remove()
+    assert not left, f"left behind: {left}"
+
+
+def test_five_pods_concurrently(env: Env) -> None:
+    def lifecycle(_: int) -> list[str]:
+        pod = Pod(env)
+        try:
+            cid = pod.container("c", SLEEP)
+            out, rc = pod.sh(cid, "uname -r")
+            assert rc == 0 and out.strip() != platform.release()
+        finally:
+            left = pod.remove()
+        return left
+
+    with ThreadPoolExecutor(5) as ex:
+        results = list(ex.map(lifecycle, range(5)))
+    assert all(not r for r in results), results
+    assert not list(Path("/run/pykata/sbs").glob("*")) if Path("/run/pykata/sbs").exists() \
+        else True
