@@ -94,6 +94,10 @@ class Pod:
     def container(self, name: str, script: str, **kw: object) -> str:
         cfg = container_config(name, BUSYBOX_REF, ["/bin/sh", "-c"], [script],
                                log_path=f"{name}.log", **kw)
+        # The kubelet always sends its default masked and read-only paths.
+        sc = cfg.linux.security_context
+        sc.masked_paths.extend(KUBELET_MASKED)
+        sc.readonly_paths.extend(KUBELET_READONLY)
         cid = self.c.create_container(self.id, cfg, self.config)
         self.cids.append(cid)
         self.c.start_container(cid)
@@ -118,6 +122,11 @@ def leftovers(needles: list[str]) -> list[str]:
     return left
 
 
+KUBELET_MASKED = ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                  "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+                  "/sys/firmware"]
+KUBELET_READONLY = ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                    "/proc/sysrq-trigger"]
 SLEEP = "trap 'exit 0' TERM; sleep 3600 & wait"
 
 
@@ -237,3 +246,55 @@ def test_five_pods_concurrently(env: Env) -> None:
     assert all(not r for r in results), results
     assert not list(Path("/run/pykata/sbs").glob("*")) if Path("/run/pykata/sbs").exists() \
         else True
+
+
+def test_pod_files_security_context_and_shared_pid(env: Env, tmp_path: Path) -> None:
+    pod = Pod(env, dns_servers=["192.0.2.53"], dns_searches=["pykata.test"], share_pid=True)
+    try:
+        # /etc/resolv.conf and /etc/hostname come from the pod.
+        plain = pod.container("plain", SLEEP, share_pid=True)
+        resolv, rc = pod.sh(plain, "cat /etc/resolv.conf; cat /etc/hostname")
+        assert rc == 0 and "nameserver 192.0.2.53" in resolv and "search pykata.test" in resolv
+        assert resolv.splitlines()[-1] == f"h-{pod.tag}"
+        # Shared pid namespace: the pod's infra process is visible.
+        ps, _ = pod.sh(plain, "ps -o pid,args")
+        assert "sleep infinity" in ps or "trap" in ps, ps
+        # User, group, read-only rootfs, no_new_privs, capabilities, seccomp.
+        locked = pod.container("locked", SLEEP, run_as_user=1000, run_as_group=2000,
+                               readonly_rootfs=True, no_new_privs=True,
+                               drop_capabilities=["ALL"], add_capabilities=["NET_RAW"],
+                               seccomp="runtime/default")
+        ids, _ = pod.sh(locked, "id -u; id -g")
+        assert ids.split() == ["1000", "2000"]
+        _, rc = pod.sh(locked, "touch /should-fail")
+        assert rc != 0
+        status, _ = pod.sh(locked, "grep -E '^(NoNewPrivs|Seccomp|CapBnd):' /proc/self/status")
+        fields = dict(line.split(":\t") for line in status.splitlines())
+        assert fields["NoNewPrivs"] == "1"
+        assert fields["Seccomp"] == "2"
+        # A non-root process has no effective capabilities; the bounding set
+        # shows what the container may ever have: CAP_NET_RAW only.
+        assert int(fields["CapBnd"], 16) == 1 << 13
+        # Masked paths stay masked in the guest.
+        masked, _ = pod.sh(plain, "cat /proc/timer_list | wc -c; ls /sys/firmware | wc -l; "
+                                  "echo 1 > /proc/sys/kernel/panic && echo writable")
+        assert masked.split() == ["0", "0"], masked
+    finally:
+        left = pod.remove()
+    assert not left, f"left behind: {left}"
+
+
+def test_stop_container_escalates_to_sigkill(env: Env) -> None:
+    pod = Pod(env)
+    try:
+        cid = pod.container("stubborn", "trap '' TERM; while :; do sleep 1; done")
+        t = time.monotonic()
+        pod.c.stop_container(cid, timeout=2)
+        took = time.monotonic() - t
+        status = pod.c.container_status(cid).status
+        assert status.state == cri.CONTAINER_EXITED
+        assert status.exit_code == 137
+        assert took >= 2
+    finally:
+        left = pod.remove()
+    assert not left, f"left behind: {left}"
