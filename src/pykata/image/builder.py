@@ -2,24 +2,38 @@
 Python, crun, busybox and the pykata agent, built offline from the Debian
 registry (``apt-get download`` + ``dpkg-deb -x``).
 
-The output is cached by a digest of every input (builder version, exact
-package versions, module list, agent sources, protobuf version): a second
-build with unchanged inputs only computes the digest and returns.
+Layout under ``output_dir``::
+
+    images/<digest>/{vmlinuz,vmlinux,initrd.img,manifest.json}   one build
+    current -> images/<digest>                                   switched atomically
+    vmlinuz, vmlinux, initrd.img, manifest.json -> current/...   stable paths
+    cache/debs/*.deb                                             downloaded packages
+    cache/apt-resolution.json                                    resolved versions
+
+The build is cached by a digest of every input (builder version and source,
+exact package versions, module list, agent sources, protobuf version, /init):
+a second build with unchanged inputs only computes the digest and returns. The
+package versions come from ``apt-cache``; they are remembered together with a
+fingerprint of apt's state (package lists, dpkg status, /etc/apt), so the
+digest is computed without running apt until that state changes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,21 +42,23 @@ from pykata import errors
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 KERNEL_META = "linux-image-cloud-amd64"
 
 # Debian packages of the root filesystem: Python (with the stdlib parts the
 # agent imports), crun and the libraries it links, busybox for a shell and `ip`,
-# libstdc++/libgcc for protobuf's C extension.
+# libstdc++/libgcc for protobuf's C extension. Libraries nothing links are
+# pruned after unpacking (see _prune_libraries).
 ROOTFS_PACKAGES = (
     "libc6", "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
-    "libexpat1", "zlib1g", "libffi8", "libssl3", "libbz2-1.0", "liblzma5",
+    "libexpat1", "zlib1g", "libffi8",
     "crun", "libcap2", "libseccomp2", "libsystemd0", "libyajl2", "libgcrypt20",
-    "libgpg-error0", "liblz4-1", "libzstd1", "busybox-static", "libstdc++6", "libgcc-s1",
+    "libgpg-error0", "liblz4-1", "liblzma5", "libzstd1",
+    "busybox-static", "libstdc++6", "libgcc-s1",
 )
 
-# Kernel modules the guest loads at boot, in an order that satisfies their
-# dependencies (the builder adds any missing dependency from modules.dep).
+# Kernel modules the guest loads at boot; the builder adds their dependencies
+# (from modules.dep) and skips the ones built into the kernel.
 GUEST_MODULES = (
     "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
     "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "fuse", "virtiofs", "overlay",
@@ -52,10 +68,7 @@ GUEST_MODULES = (
 
 # What the guest never needs.
 _TRIM = (
-    "usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
-    "usr/share/lintian", "usr/share/bug", "usr/share/bash-completion", "usr/share/gcc",
-    "usr/share/gdb", "usr/share/apport", "usr/share/binfmts", "usr/share/pixmaps",
-    "usr/share/applications", "usr/share/python3", "etc/python3.11",
+    "usr/share", "usr/lib/binfmt.d", "etc/python3.11", "etc/ld.so.conf.d", "var",
     "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib", "usr/lib/python3.11/tkinter",
     "usr/lib/python3.11/turtledemo", "usr/lib/python3.11/ensurepip",
     "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/pydoc_data",
@@ -65,8 +78,9 @@ _TRIM = (
     "usr/lib/python3.11/wsgiref", "usr/lib/python3.11/venv", "usr/lib/python3.11/msilib",
     "usr/lib/x86_64-linux-gnu/gconv", "usr/lib/x86_64-linux-gnu/audit",
     "usr/lib/x86_64-linux-gnu/engines-3", "usr/lib/x86_64-linux-gnu/ossl-modules",
-    "usr/bin/pydoc3.11", "usr/sbin", "var", "sbin/ldconfig", "usr/lib/debug",
-    # Parts of the stdlib the agent never imports.
+    "usr/lib/x86_64-linux-gnu/libcrun.a", "usr/lib/debug",
+    "usr/bin/pydoc3.11", "usr/sbin/ldconfig",
+    # Parts of the stdlib the agent never imports (checked at build time).
     "usr/lib/python3.11/email", "usr/lib/python3.11/xml", "usr/lib/python3.11/multiprocessing",
     "usr/lib/python3.11/http", "usr/lib/python3.11/html", "usr/lib/python3.11/zoneinfo",
     "usr/lib/python3.11/tomllib", "usr/lib/python3.11/ctypes/macholib",
@@ -75,17 +89,24 @@ _TRIM = (
     "usr/lib/python3.11/mailbox.py", "usr/lib/python3.11/imaplib.py",
     "usr/lib/python3.11/smtplib.py", "usr/lib/python3.11/ftplib.py",
     "usr/lib/python3.11/nntplib.py", "usr/lib/python3.11/tarfile.py",
-    # OpenSSL: asyncio works without ssl; hashlib falls back to its builtin hashes.
-    "usr/lib/x86_64-linux-gnu/libcrypto.so.3", "usr/lib/x86_64-linux-gnu/libssl.so.3",
-    "usr/lib/x86_64-linux-gnu/libcrun.a",
 )
 
-# Extension modules the agent never imports (or whose libraries are not shipped).
+# Extension modules the agent never imports (or whose libraries are not shipped:
+# no OpenSSL, so hashlib uses its builtin hashes and asyncio has no ssl).
 _TRIM_EXTENSIONS = (
     "_test", "_xx", "xxlimited", "_ctypes_test", "_codecs_", "_multibytecodec", "_curses",
     "_dbm", "_gdbm", "_sqlite3", "_ssl", "_hashlib", "audioop", "nis", "ossaudiodev",
     "readline", "_crypt", "_lsprof", "_decimal", "_uuid", "_zoneinfo", "_lzma", "_bz2",
+    "_multiprocessing", "_posixshmem",
 )
+
+# Shared libraries nothing links but glibc or Python loads with dlopen.
+_DLOPEN_LIBS = (
+    "ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libgcc_s.so.1", "libnss_files.so.2",
+    "libnss_dns.so.2", "libresolv.so.2", "libdl.so.2", "libpthread.so.0", "librt.so.1",
+    "libutil.so.1",
+)
+_LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib")
 
 # Our code in the guest: only what the agent imports.
 AGENT_PARTS = ("__init__.py", "errors.py", "ttrpc", "protos", "guest")
@@ -97,98 +118,200 @@ from pykata.guest.agent import main
 sys.exit(main())
 """
 
+_MANIFEST = "manifest.json"
+_ARTIFACTS = ("vmlinuz", "vmlinux", "initrd.img", _MANIFEST)
+
 
 @dataclass(frozen=True)
 class ImageArtifacts:
-    kernel: Path
-    vmlinux: Path | None
-    initrd: Path
-    kernel_release: str
-    digest: str
-    size_bytes: int
+    kernel: Path  # bzImage (vmlinuz) of the Debian cloud kernel
+    vmlinux: Path | None  # uncompressed ELF from the bzImage (PVH boot), None if not extracted
+    initrd: Path  # uncompressed newc cpio
+    kernel_release: str  # e.g. "6.1.0-56-cloud-amd64"
+    digest: str  # content hash of the inputs (the cache key)
+    size_bytes: int  # initrd size
 
 
 # -- small helpers -------------------------------------------------------------------
-def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
+_TOOL_PACKAGE = {"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg", "depmod": "kmod",
+                 "cpio": "cpio", "lz4": "lz4", "zstd": "zstd"}
+
+
+def _run(argv: list[str], what: str, cwd: Path | None = None,
+         env: Mapping[str, str] | None = None) -> str:
+    """Run a tool; its last error line becomes a PykataError naming ``what``."""
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False)
+        p = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False,
+                           env=None if env is None else dict(env))
     except FileNotFoundError as exc:
-        raise errors.NotFound(f"{what}: {argv[0]} is not installed") from exc
+        pkg = _TOOL_PACKAGE.get(Path(argv[0]).name, Path(argv[0]).name)
+        raise errors.FailedPrecondition(
+            f"{what}: {argv[0]} is not installed (apt-get install {pkg})") from exc
     if p.returncode != 0:
-        err = (p.stderr or p.stdout).strip().splitlines()
-        raise errors.Unavailable(f"{what}: {err[-1] if err else f'exit {p.returncode}'}")
+        raise errors.Unavailable(f"{what}: {_last_error(p.stderr or p.stdout, p.returncode)}")
     return p.stdout
+
+
+def _last_error(text: str, rc: int) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.startswith("E:")]
+    if errs:
+        return errs[0]
+    return lines[-1] if lines else f"exit status {rc}"
+
+
+def _rm(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.is_symlink() or p.exists():
+        p.unlink()
 
 
 class _Progress:
     """rich progress on a terminal, log lines otherwise."""
 
     def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
         self._rich = None
         self._task = None
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._rich = Progress(TextColumn("{task.description:40}"), BarColumn(),
+            self._rich = Progress(TextColumn("{task.description:44}"), BarColumn(),
                                   TextColumn("{task.completed}/{task.total}"),
                                   TimeElapsedColumn(), transient=False)
             self._rich.start()
             self._task = self._rich.add_task("guest image", total=total)
-        self.enabled = enabled
 
     def step(self, text: str) -> None:
+        log.info("image build: %s", text)
         if self._rich is not None and self._task is not None:
             self._rich.update(self._task, description=text, advance=1)
-        elif self.enabled:
+        elif self.enabled and not log.isEnabledFor(logging.INFO):
+            # Nobody shows our log lines: a plain line per step on stderr.
             print(f"  - {text}", file=sys.stderr, flush=True)
-        log.info("image build: %s", text)
 
     def close(self) -> None:
-        if self._rich is not None:
+        if self._rich is not None and self._task is not None:
+            task = self._rich.tasks[0]
+            self._rich.update(self._task, completed=task.total)
             self._rich.stop()
 
 
-# -- inputs --------------------------------------------------------------------------
-def kernel_package() -> str:
-    out = _run(["apt-cache", "depends", KERNEL_META], f"cannot resolve {KERNEL_META}")
-    for line in out.splitlines():
-        m = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
+# -- inputs: packages ----------------------------------------------------------------
+def _unavailable(pkg: str, apt_error: str) -> errors.Unavailable:
+    return errors.Unavailable(f"cannot download Debian package '{pkg}': {apt_error}"
+                              " (run 'apt-get update' first?)")
+
+
+def parse_kernel_depends(apt_cache_depends: str) -> str | None:
+    """The concrete kernel package in ``apt-cache depends linux-image-cloud-amd64``."""
+    for line in apt_cache_depends.splitlines():
+        m = re.match(r"\s*\|?Depends:\s*(linux-image-\d\S*)", line)
         if m:
             return m.group(1)
-    raise errors.Unavailable(
-        f"cannot resolve Debian package '{KERNEL_META}' (run 'apt-get update' first?)")
+    return None
+
+
+def kernel_package() -> str:
+    """linux-image-cloud-amd64 resolved to its linux-image-6.1.0-NN-cloud-amd64."""
+    try:
+        out = _run(["apt-cache", "depends", KERNEL_META], "apt-cache depends")
+    except errors.Unavailable as exc:
+        raise _unavailable(KERNEL_META, str(exc).split(": ", 1)[-1]) from None
+    pkg = parse_kernel_depends(out)
+    if pkg is None:
+        raise _unavailable(KERNEL_META, "E: it depends on no linux-image package")
+    return pkg
+
+
+def parse_policy(apt_cache_policy: str) -> dict[str, str]:
+    """``apt-cache policy A B ...`` -> {package: candidate version} (known candidates only)."""
+    versions: dict[str, str] = {}
+    current = ""
+    for line in apt_cache_policy.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            current = line[:-1]
+        elif current and line.strip().startswith("Candidate:"):
+            v = line.split("Candidate:", 1)[1].strip()
+            if v and v != "(none)":
+                versions[current] = v
+    return versions
 
 
 def candidate_versions(packages: Iterable[str]) -> dict[str, str]:
     pkgs = list(packages)
-    out = _run(["apt-cache", "policy", *pkgs], "cannot query package versions")
-    versions: dict[str, str] = {}
-    current = ""
-    for line in out.splitlines():
-        if line and not line.startswith(" ") and line.endswith(":"):
-            current = line[:-1]
-        elif "Candidate:" in line and current:
-            v = line.split("Candidate:", 1)[1].strip()
-            if v and v != "(none)":
-                versions[current] = v
-    missing = [p for p in pkgs if p not in versions]
-    if missing:
-        raise errors.Unavailable(
-            f"cannot find Debian package(s) {', '.join(missing)}: E: Unable to locate package"
-            " (run 'apt-get update' first?)")
+    out = _run(["apt-cache", "policy", *pkgs], "apt-cache policy")
+    versions = parse_policy(out)
+    known = set(re.findall(r"^(\S+):$", out, flags=re.M))
+    for p in pkgs:
+        if p not in versions:
+            why = ("E: Package '%s' has no installation candidate" if p in known
+                   else "E: Unable to locate package %s")
+            raise _unavailable(p, why % p)
     return versions
 
 
-def agent_sources() -> list[Path]:
+def apt_state_fingerprint() -> str:
+    """Changes whenever apt's answer about candidate versions could change."""
+    h = hashlib.sha256()
+    h.update(os.environ.get("APT_CONFIG", "").encode())
+    paths = [Path("/var/lib/dpkg/status")]
+    for base in (Path("/var/lib/apt/lists"), Path("/etc/apt")):
+        if base.is_dir():
+            paths += sorted(p for p in base.rglob("*") if "partial" not in p.parts)
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        h.update(f"{p} {st.st_mtime_ns} {st.st_size}\n".encode())
+    return h.hexdigest()
+
+
+def resolve_packages(cache_dir: Path) -> tuple[str, dict[str, str]]:
+    """(kernel package, {package: version}) for every package of the image.
+
+    Asks apt (about 2 s here) only when apt's state changed since the last
+    answer, which is kept in ``cache_dir/apt-resolution.json``."""
+    cache_file = cache_dir / "apt-resolution.json"
+    fp = apt_state_fingerprint()
+    wanted = [KERNEL_META, *ROOTFS_PACKAGES]
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached["fingerprint"] == fp and cached["wanted"] == wanted:
+            return str(cached["kernel_package"]), dict(cached["versions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    kpkg = kernel_package()
+    versions = candidate_versions((*ROOTFS_PACKAGES, kpkg))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"fingerprint": fp, "wanted": wanted, "kernel_package": kpkg,
+                                   "versions": versions}, indent=1))
+        tmp.replace(cache_file)
+    except OSError as exc:  # a read-only output dir still builds nothing new
+        log.debug("cannot cache the apt resolution: %s", exc)
+    return kpkg, versions
+
+
+# -- inputs: our code ------------------------------------------------------------------
+def _pykata_root() -> Path:
     import pykata
 
-    root = Path(pykata.__file__).parent
+    return Path(pykata.__file__).parent
+
+
+def agent_sources() -> list[Path]:
+    """The .py files of pykata the guest agent needs."""
+    root = _pykata_root()
     files: list[Path] = []
     for part in AGENT_PARTS:
         p = root / part
         if p.is_file():
             files.append(p)
-        else:
+        elif p.is_dir():
             files += sorted(f for f in p.rglob("*.py") if "__pycache__" not in f.parts)
     return files
 
@@ -199,40 +322,53 @@ def protobuf_dir() -> Path:
     return Path(google.protobuf.__file__).parent
 
 
-def compute_digest(versions: dict[str, str], sources: Iterable[Path], pb_version: str) -> str:
+def protobuf_version() -> str:
+    from google.protobuf import __version__
+
+    return str(__version__)
+
+
+def compute_digest(versions: Mapping[str, str], sources: Iterable[Path], pb_version: str,
+                   modules: Iterable[str] = GUEST_MODULES) -> str:
+    """The cache key of a build: every input that changes the image."""
     h = hashlib.sha256()
     h.update(f"builder={BUILDER_VERSION}\n".encode())
+    h.update(Path(__file__).read_bytes())  # the builder's own recipe
     for name in sorted(versions):
         h.update(f"pkg {name}={versions[name]}\n".encode())
-    h.update(("modules " + " ".join(GUEST_MODULES) + "\n").encode())
+    h.update(("modules " + " ".join(modules) + "\n").encode())
     h.update(f"protobuf={pb_version}\n".encode())
-    import pykata
-
-    root = Path(pykata.__file__).parent
+    root = _pykata_root()
     for f in sources:
-        h.update(f"file {f.relative_to(root)}\n".encode())
-        h.update(f.read_bytes())
+        rel = f.relative_to(root) if f.is_relative_to(root) else f
+        data = f.read_bytes()
+        h.update(f"file {rel} {len(data)}\n".encode())
+        h.update(data)
     h.update(INIT.encode())
     return h.hexdigest()[:16]
 
 
 # -- modules -------------------------------------------------------------------------
+def module_name(path: str) -> str:
+    """kernel/fs/fuse/virtiofs.ko.xz -> virtiofs (dashes as underscores)."""
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
 def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
     """modules.dep -> {name: (path, [dependency paths])}."""
     out: dict[str, tuple[str, list[str]]] = {}
     for line in text.splitlines():
-        if ":" not in line:
+        path, sep, deps = line.partition(":")
+        if not sep or not path.strip():
             continue
-        path, deps = line.split(":", 1)
-        name = Path(path).name.split(".ko")[0].replace("-", "_")
-        out[name] = (path, deps.split())
+        out[module_name(path.strip())] = (path.strip(), deps.split())
     return out
 
 
-def module_load_order(wanted: Iterable[str], deps: dict[str, tuple[str, list[str]]],
+def module_load_order(wanted: Iterable[str], deps: Mapping[str, tuple[str, list[str]]],
                       builtin: set[str]) -> list[str]:
-    """Paths of ``wanted`` modules and their dependencies, dependencies first."""
-    by_path = {v[0]: k for k, v in deps.items()}
+    """Paths of ``wanted`` modules and their dependencies, dependencies first.
+    Built-in and unknown modules are skipped."""
     order: list[str] = []
     seen: set[str] = set()
 
@@ -244,7 +380,7 @@ def module_load_order(wanted: Iterable[str], deps: dict[str, tuple[str, list[str
             return
         path, requires = deps[name]
         for dep in reversed(requires):  # modules.dep lists the closest dependency first
-            visit(by_path.get(dep, Path(dep).name.split(".ko")[0].replace("-", "_")))
+            visit(module_name(dep))
         order.append(path)
 
     for w in wanted:
@@ -252,299 +388,581 @@ def module_load_order(wanted: Iterable[str], deps: dict[str, tuple[str, list[str
     return order
 
 
-def find_lz4_vmlinux(bzimage: bytes) -> int:
-    """Offset of the LZ4 (legacy frame) stream holding vmlinux in a bzImage, or -1."""
-    return bzimage.find(b"\x02\x21\x4c\x18")
+def _decompressed(rel: str) -> str:
+    for suffix in (".xz", ".zst", ".gz"):
+        if rel.endswith(suffix):
+            return rel.removesuffix(suffix)
+    return rel
 
 
-# -- build ---------------------------------------------------------------------------
+def _install_module(src: Path, dst: Path) -> None:
+    """Copy a module, decompressed (the agent calls finit_module without flags)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.name.endswith(".xz"):
+        dst.write_bytes(lzma.decompress(src.read_bytes()))
+    elif src.name.endswith(".gz"):
+        import gzip
+
+        dst.write_bytes(gzip.decompress(src.read_bytes()))
+    elif src.name.endswith(".zst"):
+        with open(dst, "wb") as fh:
+            subprocess.run(["zstd", "-dc", str(src)], stdout=fh, check=True)
+    else:
+        shutil.copyfile(src, dst)
+
+
+# -- kernel --------------------------------------------------------------------------
+LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+
+
+def find_lz4_vmlinux(bzimage: bytes, start: int = 0) -> int:
+    """Offset of the next LZ4 (legacy frame) magic at or after ``start``, or -1."""
+    return bzimage.find(LZ4_LEGACY_MAGIC, start)
+
+
+def elf_complete(data: bytes) -> bool:
+    """A 64-bit ELF whose section header table (at the end) is all there."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2:
+        return False
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    return len(data) >= shoff + shentsize * shnum
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes | None:
+    """The uncompressed vmlinux ELF inside an LZ4-compressed bzImage, or None."""
+    off = find_lz4_vmlinux(bzimage)
+    while off >= 0:
+        try:
+            # lz4 complains about the bytes after the stream; the output is what counts.
+            raw = subprocess.run(["lz4", "-dc"], input=bzimage[off:], capture_output=True,
+                                 check=False).stdout
+        except FileNotFoundError:
+            log.warning("lz4 is not installed: no uncompressed vmlinux (apt-get install lz4)")
+            return None
+        if elf_complete(raw):
+            return raw
+        off = find_lz4_vmlinux(bzimage, off + 1)
+    return None
+
+
+# -- ELF dependencies ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ElfInfo:
+    interp: str | None  # PT_INTERP (the dynamic loader), None for static binaries
+    needed: tuple[str, ...]  # DT_NEEDED
+
+
+def elf_info(data: bytes) -> ElfInfo | None:
+    """Loader and needed libraries of a little-endian ELF64 file, None if not one."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    loads: list[tuple[int, int, int]] = []
+    dynamic: tuple[int, int] | None = None
+    interp: str | None = None
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if off + 56 > len(data):
+            return None
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, off)
+        if p_type == 1:  # PT_LOAD
+            loads.append((p_vaddr, p_offset, p_filesz))
+        elif p_type == 2:  # PT_DYNAMIC
+            dynamic = (p_offset, p_filesz)
+        elif p_type == 3:  # PT_INTERP
+            interp = data[p_offset:p_offset + p_filesz].split(b"\0", 1)[0].decode()
+    if dynamic is None:
+        return ElfInfo(interp, ())
+    strtab_vaddr = None
+    needed_offsets = []
+    for off in range(dynamic[0], dynamic[0] + dynamic[1] - 15, 16):
+        tag, val = struct.unpack_from("<qQ", data, off)
+        if tag == 0:  # DT_NULL
+            break
+        if tag == 1:  # DT_NEEDED
+            needed_offsets.append(val)
+        elif tag == 5:  # DT_STRTAB
+            strtab_vaddr = val
+    if strtab_vaddr is None:
+        return ElfInfo(interp, ())
+    strtab = next((strtab_vaddr - v + o for v, o, sz in loads if v <= strtab_vaddr < v + sz),
+                  None)
+    if strtab is None:
+        return None
+    names = tuple(data[strtab + n:data.index(b"\0", strtab + n)].decode()
+                  for n in needed_offsets)
+    return ElfInfo(interp, names)
+
+
+def _resolve_in(root: Path, path: str) -> Path:
+    """``path`` inside ``root`` with symlinks (absolute ones too) resolved within it."""
+    cur = root
+    parts = [p for p in path.split("/") if p]
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            cur = cur.parent if cur != root else root
+            continue
+        nxt = cur / part
+        if nxt.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise errors.Internal(f"symlink loop at {nxt} in the guest image")
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                cur = root
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        cur = nxt
+    return cur
+
+
+def _prune_libraries(root: Path) -> None:
+    """Check that every shared library (and loader) the image's programs need is in
+    it, then delete the libraries nothing needs."""
+    dirs = [root / d for d in _LIB_DIRS]
+
+    def find(lib: str) -> Path | None:
+        for d in dirs:
+            if os.path.lexists(d / lib):
+                return d / lib
+        return None
+
+    programs = [p for p in (root / "usr/bin").iterdir() if p.is_file() and not p.is_symlink()]
+    programs += [p for p in root.glob("usr/lib/python3.11/lib-dynload/*.so")]
+    programs += [p for p in (root / "opt").rglob("*.so") if p.is_file()]
+    keep: set[Path] = set()
+    missing: dict[str, str] = {}
+    queue: list[tuple[Path, str]] = [(p, p.name) for p in programs]
+    queue += [(lib, lib.name) for n in _DLOPEN_LIBS if (lib := find(n)) is not None]
+    seen: set[Path] = set()
+    while queue:
+        path, why = queue.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        real = _resolve_in(root, str(path.relative_to(root)))
+        keep.update({path, real})
+        info = elf_info(real.read_bytes()) if real.is_file() else None
+        if info is None:
+            continue
+        if info.interp:
+            loader = _resolve_in(root, info.interp)
+            if not loader.is_file():
+                missing[info.interp] = why
+            else:
+                queue.append((loader, why))
+        for lib in info.needed:
+            found = find(lib)
+            if found is None:
+                missing[lib] = why
+            else:
+                queue.append((found, why))
+    if missing:
+        raise errors.Internal(
+            "guest image is missing shared libraries: "
+            + ", ".join(f"{k} (for {v})" for k, v in sorted(missing.items())))
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if re.match(r"lib.*\.so(\.|$)", p.name) and p not in keep:
+                _rm(p)
+
+
+# -- build steps ---------------------------------------------------------------------
 @contextmanager
-def _staging(parent: Path) -> Iterator[Path]:
+def _tempdir(parent: Path, prefix: str) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix=".build-", dir=parent))
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _download(versions: dict[str, str], cache: Path, step: Callable[[str], None]) -> list[Path]:
+@contextmanager
+def _locked(output_dir: Path) -> Iterator[None]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / ".build.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def deb_filename(name: str, version: str) -> str:
+    """The file ``apt-get download name=version`` writes (without the arch)."""
+    return f"{name}_{version.replace(':', '%3a')}_"
+
+
+def _cached_deb(cache: Path, name: str, version: str) -> Path | None:
+    prefix = deb_filename(name, version)
+    return next((p for p in sorted(cache.glob("*.deb")) if p.name.startswith(prefix)), None)
+
+
+def _download(versions: Mapping[str, str], cache: Path,
+              step: Callable[[str], None]) -> dict[str, Path]:
+    """The .deb of every package, downloaded into ``cache`` unless already there."""
     cache.mkdir(parents=True, exist_ok=True)
-    debs = []
-    for name, version in sorted(versions.items()):
-        quoted = version.replace(":", "%3a")
-        existing = list(cache.glob(f"{name}_{quoted}_*.deb"))
-        if not existing:
-            step(f"download {name} {version}")
-            try:
-                _run(["apt-get", "download", f"{name}={version}"],
-                     f"cannot download Debian package '{name}'", cwd=cache)
-            except errors.Unavailable as exc:
-                raise errors.Unavailable(f"{exc} (run 'apt-get update' first?)") from None
-            existing = list(cache.glob(f"{name}_{quoted}_*.deb"))
-            if not existing:
-                raise errors.Unavailable(f"apt-get download {name} produced no .deb in {cache}")
-        debs.append(existing[0])
+    missing = {n: v for n, v in versions.items() if _cached_deb(cache, n, v) is None}
+    if missing:
+        step(f"download {len(missing)} Debian packages")
+        with _tempdir(cache, ".download-") as tmp:
+            p = subprocess.run(
+                ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+                 *(f"{n}={v}" for n, v in sorted(missing.items()))],
+                cwd=tmp, capture_output=True, text=True, check=False)
+            if p.returncode != 0:
+                err = _last_error(p.stderr or p.stdout, p.returncode)
+                culprit = next((n for n in sorted(missing, key=len, reverse=True)
+                                if re.search(rf"[\s'\"]{re.escape(n)}[\s'\"=]", f" {err} ")),
+                               ", ".join(sorted(missing)))
+                raise _unavailable(culprit, err)
+            for deb in tmp.glob("*.deb"):
+                deb.replace(cache / deb.name)
+    debs: dict[str, Path] = {}
+    for n, v in versions.items():
+        deb = _cached_deb(cache, n, v)
+        if deb is None:
+            raise _unavailable(n, f"E: apt-get download {n}={v} left no .deb in {cache}")
+        debs[n] = deb
     return debs
 
 
-def _check_libraries(root: Path) -> None:
-    """Every shared library our binaries need is in the image (ldd against the
-    host's identical Debian libraries tells the names)."""
-    libdirs = [root / "usr/lib/x86_64-linux-gnu", root / "lib/x86_64-linux-gnu", root / "lib64",
-               root / "usr/lib64"]
-    have = {p.name for d in libdirs if d.is_dir() for p in d.iterdir()}
-    elves = [root / "usr/bin/python3.11", root / "usr/bin/crun"]
-    elves += list((root / "usr/lib/python3.11/lib-dynload").glob("*.so"))
-    elves += list((root / "opt/pykata/lib").rglob("*.so"))
-    missing: dict[str, str] = {}
-    needed_re = re.compile(r"\(NEEDED\)\s+Shared library: \[(.+)\]")
-    for elf in elves:
-        try:
-            out = subprocess.run(["readelf", "-d", str(elf)], capture_output=True, text=True,
-                                 check=False).stdout
-        except FileNotFoundError:
-            return  # binutils absent: skip the check
-        for lib in needed_re.findall(out):
-            if lib not in have:
-                missing[lib] = elf.name
-    # Modules whose libraries we chose not to ship; the agent never imports them.
-    optional = {"libncursesw.so.6", "libtinfo.so.6", "libreadline.so.8", "libsqlite3.so.0",
-                "libdb-5.3.so", "libgdbm.so.6", "libgdbm_compat.so.4", "libmpdec.so.3",
-                "libuuid.so.1", "libnsl.so.2", "libtirpc.so.3", "libcrypt.so.1",
-                "libpanelw.so.6"}
-    hard = {k: v for k, v in missing.items() if k not in optional}
-    if hard:
-        raise errors.Internal(
-            "guest image is missing shared libraries: "
-            + ", ".join(f"{k} (for {v})" for k, v in sorted(hard.items())))
+def _merge_usr(root: Path) -> None:
+    """Debian's merged /usr: /bin, /sbin, /lib, /lib64 are symlinks into /usr."""
+    for top in ("bin", "sbin", "lib", "lib64"):
+        src = root / top
+        dst = root / "usr" / top
+        dst.mkdir(parents=True, exist_ok=True)
+        if src.is_dir() and not src.is_symlink():
+            for dirpath, dirnames, filenames in os.walk(src):
+                rel = Path(dirpath).relative_to(src)
+                (dst / rel).mkdir(exist_ok=True)
+                for name in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+                    target = dst / rel / name
+                    if not os.path.lexists(target):
+                        os.rename(Path(dirpath) / name, target)
+            shutil.rmtree(src)
+        elif src.is_symlink():
+            src.unlink()
+        src.symlink_to(f"usr/{top}")
 
 
-def _check_agent_imports(root: Path) -> None:
-    """Import every agent module with the image's own Python and stdlib (the
-    host runs the same Debian, so the binary runs here): a trimmed-away module
-    fails the build, not the guest's boot."""
-    import pykata.guest
-
-    names = ["pykata.guest." + p.stem for p in Path(pykata.guest.__file__).parent.glob("*.py")
-             if p.stem != "__init__"]
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import importlib\n"
-            "for n in sys.argv[2:]: importlib.import_module(n)\n"
-            "from google.protobuf.internal import api_implementation as a\n"
-            "print(a.Type())")
-    env = {"PYTHONHOME": str(root / "usr"), "PATH": "/usr/bin:/bin"}
-    cp = subprocess.run([str(root / "usr/bin/python3.11"), "-S", "-B", "-c", code,
-                         str(root / "opt/pykata/lib"), *names], capture_output=True, text=True,
-                        env=env, check=False)
-    if cp.returncode != 0:
-        err = (cp.stderr.strip().splitlines() or ["no output"])[-1]
-        raise errors.Internal(f"the agent cannot run in the guest image: {err}")
-    if cp.stdout.strip() != "upb":
-        raise errors.Internal("protobuf's C extension does not load in the guest image "
-                              f"(implementation: {cp.stdout.strip()})")
+def _unpack(debs: Mapping[str, Path], kernel_pkg: str, root: Path, kroot: Path,
+            step: Callable[[str], None]) -> None:
+    for name, deb in sorted(debs.items()):
+        _run(["dpkg-deb", "-x", str(deb), str(kroot if name == kernel_pkg else root)],
+             f"cannot unpack Debian package '{name}' ({deb.name})")
+        step(f"unpack {name}")
 
 
-def _assemble(stage: Path, debs: list[Path], kernel_pkg: str, out: Path,
-              step: Callable[[str], None]) -> tuple[str, int]:
-    root = stage / "root"
-    kroot = stage / "kernel"
-    root.mkdir()
-    kroot.mkdir()
-    for deb in debs:
-        target = kroot if deb.name.startswith(kernel_pkg + "_") else root
-        _run(["dpkg-deb", "-x", str(deb), str(target)], f"cannot unpack {deb.name}")
-    step("unpack packages")
-
-    # Kernel.
-    vmlinuz = next((kroot / "boot").glob("vmlinuz-*"))
+def _kernel(kroot: Path, out: Path, step: Callable[[str], None]) -> str:
+    vmlinuz = next(iter(sorted((kroot / "boot").glob("vmlinuz-*"))), None)
+    if vmlinuz is None:
+        raise errors.Internal(f"no /boot/vmlinuz-* in the kernel package ({kroot})")
     release = vmlinuz.name.removeprefix("vmlinuz-")
-    shutil.copy2(vmlinuz, out / "vmlinuz")
-    data = vmlinuz.read_bytes()
-    off = find_lz4_vmlinux(data)
-    if off >= 0:
-        raw = subprocess.run(["lz4", "-dc"], input=data[off:], capture_output=True,
-                             check=False).stdout
-        if raw[:4] == b"\x7fELF":
-            (out / "vmlinux").write_bytes(raw)
-    step(f"kernel {release}")
+    shutil.copyfile(vmlinuz, out / "vmlinuz")
+    raw = extract_vmlinux(vmlinuz.read_bytes())
+    if raw is not None:
+        (out / "vmlinux").write_bytes(raw)
+    else:
+        log.warning("no uncompressed vmlinux in %s: the guest boots from the bzImage", vmlinuz)
+    step(f"kernel {release}" + (" + vmlinux" if raw is not None else ""))
+    return release
 
-    # Modules: the closure of GUEST_MODULES, decompressed, with a load-order list.
+
+def _modules(kroot: Path, root: Path, release: str, step: Callable[[str], None]) -> list[str]:
+    """Copy the closure of GUEST_MODULES; write /etc/pykata/modules (load order,
+    paths relative to /) and a modules.dep of the shipped modules."""
     mdir = kroot / "lib/modules" / release
     if not (mdir / "modules.dep").exists():  # depmod runs at install time, not in the .deb
-        _run(["depmod", "-b", str(kroot), release], "depmod failed")
+        _run(["depmod", "-b", str(kroot), release], f"cannot index the modules of {release}")
     deps = parse_modules_dep((mdir / "modules.dep").read_text())
-    builtin = {Path(x).name.split(".ko")[0].replace("-", "_")
-               for x in (mdir / "modules.builtin").read_text().split()}
+    builtin_file = mdir / "modules.builtin"
+    builtin = ({module_name(x) for x in builtin_file.read_text().split()}
+               if builtin_file.exists() else set())
     order = module_load_order(GUEST_MODULES, deps, builtin)
-    load_list = []
+    absent = [m for m in GUEST_MODULES if m.replace("-", "_") not in deps
+              and m.replace("-", "_") not in builtin]
+    if absent:
+        log.warning("kernel %s has neither module nor built-in: %s", release, " ".join(absent))
+    base = Path("lib/modules") / release
+    load_list: list[str] = []
+    dep_lines: list[str] = []
     for rel in order:
-        src = mdir / rel
-        dst_rel = Path("lib/modules") / release / rel
-        dst = root / dst_rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if rel.endswith(".xz"):
-            dst = dst.with_suffix("")
-            dst.write_bytes(subprocess.run(["xz", "-dc", str(src)], capture_output=True,
-                                           check=True).stdout)
-            dst_rel = dst_rel.with_suffix("")
-        else:
-            shutil.copy2(src, dst)
-        load_list.append(str(dst_rel))
+        _install_module(mdir / rel, root / "usr" / base / _decompressed(rel))
+        load_list.append(str(base / _decompressed(rel)))
+        own_deps = deps[module_name(rel)][1]
+        dep_lines.append(f"{_decompressed(rel)}: " + " ".join(_decompressed(d) for d in own_deps))
+    for extra in ("modules.builtin", "modules.order"):
+        if (mdir / extra).exists():
+            shutil.copyfile(mdir / extra, root / "usr" / base / extra)
+    (root / "usr" / base / "modules.dep").write_text("\n".join(dep_lines) + "\n")
     (root / "etc/pykata").mkdir(parents=True, exist_ok=True)
     (root / "etc/pykata/modules").write_text("\n".join(load_list) + "\n")
-    lines = [f"{p}:" for p in load_list]
-    (root / "lib/modules" / release / "modules.dep").write_text("\n".join(lines) + "\n")
     step(f"{len(load_list)} kernel modules")
+    return load_list
 
-    # Trim what the guest never uses.
+
+def _trim(root: Path, step: Callable[[str], None]) -> None:
     for rel in _TRIM:
-        p = root / rel
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+        _rm(root / rel)
     for p in (root / "usr/lib/python3.11/lib-dynload").glob("*.so"):
         if p.name.startswith(_TRIM_EXTENSIONS):
             p.unlink()
     for p in list(root.rglob("__pycache__")):
         shutil.rmtree(p, ignore_errors=True)
+    _prune_libraries(root)
     step("trim")
 
-    # busybox applets, our agent, protobuf, /init, device nodes.
-    bb = root / "bin/busybox"
-    applets = subprocess.run([str(bb), "--list-full"], capture_output=True, text=True,
-                             check=True).stdout.split()
+
+def _guest_python(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the image's own Python with the image's loader, libraries and stdlib (the
+    host is x86_64 Linux, so it runs here)."""
+    loader = _resolve_in(root, "/lib64/ld-linux-x86-64.so.2")
+    libpath = ":".join(str(root / d) for d in _LIB_DIRS)
+    env = {"PYTHONHOME": str(root / "usr"), "PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+    return subprocess.run([str(loader), "--library-path", libpath,
+                           str(root / "usr/bin/python3.11"), *args],
+                          capture_output=True, text=True, env=env, check=False)
+
+
+def _install_agent(root: Path, digest: str, release: str, step: Callable[[str], None]) -> None:
+    # busybox applets (absolute links: they resolve in the guest).
+    bb = root / "usr/bin/busybox"
+    applets = _run([str(bb), "--list-full"], "busybox --list-full").split()
     for a in applets:
-        link = root / a
-        if not link.exists() and not link.is_symlink():
+        where, _, name = a.strip("/").removeprefix("usr/").rpartition("/")
+        if where not in ("bin", "sbin"):  # e.g. /linuxrc
+            continue
+        link = root / "usr" / where / name
+        if not os.path.lexists(link):
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/bin/busybox")
-    import pykata
-
-    src_root = Path(pykata.__file__).parent
+    # Our agent and protobuf (with its C extension when the wheel has one).
+    src_root = _pykata_root()
     lib = root / "opt/pykata/lib"
     for f in agent_sources():
         dst = lib / "pykata" / f.relative_to(src_root)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dst)
-    shutil.copytree(protobuf_dir(), lib / "google/protobuf", symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "testdata", "compiler", "*.pyi"))
-    upb = protobuf_dir().parent / "_upb"
-    if upb.is_dir():  # protobuf's C extension (the fast backend)
+        shutil.copyfile(f, dst)
+    pb = protobuf_dir()
+    shutil.copytree(pb, lib / "google/protobuf", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "testdata", "compiler", "*.pyi",
+                                                  "py.typed"))
+    upb = pb.parent / "_upb"
+    if upb.is_dir():
         shutil.copytree(upb, lib / "google/_upb", symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyi"))
     (lib / "google/__init__.py").touch()
-    for d in ("proc", "sys", "dev", "tmp", "run", "mnt", "root", "var/tmp"):
+    # The rest of a tiny root: mount points, device nodes for before devtmpfs, /init.
+    for d in ("proc", "sys", "dev", "tmp", "run", "mnt", "root", "var/tmp", "etc"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "tmp").chmod(0o1777)
+    (root / "var/tmp").chmod(0o1777)
     os.mknod(root / "dev/console", 0o600 | 0o020000, os.makedev(5, 1))
     os.mknod(root / "dev/null", 0o666 | 0o020000, os.makedev(1, 3))
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
-                                     "nobody:x:65534:65534:nobody:/:/bin/false\n")
+                                     "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
     (root / "etc/group").write_text("root:x:0:\nnobody:x:65534:\n")
     (root / "etc/hostname").write_text("pykata\n")
+    (root / "etc/pykata/image.json").write_text(json.dumps(
+        {"digest": digest, "kernel_release": release, "builder": BUILDER_VERSION}) + "\n")
     init = root / "init"
     init.write_text(INIT)
     init.chmod(0o755)
-    _check_libraries(root)
-    _check_agent_imports(root)
-    step("agent, protobuf, init")
+    step("agent, protobuf, busybox, /init")
 
-    # Sourceless bytecode: compile next to each source (the guest's Python is
-    # 3.11 like ours, same bytecode), then drop the sources. Smaller initrd,
-    # and no source stat at import.
-    py_dirs = [str(root / "usr/lib/python3.11"), str(lib)]
-    cp = subprocess.run([sys.executable, "-m", "compileall", "-q", "-b", "-s", str(root),
-                         "-p", "/", *py_dirs], capture_output=True, text=True, check=False)
+
+def _check_agent_imports(root: Path) -> None:
+    """Import every agent module with the image's own Python, libraries and stdlib:
+    a module trimmed away fails the build, not the guest's boot."""
+    lib = root / "opt/pykata/lib"
+    names = ["pykata.guest." + p.stem for p in sorted((lib / "pykata/guest").glob("*.py"))
+             if p.stem != "__init__"]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import importlib\n"
+            "for n in sys.argv[2:]: importlib.import_module(n)\n"
+            "import asyncio, ctypes, json, socket, signal, struct, logging, hashlib\n"
+            "hashlib.sha256(b''); hashlib.md5(b'')\n"
+            "from google.protobuf.internal import api_implementation as a\n"
+            "print(a.Type())")
+    cp = _guest_python(root, "-S", "-B", "-c", code, str(lib), *names)
     if cp.returncode != 0:
-        raise errors.Internal(f"cannot compile the guest's Python: {cp.stdout[-300:]}")
-    for d in py_dirs:
-        for src in Path(d).rglob("*.py"):
+        err = (cp.stderr.strip().splitlines() or ["no output"])[-1]
+        raise errors.Internal(f"the agent cannot run in the guest image: {err}")
+    if cp.stderr.strip():
+        log.warning("the agent's imports in the guest image print: %s", cp.stderr.strip())
+    if cp.stdout.strip() != "upb":
+        log.warning("protobuf's C extension does not load in the guest image (implementation:"
+                    " %s): the agent works, slower", cp.stdout.strip())
+
+
+def _precompile(root: Path, step: Callable[[str], None]) -> None:
+    """Sourceless bytecode made by the guest's own Python: smaller initrd, no
+    source stat at import. Tracebacks keep file names and line numbers."""
+    dirs = [root / "usr/lib/python3.11", root / "opt/pykata/lib"]
+    cp = _guest_python(root, "-S", "-m", "compileall", "-q", "-b", "-s", str(root), "-p", "/",
+                       *map(str, dirs))
+    if cp.returncode != 0:
+        detail = (cp.stdout + cp.stderr).strip().splitlines()
+        raise errors.Internal("cannot compile the guest's Python: "
+                              + (detail[-1] if detail else f"exit status {cp.returncode}"))
+    for d in dirs:
+        for src in d.rglob("*.py"):
             if src.with_suffix(".pyc").exists():
                 src.unlink()
     step("precompile Python")
 
-    # cpio (newc, uncompressed: QEMU keeps its own copy and boots it faster).
-    names = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, capture_output=True,
-                           check=True).stdout
-    sorted_names = b"\n".join(sorted(names.split(b"\n"))).strip() + b"\n"
-    with open(out / "initrd.img", "wb") as fh:
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "--reproducible"], cwd=root,
-                           input=sorted_names, stdout=fh, stderr=subprocess.PIPE, check=False)
-    if cpio.returncode != 0:
-        raise errors.Internal(f"cpio failed: {cpio.stderr.decode(errors='replace').strip()}")
-    step("initrd")
-    return release, (out / "initrd.img").stat().st_size
+
+def _cpio(root: Path, dest: Path, step: Callable[[str], None]) -> int:
+    """newc cpio, uncompressed (QEMU keeps its own copy; compression does not help)."""
+    names: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for n in dirnames + filenames:
+            names.append(n if rel == "." else f"{rel}/{n}")
+    data = ("\n".join(sorted(names)) + "\n").encode()
+    with open(dest, "wb") as fh:
+        try:
+            p = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "--reproducible",
+                                "--owner", "0:0"], cwd=root, input=data, stdout=fh,
+                               stderr=subprocess.PIPE, check=False)
+        except FileNotFoundError as exc:
+            raise errors.FailedPrecondition("cpio is not installed (apt-get install cpio)") \
+                from exc
+    if p.returncode != 0:
+        raise errors.Internal(f"cpio failed: {p.stderr.decode(errors='replace').strip()}")
+    size = dest.stat().st_size
+    step(f"initrd {size / 2**20:.1f} MiB")
+    return size
 
 
+# -- public API ----------------------------------------------------------------------
 def find_image(output_dir: Path) -> ImageArtifacts | None:
     """The current build in ``output_dir`` (from its manifest), or None."""
+    output_dir = Path(output_dir)
     try:
-        m = json.loads((output_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
+        m = json.loads((output_dir / _MANIFEST).read_text())
+        release, digest, size = str(m["kernel_release"]), str(m["digest"]), int(m["initrd_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    d = (output_dir / "manifest.json").resolve().parent
-    vmlinux = d / "vmlinux"
-    art = ImageArtifacts(kernel=output_dir / "vmlinuz",
-                         vmlinux=(output_dir / "vmlinux") if vmlinux.exists() else None,
-                         initrd=output_dir / "initrd.img", kernel_release=m["kernel_release"],
-                         digest=m["digest"], size_bytes=int(m["initrd_bytes"]))
-    if not art.kernel.exists() or not art.initrd.exists():
+    kernel, vmlinux, initrd = (output_dir / n for n in ("vmlinuz", "vmlinux", "initrd.img"))
+    if not kernel.is_file() or not initrd.is_file():
         return None
-    return art
+    return ImageArtifacts(kernel=kernel, vmlinux=vmlinux if vmlinux.is_file() else None,
+                          initrd=initrd, kernel_release=release, digest=digest,
+                          size_bytes=size)
+
+
+def image_digest(output_dir: Path) -> tuple[str, str, dict[str, str]]:
+    """(digest, kernel package, versions) of what a build would produce now."""
+    kpkg, versions = resolve_packages(Path(output_dir) / "cache")
+    return compute_digest(versions, agent_sources(), protobuf_version()), kpkg, versions
 
 
 def build_image(output_dir: Path, *, force: bool = False, progress: bool = True,
                 work_dir: Path | None = None) -> ImageArtifacts:
-    """Build the guest image into ``output_dir`` (or reuse the cached one)."""
-    kpkg = kernel_package()
-    from google.protobuf import __version__ as pb_version
-
-    versions = candidate_versions((*ROOTFS_PACKAGES, kpkg))
-    digest = compute_digest(versions, agent_sources(), pb_version)
+    """Build the guest image into ``output_dir``, or return the current one when
+    its inputs are unchanged (and ``force`` is false)."""
+    output_dir = Path(output_dir)
+    digest, kpkg, versions = image_digest(output_dir)
     current = find_image(output_dir)
     if current is not None and current.digest == digest and not force:
         log.info("guest image %s is up to date", digest)
         return current
+    with _locked(output_dir):
+        current = find_image(output_dir)  # built by someone else meanwhile?
+        if current is not None and current.digest == digest and not force:
+            return current
+        return _build(output_dir, digest, kpkg, versions, progress, work_dir)
+
+
+def _build(output_dir: Path, digest: str, kpkg: str, versions: dict[str, str], progress: bool,
+           work_dir: Path | None) -> ImageArtifacts:
     t0 = time.monotonic()
     images = output_dir / "images"
-    final = images / digest
-    prog = _Progress(progress, total=len(versions) + 8)
+    images.mkdir(parents=True, exist_ok=True)
+    for stale in images.glob(".*"):  # left by a killed build (we hold the lock)
+        _rm(stale)
+    prog = _Progress(progress, total=len(versions) + 7)
     try:
-        with _staging(work_dir or images) as stage:
-            debs = _download(versions, output_dir / "cache" / "debs", prog.step)
-            out = stage / "out"
-            out.mkdir()
-            release, size = _assemble(stage, debs, kpkg, out, prog.step)
+        with _tempdir(work_dir or images, ".build-") as stage, \
+                _tempdir(images, f".new-{digest}-") as out:
+            debs = _download(versions, output_dir / "cache/debs", prog.step)
+            root, kroot = stage / "root", stage / "kernel"
+            root.mkdir()
+            kroot.mkdir()
+            _unpack(debs, kpkg, root, kroot, prog.step)
+            _merge_usr(root)
+            release = _kernel(kroot, out, prog.step)
+            modules = _modules(kroot, root, release, prog.step)
+            shutil.rmtree(kroot)
+            _trim(root, prog.step)
+            _install_agent(root, digest, release, prog.step)
+            _check_agent_imports(root)
+            _precompile(root, prog.step)
+            size = _cpio(root, out / "initrd.img", prog.step)
             manifest = {
-                "digest": digest, "kernel_release": release, "kernel_package": kpkg,
-                "packages": versions, "initrd_bytes": size,
-                "vmlinuz_bytes": (out / "vmlinuz").stat().st_size,
-                "vmlinux": (out / "vmlinux").exists(), "modules": list(GUEST_MODULES),
-                "protobuf": pb_version, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                  time.gmtime()),
+                "digest": digest, "builder": BUILDER_VERSION, "kernel_release": release,
+                "kernel_package": kpkg, "packages": dict(sorted(versions.items())),
+                "initrd_bytes": size, "vmlinuz_bytes": (out / "vmlinuz").stat().st_size,
+                "vmlinux": (out / "vmlinux").exists(), "modules": modules,
+                "protobuf": protobuf_version(),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "build_seconds": round(time.monotonic() - t0, 1),
             }
-            (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            out.rename(final)
+            (out / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            out.chmod(0o755)
+            _install(output_dir, out, digest)
+        _prune(output_dir, digest, debs)
     finally:
         prog.close()
-    for name in ("vmlinuz", "vmlinux", "initrd.img", "manifest.json"):
-        link = output_dir / name
-        tmp = output_dir / f".{name}.new"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        if (final / name).exists():
-            tmp.symlink_to(Path("images") / digest / name)
-            tmp.replace(link)
-        elif link.is_symlink():
-            link.unlink()
-    for old in images.iterdir():
-        if old.name != digest and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
     art = find_image(output_dir)
-    assert art is not None
+    if art is None:
+        raise errors.Internal(f"the guest image built in {images / digest} cannot be found")
     log.info("guest image %s built in %.1fs", digest, time.monotonic() - t0)
     return art
+
+
+def _install(output_dir: Path, out: Path, digest: str) -> None:
+    """Move the finished build into images/<digest> and switch ``current`` to it
+    (one atomic rename); the stable names point through ``current``."""
+    images = output_dir / "images"
+    final = images / digest
+    if final.exists():  # a forced rebuild of the same inputs
+        old = images / f".old-{digest}-{os.getpid()}"
+        final.rename(old)
+        out.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.rename(final)
+
+    def link(path: Path, target: str) -> None:
+        if path.is_symlink() and os.readlink(path) == target:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        _rm(tmp)
+        tmp.symlink_to(target)
+        tmp.replace(path)
+
+    link(output_dir / "current", f"images/{digest}")
+    for name in _ARTIFACTS:
+        link(output_dir / name, f"current/{name}")
+
+
+def _prune(output_dir: Path, digest: str, debs: Mapping[str, Path]) -> None:
+    """Drop older builds and .debs no longer used."""
+    for old in (output_dir / "images").iterdir():
+        if old.name != digest and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    used = {p.name for p in debs.values()}
+    for deb in (output_dir / "cache/debs").glob("*.deb"):
+        if deb.name not in used:
+            deb.unlink(missing_ok=True)

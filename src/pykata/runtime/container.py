@@ -138,8 +138,13 @@ class Container:
             self._mount_shared(host_mounts)
             self.sandbox.persist()
             await self.sandbox.fit_resources()
+            # The pod's sandbox container owns the pod's pid namespace; containers
+            # that join a pid namespace (shareProcessNamespace) get that one.
+            share_pid = specconv.is_pod_sandbox(self.spec) or specconv.joins_pid_namespace(
+                self.spec)
             await self.sandbox.agent.create_container(
-                self.id, guest, timeout=self.sandbox.config.runtime.create_container_timeout)
+                self.id, guest, sandbox_pidns=share_pid,
+                timeout=self.sandbox.config.runtime.create_container_timeout)
         except BaseException:
             self.unmount_shared()
             raise

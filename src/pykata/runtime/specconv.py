@@ -21,6 +21,25 @@ from pykata.resources.sharedfs import GUEST_SHARED_DIR
 GUEST_LOCAL_TYPES = {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "shm"}
 
 
+# Annotations that say which containers form a pod (CRI and CRI-O).
+CRI_TYPE = "io.kubernetes.cri.container-type"
+CRI_SANDBOX = "io.kubernetes.cri.sandbox-id"
+CRIO_TYPE = "io.kubernetes.cri-o.ContainerType"
+CRIO_SANDBOX = "io.kubernetes.cri-o.SandboxID"
+
+
+def is_pod_sandbox(spec: dict[str, Any]) -> bool:
+    """The spec is a pod's sandbox (infra/pause) container."""
+    ann = spec.get("annotations") or {}
+    return ann.get(CRI_TYPE) == "sandbox" or ann.get(CRIO_TYPE) == "sandbox"
+
+
+def joins_pid_namespace(spec: dict[str, Any]) -> bool:
+    """The spec joins an existing pid namespace (a pod with a shared pid namespace)."""
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    return any(ns.get("type") == "pid" and ns.get("path") for ns in namespaces)
+
+
 @dataclass(frozen=True)
 class HostMount:
     """A bind mount the host makes below the sandbox's shared directory."""

@@ -23,17 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from pykata import config, errors
+from pykata.runtime.specconv import CRI_SANDBOX, CRI_TYPE, CRIO_SANDBOX, CRIO_TYPE
 
 log = logging.getLogger("pykata.shim")
 
 LISTEN_FD_ENV = "PYKATA_SHIM_LISTEN_FD"
 SOCKET_DIR = Path("/run/pykata/s")
 
-# Annotations that group containers into pods.
-CRI_TYPE = "io.kubernetes.cri.container-type"
-CRI_SANDBOX = "io.kubernetes.cri.sandbox-id"
-CRIO_TYPE = "io.kubernetes.cri-o.ContainerType"
-CRIO_SANDBOX = "io.kubernetes.cri-o.SandboxID"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
