@@ -36,7 +36,8 @@ def render() -> str:
                 f"| initrd (newc cpio, uncompressed) | {img['initrd_bytes'] / 2**20:.1f} MiB |",
                 f"| vmlinuz / vmlinux | {img['vmlinuz_bytes'] / 2**20:.1f} MiB / uncompressed ELF"
                 " booted through PVH |",
-                f"| build from the Debian registry | {img.get('build_seconds', '?')} s "
+                "| build time (Debian packages already downloaded) | "
+                f"{img.get('build_seconds', '?')} s "
                 "(a rebuild with unchanged inputs only hashes them) |",
                 f"| packages | {', '.join(sorted(img['packages']))} |", ""]
     start = RESULTS / "startup.json"

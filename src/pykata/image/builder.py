@@ -426,7 +426,7 @@ def elf_complete(data: bytes) -> bool:
         return False
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    return len(data) >= shoff + shentsize * shnum
+    return bool(len(data) >= shoff + shentsize * shnum)
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes | None:
@@ -538,7 +538,7 @@ def _prune_libraries(root: Path) -> None:
     keep: set[Path] = set()
     missing: dict[str, str] = {}
     queue: list[tuple[Path, str]] = [(p, p.name) for p in programs]
-    queue += [(lib, lib.name) for n in _DLOPEN_LIBS if (lib := find(n)) is not None]
+    queue += [(found, n) for n in _DLOPEN_LIBS if (found := find(n)) is not None]
     seen: set[Path] = set()
     while queue:
         path, why = queue.pop()
@@ -556,12 +556,12 @@ def _prune_libraries(root: Path) -> None:
                 missing[info.interp] = why
             else:
                 queue.append((loader, why))
-        for lib in info.needed:
-            found = find(lib)
-            if found is None:
-                missing[lib] = why
+        for name in info.needed:
+            dep = find(name)
+            if dep is None:
+                missing[name] = why
             else:
-                queue.append((found, why))
+                queue.append((dep, why))
     if missing:
         raise errors.Internal(
             "guest image is missing shared libraries: "
@@ -624,8 +624,8 @@ def _download(versions: Mapping[str, str], cache: Path,
                                 if re.search(rf"[\s'\"]{re.escape(n)}[\s'\"=]", f" {err} ")),
                                ", ".join(sorted(missing)))
                 raise _unavailable(culprit, err)
-            for deb in tmp.glob("*.deb"):
-                deb.replace(cache / deb.name)
+            for fresh in tmp.glob("*.deb"):
+                fresh.replace(cache / fresh.name)
     debs: dict[str, Path] = {}
     for n, v in versions.items():
         deb = _cached_deb(cache, n, v)
