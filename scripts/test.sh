@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 V=.venv/bin
 status=0
 run() { echo "==> $*"; "$@"; local rc=$?; [ $rc -eq 0 ] || { echo "FAILED ($rc): $*"; status=1; }; return 0; }
-run $V/ruff check src tests
+run $V/ruff check src tests bench
 run $V/mypy
 echo "==> pytest"
 $V/pytest -p no:cacheprovider --timeout=600 "$@"

@@ -54,12 +54,12 @@ def _remove_our_pods(client: CRIClient) -> None:
             client.remove_pod_sandbox(pod.id)
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+def cri_env(default_route: bool = False) -> Iterator[Env]:
+    """A private containerd with the CRI plugin, the bridge CNI and the images."""
     base = Path(f"/run/pykata-crik-{uuid.uuid4().hex[:6]}")
     ctd = PrivateContainerd(base=base, root=Path("/var/lib/pykata-crik-test"),
                             namespace="k8s.io", cri=True, sandbox_image=PAUSE_REF)
-    net = write_cni_config(base)
+    net = write_cni_config(base, default_route=default_route)
     try:
         ctd.start()
         prepare_images(ctd)
@@ -77,6 +77,11 @@ def env() -> Iterator[Env]:
         for d in Path("/sys/fs/cgroup").glob("*/k8s.io"):
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    yield from cri_env()
 
 
 class Pod:

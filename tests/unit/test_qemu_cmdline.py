@@ -117,3 +117,11 @@ def test_probe_firmware_reset_vector() -> None:
 def test_probe_obeys_configuration() -> None:
     assert probe("/nonexistent", "tcg").accel == "tcg"
     assert probe("/nonexistent", "kvm").accel == "kvm"
+
+
+def test_tap_nics_get_the_pod_macs() -> None:
+    argv = build_argv("q", spec(tap_fds=[7, 9], tap_macs=["02:42:0a:00:00:05", ""]), opts())
+    assert arg_after(argv, "-netdev") == ["tap,id=net0,fd=7", "tap,id=net1,fd=9"]
+    devices = arg_after(argv, "-device")
+    assert "virtio-net-pci,netdev=net0,mac=02:42:0a:00:00:05" in devices
+    assert "virtio-net-pci,netdev=net1" in devices

@@ -175,6 +175,21 @@ class AgentClient:
         await self._call("UpdateContainer", pb.UpdateContainerRequest(
             container_id=container_id, resources_json=json.dumps(resources).encode()), pb.Empty)
 
+    async def update_interface(self, name: str, mac: str, mtu: int,
+                               addresses: Sequence[tuple[int, str, int]]) -> None:
+        """Configure the guest NIC with MAC ``mac``: name, MTU, addresses, up."""
+        iface = pb.Interface(device=name, name=name, hw_addr=mac, mtu=mtu, ip_addresses=[
+            pb.IPAddress(family=fam, address=addr, mask=str(prefix))
+            for fam, addr, prefix in addresses])
+        await self._call("UpdateInterface", pb.UpdateInterfaceRequest(interface=iface),
+                         pb.Interface)
+
+    async def update_routes(self, routes: Sequence[tuple[str, str, str, int]]) -> None:
+        """Routes as (destination or "" for default, gateway, device, family)."""
+        req = pb.UpdateRoutesRequest(routes=[
+            pb.Route(dest=d, gateway=g, device=dev, family=fam) for d, g, dev, fam in routes])
+        await self._call("UpdateRoutes", req, pb.Routes)
+
     async def list_processes(self, container_id: str) -> list[ProcessInfo]:
         resp = await self._call("ListProcesses", pb.ListProcessesRequest(
             container_id=container_id), pb.ListProcessesResponse)

@@ -32,7 +32,8 @@ class VMSpec:
     agent_channel: str = "serial"  # serial | vsock
     vsock_cid: int = 0
     debug: bool = False
-    tap_fds: list[int] = field(default_factory=list)
+    tap_fds: list[int] = field(default_factory=list)  # one per NIC (pod network)
+    tap_macs: list[str] = field(default_factory=list)  # the guest NIC's MAC, per tap
 
     @property
     def console_log(self) -> Path:

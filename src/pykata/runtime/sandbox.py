@@ -26,6 +26,7 @@ from pykata.hypervisor.channels import vhost_vsock_available
 from pykata.hypervisor.qemu import QemuHypervisor
 from pykata.hypervisor.qemu.accel import probe
 from pykata.hypervisor.qemu.cmdline import QemuOptions
+from pykata.resources import network
 from pykata.resources.sharedfs import GUEST_SHARED_DIR, SHARED_TAG, VirtioFsDaemon
 from pykata.runtime.container import Container
 from pykata.runtime.state import SandboxRecord, sandbox_dir
@@ -64,14 +65,18 @@ class Sandbox:
         self.memory_mib = 0  # boot memory + hot-plugged DIMMs
         self._base = (0, 0)  # what the configuration gives before any container
         self._resize_lock = asyncio.Lock()
+        self.netns = ""
+        self.network: network.PodNetwork | None = None
 
     # -- creation ------------------------------------------------------------------
     @classmethod
     async def create(cls, sandbox_id: str, config: Config, *, hostname: str = "",
                      dns: list[str] | None = None, hosts: str = "", vcpus: int | None = None,
-                     memory_mib: int | None = None) -> Sandbox:
-        """Boot the VM and bring up the agent. On any error nothing is left behind."""
+                     memory_mib: int | None = None, netns: str = "") -> Sandbox:
+        """Boot the VM and bring up the agent; with ``netns``, connect the pod
+        network namespace's interfaces to it. On any error nothing is left behind."""
         sb = cls(sandbox_id, config)
+        sb.netns = netns
         try:
             await sb._start(hostname or sandbox_id[:63], dns or [], hosts, vcpus, memory_mib)
         except BaseException:
@@ -109,13 +114,27 @@ class Sandbox:
             else 0, pcie_root_ports=2, extra_args=tuple(q.extra_args),
         ))
         await self.vm.prepare()
+        model = self.config.runtime.internetworking_model
+        if self.netns and model != "none":
+            self.network = await asyncio.to_thread(network.attach, self.netns, model)
+            spec.tap_fds = self.network.fds()
+            spec.tap_macs = [ep.mac for ep in self.network.endpoints]
+            await self.vm.prepare()  # the command line now has the NICs
         if self.virtiofsd is not None:
             await self.virtiofsd.start()
             self.record.virtiofsd = _ref_json(self.virtiofsd.ref)
         await self.vm.start()
         self.record.qemu = _ref_json(ProcRef.of(self.vm.pid) if self.vm.pid else None)
+        if self.network is not None:
+            self.network.close_fds()  # QEMU holds them now
+            self.record.extra["netns"] = self.netns
         self.persist()
         await self._connect_agent()
+        if self.network is not None:
+            for ep in self.network.endpoints:
+                await self.agent.update_interface(ep.name, ep.mac, ep.mtu, ep.addresses)
+            await self.agent.update_routes([(r.dest, r.gateway, r.device, r.family)
+                                            for r in self.network.routes])
         storages = []
         if share:
             storages.append(Storage("virtiofs", SHARED_TAG, GUEST_SHARED_DIR, fstype="virtiofs"))
@@ -311,6 +330,9 @@ class Sandbox:
             await self.vm.stop()
         if self.virtiofsd is not None:
             await self.virtiofsd.stop()
+        if self.network is not None:
+            await asyncio.to_thread(network.detach, self.network)
+            self.network = None
         self.state = State.STOPPED
         remove_sandbox_dir(self.dir)
         log.info("sandbox %s stopped and removed", self.id)

@@ -25,6 +25,7 @@ from pykata.protos import containerd_runc_options_pb2 as runcopts
 from pykata.protos import containerd_shim_pb2 as pb
 from pykata.protos import containerd_task_types_pb2 as tt
 from pykata.protos import runtimeoptions_pb2 as rtopts
+from pykata.resources import network
 from pykata.runtime.container import Container, Process
 from pykata.runtime.sandbox import Sandbox, load_spec
 from pykata.runtime.types import ContainerStats, ExitStatus, State
@@ -135,7 +136,8 @@ class TaskService:
                 if self.sandbox is None:
                     self._apply_options(req)
                     self.sandbox = await Sandbox.create(
-                        self.sandbox_id, self.config, hostname=spec.get("hostname", ""))
+                        self.sandbox_id, self.config, hostname=spec.get("hostname", ""),
+                        netns=network.netns_of(spec))
                 container = await self.sandbox.create_container(req.id, bundle, spec)
             except BaseException:
                 if mounted:

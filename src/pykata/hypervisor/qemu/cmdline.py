@@ -96,6 +96,9 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions) -> list[str]:
     for i in range(opts.pcie_root_ports):
         argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
     for i, fd in enumerate(spec.tap_fds):
-        argv += ["-netdev", f"tap,id=net{i},fd={fd}", "-device", f"virtio-net-pci,netdev=net{i}"]
+        nic = f"virtio-net-pci,netdev=net{i}"
+        if i < len(spec.tap_macs) and spec.tap_macs[i]:
+            nic += f",mac={spec.tap_macs[i]}"
+        argv += ["-netdev", f"tap,id=net{i},fd={fd}", "-device", nic]
     argv += list(opts.extra_args)
     return argv
