@@ -54,11 +54,17 @@ def _remove_our_pods(client: CRIClient) -> None:
             client.remove_pod_sandbox(pod.id)
 
 
-def cri_env(default_route: bool = False) -> Iterator[Env]:
-    """A private containerd with the CRI plugin, the bridge CNI and the images."""
+def cri_env(default_route: bool = False, pykata_config: str = "") -> Iterator[Env]:
+    """A private containerd with the CRI plugin, the bridge CNI and the images;
+    ``pykata_config`` is TOML for the shims it starts (through PYKATA_CONFIG)."""
     base = Path(f"/run/pykata-crik-{uuid.uuid4().hex[:6]}")
+    env: dict[str, str] = {}
+    if pykata_config:
+        base.mkdir(parents=True)
+        (base / "pykata.toml").write_text(pykata_config)
+        env["PYKATA_CONFIG"] = str(base / "pykata.toml")
     ctd = PrivateContainerd(base=base, root=Path("/var/lib/pykata-crik-test"),
-                            namespace="k8s.io", cri=True, sandbox_image=PAUSE_REF)
+                            namespace="k8s.io", cri=True, sandbox_image=PAUSE_REF, env=env)
     net = write_cni_config(base, default_route=default_route)
     try:
         ctd.start()

@@ -21,15 +21,17 @@ from tests.integration.test_cri_pykata import Env, Pod, cri_env
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+@pytest.fixture(scope="module", params=["tcfilter", "macvtap"])
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     # The first `ip netns add` on a host bind-mounts /run/netns over itself; done
     # after CNI made a pod's netns, it would shadow that mount and containerd
     # could not remove it. Make /run/netns a mount point before any pod exists.
     probe = f"pkinit-{uuid.uuid4().hex[:6]}"
     sh("ip", "netns", "add", probe)
     sh("ip", "netns", "del", probe)
-    yield from cri_env(default_route=True)
+    model = request.param
+    yield from cri_env(default_route=True,
+                       pykata_config=f'[runtime]\ninternetworking_model = "{model}"\n')
 
 
 def sh(*args: str, check: bool = True) -> str:
@@ -58,7 +60,8 @@ def peer_namespace(env: Env) -> Iterator[tuple[str, str]]:
         sh("ip", "netns", "del", ns, check=False)
 
 
-def test_pod_network_reaches_the_guest(env: Env) -> None:
+def test_pod_network_reaches_the_guest(env: Env, request: pytest.FixtureRequest) -> None:
+    model = request.node.callspec.params["env"]
     pod = Pod(env)
     www = Path(f"/tmp/pk-www-{pod.tag}")
     www.mkdir()
@@ -82,6 +85,13 @@ def test_pod_network_reaches_the_guest(env: Env) -> None:
         assert f"inet {ip}/" in lines[0]
         assert lines[1] == mac
         assert lines[2].startswith("default via")
+        # The device that carries eth0 into the VM is the configured model's.
+        link = sh("nsenter", f"--net={netns}", "ip", "-d", "link", "show", "eth0_pk")
+        assert ("macvtap" if model == "macvtap" else "tun") in link, link
+        if model == "tcfilter":
+            filters = sh("nsenter", f"--net={netns}", "tc", "filter", "show", "dev", "eth0",
+                         "ingress")
+            assert "mirred" in filters and "eth0_pk" in filters, filters
         with peer_namespace(env) as (ns, peer_ip):
             server = subprocess.Popen(
                 ["ip", "netns", "exec", ns, "busybox", "httpd", "-f", "-p", "8081", "-h",
