@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError
 
 from pykata import errors
 from pykata.hypervisor.base import AgentChannel, Hypervisor, VMSpec
@@ -232,7 +232,24 @@ class QemuHypervisor(Hypervisor):
         self._ports[drive_id] = port
         return port
 
-    async def unplug_block(self, drive_id: str) -> None:
-        await self._qmp_cmd("device_del", {"id": f"dev-{drive_id}"})
+    async def unplug_block(self, drive_id: str, timeout: float = 20.0) -> None:
+        """Ask the guest to release the disk, wait until it has (DEVICE_DELETED),
+        then drop the backend."""
+        if self._qmp is None:
+            raise errors.FailedPrecondition(f"VM {self.spec.id} has no QMP connection")
+        dev = f"dev-{drive_id}"
+        listener = EventListener(("DEVICE_DELETED",))
+        with self._qmp.listen(listener):
+            await self._qmp_cmd("device_del", {"id": dev})
+            try:
+                async with asyncio.timeout(timeout):
+                    async for event in listener:
+                        data = event.get("data") if isinstance(event, dict) else None
+                        if isinstance(data, dict) and data.get("device") == dev:
+                            break
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"the guest did not release block device {drive_id} within {timeout:g}s"
+                ) from None
         self._ports.pop(drive_id, None)
         await self._qmp_cmd("blockdev-del", {"node-name": drive_id})
