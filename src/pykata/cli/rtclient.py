@@ -14,8 +14,20 @@ TASK = "containerd.task.v2.Task"
 M = TypeVar("M", bound=pb_message.Message)
 
 
+SHORT_SOCKET_DIR = Path("/run/pykata-runtime/s")
+_MAX_SOCKET_PATH = 100  # AF_UNIX allows 107 bytes
+
+
 def socket_of(state_dir: Path) -> Path:
-    return state_dir / "task.sock"
+    """The keeper's socket: in the state dir, or, when that path would be too long
+    for AF_UNIX (Docker passes a deep --root), a short path derived from it."""
+    path = state_dir / "task.sock"
+    if len(str(path)) <= _MAX_SOCKET_PATH:
+        return path
+    import hashlib
+
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:32]
+    return SHORT_SOCKET_DIR / f"{digest}.sock"
 
 
 async def acall(state_dir: Path, method: str, req: pb_message.Message, resp: type[M],

@@ -298,6 +298,9 @@ def spawn_keeper(d: Path, cid: str, debug: bool) -> int:
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        socket_of(d).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            socket_of(d).unlink()
         sock.bind(str(socket_of(d)))
     except OSError as exc:
         sock.close()
@@ -367,6 +370,8 @@ def destroy(d: Path, cid: str) -> None:
 
     with contextlib.suppress(Exception):
         asyncio.run(cleanup(config.load().runtime.state_dir, cid))
+    with contextlib.suppress(FileNotFoundError):
+        socket_of(d).unlink()
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -265,6 +265,14 @@ class AgentService:
                     f"container root filesystem {rootfs} does not exist in the guest")
             pidns = self._pidns_path(req.sandbox_pidns)
             guest = specmod.guest_spec(oci, cid, self.settings.cgroup_parent, pidns)
+            if os.getpid() == 1:  # the VM's network namespace is the pod's
+                for key, value in specmod.network_sysctls(oci).items():
+                    try:
+                        with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                            f.write(value)
+                    except OSError as exc:
+                        raise errors.InvalidArgument(
+                            f"cannot set sysctl {key}={value}: {exc.strerror}") from exc
             c = Container(cid, guest, self.settings, self.crun, on_exit=self._on_exit)
             c.storages = mounted
             await c.create(guest)

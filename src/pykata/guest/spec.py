@@ -106,6 +106,19 @@ def guest_spec(
     if pidns_path and not any(ns["type"] == "pid" for ns in namespaces):
         namespaces.append({"type": "pid", "path": pidns_path})
     linux["namespaces"] = namespaces
+    sysctl = linux.get("sysctl")
+    if isinstance(sysctl, dict) and any(k.startswith("net.") for k in sysctl):
+        # Without its own network namespace crun refuses net.* sysctls; they are
+        # the pod network's, which the agent sets on the VM (network_sysctls).
+        linux["sysctl"] = {k: v for k, v in sysctl.items() if not k.startswith("net.")}
     parent = "/" + cgroup_parent.strip("/") if cgroup_parent.strip("/") else ""
     linux["cgroupsPath"] = f"{parent}/{container_id}"
     return out
+
+
+def network_sysctls(spec: dict[str, Any]) -> dict[str, str]:
+    """The spec's net.* sysctls: they apply to the pod network, i.e. the VM's."""
+    sysctl = (spec.get("linux") or {}).get("sysctl") or {}
+    if not isinstance(sysctl, dict):
+        return {}
+    return {str(k): str(v) for k, v in sysctl.items() if str(k).startswith("net.")}
