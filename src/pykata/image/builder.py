@@ -79,7 +79,7 @@ _TRIM = (
     "usr/lib/x86_64-linux-gnu/gconv", "usr/lib/x86_64-linux-gnu/audit",
     "usr/lib/x86_64-linux-gnu/engines-3", "usr/lib/x86_64-linux-gnu/ossl-modules",
     "usr/lib/x86_64-linux-gnu/libcrun.a", "usr/lib/debug",
-    "usr/bin/pydoc3.11", "usr/sbin/ldconfig",
+    "usr/bin/pydoc3.11", "usr/sbin/ldconfig", "usr/lib/python3.11/sitecustomize.py",
     # Parts of the stdlib the agent never imports (checked at build time).
     "usr/lib/python3.11/email", "usr/lib/python3.11/xml", "usr/lib/python3.11/multiprocessing",
     "usr/lib/python3.11/http", "usr/lib/python3.11/html", "usr/lib/python3.11/zoneinfo",
@@ -99,6 +99,15 @@ _TRIM_EXTENSIONS = (
     "readline", "_crypt", "_lsprof", "_decimal", "_uuid", "_zoneinfo", "_lzma", "_bz2",
     "_multiprocessing", "_posixshmem",
 )
+
+# Codecs kept (the others are legacy code pages and CJK codecs whose C parts are
+# trimmed anyway).
+_KEEP_ENCODINGS = {
+    "__init__", "aliases", "ascii", "base64_codec", "charmap", "hex_codec", "idna", "latin_1",
+    "punycode", "raw_unicode_escape", "undefined", "unicode_escape", "utf_16", "utf_16_be",
+    "utf_16_le", "utf_32", "utf_32_be", "utf_32_le", "utf_7", "utf_8", "utf_8_sig",
+    "zlib_codec", "cp437",
+}
 
 # Shared libraries nothing links but glibc or Python loads with dlopen.
 _DLOPEN_LIBS = (
@@ -606,6 +615,15 @@ def _cached_deb(cache: Path, name: str, version: str) -> Path | None:
     return next((p for p in sorted(cache.glob("*.deb")) if p.name.startswith(prefix)), None)
 
 
+def apt_error_package(apt_error: str, packages: Iterable[str]) -> str:
+    """The package an apt error line is about (all of them if it names none)."""
+    names = sorted(packages)
+    for n in sorted(names, key=len, reverse=True):
+        if re.search(rf"[\s'\"]{re.escape(n)}[\s'\"=:]", f" {apt_error} "):
+            return n
+    return ", ".join(names)
+
+
 def _download(versions: Mapping[str, str], cache: Path,
               step: Callable[[str], None]) -> dict[str, Path]:
     """The .deb of every package, downloaded into ``cache`` unless already there."""
@@ -620,10 +638,7 @@ def _download(versions: Mapping[str, str], cache: Path,
                 cwd=tmp, capture_output=True, text=True, check=False)
             if p.returncode != 0:
                 err = _last_error(p.stderr or p.stdout, p.returncode)
-                culprit = next((n for n in sorted(missing, key=len, reverse=True)
-                                if re.search(rf"[\s'\"]{re.escape(n)}[\s'\"=]", f" {err} ")),
-                               ", ".join(sorted(missing)))
-                raise _unavailable(culprit, err)
+                raise _unavailable(apt_error_package(err, missing), err)
             for fresh in tmp.glob("*.deb"):
                 fresh.replace(cache / fresh.name)
     debs: dict[str, Path] = {}
@@ -701,9 +716,8 @@ def _modules(kroot: Path, root: Path, release: str, step: Callable[[str], None])
         load_list.append(str(base / _decompressed(rel)))
         own_deps = deps[module_name(rel)][1]
         dep_lines.append(f"{_decompressed(rel)}: " + " ".join(_decompressed(d) for d in own_deps))
-    for extra in ("modules.builtin", "modules.order"):
-        if (mdir / extra).exists():
-            shutil.copyfile(mdir / extra, root / "usr" / base / extra)
+    if builtin_file.exists():  # lets the agent tell "built in" from "missing"
+        shutil.copyfile(builtin_file, root / "usr" / base / "modules.builtin")
     (root / "usr" / base / "modules.dep").write_text("\n".join(dep_lines) + "\n")
     (root / "etc/pykata").mkdir(parents=True, exist_ok=True)
     (root / "etc/pykata/modules").write_text("\n".join(load_list) + "\n")
@@ -717,21 +731,25 @@ def _trim(root: Path, step: Callable[[str], None]) -> None:
     for p in (root / "usr/lib/python3.11/lib-dynload").glob("*.so"):
         if p.name.startswith(_TRIM_EXTENSIONS):
             p.unlink()
+    for p in (root / "usr/lib/python3.11/encodings").glob("*.py"):
+        if p.stem not in _KEEP_ENCODINGS:
+            p.unlink()
     for p in list(root.rglob("__pycache__")):
         shutil.rmtree(p, ignore_errors=True)
-    _prune_libraries(root)
     step("trim")
 
 
 def _guest_python(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the image's own Python with the image's loader, libraries and stdlib (the
-    host is x86_64 Linux, so it runs here)."""
-    loader = _resolve_in(root, "/lib64/ld-linux-x86-64.so.2")
-    libpath = ":".join(str(root / d) for d in _LIB_DIRS)
-    env = {"PYTHONHOME": str(root / "usr"), "PATH": "/usr/bin:/bin", "LC_ALL": "C"}
-    return subprocess.run([str(loader), "--library-path", libpath,
-                           str(root / "usr/bin/python3.11"), *args],
-                          capture_output=True, text=True, env=env, check=False)
+    """Run the image's own Python chrooted into the image (the host is x86_64
+    Linux): only the image's loader, libraries and stdlib can serve it."""
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "HOME": "/root"}
+    chroot = shutil.which("chroot", path="/usr/sbin:/usr/bin:/sbin:/bin") or "chroot"
+    try:
+        return subprocess.run([chroot, str(root), "/usr/bin/python3.11", *args],
+                              capture_output=True, text=True, env=env, check=False)
+    except FileNotFoundError as exc:
+        raise errors.FailedPrecondition("chroot is not installed (apt-get install coreutils)") \
+            from exc
 
 
 def _install_agent(root: Path, digest: str, release: str, step: Callable[[str], None]) -> None:
@@ -773,6 +791,9 @@ def _install_agent(root: Path, digest: str, release: str, step: Callable[[str], 
                                      "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
     (root / "etc/group").write_text("root:x:0:\nnobody:x:65534:\n")
     (root / "etc/hostname").write_text("pykata\n")
+    (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n")
+    (root / "etc/nsswitch.conf").write_text("passwd: files\ngroup: files\nshadow: files\n"
+                                            "hosts: files dns\nnetworks: files\n")
     (root / "etc/pykata/image.json").write_text(json.dumps(
         {"digest": digest, "kernel_release": release, "builder": BUILDER_VERSION}) + "\n")
     init = root / "init"
@@ -793,7 +814,7 @@ def _check_agent_imports(root: Path) -> None:
             "hashlib.sha256(b''); hashlib.md5(b'')\n"
             "from google.protobuf.internal import api_implementation as a\n"
             "print(a.Type())")
-    cp = _guest_python(root, "-S", "-B", "-c", code, str(lib), *names)
+    cp = _guest_python(root, "-S", "-B", "-c", code, "/opt/pykata/lib", *names)
     if cp.returncode != 0:
         err = (cp.stderr.strip().splitlines() or ["no output"])[-1]
         raise errors.Internal(f"the agent cannot run in the guest image: {err}")
@@ -807,17 +828,18 @@ def _check_agent_imports(root: Path) -> None:
 def _precompile(root: Path, step: Callable[[str], None]) -> None:
     """Sourceless bytecode made by the guest's own Python: smaller initrd, no
     source stat at import. Tracebacks keep file names and line numbers."""
-    dirs = [root / "usr/lib/python3.11", root / "opt/pykata/lib"]
-    cp = _guest_python(root, "-S", "-m", "compileall", "-q", "-b", "-s", str(root), "-p", "/",
-                       *map(str, dirs))
+    dirs = ["usr/lib/python3.11", "opt/pykata/lib"]
+    cp = _guest_python(root, "-S", "-B", "-m", "compileall", "-q", "-b", *("/" + d for d in dirs))
     if cp.returncode != 0:
         detail = (cp.stdout + cp.stderr).strip().splitlines()
         raise errors.Internal("cannot compile the guest's Python: "
                               + (detail[-1] if detail else f"exit status {cp.returncode}"))
     for d in dirs:
-        for src in d.rglob("*.py"):
+        for src in (root / d).rglob("*.py"):
             if src.with_suffix(".pyc").exists():
                 src.unlink()
+        for cache in list((root / d).rglob("__pycache__")):
+            shutil.rmtree(cache)
     step("precompile Python")
 
 
@@ -906,6 +928,7 @@ def _build(output_dir: Path, digest: str, kpkg: str, versions: dict[str, str], p
             shutil.rmtree(kroot)
             _trim(root, prog.step)
             _install_agent(root, digest, release, prog.step)
+            _prune_libraries(root)
             _check_agent_imports(root)
             _precompile(root, prog.step)
             size = _cpio(root, out / "initrd.img", prog.step)
