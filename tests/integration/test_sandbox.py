@@ -165,3 +165,26 @@ async def test_vm_that_cannot_boot_reports_console(pykata_config: config.Config,
         await Sandbox.create("noboot", cfg)
     assert isinstance(ei.value, errors.Unavailable | errors.DeadlineExceeded)
     assert leftovers(cfg.runtime.state_dir, "noboot") == []
+
+
+async def test_bind_mounts_rw_and_ro(sandbox: Sandbox, tmp_path: Path, rootfs: Path) -> None:
+    host = tmp_path / "shared-data"
+    host.mkdir()
+    (host / "in.txt").write_text("from-host\n")
+    spec = default_spec(["sh", "-c", "cat /rw/in.txt; echo from-guest > /rw/out.txt; "
+                                     "echo x > /ro/y; echo ro-rc=$?"])
+    spec["mounts"] += [
+        {"destination": "/rw", "type": "bind", "source": str(host), "options": ["rbind", "rw"]},
+        {"destination": "/ro", "type": "bind", "source": str(host), "options": ["rbind", "ro"]},
+    ]
+    b = make_bundle(tmp_path / "bind-bundle", rootfs, spec)
+    c = await sandbox.create_container("binds", b)
+    await c.start()
+    out, err = await asyncio.gather(read_all(c.init.read_stdout), read_all(c.init.read_stderr))
+    await asyncio.wait_for(c.wait(), 60)
+    await c.delete()
+    assert out.decode().splitlines() == ["from-host", "ro-rc=1"]
+    assert b"Read-only file system" in err
+    assert (host / "out.txt").read_text() == "from-guest\n"
+    assert not (host / "y").exists()
+    assert not (sandbox.shared_dir / "binds").exists()
