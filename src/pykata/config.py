@@ -52,7 +52,10 @@ class QemuConfig:
     virtio_fs_cache_size: int = 0  # DAX window, MiB (0 = no DAX)
     virtio_fs_extra_args: list[str] = field(default_factory=list)
     agent_channel: str = "auto"  # auto | vsock | serial
-    tb_size: int = 64  # MiB of TCG translation cache (TCG only)
+    # MiB of TCG translation cache (TCG only); 0 = QEMU's default. QEMU 7.2
+    # aborts (tcg/region.c assertion) when a vCPU is hot-plugged into a VM
+    # started with a small tb-size, so it is only safe with CPU hotplug off.
+    tb_size: int = 0
     enable_debug: bool = False
     extra_args: list[str] = field(default_factory=list)
 
