@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,8 @@ class Sandbox:
         channel = q.agent_channel
         if channel == "auto":
             channel = "vsock" if vhost_vsock_available() else "serial"
-        params = q.kernel_params or LEAN_KERNEL_PARAMS
+        # Hot-plugged memory comes up online by itself (the agent still checks).
+        params = (q.kernel_params or LEAN_KERNEL_PARAMS) + " memhp_default_state=online"
         return VMSpec(
             id=self.id, run_dir=self.dir, kernel=self.config.kernel_path(),
             initrd=self.config.initrd_path(), kernel_params=params, vcpus=n,
@@ -285,15 +287,32 @@ class Sandbox:
             mem = min(mem, spec.max_memory_mib)
             if cpus > self.vcpus:
                 self.vcpus = await self.vm.hotplug_vcpus(cpus)
-                online, _ = await self.agent.online_cpu_mem(cpu_only=True)
-                log.info("sandbox %s: %d vCPUs present, %d online", self.id, self.vcpus, online)
+                online = await self._settle(lambda o, _t: o >= self.vcpus, cpu_only=True)
+                log.info("sandbox %s: %d vCPUs present, %d online", self.id, self.vcpus, online[0])
             block = 128  # MiB, the guest's memory block size on x86_64
             if mem - self.memory_mib >= block:
                 add = (mem - self.memory_mib) // block * block
+                _, before = await self.agent.online_cpu_mem()
                 self.memory_mib += await self.vm.hotplug_memory(add)
-                _, total = await self.agent.online_cpu_mem()
+                want = before + (add << 20) * 9 // 10
+                _, total = await self._settle(lambda _o, t: t >= want)
                 log.info("sandbox %s: memory %d MiB (guest sees %d MiB)", self.id,
                          self.memory_mib, total >> 20)
+
+    async def _settle(self, done: Callable[[int, int], bool], cpu_only: bool = False,
+                      timeout: float = 10.0) -> tuple[int, int]:
+        """Have the agent online what was hot-plugged until ``done(cpus, mem)``: the
+        guest adds hot-plugged CPUs and memory blocks asynchronously."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            online, total = await self.agent.online_cpu_mem(cpu_only=cpu_only)
+            if done(online, total) or asyncio.get_running_loop().time() > deadline:
+                if not done(online, total):
+                    log.warning("sandbox %s: hot-plugged resources not all online after"
+                                " %gs (cpus %d, memory %d MiB)", self.id, timeout, online,
+                                total >> 20)
+                return online, total
+            await asyncio.sleep(0.1)
 
     async def pause(self) -> None:
         if self.vm is None:
