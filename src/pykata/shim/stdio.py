@@ -20,6 +20,21 @@ from pykata.runtime.container import Process
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+EOF_GRACE = (0.02, 0.04, 0.06, 0.08)  # seconds to wait for a writer to come back
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
 
 
 async def open_fifo(path: str, flags: int) -> int:
@@ -57,16 +72,6 @@ async def fifo_writer(path: str) -> asyncio.StreamWriter:
     transport, protocol = await loop.connect_write_pipe(
         asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", buffering=0))
     return asyncio.StreamWriter(transport, protocol, None, loop)
-
-
-async def fifo_reader(path: str) -> asyncio.StreamReader:
-    fd = await open_fifo(path, os.O_RDONLY)
-    os.set_blocking(fd, False)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                 os.fdopen(fd, "rb", buffering=0))
-    return reader
 
 
 class StdioRelay:
@@ -111,15 +116,36 @@ class StdioRelay:
                 writer.close()
 
     async def _pump_in(self, path: str) -> None:
+        fd = -1
         try:
-            reader = await fifo_reader(path)
-            while data := await reader.read(CHUNK):
-                await self.proc.write_stdin(data)
+            fd = await open_fifo(path, os.O_RDONLY)
+            os.set_blocking(fd, False)
+            quiet_eofs = 0
+            while True:
+                try:
+                    data = os.read(fd, CHUNK)
+                except BlockingIOError:  # a writer is there, no data yet
+                    await _readable(fd)
+                    continue
+                if data:
+                    quiet_eofs = 0
+                    await self.proc.write_stdin(data)
+                    continue
+                # No writer right now. Clients re-open their end (containerd's fifo
+                # library swaps an O_RDWR handle for an O_WRONLY one), so EOF is
+                # final only when no writer comes back within a short grace.
+                quiet_eofs += 1
+                if quiet_eofs > len(EOF_GRACE):
+                    break
+                await asyncio.sleep(EOF_GRACE[quiet_eofs - 1])
             await self.proc.close_stdin()
         except errors.PykataError as exc:
             log.debug("stdin relay from %s ended: %s", path, exc)
         except OSError as exc:
             log.debug("stdin relay from %s ended: %s", path, exc)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     async def close_stdin(self) -> None:
         """CloseIO: no more input for this process."""
