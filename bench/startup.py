@@ -8,7 +8,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -150,5 +149,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    _ = tempfile
     sys.exit(main())
