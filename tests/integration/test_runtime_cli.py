@@ -20,6 +20,7 @@ from pykata import config
 from pykata.testing import busybox_rootfs, leftovers
 from pykata.testing.bundles import default_spec, make_bundle
 from pykata.testing.images import BUSYBOX_REF, oci_archive
+from pykata.testing.leaks import processes_mentioning
 
 CACHE = Path("/var/tmp/pykata-test")
 RUNTIME = shutil.which("pykata-runtime") or "/usr/local/bin/pykata-runtime"
@@ -27,17 +28,7 @@ NAMES = ("qemu-system", "virtiofsd", "pykata.shim", "pykata.cli.standin")
 
 
 def _procs(cid: str) -> list[str]:
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if cid in cmd and any(n in cmd for n in NAMES):
-            found.append(f"{p.name}: {cmd[:160]}")
-    return found
+    return processes_mentioning(cid, NAMES)
 
 
 def assert_clean(root: Path, cid: str, timeout: float = 15.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pykata.utils.mounts import mounts_under
@@ -9,8 +10,8 @@ from pykata.utils.mounts import mounts_under
 _NAMES = ("qemu-system", "virtiofsd", "containerd-shim-pykata")
 
 
-def _processes_mentioning(needle: str) -> list[str]:
-    found = []
+def _processes() -> Iterator[tuple[Path, str]]:
+    """(/proc/PID, command line) of every process that is still there."""
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -18,16 +19,22 @@ def _processes_mentioning(needle: str) -> list[str]:
             cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if needle in cmd and any(n in cmd for n in _NAMES):
-            found.append(f"{p.name}: {cmd.strip()[:160]}")
-    return found
+        yield p, cmd
+
+
+def processes_mentioning(needle: str, names: Iterable[str] = _NAMES) -> list[str]:
+    """Processes of one of ``names`` (qemu, virtiofsd, shim) whose command line
+    contains ``needle``."""
+    names = tuple(names)
+    return [f"{p.name}: {cmd.strip()[:160]}" for p, cmd in _processes()
+            if needle in cmd and any(n in cmd for n in names)]
 
 
 def leftovers(state_dir: str | Path, sandbox_id: str = "") -> list[str]:
     """Everything of pykata under ``state_dir`` (or of one sandbox) still present."""
     root = Path(state_dir)
     needle = f"{root}/sbs/{sandbox_id}" if sandbox_id else str(root)
-    out = [f"process {p}" for p in _processes_mentioning(needle)]
+    out = [f"process {p}" for p in processes_mentioning(needle)]
     target = root / "sbs" / sandbox_id if sandbox_id else root / "sbs"
     if root.exists():
         out += [f"mount {m}" for m in mounts_under(target)]
@@ -41,11 +48,8 @@ def leftovers(state_dir: str | Path, sandbox_id: str = "") -> list[str]:
 def procs_mentioning(needles: list[str]) -> list[str]:
     """Processes whose command line or cgroup paths contain one of ``needles``."""
     found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
+    for p, cmd in _processes():
         try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             cg = (p / "cgroup").read_text()
         except OSError:
             continue
