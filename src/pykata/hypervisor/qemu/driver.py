@@ -36,7 +36,7 @@ class QemuHypervisor(Hypervisor):
         self._channel: AgentChannel | None = None
         self._vcpus = spec.vcpus
         self._dimms = 0
-        self._ports: dict[str, str] = {}  # drive id -> PCIe root port
+        self._ports: dict[str, str] = {}  # hot-plugged device id -> PCIe root port
         self.log_path = spec.run_dir / "qemu.log"
 
     # -- lifecycle -----------------------------------------------------------------
@@ -209,27 +209,38 @@ class QemuHypervisor(Hypervisor):
         self._dimms += 1
         return size_mib
 
-    async def hotplug_block(self, drive_id: str, path: Path, readonly: bool = False) -> str:
+    def _claim_port(self, owner: str) -> str:
+        """A free PCIe root port for a hot-plugged device (disk, NIC, virtio-fs)."""
         free = [f"rp{i}" for i in range(self.options.pcie_root_ports)
                 if f"rp{i}" not in self._ports.values()]
         if not free:
-            raise errors.ResourceExhausted(f"VM {self.spec.id} has no free PCIe root port")
-        port = free[0]
-        await self._qmp_cmd("blockdev-add", {
-            "node-name": drive_id, "driver": "raw", "read-only": readonly,
-            "file": {"driver": "host_device" if path.is_block_device() else "file",
-                     "filename": str(path)},
-        })
+            raise errors.ResourceExhausted(
+                f"VM {self.spec.id} has no free PCIe root port for {owner}"
+                f" ({self.options.pcie_root_ports} in use)")
+        self._ports[owner] = free[0]
+        return free[0]
+
+    async def hotplug_block(self, drive_id: str, path: Path, readonly: bool = False) -> str:
+        port = self._claim_port(drive_id)
+        try:
+            await self._qmp_cmd("blockdev-add", {
+                "node-name": drive_id, "driver": "raw", "read-only": readonly,
+                "file": {"driver": "host_device" if path.is_block_device() else "file",
+                         "filename": str(path)},
+            })
+        except errors.PykataError:
+            self._ports.pop(drive_id, None)
+            raise
         try:
             await self._qmp_cmd("device_add", {
                 "driver": "virtio-blk-pci", "id": f"dev-{drive_id}", "drive": drive_id,
                 "bus": port,
             })
         except errors.PykataError:
+            self._ports.pop(drive_id, None)
             with contextlib.suppress(errors.PykataError):
                 await self._qmp_cmd("blockdev-del", {"node-name": drive_id})
             raise
-        self._ports[drive_id] = port
         return port
 
     async def unplug_block(self, drive_id: str, timeout: float = 20.0) -> None:
