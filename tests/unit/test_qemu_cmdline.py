@@ -2,9 +2,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pykata.hypervisor.base import VMSpec
+from pykata.hypervisor.base import NicSpec, VMSpec
 from pykata.hypervisor.qemu.accel import probe, probe_firmware
-from pykata.hypervisor.qemu.cmdline import QemuOptions, build_argv, kernel_command_line
+from pykata.hypervisor.qemu.cmdline import (
+    QemuOptions,
+    build_argv,
+    kernel_command_line,
+    nic_device,
+    tap_netdev,
+)
 
 
 def spec(**kw: object) -> VMSpec:
@@ -96,7 +102,7 @@ def test_kernel_command_line_and_debug() -> None:
 
 
 def test_root_ports_disk_image_and_taps() -> None:
-    argv = build_argv("q", spec(initrd=None, image=Path("/i.img"), tap_fds=[7]),
+    argv = build_argv("q", spec(initrd=None, image=Path("/i.img"), nics=[NicSpec([7])]),
                       opts(pcie_root_ports=2, extra_args=("-S",)))
     devices = arg_after(argv, "-device")
     assert "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1" in devices
@@ -120,8 +126,34 @@ def test_probe_obeys_configuration() -> None:
 
 
 def test_tap_nics_get_the_pod_macs() -> None:
-    argv = build_argv("q", spec(tap_fds=[7, 9], tap_macs=["02:42:0a:00:00:05", ""]), opts())
+    argv = build_argv("q", spec(nics=[NicSpec([7], "02:42:0a:00:00:05"), NicSpec([9])]), opts())
     assert arg_after(argv, "-netdev") == ["tap,id=net0,fd=7", "tap,id=net1,fd=9"]
     devices = arg_after(argv, "-device")
     assert "virtio-net-pci,netdev=net0,mac=02:42:0a:00:00:05" in devices
     assert "virtio-net-pci,netdev=net1" in devices
+
+
+def test_multi_queue_tap() -> None:
+    argv = build_argv("q", spec(nics=[NicSpec([7, 8, 9], "02:42:0a:00:00:05")]), opts())
+    assert arg_after(argv, "-netdev") == ["tap,id=net0,fds=7:8:9"]
+    assert "virtio-net-pci,netdev=net0,mac=02:42:0a:00:00:05,mq=on,vectors=8" in \
+        arg_after(argv, "-device")
+
+
+def test_hotplugged_nic_arguments() -> None:
+    assert tap_netdev("net1", ["a"]) == {"type": "tap", "id": "net1", "fd": "a"}
+    assert tap_netdev("net1", ["a", "b"]) == {"type": "tap", "id": "net1", "fds": "a:b"}
+    assert nic_device("net1", "02:00:00:00:00:01", 2, "rp3") == {
+        "driver": "virtio-net-pci", "id": "dev-net1", "netdev": "net1", "bus": "rp3",
+        "mac": "02:00:00:00:00:01", "mq": True, "vectors": 6}
+    assert "mq" not in nic_device("net1", "", 1, "rp0")
+
+
+def test_template_memory_and_incoming() -> None:
+    plain = build_argv("q", spec(), opts())
+    assert any(a.startswith("memory-backend-memfd,") for a in plain)
+    assert "-incoming" not in plain
+    clone = build_argv("q", spec(memory_file=Path("/dev/shm/x.mem"), incoming=True), opts())
+    assert ("memory-backend-file,id=pykata-mem,size=512M,mem-path=/dev/shm/x.mem,share=on"
+            in clone)
+    assert arg_after(clone, "-incoming") == ["defer"]

@@ -12,6 +12,18 @@ from pykata.errors import Unimplemented
 
 
 @dataclass
+class NicSpec:
+    """A guest NIC backed by a host tap (or macvtap): one fd per queue."""
+
+    fds: list[int]
+    mac: str = ""
+
+    @property
+    def queues(self) -> int:
+        return len(self.fds)
+
+
+@dataclass
 class VMSpec:
     """What the runtime asks of a hypervisor, in its own terms (not QEMU's)."""
 
@@ -32,8 +44,11 @@ class VMSpec:
     agent_channel: str = "serial"  # serial | vsock
     vsock_cid: int = 0
     debug: bool = False
-    tap_fds: list[int] = field(default_factory=list)  # one per NIC (pod network)
-    tap_macs: list[str] = field(default_factory=list)  # the guest NIC's MAC, per tap
+    nics: list[NicSpec] = field(default_factory=list)  # pod network, on the command line
+    # Guest RAM in this file (shared mapping) instead of an anonymous memfd: a
+    # template's RAM, or a clone's copy of it.
+    memory_file: Path | None = None
+    incoming: bool = False  # start paused, waiting for restore()
 
     @property
     def console_log(self) -> Path:
@@ -104,8 +119,20 @@ class Hypervisor(abc.ABC):
     async def unplug_block(self, drive_id: str) -> None:
         raise self._unsupported("block device unplug")
 
+    async def hotplug_shared_fs(self, socket_path: Path, tag: str) -> str:
+        """Attach a vhost-user-fs device served at ``socket_path``; the port used."""
+        raise self._unsupported("shared filesystem hotplug")
+
+    async def hotplug_nic(self, nic_id: str, fds: list[int], mac: str) -> str:
+        """Attach a NIC backed by tap queue ``fds`` (one per queue); the port used."""
+        raise self._unsupported("network device hotplug")
+
     async def save(self, path: Path) -> None:
+        """Pause the VM and write its device state to ``path``; RAM stays in
+        ``spec.memory_file``."""
         raise self._unsupported("save")
 
     async def restore(self, path: Path) -> None:
+        """Load device state from ``path`` into a VM started with ``incoming``
+        (RAM from ``spec.memory_file``), then run it."""
         raise self._unsupported("restore")

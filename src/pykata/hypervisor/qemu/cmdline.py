@@ -60,8 +60,9 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions) -> list[str]:
         "-cpu", cpu,
         "-smp", f"{spec.vcpus},maxcpus={max(spec.vcpus, spec.max_vcpus)}",
         "-m", mem,
-        # Shared, file-less guest RAM: virtiofsd (vhost-user) must map it.
-        "-object", f"memory-backend-memfd,id={MEMORY_BACKEND_ID},size={spec.memory_mib}M,share=on",
+        # Shared guest RAM (virtiofsd, a vhost-user process, maps it): file-less,
+        # or in a file a template can be saved from and a clone started from.
+        "-object", memory_backend(spec),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel),
     ]
@@ -95,10 +96,45 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions) -> list[str]:
         argv += ["-chardev", f"socket,id=vfs,path={spec.shared_fs_socket}", "-device", fs]
     for i in range(opts.pcie_root_ports):
         argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
-    for i, fd in enumerate(spec.tap_fds):
-        nic = f"virtio-net-pci,netdev=net{i}"
-        if i < len(spec.tap_macs) and spec.tap_macs[i]:
-            nic += f",mac={spec.tap_macs[i]}"
-        argv += ["-netdev", f"tap,id=net{i},fd={fd}", "-device", nic]
+    for i, nic in enumerate(spec.nics):
+        fds = ":".join(str(fd) for fd in nic.fds)
+        netdev = f"tap,id=net{i},fd={fds}" if nic.queues == 1 else f"tap,id=net{i},fds={fds}"
+        dev = f"virtio-net-pci,netdev=net{i}"
+        if nic.mac:
+            dev += f",mac={nic.mac}"
+        if nic.queues > 1:
+            dev += f",mq=on,vectors={2 * nic.queues + 2}"
+        argv += ["-netdev", netdev, "-device", dev]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     argv += list(opts.extra_args)
     return argv
+
+
+def memory_backend(spec: VMSpec) -> str:
+    if spec.memory_file is not None:
+        return (f"memory-backend-file,id={MEMORY_BACKEND_ID},size={spec.memory_mib}M,"
+                f"mem-path={spec.memory_file},share=on")
+    return f"memory-backend-memfd,id={MEMORY_BACKEND_ID},size={spec.memory_mib}M,share=on"
+
+
+def tap_netdev(nic_id: str, fds: list[str]) -> dict[str, object]:
+    """QMP netdev_add arguments for a tap with one fd (by name) per queue."""
+    args: dict[str, object] = {"type": "tap", "id": nic_id}
+    if len(fds) == 1:
+        args["fd"] = fds[0]
+    else:
+        args["fds"] = ":".join(fds)
+    return args
+
+
+def nic_device(nic_id: str, mac: str, queues: int, port: str) -> dict[str, object]:
+    """QMP device_add arguments for a virtio-net NIC on root port ``port``."""
+    dev: dict[str, object] = {"driver": "virtio-net-pci", "id": f"dev-{nic_id}",
+                              "netdev": nic_id, "bus": port}
+    if mac:
+        dev["mac"] = mac
+    if queues > 1:
+        # One RX and one TX vector per queue, plus config and control.
+        dev.update({"mq": True, "vectors": 2 * queues + 2})
+    return dev

@@ -6,15 +6,22 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from pykata import errors
 from pykata.hypervisor.base import AgentChannel, Hypervisor, VMSpec
 from pykata.hypervisor.channels import SerialChannel, VsockChannel
-from pykata.hypervisor.qemu.cmdline import VSOCK_PORT, QemuOptions, build_argv
+from pykata.hypervisor.qemu.cmdline import (
+    VSOCK_PORT,
+    QemuOptions,
+    build_argv,
+    nic_device,
+    tap_netdev,
+)
 from pykata.utils.process import stop_child, tail
 
 log = logging.getLogger(__name__)
@@ -82,7 +89,7 @@ class QemuHypervisor(Hypervisor):
             try:
                 self._proc = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    pass_fds=tuple(self.spec.tap_fds),
+                    pass_fds=tuple(fd for nic in self.spec.nics for fd in nic.fds),
                 )
             except OSError as exc:
                 await self._release()
@@ -220,22 +227,29 @@ class QemuHypervisor(Hypervisor):
         self._ports[owner] = free[0]
         return free[0]
 
-    async def hotplug_block(self, drive_id: str, path: Path, readonly: bool = False) -> str:
+    async def hotplug_block(self, drive_id: str, path: Path, readonly: bool = False,
+                            serial: str = "") -> str:
+        """Attach ``path`` as a virtio-blk disk on a free root port; the port's name.
+        ``serial`` (at most 20 characters) lets the guest find the disk in
+        /sys/block/*/serial."""
+        if len(serial) > 20:
+            raise errors.InvalidArgument(f"virtio-blk serial {serial!r} is longer than 20")
         port = self._claim_port(drive_id)
         try:
             await self._qmp_cmd("blockdev-add", {
                 "node-name": drive_id, "driver": "raw", "read-only": readonly,
                 "file": {"driver": "host_device" if path.is_block_device() else "file",
-                         "filename": str(path)},
+                         "filename": str(path), "read-only": readonly},
             })
         except errors.PykataError:
             self._ports.pop(drive_id, None)
             raise
+        dev: dict[str, Any] = {"driver": "virtio-blk-pci", "id": f"dev-{drive_id}",
+                               "drive": drive_id, "bus": port}
+        if serial:
+            dev["serial"] = serial
         try:
-            await self._qmp_cmd("device_add", {
-                "driver": "virtio-blk-pci", "id": f"dev-{drive_id}", "drive": drive_id,
-                "bus": port,
-            })
+            await self._qmp_cmd("device_add", dev)
         except errors.PykataError:
             self._ports.pop(drive_id, None)
             with contextlib.suppress(errors.PykataError):
@@ -244,23 +258,118 @@ class QemuHypervisor(Hypervisor):
         return port
 
     async def unplug_block(self, drive_id: str, timeout: float = 20.0) -> None:
-        """Ask the guest to release the disk, wait until it has (DEVICE_DELETED),
-        then drop the backend."""
+        """Ask the guest to release the disk, wait (at most ``timeout``) until it has
+        (DEVICE_DELETED), then drop the backend. A disk the guest ejected itself
+        (the agent powers its slot off) is already gone: only the backend is dropped.
+        On timeout the disk and its port stay taken until the VM stops."""
         if self._qmp is None:
             raise errors.FailedPrecondition(f"VM {self.spec.id} has no QMP connection")
         dev = f"dev-{drive_id}"
         listener = EventListener(("DEVICE_DELETED",))
         with self._qmp.listen(listener):
-            await self._qmp_cmd("device_del", {"id": dev})
             try:
-                async with asyncio.timeout(timeout):
-                    async for event in listener:
-                        data = event.get("data") if isinstance(event, dict) else None
-                        if isinstance(data, dict) and data.get("device") == dev:
-                            break
+                await asyncio.wait_for(self._qmp.execute("device_del", {"id": dev}), 10.0)
+                gone = False
+            except ExecuteError as exc:
+                if exc.error_class != "DeviceNotFound":
+                    raise errors.Internal(f"QMP device_del {dev} failed: {exc}") from exc
+                gone = True
             except TimeoutError:
                 raise errors.DeadlineExceeded(
-                    f"the guest did not release block device {drive_id} within {timeout:g}s"
-                ) from None
+                    f"QMP device_del {dev} got no answer in 10s") from None
+            if not gone:
+                try:
+                    async with asyncio.timeout(timeout):
+                        async for event in listener:
+                            data = event.get("data") if isinstance(event, dict) else None
+                            if isinstance(data, dict) and data.get("device") == dev:
+                                break
+                except TimeoutError:
+                    raise errors.DeadlineExceeded(
+                        f"the guest did not release block device {drive_id} within"
+                        f" {timeout:g}s") from None
         self._ports.pop(drive_id, None)
         await self._qmp_cmd("blockdev-del", {"node-name": drive_id})
+
+    # -- devices a clone gets after restore (and NICs that come later) ---------------
+    async def hotplug_shared_fs(self, socket_path: Path, tag: str) -> str:
+        port = self._claim_port("vfs")
+        try:
+            await self._qmp_cmd("chardev-add", {"id": "vfs", "backend": {
+                "type": "socket", "data": {
+                    "addr": {"type": "unix", "data": {"path": str(socket_path)}},
+                    "server": False}}})
+            await self._qmp_cmd("device_add", {
+                "driver": "vhost-user-fs-pci", "id": "dev-vfs", "chardev": "vfs", "tag": tag,
+                "queue-size": 1024, "bus": port})
+        except errors.PykataError:
+            self._ports.pop("vfs", None)
+            raise
+        return port
+
+    async def hotplug_nic(self, nic_id: str, fds: list[int], mac: str) -> str:
+        if self._qmp is None:
+            raise errors.FailedPrecondition(f"VM {self.spec.id} has no QMP connection")
+        port = self._claim_port(nic_id)
+        names = [f"{nic_id}-q{i}" for i in range(len(fds))]
+        try:
+            for fd, name in zip(fds, names, strict=True):
+                self._qmp.send_fd_scm(fd)
+                await self._qmp_cmd("getfd", {"fdname": name})
+            await self._qmp_cmd("netdev_add", tap_netdev(nic_id, names))
+            try:
+                await self._qmp_cmd("device_add", nic_device(nic_id, mac, len(fds), port))
+            except errors.PykataError:
+                with contextlib.suppress(errors.PykataError):
+                    await self._qmp_cmd("netdev_del", {"id": nic_id})
+                raise
+        except BaseException:
+            self._ports.pop(nic_id, None)
+            for name in names:
+                with contextlib.suppress(BaseException):
+                    await self._qmp_cmd("closefd", {"fdname": name})
+            raise
+        return port
+
+    # -- templating -------------------------------------------------------------------
+    async def _migrate_caps(self) -> None:
+        await self._qmp_cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True},
+            {"capability": "events", "state": True}]})
+
+    async def _await_migration(self, timeout: float) -> None:
+        """Until the MIGRATION event says completed (or failed)."""
+        assert self._qmp is not None
+        listener = EventListener(("MIGRATION",))
+        with self._qmp.listen(listener):
+            status = str((await self._qmp_cmd("query-migrate")).get("status", ""))
+            try:
+                async with asyncio.timeout(timeout):
+                    while status not in ("completed", "failed", "cancelled"):
+                        event = await listener.get()
+                        data = event["data"] if "data" in event else None
+                        if isinstance(data, dict):
+                            status = str(data.get("status", ""))
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"VM {self.spec.id}: migration not done within {timeout:g}s") from None
+        if status != "completed":
+            info = await self._qmp_cmd("query-migrate")
+            raise errors.Internal(f"VM {self.spec.id}: migration {status}:"
+                                  f" {info.get('error-desc', 'no detail')}")
+
+    async def save(self, path: Path) -> None:
+        if self.spec.memory_file is None:
+            raise errors.FailedPrecondition(f"VM {self.spec.id} has no file-backed memory to save")
+        await self._migrate_caps()
+        await self._qmp_cmd("stop")
+        await self._qmp_cmd("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+        await self._await_migration(60.0)
+
+    async def restore(self, path: Path) -> None:
+        if not self.spec.incoming:
+            raise errors.FailedPrecondition(f"VM {self.spec.id} was not started to restore")
+        await self._migrate_caps()
+        await self._qmp_cmd("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
+        await self._await_migration(60.0)
+        await self._qmp_cmd("cont")
