@@ -83,6 +83,19 @@ class RuntimeConfig:
     create_container_timeout: int = 60
     enable_debug: bool = False
     sandbox_cgroup_only: bool = False
+    # Kubernetes emptyDir volumes live in the guest by default; true keeps them
+    # on the host, shared through virtio-fs.
+    disable_guest_empty_dir: bool = False
+
+
+@dataclass
+class FactoryConfig:
+    """[factory]: VM templating. A template VM is booted once (agent up, idle)
+    and saved; each sandbox then starts as a copy of it instead of booting."""
+
+    enable_template: bool = False
+    # Where the template's memory and device state live; keep it on tmpfs.
+    template_path: str = "/dev/shm/pykata/template"
 
 
 @dataclass
@@ -98,6 +111,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
     source: str = ""  # the file it was read from ("" = built-in defaults)
 
     @property
@@ -205,6 +219,10 @@ def _cross_check(cfg: Config, where: str) -> None:
             f"{where}: [hypervisor.qemu] default_maxvcpus ({q.default_maxvcpus}) is below"
             f" default_vcpus ({q.default_vcpus})"
         )
+    if cfg.factory.enable_template and not os.path.isabs(cfg.factory.template_path):
+        raise InvalidArgument(
+            f"{where}: [factory] template_path must be an absolute path,"
+            f" not {cfg.factory.template_path!r}")
     if q.default_maxmemory and q.default_maxmemory < q.default_memory:
         raise InvalidArgument(
             f"{where}: [hypervisor.qemu] default_maxmemory ({q.default_maxmemory}) is below"

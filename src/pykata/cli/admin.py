@@ -186,6 +186,43 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- factory (VM templating) ---------------------------------------------------------
+def cmd_factory_init(args: argparse.Namespace) -> int:
+    from pykata.runtime.sandbox import init_template
+
+    cfg = _load_config(args)
+    t = asyncio.run(init_template(cfg))
+    print(f"template {t.key} in {t.dir}: booted in {t.boot_seconds:.2f}s, "
+          f"{t.memory_bytes / 2**20:.0f} MiB of guest RAM saved")
+    if not cfg.factory.enable_template:
+        print("note: [factory] enable_template is false: sandboxes still boot cold")
+    return 0
+
+
+def cmd_factory_status(args: argparse.Namespace) -> int:
+    from pykata.runtime.factory import Factory
+
+    cfg = _load_config(args)
+    t = Factory(cfg).current()
+    print(f"templating: {'enabled' if cfg.factory.enable_template else 'disabled'}"
+          f" ([factory] enable_template)")
+    if t is None:
+        print(f"template:   none in {cfg.factory.template_path}")
+    else:
+        print(f"template:   {t.key} in {t.dir} ({t.memory_bytes / 2**20:.0f} MiB of RAM,"
+              f" booted in {t.boot_seconds:.2f}s)")
+    return 0
+
+
+def cmd_factory_destroy(args: argparse.Namespace) -> int:
+    from pykata.runtime.factory import Factory
+
+    cfg = _load_config(args)
+    found = Factory(cfg).destroy()
+    print("template removed" if found else "no template to remove")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pykata", description="pykata admin tool")
     p.add_argument("--version", action="version", version=f"pykata {__version__}")
@@ -215,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bundle", required=True)
     r.add_argument("id")
     r.set_defaults(func=cmd_run)
+    f = sub.add_parser("factory", help="VM templating: the template sandboxes start from")
+    fsub = f.add_subparsers(dest="factory_cmd", required=True)
+    fsub.add_parser("init", help="boot and save the VM template").set_defaults(
+        func=cmd_factory_init)
+    fsub.add_parser("status", help="show the VM template").set_defaults(
+        func=cmd_factory_status)
+    fsub.add_parser("destroy", help="remove the VM template").set_defaults(
+        func=cmd_factory_destroy)
     cl = sub.add_parser("cleanup", help="remove sandboxes whose owner is gone")
     cl.add_argument("id", nargs="?")
     cl.set_defaults(func=cmd_cleanup)

@@ -35,7 +35,17 @@ def mount_storage(driver: str, source: str, mount_point: str, fstype: str,
         if driver == "virtiofs":
             if not source:
                 raise errors.InvalidArgument("virtiofs storage needs a source tag")
-            sysutil.mount_with_options(source, mount_point, "virtiofs", options)
+            # A hot-plugged device (a VM cloned from a template) may still be probing.
+            deadline = time.monotonic() + wait_device
+            while True:
+                try:
+                    sysutil.mount_with_options(source, mount_point, "virtiofs", options)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.ENOENT, errno.ENODEV) or \
+                            time.monotonic() >= deadline:
+                        raise
+                time.sleep(0.02)
         elif driver == "tmpfs":
             sysutil.mount_with_options(source or "tmpfs", mount_point, "tmpfs", options)
         elif driver == "blk":

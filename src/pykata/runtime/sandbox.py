@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -22,13 +23,14 @@ from typing import Any
 from pykata import errors
 from pykata.agent import AgentClient
 from pykata.config import LEAN_KERNEL_PARAMS, Config
-from pykata.hypervisor.base import Hypervisor, VMSpec
+from pykata.hypervisor.base import Hypervisor, NicSpec, VMSpec
 from pykata.hypervisor.channels import vhost_vsock_available
 from pykata.hypervisor.qemu import QemuHypervisor
 from pykata.hypervisor.qemu.accel import probe
 from pykata.hypervisor.qemu.cmdline import QemuOptions
 from pykata.resources import network
 from pykata.resources.sharedfs import GUEST_SHARED_DIR, SHARED_TAG, VirtioFsDaemon
+from pykata.runtime import factory
 from pykata.runtime.container import Container
 from pykata.runtime.state import SandboxRecord, sandbox_dir
 from pykata.runtime.types import State, Storage
@@ -37,6 +39,10 @@ from pykata.utils import mounts
 from pykata.utils.process import ProcRef, tail, terminate
 
 log = logging.getLogger(__name__)
+
+PCIE_ROOT_PORTS = 6  # for hot-plugged disks, NICs and (in clones) virtio-fs
+MAX_NIC_QUEUES = 4
+NIC_APPEAR_TIMEOUT = 10.0  # seconds for a hot-plugged NIC to show up in the guest
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -105,35 +111,19 @@ class Sandbox:
         spec = self._vm_spec(vcpus, memory_mib, vfs_sock if share else None)
         self.vcpus, self.memory_mib = spec.vcpus, spec.memory_mib
         self._base = (spec.vcpus, spec.memory_mib)
-        accel = await asyncio.to_thread(
-            probe, q.path, q.accelerator, Path(self.config.runtime.state_dir) / "accel.json")
-        self.accel = accel.accel
-        log.debug("sandbox %s: accelerator %s (%s)", self.id, accel.accel, accel.reason)
-        self.vm = QemuHypervisor(spec, q.path, QemuOptions(
-            accel=accel.accel, cpu_model=q.cpu_model, machine_type=q.machine_type,
-            machine_options=q.machine_options, tb_size_mib=q.tb_size if accel.accel == "tcg"
-            else 0, pcie_root_ports=2, extra_args=tuple(q.extra_args),
-        ))
-        await self.vm.prepare()
-        model = self.config.runtime.internetworking_model
-        if self.netns and model != "none":
-            self.network = await asyncio.to_thread(network.attach, self.netns, model)
-            spec.tap_fds = self.network.fds()
-            spec.tap_macs = [ep.mac for ep in self.network.endpoints]
-            await self.vm.prepare()  # the command line now has the NICs
-        if self.virtiofsd is not None:
-            await self.virtiofsd.start()
-            self.record.virtiofsd = _ref_json(self.virtiofsd.ref)
-        await self.vm.start()
-        self.record.qemu = _ref_json(ProcRef.of(self.vm.pid) if self.vm.pid else None)
-        if self.network is not None:
-            self.network.close_fds()  # QEMU holds them now
-            self.record.extra["netns"] = self.netns
+        options = await self._qemu_options()
+        template = await self._template(spec, options)
+        if template is not None:
+            await self._start_clone(spec, options, template)
+        else:
+            await self._start_cold(spec, options)
         self.persist()
         await self._connect_agent()
+        if template is not None:
+            await self._plug_clone_devices(spec)
         if self.network is not None:
             for ep in self.network.endpoints:
-                await self.agent.update_interface(ep.name, ep.mac, ep.mtu, ep.addresses)
+                await self._update_interface(ep, wait=template is not None)
             await self.agent.update_routes([(r.dest, r.gateway, r.device, r.family)
                                             for r in self.network.routes])
         storages = []
@@ -145,7 +135,21 @@ class Sandbox:
         )
         self.state = State.RUNNING
         self.persist()
-        log.info("sandbox %s running (VM pid %s, %s)", self.id, self.vm.pid, self.accel)
+        log.info("sandbox %s running (VM pid %s, %s%s)", self.id,
+                 self.vm.pid if self.vm else None, self.accel,
+                 ", from a template" if template is not None else "")
+
+    async def _qemu_options(self) -> QemuOptions:
+        q = self.config.qemu
+        accel = await asyncio.to_thread(
+            probe, q.path, q.accelerator, Path(self.config.runtime.state_dir) / "accel.json")
+        self.accel = accel.accel
+        log.debug("sandbox %s: accelerator %s (%s)", self.id, accel.accel, accel.reason)
+        return QemuOptions(
+            accel=accel.accel, cpu_model=q.cpu_model, machine_type=q.machine_type,
+            machine_options=q.machine_options, tb_size_mib=q.tb_size if accel.accel == "tcg"
+            else 0, pcie_root_ports=PCIE_ROOT_PORTS, extra_args=tuple(q.extra_args),
+        )
 
     def _vm_spec(self, vcpus: int | None, memory_mib: int | None,
                  vfs_sock: Path | None) -> VMSpec:
@@ -169,6 +173,93 @@ class Sandbox:
             shared_fs_cache_size_mib=q.virtio_fs_cache_size, agent_channel=channel,
             vsock_cid=_vsock_cid(self.id), debug=q.enable_debug or self.config.agent.enable_debug,
         )
+
+    async def _attach_network(self, queues: int) -> None:
+        model = self.config.runtime.internetworking_model
+        if self.netns and model != "none":
+            self.network = await asyncio.to_thread(network.attach, self.netns, model, queues)
+            self.record.extra["netns"] = self.netns
+
+    def _queues(self, spec: VMSpec) -> int:
+        """Tap queues per NIC: one per vCPU the VM can have, at most 4."""
+        return max(1, min(spec.max_vcpus, MAX_NIC_QUEUES)) if spec.max_vcpus > 1 else 1
+
+    async def _start_cold(self, spec: VMSpec, options: QemuOptions) -> None:
+        """Boot the guest kernel and initrd."""
+        self.vm = QemuHypervisor(spec, self.config.qemu.path, options)
+        await self.vm.prepare()
+        await self._attach_network(self._queues(spec))
+        if self.network is not None:
+            spec.nics = [NicSpec(ep.fds, ep.mac) for ep in self.network.endpoints]
+            await self.vm.prepare()  # the command line now has the NICs
+        if self.virtiofsd is not None:
+            await self.virtiofsd.start()
+            self.record.virtiofsd = _ref_json(self.virtiofsd.ref)
+        await self.vm.start()
+        self.record.qemu = _ref_json(ProcRef.of(self.vm.pid) if self.vm.pid else None)
+        if self.network is not None:
+            self.network.close_fds()  # QEMU holds them now
+
+    async def _template(self, spec: VMSpec, options: QemuOptions) -> factory.Template | None:
+        """The VM template to start from, or None to boot cold."""
+        if not self.config.factory.enable_template:
+            return None
+        why = factory.eligible(spec)
+        if why:
+            log.warning("sandbox %s boots cold: %s", self.id, why)
+            return None
+        return await factory.Factory(self.config).ensure(spec, self.config.qemu.path, options)
+
+    async def _start_clone(self, spec: VMSpec, options: QemuOptions,
+                           template: factory.Template) -> None:
+        """Start QEMU as a copy of the template: its RAM copied (sparse) into a
+        file of our own, its device state restored. virtio-fs and NICs follow."""
+        mem = factory.clone_memory_path(self.config.runtime.state_dir, self.id)
+        self.record.extra["memory_file"] = str(mem)
+        self.persist()
+        mem.parent.mkdir(parents=True, exist_ok=True)
+        clone = dataclasses.replace(spec, shared_fs_socket=None, nics=[], memory_file=mem,
+                                    incoming=True)
+        copying = asyncio.ensure_future(asyncio.to_thread(factory.sparse_copy,
+                                                          template.memory, mem))
+        try:
+            self.vm = QemuHypervisor(clone, self.config.qemu.path, options)
+            await self.vm.prepare()
+            await self._attach_network(self._queues(spec))
+            if self.virtiofsd is not None:
+                await self.virtiofsd.start()
+                self.record.virtiofsd = _ref_json(self.virtiofsd.ref)
+        finally:
+            await asyncio.wait({copying})
+        copied = copying.result()
+        await self.vm.start()
+        self.record.qemu = _ref_json(ProcRef.of(self.vm.pid) if self.vm.pid else None)
+        self.persist()
+        await self.vm.restore(template.state)
+        log.debug("sandbox %s: cloned from template %s (%d MiB of RAM copied)", self.id,
+                  template.key, copied >> 20)
+
+    async def _plug_clone_devices(self, spec: VMSpec) -> None:
+        """What a template cannot carry: the shared filesystem and the NICs."""
+        assert self.vm is not None
+        if spec.shared_fs_socket is not None:
+            await self.vm.hotplug_shared_fs(spec.shared_fs_socket, SHARED_TAG)
+        if self.network is not None:
+            for i, ep in enumerate(self.network.endpoints):
+                await self.vm.hotplug_nic(f"net{i}", ep.fds, ep.mac)
+            self.network.close_fds()
+
+    async def _update_interface(self, ep: network.Endpoint, wait: bool) -> None:
+        """Configure one guest NIC; a hot-plugged one may take a moment to appear."""
+        deadline = asyncio.get_running_loop().time() + (NIC_APPEAR_TIMEOUT if wait else 0)
+        while True:
+            try:
+                await self.agent.update_interface(ep.name, ep.mac, ep.mtu, ep.addresses)
+                return
+            except errors.NotFound:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+            await asyncio.sleep(0.05)
 
     async def _connect_agent(self) -> None:
         assert self.vm is not None
@@ -352,9 +443,20 @@ class Sandbox:
         if self.network is not None:
             await asyncio.to_thread(network.detach, self.network)
             self.network = None
+        _remove_memory_file(self.record.extra.get("memory_file"))
         self.state = State.STOPPED
         remove_sandbox_dir(self.dir)
         log.info("sandbox %s stopped and removed", self.id)
+
+
+async def init_template(config: Config) -> factory.Template:
+    """Build (or find) the VM template a default-sized sandbox starts from."""
+    sb = Sandbox("template-init", config)
+    spec = sb._vm_spec(None, None, None)
+    why = factory.eligible(spec)
+    if why:
+        raise errors.FailedPrecondition(f"cannot build a VM template: {why}")
+    return await factory.Factory(config).ensure(spec, config.qemu.path, await sb._qemu_options())
 
 
 def remove_sandbox_dir(d: Path) -> None:
@@ -364,6 +466,12 @@ def remove_sandbox_dir(d: Path) -> None:
     if failed:
         raise errors.Internal(f"cannot unmount {', '.join(failed)}; left {d} in place")
     shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove_memory_file(path: Any) -> None:
+    if isinstance(path, str) and path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _ref_json(ref: ProcRef | None) -> dict[str, int] | None:
@@ -404,5 +512,6 @@ async def cleanup(state_dir: str | Path, sandbox_id: str) -> bool:
             ref = ProcRef.from_json(data)
             if ref is not None:
                 await terminate(ref, grace=2.0)
+        _remove_memory_file(rec.extra.get("memory_file"))
     remove_sandbox_dir(d)
     return True

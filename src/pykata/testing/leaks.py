@@ -38,6 +38,9 @@ def leftovers(state_dir: str | Path, sandbox_id: str = "") -> list[str]:
     target = root / "sbs" / sandbox_id if sandbox_id else root / "sbs"
     if root.exists():
         out += [f"mount {m}" for m in mounts_under(target)]
+    from pykata.runtime.factory import clone_memory_files
+
+    out += [f"VM memory file {f}" for f in clone_memory_files(root, sandbox_id)]
     if sandbox_id and target.exists():
         out.append(f"state directory {target}")
     elif not sandbox_id and target.exists():
