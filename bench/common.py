@@ -1,16 +1,32 @@
-"""Shared helpers for benchmarks: timing, statistics, PSS, result files."""
+"""Shared helpers for benchmarks: timing, statistics, PSS, result files, the
+private containerd every section uses, and cleanup of what a section made."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
 import json
+import os
+import signal
 import statistics
-import subprocess
+import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
+
+from pykata.testing.containerd import PrivateContainerd
 
 RESULTS = Path(__file__).parent / "results"
+CACHE = Path("/var/tmp/pykata-bench")
+CTD_BASE = Path("/run/pykata-bench")
+CTD_ROOT = Path("/var/lib/pykata-bench/containerd")
+NAMESPACE = "bench"
+SHIM_MARKERS = ("pykata.shim", "containerd-shim-pykata-v2")
 
 
 @dataclass
@@ -34,23 +50,28 @@ class Series:
     def hi(self) -> float:
         return max(self.samples) if self.samples else float("nan")
 
-    def row(self) -> str:
+    def line(self) -> str:
         if not self.samples:
-            return f"| {self.name} | `{self.command}` | 0 | n/a | n/a | {self.note or 'failed'} |"
-        return (f"| {self.name} | `{self.command}` | {len(self.samples)} | "
-                f"{self.median:.3g} {self.unit} | {self.lo:.3g}-{self.hi:.3g} | {self.note} |")
+            return f"{self.name}: no sample ({self.note or 'failed'})"
+        return (f"{self.name}: median {self.median:.4g} {self.unit}, min-max "
+                f"{self.lo:.4g}-{self.hi:.4g}, n={len(self.samples)}, failures={self.failures}")
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
-        d.update(median=self.median, min=self.lo, max=self.hi)
+        d.update(median=self.median, min=self.lo, max=self.hi, runs=len(self.samples))
         return d
 
 
-def timed(fn: Callable[[], bool], runs: int, warmup: int = 1) -> tuple[list[float], int]:
-    """Run ``fn`` warmup+runs times; wall seconds of the successful timed runs."""
+def timed(fn: Callable[[], bool], runs: int, warmup: int = 1,
+          budget: float = 0.0) -> tuple[list[float], int]:
+    """Run ``fn`` warmup+runs times (fewer if ``budget`` seconds run out); wall
+    seconds of the successful timed runs, and the number of failed ones."""
     samples: list[float] = []
     failures = 0
+    start = time.monotonic()
     for i in range(warmup + runs):
+        if budget and i > warmup and time.monotonic() - start > budget:
+            break
         t0 = time.perf_counter()
         ok = fn()
         dt = time.perf_counter() - t0
@@ -61,6 +82,25 @@ def timed(fn: Callable[[], bool], runs: int, warmup: int = 1) -> tuple[list[floa
         else:
             failures += 1
     return samples, failures
+
+
+async def atimed(fn: Callable[[], Awaitable[object]], runs: int, warmup: int = 1,
+                 budget: float = 0.0) -> list[float]:
+    """Async version of :func:`timed` for coroutine functions (exceptions propagate)."""
+    samples: list[float] = []
+    start = time.monotonic()
+    for i in range(warmup + runs):
+        if budget and i > warmup and time.monotonic() - start > budget:
+            break
+        t0 = time.perf_counter()
+        await fn()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            samples.append(dt)
+    return samples
+
+
+# -- processes and memory -------------------------------------------------------------
 
 
 def pss_kib(pid: int) -> int:
@@ -84,14 +124,167 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def pids_matching(pattern: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True,
-                         check=False).stdout.split()
-    return [int(p) for p in out]
+def processes() -> Iterator[tuple[int, int, str]]:
+    """(pid, ppid, command line) of every process."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (p / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        yield int(p.name), ppid, cmd
 
 
-def save(name: str, data: object) -> Path:
+def shim_pids(address: Path, ids: Iterable[str] | None = None) -> dict[str, int]:
+    """Container id -> pid of the pykata shim serving it for the containerd at
+    ``address`` (only ``ids`` if given)."""
+    want = set(ids) if ids is not None else None
+    out: dict[str, int] = {}
+    for pid, _, cmd in processes():
+        if not any(m in cmd for m in SHIM_MARKERS) or f"-address {address} " not in cmd + " ":
+            continue
+        words = cmd.split()
+        if "-id" in words and words.index("-id") + 1 < len(words):
+            cid = words[words.index("-id") + 1]
+            if want is None or cid in want:
+                out[cid] = pid
+    return out
+
+
+def descendants(root: int) -> list[tuple[int, str]]:
+    procs = list(processes())
+    kids: dict[int, list[tuple[int, str]]] = {}
+    for pid, ppid, cmd in procs:
+        kids.setdefault(ppid, []).append((pid, cmd))
+    out: list[tuple[int, str]] = []
+    todo = [root]
+    while todo:
+        for pid, cmd in kids.get(todo.pop(), []):
+            out.append((pid, cmd))
+            todo.append(pid)
+    return out
+
+
+def pod_memory(address: Path, ids: list[str]) -> dict[str, float]:
+    """PSS (KiB) of shim + QEMU + virtiofsd of the pods ``ids`` (summed over
+    pods), the largest shim RSS, and how many pods were found."""
+    per = {"qemu": 0.0, "virtiofsd": 0.0, "shim": 0.0}
+    shim_rss = 0
+    shims = shim_pids(address, ids)
+    for pid in shims.values():
+        per["shim"] += pss_kib(pid)
+        shim_rss = max(shim_rss, rss_kib(pid))
+        for child, cmd in descendants(pid):
+            if "qemu-system" in cmd:
+                per["qemu"] += pss_kib(child)
+            elif "virtiofsd" in cmd:
+                per["virtiofsd"] += pss_kib(child)
+    return {**per, "total": sum(per.values()), "shim_rss_max": float(shim_rss),
+            "pods_found": float(len(shims))}
+
+
+# -- the private containerd of the benchmarks ------------------------------------------
+
+
+def start_containerd(section: str) -> PrivateContainerd:
+    """A private containerd (no CRI) with the busybox image imported."""
+    from pykata.testing import busybox_rootfs
+    from pykata.testing.images import oci_archive
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    rootfs = busybox_rootfs(CACHE / "busybox-rootfs")
+    archive = oci_archive(rootfs, CACHE / "busybox.oci.tar")
+    ctd = PrivateContainerd(base=CTD_BASE / section, root=CTD_ROOT, namespace=NAMESPACE)
+    ctd.start()
+    try:
+        ctd.import_image(archive)
+    except BaseException:
+        ctd.stop()
+        raise
+    return ctd
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def remove_containers(ctd: PrivateContainerd, ids: list[str]) -> None:
+    """Kill and delete containers (in parallel), then make sure no shim, VM or
+    sandbox state of theirs is left (also after a failure)."""
+    if not ids:
+        return
+
+    def one(cid: str) -> None:
+        ctd.ctr("task", "kill", "-s", "KILL", cid, check=False, timeout=60)
+        for _ in range(50):
+            r = ctd.ctr("task", "delete", "-f", cid, check=False, timeout=60)
+            if r.returncode == 0 or b"not found" in r.stderr:
+                break
+            time.sleep(0.2)
+        ctd.ctr("container", "delete", cid, check=False, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=min(len(ids), 10)) as ex:
+        list(ex.map(one, ids))
+    reap_shims(ctd.socket, ids)
+
+
+def reap_shims(address: Path, ids: list[str]) -> None:
+    """Last resort: terminate shims (and their QEMU/virtiofsd) of ``ids`` still
+    running, and clean their sandbox state."""
+    deadline = time.monotonic() + 15
+    while shim_pids(address, ids) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    left = shim_pids(address, ids)
+    for cid, pid in left.items():
+        print(f"  reaping shim of {cid} (pid {pid})", file=sys.stderr)
+        for child, _ in descendants(pid):
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        from pykata import config
+        from pykata.runtime.sandbox import cleanup
+
+        state = config.load().runtime.state_dir
+        for cid in left:
+            with contextlib.suppress(Exception):
+                asyncio.run(cleanup(state, cid))
+
+
+# -- command line and results ------------------------------------------------------------
+
+
+def arg_parser(doc: str | None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--quick", action="store_true", help="few runs, small sizes (development)")
+    ap.add_argument("--runs", type=int, default=0, help="override the run count")
+    return ap
+
+
+def runs(args: argparse.Namespace, full: int, quick: int) -> int:
+    return int(args.runs) if args.runs else (quick if args.quick else full)
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM (run.py's timeout) unwinds like Ctrl-C so that cleanup runs."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def save(name: str, data: dict[str, object]) -> Path:
     RESULTS.mkdir(exist_ok=True)
+    data.setdefault("when", time.strftime("%Y-%m-%d %H:%M"))
+    data.setdefault("host", os.uname().release)
     p = RESULTS / f"{name}.json"
-    p.write_text(json.dumps(data, indent=1, default=str))
+    p.write_text(json.dumps(data, indent=1, default=str) + "\n")
     return p
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

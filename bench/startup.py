@@ -1,28 +1,33 @@
 """Cold start side by side: `ctr run --rm IMAGE id true` with pykata, runc,
 crun (through the runc shim) and runsc (ptrace, no network), and a bare QEMU
-boot of pykata's kernel + initrd to init. Then idle per-pod host memory."""
+boot of pykata's kernel + initrd to init (idle memory: density.py)."""
 
 from __future__ import annotations
 
-import argparse
-import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import Series, pids_matching, pss_kib, rss_kib, save, timed
+from common import (
+    CACHE,
+    Series,
+    arg_parser,
+    log,
+    remove_containers,
+    runs,
+    save,
+    sigterm_as_interrupt,
+    start_containerd,
+    timed,
+)
 
 from pykata import config
 from pykata.hypervisor.qemu.accel import probe
-from pykata.testing import busybox_rootfs
 from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
-from pykata.testing.images import BUSYBOX_REF, oci_archive
-
-CACHE = Path("/var/tmp/pykata-bench")
+from pykata.testing.images import BUSYBOX_REF
 
 
 def bare_boot(cfg: config.Config, runs: int) -> Series:
@@ -50,6 +55,7 @@ def bare_boot(cfg: config.Config, runs: int) -> Series:
 def runsc_wrapper() -> Path | None:
     import shutil
 
+    CACHE.mkdir(parents=True, exist_ok=True)
     runsc = shutil.which("runsc")
     if not runsc:
         return None
@@ -63,11 +69,15 @@ def ctr_series(ctd: PrivateContainerd, name: str, extra: list[str], runs: int,
                note: str = "") -> Series:
     def once() -> bool:
         cid = f"b{uuid.uuid4().hex[:8]}"
-        r = ctd.ctr("run", "--rm", *extra, BUSYBOX_REF, cid, "true", check=False, timeout=180)
+        try:
+            r = ctd.ctr("run", "--rm", *extra, BUSYBOX_REF, cid, "true", check=False,
+                        timeout=180)
+        except BaseException:
+            remove_containers(ctd, [cid])
+            raise
         if r.returncode != 0:
-            print(f"  {name}: {r.stderr.decode(errors='replace').strip()[-200:]}",
-                  file=sys.stderr)
-            ctd.ctr("container", "delete", cid, check=False)
+            log(f"  {name}: {r.stderr.decode(errors='replace').strip()[-200:]}")
+            remove_containers(ctd, [cid])
         return r.returncode == 0
 
     samples, failures = timed(once, runs)
@@ -75,76 +85,35 @@ def ctr_series(ctd: PrivateContainerd, name: str, extra: list[str], runs: int,
     return Series(name, cmd, "s", samples, failures, note)
 
 
-def idle_memory(ctd: PrivateContainerd, pods: int) -> dict[str, float]:
-    """Average PSS per idle pod (shim + QEMU + virtiofsd), KiB."""
-    ids = [f"m{uuid.uuid4().hex[:8]}" for _ in range(pods)]
-    try:
-        for cid in ids:
-            ctd.ctr("run", "-d", "--runtime", RUNTIME_TYPE, BUSYBOX_REF, cid, "sleep", "3600")
-        time.sleep(3)
-        per = {"qemu": 0, "virtiofsd": 0, "shim": 0}
-        for pid in pids_matching("qemu-system-x86_64 -name pykata-m"):
-            per["qemu"] += pss_kib(pid)
-        for pid in pids_matching("virtiofsd --fd"):
-            per["virtiofsd"] += pss_kib(pid)
-        shim_rss = []
-        for pid in pids_matching("pykata.shim .*-id m"):
-            per["shim"] += pss_kib(pid)
-            shim_rss.append(rss_kib(pid))
-        out = {k: v / pods for k, v in per.items()}
-        out["total"] = sum(out.values())
-        out["shim_rss"] = max(shim_rss) if shim_rss else 0
-        out["pods"] = pods
-        return out
-    finally:
-        for cid in ids:
-            ctd.ctr("task", "kill", "-s", "KILL", cid, check=False)
-        time.sleep(1)
-        for cid in ids:
-            ctd.ctr("task", "delete", "-f", cid, check=False)
-            ctd.ctr("container", "delete", cid, check=False)
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=10)
-    args = ap.parse_args()
+    args = arg_parser(__doc__).parse_args()
+    sigterm_as_interrupt()
+    n = runs(args, 10, 3)
     cfg = config.load()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    rootfs = busybox_rootfs(CACHE / "busybox-rootfs")
-    archive = oci_archive(rootfs, CACHE / "busybox.oci.tar")
-    ctd = PrivateContainerd(base=Path("/run/pykata-bench"),
-                            root=Path("/var/lib/pykata-bench/containerd"), namespace="bench")
     series: list[Series] = []
-    ctd.start()
+    ctd = start_containerd("startup")
     try:
-        ctd.import_image(archive)
-        print("bare VM boot ...", file=sys.stderr)
-        series.append(bare_boot(cfg, args.runs))
-        print("pykata ...", file=sys.stderr)
-        series.append(ctr_series(ctd, "pykata", ["--runtime", RUNTIME_TYPE], args.runs))
-        print("runc ...", file=sys.stderr)
-        series.append(ctr_series(ctd, "runc", [], args.runs))
-        print("crun ...", file=sys.stderr)
-        series.append(ctr_series(ctd, "crun (runc shim)", ["--runc-binary", "/usr/bin/crun"],
-                                 args.runs))
+        log(f"startup: bare VM boot x{n}")
+        series.append(bare_boot(cfg, n))
+        for name, extra, note in (
+                ("pykata", ["--runtime", RUNTIME_TYPE], ""),
+                ("runc", [], ""),
+                ("crun (runc shim)", ["--runc-binary", "/usr/bin/crun"], "")):
+            log(f"startup: {name} x{n}")
+            series.append(ctr_series(ctd, name, extra, n, note))
         w = runsc_wrapper()
         if w is not None:
-            print("runsc ...", file=sys.stderr)
-            series.append(ctr_series(ctd, "runsc (ptrace)", ["--runc-binary", str(w)],
-                                     args.runs, note="gVisor, --network=none"))
+            log(f"startup: runsc x{n}")
+            series.append(ctr_series(ctd, "runsc (ptrace)", ["--runc-binary", str(w)], n,
+                                     note="gVisor, --network=none"))
         else:
             series.append(Series("runsc (ptrace)", "ctr run --rm ...", "s",
                                  note="runsc not installed"))
-        print("idle memory ...", file=sys.stderr)
-        mem1 = idle_memory(ctd, 1)
     finally:
         ctd.stop()
-    save("startup", {"series": [s.to_json() for s in series], "memory": [mem1],
-                     "host": os.uname().release, "when": time.strftime("%Y-%m-%d %H:%M")})
+    save("startup", {"series": [s.to_json() for s in series]})
     for s in series:
-        print(s.row())
-    print(mem1)
+        print(s.line())
     return 0
 
 

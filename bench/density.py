@@ -1,0 +1,143 @@
+"""Per-pod host memory and density.
+
+1. Memory as pods are added: idle pykata pods (`ctr run -d --runtime
+   io.containerd.pykata.v2 IMAGE id sleep 3600`) are started in parallel
+   batches up to 1, 2, 4, 8, 10 pods; after each step the PSS of every pod's
+   shim + QEMU + virtiofsd is summed (per pod and total).
+2. Density: N pods started all at once from zero within a time budget: how
+   many come up, how many fail, the time until all are running.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import (
+    arg_parser,
+    log,
+    new_id,
+    pod_memory,
+    remove_containers,
+    save,
+    sigterm_as_interrupt,
+    start_containerd,
+)
+
+from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
+from pykata.testing.images import BUSYBOX_REF
+
+RUN_CMD = f"ctr run -d --runtime {RUNTIME_TYPE} IMAGE id sleep 3600"
+
+
+def start_pods(ctd: PrivateContainerd, ids: list[str], budget: float
+               ) -> tuple[list[str], list[str], float, list[float]]:
+    """Start ``ids`` at once; (started, failed, seconds until the last one
+    returned, per-pod seconds)."""
+    t0 = time.perf_counter()
+
+    def one(cid: str) -> tuple[str, bool, float]:
+        s = time.perf_counter()
+        try:
+            r = ctd.ctr("run", "-d", "--runtime", RUNTIME_TYPE, BUSYBOX_REF, cid, "sleep",
+                        "3600", check=False, timeout=budget)
+        except Exception as exc:  # timeout: counts as a failure
+            log(f"  {cid}: {exc}")
+            return cid, False, time.perf_counter() - s
+        if r.returncode != 0:
+            log(f"  {cid}: {r.stderr.decode(errors='replace').strip()[-200:]}")
+        return cid, r.returncode == 0, time.perf_counter() - s
+
+    with ThreadPoolExecutor(max_workers=max(1, len(ids))) as ex:
+        results = list(ex.map(one, ids))
+    total = time.perf_counter() - t0
+    ok = [c for c, good, _ in results if good]
+    bad = [c for c, good, _ in results if not good]
+    return ok, bad, total, [dt for _, good, dt in results if good]
+
+
+def settle(seconds: float) -> None:
+    """Idle pods: give the guests a moment to finish booting work before PSS."""
+    time.sleep(seconds)
+
+
+def memory_steps(ctd: PrivateContainerd, steps: list[int], budget: float, idle: float,
+                 ids: list[str]) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    running: list[str] = []
+    for total in steps:
+        batch = [new_id("m") for _ in range(total - len(running))]
+        ids.extend(batch)
+        log(f"density: memory step to {total} pods (+{len(batch)} in parallel)")
+        ok, bad, secs, _ = start_pods(ctd, batch, budget)
+        running += ok
+        settle(idle)
+        mem = pod_memory(ctd.socket, running)
+        pods = len(running)
+        out.append({
+            "pods": pods, "added": len(batch), "failed": len(bad), "batch_seconds": secs,
+            "kib_total": mem, "kib_per_pod": {k: v / pods for k, v in mem.items()
+                                              if k in ("qemu", "virtiofsd", "shim", "total")}
+            if pods else {},
+            "shim_rss_max_kib": mem["shim_rss_max"],
+        })
+        if bad:
+            log(f"density: {len(bad)} pods failed at step {total}: stopping the steps")
+            break
+    remove_containers(ctd, ids)
+    ids.clear()
+    return out
+
+
+def burst(ctd: PrivateContainerd, n: int, budget: float, idle: float,
+          ids: list[str]) -> dict[str, object]:
+    batch = [new_id("d") for _ in range(n)]
+    ids.extend(batch)
+    log(f"density: {n} pods at once (budget {budget:.0f} s)")
+    ok, bad, secs, per = start_pods(ctd, batch, budget)
+    settle(idle)
+    mem = pod_memory(ctd.socket, ok)
+    alive = int(mem["pods_found"])
+    remove_containers(ctd, ids)
+    ids.clear()
+    return {"requested": n, "started": len(ok), "failed": len(bad), "budget_s": budget,
+            "all_ready_s": secs if not bad else None, "per_pod_s": per,
+            "still_running_after_settle": alive,
+            "kib_per_pod": {k: v / len(ok) for k, v in mem.items()
+                            if k in ("qemu", "virtiofsd", "shim", "total")} if ok else {},
+            "command": RUN_CMD}
+
+
+def main() -> int:
+    ap = arg_parser(__doc__)
+    ap.add_argument("--pods", type=int, default=0, help="pods for the burst (default 10)")
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds for the burst")
+    args = ap.parse_args()
+    sigterm_as_interrupt()
+    pods = args.pods or (3 if args.quick else 10)
+    steps = [s for s in (1, 2, 4, 8) if s < pods] + [pods]
+    if args.quick:
+        steps = [1, 2]
+    idle = 3.0 if args.quick else 8.0
+    ids: list[str] = []
+    ctd = start_containerd("density")
+    try:
+        mem = memory_steps(ctd, steps, args.budget, idle, ids)
+        b = burst(ctd, pods, args.budget, idle, ids)
+    finally:
+        remove_containers(ctd, ids)
+        ctd.stop()
+    save("density", {"memory_steps": mem, "burst": b, "command": RUN_CMD,
+                     "settle_s": idle})
+    for m in mem:
+        print(m)
+    print(b)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
