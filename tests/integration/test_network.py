@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -21,7 +23,7 @@ from tests.integration.test_cri_pykata import Env, Pod, cri_env
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module", params=["tcfilter", "macvtap"])
+@pytest.fixture(scope="module", params=["tcfilter", "macvtap", "tcfilter-template"])
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     # The first `ip netns add` on a host bind-mounts /run/netns over itself; done
     # after CNI made a pod's netns, it would shadow that mount and containerd
@@ -29,9 +31,16 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     probe = f"pkinit-{uuid.uuid4().hex[:6]}"
     sh("ip", "netns", "add", probe)
     sh("ip", "netns", "del", probe)
-    model = request.param
-    yield from cri_env(default_route=True,
-                       pykata_config=f'[runtime]\ninternetworking_model = "{model}"\n')
+    model, _, template = str(request.param).partition("-")
+    text = f'[runtime]\ninternetworking_model = "{model}"\n'
+    tpl = Path(f"/dev/shm/pykata-test-{uuid.uuid4().hex[:6]}")
+    if template:
+        # Sandboxes start from a VM template: the NICs are hot-plugged after the restore.
+        text += f'[factory]\nenable_template = true\ntemplate_path = "{tpl}/template"\n'
+    try:
+        yield from cri_env(default_route=True, pykata_config=text)
+    finally:
+        shutil.rmtree(tpl, ignore_errors=True)
 
 
 def sh(*args: str, check: bool = True) -> str:
@@ -61,7 +70,7 @@ def peer_namespace(env: Env) -> Iterator[tuple[str, str]]:
 
 
 def test_pod_network_reaches_the_guest(env: Env, request: pytest.FixtureRequest) -> None:
-    model = request.node.callspec.params["env"]
+    model, _, template = str(request.node.callspec.params["env"]).partition("-")
     pod = Pod(env)
     www = Path(f"/tmp/pk-www-{pod.tag}")
     www.mkdir()
@@ -79,15 +88,23 @@ def test_pod_network_reaches_the_guest(env: Env, request: pytest.FixtureRequest)
                                    "trap 'exit 0' TERM; httpd -f -p 8080 -h /www & wait")
         # The CNI address, the veth's MAC and the default route, on the guest's eth0.
         out, rc = pod.sh(cid, "ip -4 -o addr show eth0; cat /sys/class/net/eth0/address; "
-                              "ip route show default; uname -r")
+                              "ip route show default; ls /sys/class/net/eth0/queues")
         assert rc == 0, out
         lines = out.splitlines()
         assert f"inet {ip}/" in lines[0]
         assert lines[1] == mac
         assert lines[2].startswith("default via")
+        assert "rx-0" in out.split(), out
+        if template:
+            pid = int(sh("pgrep", "-f", f"qemu-system.*{pod.id}").split()[0])
+            assert b"-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         # The device that carries eth0 into the VM is the configured model's.
         link = sh("nsenter", f"--net={netns}", "ip", "-d", "link", "show", "eth0_pk")
         assert ("macvtap" if model == "macvtap" else "tun") in link, link
+        if model == "tcfilter" and (os.cpu_count() or 1) > 1:
+            # Multi-queue: one queue per vCPU the VM can have (the guest uses as
+            # many as it has CPUs online).
+            assert "multi_queue" in link, link
         if model == "tcfilter":
             filters = sh("nsenter", f"--net={netns}", "tc", "filter", "show", "dev", "eth0",
                          "ingress")
