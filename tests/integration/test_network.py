@@ -6,6 +6,7 @@ the test's own containerd) and a peer namespace attached to the test's bridge.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from pykata import config
+from pykata.runtime.sandbox import Sandbox
+from pykata.testing import default_spec, leftovers, make_bundle
 from tests.integration.test_cri_pykata import Env, Pod, cri_env
 
 pytestmark = pytest.mark.timeout(600)
@@ -144,3 +148,83 @@ def test_pod_network_reaches_the_guest(env: Env, request: pytest.FixtureRequest)
     # No tap or filter remains in the (now deleted) pod namespace.
     assert not Path(netns).exists() or "_pk" not in sh(
         "nsenter", f"--net={netns}", "ip", "link", check=False)
+
+
+@contextlib.contextmanager
+def netns_pair(tag: str) -> Iterator[tuple[str, str]]:
+    """Two namespaces of ours: the pod's and a peer's (no link yet)."""
+    pod_ns, peer_ns = f"pkpod-{tag}", f"pkpeer-{tag}"
+    sh("ip", "netns", "add", pod_ns)
+    sh("ip", "netns", "add", peer_ns)
+    try:
+        yield pod_ns, peer_ns
+    finally:
+        sh("ip", "netns", "del", pod_ns, check=False)
+        sh("ip", "netns", "del", peer_ns, check=False)
+
+
+def link_namespaces(pod_ns: str, peer_ns: str, ifname: str, subnet: str) -> None:
+    """A veth pair: ``ifname`` at <subnet>.2/24 in the pod, <subnet>.1 in the peer."""
+    pod_end, peer_end = f"{ifname}x{pod_ns[-6:]}", f"{ifname}y{pod_ns[-6:]}"
+    sh("ip", "link", "add", pod_end, "type", "veth", "peer", "name", peer_end)
+    sh("ip", "link", "set", peer_end, "netns", peer_ns)
+    sh("ip", "-n", peer_ns, "addr", "add", f"{subnet}.1/24", "dev", peer_end)
+    sh("ip", "-n", peer_ns, "link", "set", peer_end, "up")
+    sh("ip", "-n", peer_ns, "link", "set", "lo", "up")
+    sh("ip", "link", "set", pod_end, "netns", pod_ns)
+    sh("ip", "-n", pod_ns, "link", "set", pod_end, "name", ifname)
+    sh("ip", "-n", pod_ns, "addr", "add", f"{subnet}.2/24", "dev", ifname)
+    sh("ip", "-n", pod_ns, "link", "set", ifname, "up")
+
+
+@pytest.mark.asyncio
+async def test_interface_added_later_reaches_the_guest(pykata_config: config.Config,
+                                                       rootfs: Path, tmp_path: Path) -> None:
+    """A second network plugged into a running pod's namespace is hot-plugged into
+    the VM: the guest gets the NIC, its address, and traffic flows over it."""
+    tag = uuid.uuid4().hex[:6]
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("second-network\n")
+    with netns_pair(tag) as (pod_ns, peer_ns):
+        link_namespaces(pod_ns, peer_ns, "eth0", "10.231.1")
+        sb = await Sandbox.create(f"hp-{tag}", pykata_config, netns=f"/run/netns/{pod_ns}")
+        server = None
+        try:
+            assert sb.network is not None and [ep.name for ep in sb.network.endpoints] == ["eth0"]
+            link_namespaces(pod_ns, peer_ns, "eth1", "10.231.2")
+            server = await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", peer_ns, "busybox", "httpd", "-f", "-p", "8082", "-h",
+                str(www), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out = ""
+            for _ in range(60):
+                out = await run_in(sb, tmp_path, rootfs, "ip -4 -o addr show; "
+                                   "wget -q -O - http://10.231.2.1:8082/index.html || true")
+                if "second-network" in out:
+                    break
+                await asyncio.sleep(0.5)
+            assert "inet 10.231.2.2/24" in out and "second-network" in out, out
+            taps = sh("ip", "-n", pod_ns, "-o", "link")
+            assert "eth0_pk" in taps and "eth1_pk" in taps, taps
+        finally:
+            if server is not None:
+                server.terminate()
+                await asyncio.wait_for(server.wait(), 10)
+            await sb.stop()
+        taps = sh("ip", "-n", pod_ns, "-o", "link")
+        assert "_pk" not in taps, f"left behind: {taps}"
+        assert not leftovers(pykata_config.runtime.state_dir, sb.id)
+
+
+async def run_in(sb: Sandbox, tmp_path: Path, rootfs: Path, script: str) -> str:
+    cid = f"n{uuid.uuid4().hex[:6]}"
+    c = await sb.create_container(cid, make_bundle(tmp_path / cid, rootfs,
+                                                   default_spec(["sh", "-c", script])))
+    await c.start()
+    out = b""
+    async with asyncio.timeout(120):
+        while chunk := await c.init.read_stdout():
+            out += chunk
+    await c.wait()
+    await c.delete()
+    return out.decode()

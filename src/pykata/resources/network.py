@@ -199,6 +199,60 @@ def attach(netns: str, model: str = "tcfilter", queues: int = 1) -> PodNetwork:
     return in_netns(netns, work)
 
 
+def attach_new(net: PodNetwork, queues: int = 1) -> list[Endpoint]:
+    """Connect interfaces that appeared in the namespace since ``attach`` (a
+    second network added to a running pod); refresh the routes. The new ones."""
+    from pyroute2 import IPRoute
+
+    if net.model == "none":
+        return []
+
+    def work() -> list[Endpoint]:
+        known = {ep.name for ep in net.endpoints}
+        with IPRoute() as ipr:
+            endpoints, routes = _scan(ipr)
+            new = [ep for ep in endpoints if ep.name not in known]
+            done: list[Endpoint] = []
+            try:
+                for ep in new:
+                    _connect(ipr, ep, net.model, queues)
+                    done.append(ep)
+            except BaseException:
+                _disconnect(ipr, PodNetwork(net.netns, net.model, new))
+                for ep in new:
+                    for fd in ep.fds:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                raise
+        net.endpoints += done
+        net.routes = routes
+        return done
+
+    return in_netns(net.netns, work)
+
+
+# rtnetlink multicast groups: links, IPv4 and IPv6 addresses.
+_RTMGRP_LINK, _RTMGRP_IPV4_IFADDR, _RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
+
+
+def event_socket(netns: str) -> socket.socket:
+    """A non-blocking rtnetlink socket in ``netns`` that becomes readable when a
+    link or an address there changes (the caller rescans; messages are not parsed)."""
+
+    def work() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             socket.NETLINK_ROUTE)
+        try:
+            sock.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV6_IFADDR))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return in_netns(netns, work)
+
+
 def _connect(ipr: Any, ep: Endpoint, model: str, queues: int) -> None:
     veth = ipr.link_lookup(ifname=ep.name)[0]
     tap_name = (ep.name[: 15 - len(TAP_SUFFIX)] + TAP_SUFFIX)

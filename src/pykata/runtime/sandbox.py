@@ -74,6 +74,7 @@ class Sandbox:
         self._resize_lock = asyncio.Lock()
         self.netns = ""
         self.network: network.PodNetwork | None = None
+        self._netwatch: asyncio.Future[None] | None = None
 
     # -- creation ------------------------------------------------------------------
     @classmethod
@@ -135,6 +136,8 @@ class Sandbox:
         )
         self.state = State.RUNNING
         self.persist()
+        if self.network is not None:
+            self._netwatch = asyncio.ensure_future(self._watch_network())
         log.info("sandbox %s running (VM pid %s, %s%s)", self.id,
                  self.vm.pid if self.vm else None, self.accel,
                  ", from a template" if template is not None else "")
@@ -248,6 +251,60 @@ class Sandbox:
             for i, ep in enumerate(self.network.endpoints):
                 await self.vm.hotplug_nic(f"net{i}", ep.fds, ep.mac)
             self.network.close_fds()
+
+    async def _watch_network(self) -> None:
+        """Interfaces added to the pod's namespace later (a second network) are
+        connected and hot-plugged into the VM. Driven by rtnetlink events."""
+        assert self.network is not None
+        loop = asyncio.get_running_loop()
+        try:
+            sock = await asyncio.to_thread(network.event_socket, self.network.netns)
+        except errors.PykataError as exc:
+            log.warning("sandbox %s: not watching %s: %s", self.id, self.network.netns, exc)
+            return
+        changed = asyncio.Event()
+
+        def readable() -> None:
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+            changed.set()
+
+        loop.add_reader(sock.fileno(), readable)
+        try:
+            while True:
+                await changed.wait()
+                await asyncio.sleep(0.2)  # let CNI finish: link, address, routes
+                changed.clear()
+                try:
+                    await self._plug_new_interfaces()
+                except (errors.PykataError, OSError) as exc:
+                    log.error("sandbox %s: cannot connect a new interface: %s", self.id, exc)
+        finally:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+
+    async def _plug_new_interfaces(self) -> None:
+        assert self.network is not None and self.vm is not None
+        net = self.network
+        async with self._resize_lock:
+            first = len(net.endpoints)
+            new = await asyncio.to_thread(network.attach_new, net, self._queues(self.vm.spec))
+            for i, ep in enumerate(new, start=first):
+                try:
+                    await self.vm.hotplug_nic(f"net{i}", ep.fds, ep.mac)
+                finally:
+                    for fd in ep.fds:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                    ep.fds = []
+                await self._update_interface(ep, wait=True)
+                log.info("sandbox %s: interface %s (%s) hot-plugged", self.id, ep.name, ep.mac)
+            names = {ep.name for ep in new}
+            routes = [(r.dest, r.gateway, r.device, r.family) for r in net.routes
+                      if r.device in names]
+            if routes:
+                await self.agent.update_routes(routes)
 
     async def _update_interface(self, ep: network.Endpoint, wait: bool) -> None:
         """Configure one guest NIC; a hot-plugged one may take a moment to appear."""
@@ -423,6 +480,11 @@ class Sandbox:
         await self._teardown()
 
     async def _teardown(self) -> None:
+        if self._netwatch is not None:
+            self._netwatch.cancel()
+            with contextlib.suppress(BaseException):
+                await self._netwatch
+            self._netwatch = None
         if self._agent is not None and self.state is State.RUNNING:
             for c in list(self.containers.values()):
                 with contextlib.suppress(Exception):
