@@ -262,6 +262,8 @@ class QemuHypervisor(Hypervisor):
         (DEVICE_DELETED), then drop the backend. A disk the guest ejected itself
         (the agent powers its slot off) is already gone: only the backend is dropped.
         On timeout the disk and its port stay taken until the VM stops."""
+        from collections.abc import Mapping
+
         if self._qmp is None:
             raise errors.FailedPrecondition(f"VM {self.spec.id} has no QMP connection")
         dev = f"dev-{drive_id}"
@@ -281,8 +283,9 @@ class QemuHypervisor(Hypervisor):
                 try:
                     async with asyncio.timeout(timeout):
                         async for event in listener:
-                            data = event.get("data") if isinstance(event, dict) else None
-                            if isinstance(data, dict) and data.get("device") == dev:
+                            # Events are qemu.qmp Messages: mappings, not dicts.
+                            data = event.get("data") if isinstance(event, Mapping) else None
+                            if isinstance(data, Mapping) and data.get("device") == dev:
                                 break
                 except TimeoutError:
                     raise errors.DeadlineExceeded(
