@@ -69,6 +69,15 @@ def host_checks(cfg: config.Config) -> list[tuple[str, bool, str, str]]:
     if q.shared_fs == "virtio-fs":
         out.append(("virtiofsd", os.access(q.virtio_fs_daemon, os.X_OK), q.virtio_fs_daemon,
                     "apt-get install qemu-system-common, or set virtio_fs_daemon"))
+        if qemu_ok:
+            from pykata.hypervisor.qemu.caps import dax_supported
+
+            dax = dax_supported(q.path)
+            want = q.virtio_fs_cache_size
+            out.append(("virtio-fs DAX", dax or not want,
+                        f"{'supported' if dax else 'not supported by this QEMU'}; "
+                        f"virtio_fs_cache_size = {want} MiB, cache = {q.virtio_fs_cache}",
+                        "set [hypervisor.qemu] virtio_fs_cache_size = 0"))
     kernel, initrd = cfg.kernel_path(), cfg.initrd_path()
     out.append(("guest kernel", kernel.is_file(), str(kernel), "run 'pykata image build'"))
     out.append(("guest initrd", initrd.is_file(), str(initrd), "run 'pykata image build'"))

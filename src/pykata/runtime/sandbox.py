@@ -27,6 +27,7 @@ from pykata.hypervisor.base import Hypervisor, NicSpec, VMSpec
 from pykata.hypervisor.channels import vhost_vsock_available
 from pykata.hypervisor.qemu import QemuHypervisor
 from pykata.hypervisor.qemu.accel import probe
+from pykata.hypervisor.qemu.caps import check_dax
 from pykata.hypervisor.qemu.cmdline import QemuOptions
 from pykata.resources import network
 from pykata.resources.sharedfs import GUEST_SHARED_DIR, SHARED_TAG, VirtioFsDaemon
@@ -109,6 +110,8 @@ class Sandbox:
                 q.virtio_fs_daemon, self.shared_dir, vfs_sock, self.dir / "virtiofsd.log",
                 cache=q.virtio_fs_cache, extra_args=q.virtio_fs_extra_args,
             )
+        if share:
+            await asyncio.to_thread(check_dax, q.path, q.virtio_fs_cache_size)
         spec = self._vm_spec(vcpus, memory_mib, vfs_sock if share else None)
         self.vcpus, self.memory_mib = spec.vcpus, spec.memory_mib
         self._base = (spec.vcpus, spec.memory_mib)
