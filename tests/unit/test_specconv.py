@@ -1,12 +1,24 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pykata.errors import InvalidArgument
-from pykata.runtime.specconv import HostMount, guest_spec, validate
+from pykata.runtime.specconv import (
+    GUEST_SANDBOX_DIR,
+    GUEST_STORAGE_DIR,
+    SANDBOX_SCOPE,
+    BlockVolume,
+    HostMount,
+    HostProbe,
+    guest_spec,
+    plan,
+    validate,
+)
+from pykata.runtime.types import Storage
 
 
 def base_spec() -> dict[str, Any]:
@@ -86,3 +98,183 @@ def test_validate_rejects_bad_specs(tmp_path: Path, mutate: Any, message: str) -
 def test_validate_rejects_non_object(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="JSON object"):
         validate([1, 2], tmp_path)
+
+
+# -- block volumes, emptyDir, /dev/shm (plan) ---------------------------------------------
+
+class FakeProbe(HostProbe):
+    """Host paths as the tests say: block devices, tmpfs mounts, the rest absent."""
+
+    def __init__(self, blocks: dict[str, tuple[int, int]] | None = None,
+                 files: set[str] | None = None, tmpfs: dict[str, int] | None = None) -> None:
+        self.blocks = blocks or {}
+        self.files = files or set()
+        self.tmpfs = tmpfs or {}
+
+    def block_rdev(self, path: str) -> int | None:
+        if path in self.blocks:
+            return os.makedev(*self.blocks[path])
+        if path in self.files:
+            return None
+        raise FileNotFoundError(path)
+
+    def block_device(self, major: int, minor: int) -> Path | None:
+        for path, numbers in self.blocks.items():
+            if numbers == (major, minor):
+                return Path(path)
+        return None
+
+    def tmpfs_size(self, path: str) -> int | None:
+        return self.tmpfs.get(path)
+
+
+def spec_with(*mounts: dict[str, Any], devices: list[dict[str, Any]] | None = None,
+              rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    spec = base_spec()
+    spec["mounts"] = [{"destination": "/proc", "type": "proc", "source": "proc"}, *mounts]
+    spec["linux"]["devices"] = devices or []
+    spec["linux"]["resources"] = {"devices": rules or [{"allow": False, "access": "rwm"}]}
+    return spec
+
+
+def test_block_device_mount_becomes_a_guest_mount_and_a_bind() -> None:
+    probe = FakeProbe(blocks={"/dev/loop3": (7, 3)})
+    spec = spec_with({"destination": "/data", "type": "ext4", "source": "/dev/loop3",
+                      "options": ["rw", "noatime", "nosuid", "data=ordered"]})
+    p = plan(spec, "c1", Path("/b"), probe=probe)
+    assert p.blocks == [BlockVolume(Path("/dev/loop3"), False,
+                                    mount_point=f"{GUEST_STORAGE_DIR}/c1/1", fstype="ext4",
+                                    options=("rw", "noatime", "nosuid", "data=ordered"))]
+    data = next(m for m in p.spec["mounts"] if m["destination"] == "/data")
+    assert data == {"destination": "/data", "type": "bind",
+                    "source": f"{GUEST_STORAGE_DIR}/c1/1",
+                    "options": ["rbind", "rw", "noatime", "nosuid"]}
+    assert all(h.source != Path("/dev/loop3") for h in p.host_mounts)
+
+
+def test_read_only_block_mount_is_a_read_only_disk() -> None:
+    probe = FakeProbe(blocks={"/dev/loop3": (7, 3)})
+    spec = spec_with({"destination": "/data", "type": "xfs", "source": "/dev/loop3",
+                      "options": ["ro", "rbind"]})
+    p = plan(spec, "c1", Path("/b"), probe=probe)
+    (b,) = p.blocks
+    assert b.readonly and b.fstype == "xfs" and b.options == ("ro",)
+    assert p.spec["mounts"][-1]["options"][:2] == ["rbind", "ro"]
+
+
+@pytest.mark.parametrize(("source", "probe", "message"), [
+    ("/dev/nosuch", FakeProbe(), r"mount source /dev/nosuch for /data does not exist"),
+    ("/srv/disk.img", FakeProbe(files={"/srv/disk.img"}),
+     r"mount source /srv/disk.img for /data is not a block device"),
+])
+def test_block_mount_errors_name_the_source(source: str, probe: HostProbe,
+                                            message: str) -> None:
+    spec = spec_with({"destination": "/data", "type": "ext4", "source": source})
+    with pytest.raises(InvalidArgument, match=message):
+        plan(spec, "c1", Path("/b"), probe=probe)
+
+
+def test_bind_of_block_device_becomes_a_device_node() -> None:
+    probe = FakeProbe(blocks={"/dev/loop5": (7, 5)})
+    spec = spec_with({"destination": "/dev/xvdb", "type": "bind", "source": "/dev/loop5",
+                      "options": ["rbind", "ro"]})
+    p = plan(spec, "c1", Path("/b"), probe=probe)
+    assert p.blocks == [BlockVolume(Path("/dev/loop5"), True, container_path="/dev/xvdb")]
+    assert "/dev/xvdb" not in {m["destination"] for m in p.spec["mounts"]}
+    assert {"path": "/dev/xvdb", "type": "b", "major": 7, "minor": 5, "fileMode": 0o660,
+            "uid": 0, "gid": 0} in p.spec["linux"]["devices"]
+    assert p.spec["linux"]["resources"]["devices"][-1] == {
+        "allow": True, "type": "b", "major": 7, "minor": 5, "access": "r"}
+
+
+def test_other_host_devices_stay_out() -> None:
+    probe = FakeProbe(files={"/dev/kvm", "/dev/fuse"})
+    spec = spec_with({"destination": "/dev/kvm", "type": "bind", "source": "/dev/kvm",
+                      "options": ["bind"]},
+                     devices=[{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}])
+    p = plan(spec, "c1", Path("/b"), probe=probe)
+    assert p.blocks == []
+    assert "/dev/kvm" not in {m["destination"] for m in p.spec["mounts"]}
+    assert p.spec["linux"]["devices"] == [
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]
+
+
+def test_linux_devices_block_entry_is_hot_plugged() -> None:
+    probe = FakeProbe(blocks={"/dev/loop7": (7, 7)})
+    dev = {"path": "/dev/mydisk", "type": "b", "major": 7, "minor": 7}
+    rw = spec_with(devices=[dict(dev)], rules=[
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "b", "major": 7, "minor": 7, "access": "rwm"}])
+    p = plan(rw, "c1", Path("/b"), probe=probe)
+    assert p.blocks == [BlockVolume(Path("/dev/loop7"), False, container_path="/dev/mydisk")]
+    # The entry keeps the host numbers: the agent puts the guest's in.
+    assert p.spec["linux"]["devices"] == [dev]
+    ro = spec_with(devices=[dict(dev)], rules=[
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "b", "major": 7, "minor": 7, "access": "r"}])
+    assert plan(ro, "c1", Path("/b"), probe=probe).blocks[0].readonly is True
+
+
+def test_linux_devices_block_entry_missing_on_host() -> None:
+    spec = spec_with(devices=[{"path": "/dev/gone", "type": "b", "major": 7, "minor": 99}])
+    with pytest.raises(InvalidArgument, match=r"block device 7:99 for /dev/gone does not"
+                                              r" exist on the host"):
+        plan(spec, "c1", Path("/b"), probe=FakeProbe())
+
+
+EMPTY = "/var/lib/kubelet/pods/0a1b/volumes/kubernetes.io~empty-dir"
+
+
+def test_empty_dir_is_guest_local_and_pod_wide() -> None:
+    spec = spec_with({"destination": "/cache", "type": "bind", "source": f"{EMPTY}/cache",
+                      "options": ["rbind", "rprivate", "rw"]})
+    p1 = plan(spec, "c1", Path("/b"), probe=FakeProbe())
+    p2 = plan(spec, "c2", Path("/b"), probe=FakeProbe())
+    target = f"{GUEST_SANDBOX_DIR}/local/cache"
+    assert p1.storages == [Storage("local", "local", target, "", ("mode=0777",),
+                                   (SANDBOX_SCOPE,))]
+    assert p1.storages == p2.storages  # both containers get the same guest directory
+    cache = p1.spec["mounts"][-1]
+    assert cache == {"destination": "/cache", "type": "bind", "source": target,
+                     "options": ["rbind", "rw"]}
+    assert all(EMPTY not in str(h.source) for h in p1.host_mounts)
+
+
+def test_empty_dir_shared_through_virtio_fs_when_disabled() -> None:
+    spec = spec_with({"destination": "/cache", "type": "bind", "source": f"{EMPTY}/cache",
+                      "options": ["rbind", "rw"]})
+    p = plan(spec, "c1", Path("/b"), guest_empty_dir=False, probe=FakeProbe())
+    assert p.storages == []
+    assert HostMount(Path(f"{EMPTY}/cache"), "c1/mounts/1-cache", False) in p.host_mounts
+
+
+def test_memory_empty_dir_is_a_guest_tmpfs_of_the_same_size() -> None:
+    spec = spec_with({"destination": "/mem", "type": "bind", "source": f"{EMPTY}/mem",
+                      "options": ["rbind", "rw"]})
+    for guest_local in (True, False):
+        p = plan(spec, "c1", Path("/b"), guest_empty_dir=guest_local,
+                 probe=FakeProbe(tmpfs={f"{EMPTY}/mem": 32 << 20}))
+        (st,) = p.storages
+        assert st.driver == "tmpfs" and st.mount_point == f"{GUEST_SANDBOX_DIR}/ephemeral/mem"
+        assert f"size={32 << 20}" in st.options and SANDBOX_SCOPE in st.driver_options
+
+
+def test_pod_shm_bind_becomes_the_pods_guest_tmpfs() -> None:
+    shm = "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/abc/shm"
+    spec = spec_with({"destination": "/dev/shm", "type": "bind", "source": shm,
+                      "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
+    p = plan(spec, "c1", Path("/b"), probe=FakeProbe(tmpfs={shm: 64 << 20}))
+    (st,) = p.storages
+    assert (st.driver, st.mount_point) == ("tmpfs", f"{GUEST_SANDBOX_DIR}/shm")
+    assert f"size={64 << 20}" in st.options
+    assert p.spec["mounts"][-1]["source"] == f"{GUEST_SANDBOX_DIR}/shm"
+    # A /dev/shm bind that is not a tmpfs is shared like any other directory.
+    p = plan(spec, "c1", Path("/b"), probe=FakeProbe())
+    assert p.storages == [] and any(h.source == Path(shm) for h in p.host_mounts)
+
+
+def test_guest_tmpfs_mounts_are_left_to_the_guest() -> None:
+    tmp = {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+           "options": ["size=16m", "mode=1777"]}
+    p = plan(spec_with(tmp), "c1", Path("/b"), probe=FakeProbe())
+    assert p.spec["mounts"][-1] == tmp and p.blocks == [] and p.storages == []

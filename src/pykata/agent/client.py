@@ -13,6 +13,7 @@ from pykata.agent import convert
 from pykata.protos import agent_pb2 as pb
 from pykata.runtime.types import (
     ContainerStats,
+    Device,
     ExitStatus,
     GuestDetails,
     ProcessInfo,
@@ -96,10 +97,12 @@ class AgentClient:
     # -- containers ------------------------------------------------------------------
     async def create_container(self, container_id: str, spec: dict[str, Any],
                                storages: Sequence[Storage] = (), sandbox_pidns: bool = False,
-                               timeout: float | None = None) -> None:
+                               timeout: float | None = None,
+                               devices: Sequence[Device] = ()) -> None:
         req = pb.CreateContainerRequest(
             container_id=container_id, oci_spec_json=json.dumps(spec).encode(),
             storages=convert.storages_to_pb(storages), sandbox_pidns=sandbox_pidns,
+            devices=convert.devices_to_pb(devices),
         )
         await self._call("CreateContainer", req, pb.Empty, timeout=timeout or True)
 

@@ -8,6 +8,7 @@ from pykata.protos import agent_pb2 as pb
 from pykata.runtime.types import (
     ContainerStats,
     CpuStats,
+    Device,
     ExitStatus,
     GuestDetails,
     MemoryStats,
@@ -26,6 +27,15 @@ def storage_to_pb(s: Storage) -> pb.Storage:
 
 def storages_to_pb(items: Iterable[Storage]) -> list[pb.Storage]:
     return [storage_to_pb(s) for s in items]
+
+
+def device_to_pb(d: Device) -> pb.Device:
+    return pb.Device(id=d.id, type=d.type, vm_path=d.vm_path,
+                     container_path=d.container_path, options=list(d.options))
+
+
+def devices_to_pb(items: Iterable[Device]) -> list[pb.Device]:
+    return [device_to_pb(d) for d in items]
 
 
 def exit_status(resp: pb.WaitProcessResponse) -> ExitStatus:

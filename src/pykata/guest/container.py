@@ -344,6 +344,7 @@ class Container:
         self.execs: dict[str, Process] = {}
         self.lock = asyncio.Lock()
         self.storages: list[str] = []  # guest mount points made for this container
+        self.disks: list[str] = []  # serials of the hot-plugged disks it uses
         self.oom_baseline = 0  # oom_kill count when created: WaitProcess's oom_killed
         self.oom_seen = 0  # last count reported as an OOM event
         self._on_exit = on_exit

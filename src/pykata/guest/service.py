@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from pykata.guest import cgroups, logs
 from pykata.guest import spec as specmod
 from pykata.guest.container import Container, Crun, Process, Settings
 from pykata.guest.reaper import Reaper, RunResult
+from pykata.guest.storage import Disks
 from pykata.protos import agent_pb2 as pb
 
 if TYPE_CHECKING:
@@ -99,7 +101,9 @@ class AgentService:
         self.sandbox_id = ""
         self.sandbox_pidns = False
         self.pidns_owner: Container | None = None
-        self.storages: list[str] = []
+        self.storages: list[str] = []  # guest mount points the sandbox owns
+        self.pod_storages: set[str] = set()  # pod-scoped storages made so far
+        self.disks = Disks()
         self.oom = OomWatcher(self.containers)
         self._network: Network | None = None
         self.manage_network = settings.init_mode
@@ -211,6 +215,7 @@ class AgentService:
             except errors.PykataError as exc:
                 failures.append(str(exc))
         self.storages = []
+        self.pod_storages.clear()
         if self.settings.init_mode:
             os.sync()
         log.info("sandbox %s destroyed", self.sandbox_id)
@@ -242,23 +247,16 @@ class AgentService:
         return f"/proc/{owner.init.pid}/ns/pid"
 
     async def _do_create_container(self, req: pb.CreateContainerRequest) -> None:
-        from pykata.guest import guestops
-
         cid = specmod.check_id("container", req.container_id)
         if cid in self.containers or cid in self._creating:
             raise errors.AlreadyExists(f"container {cid} already exists")
         oci = specmod.load_json(req.oci_spec_json, "OCI spec")
         specmod.validate(oci)
-        if req.devices:
-            log.warning("container %s: %d devices ignored (not supported yet)", cid,
-                        len(req.devices))
         self._creating.add(cid)
         mounted: list[str] = []
+        disks: list[str] = []
         try:
-            for st in req.storages:
-                if guestops.mount_storage(st.driver, st.source, st.mount_point, st.fstype,
-                                          list(st.options)):
-                    mounted.append(st.mount_point)
+            await self._container_storages(cid, oci, req, mounted, disks)
             rootfs = oci["root"]["path"]
             if not os.path.isdir(rootfs):
                 raise errors.InvalidArgument(
@@ -275,17 +273,72 @@ class AgentService:
                             f"cannot set sysctl {key}={value}: {exc.strerror}") from exc
             c = Container(cid, guest, self.settings, self.crun, on_exit=self._on_exit)
             c.storages = mounted
+            c.disks = disks
             await c.create(guest)
         except BaseException:
-            for mp in reversed(mounted):
-                with contextlib.suppress(errors.PykataError):
-                    guestops.unmount(mp)
+            await self._release_storages(cid, mounted, disks)
             raise
         finally:
             self._creating.discard(cid)
         self.containers[cid] = c
         if (req.sandbox_pidns or self.sandbox_pidns) and self.pidns_owner is None:
             self.pidns_owner = c
+
+    async def _container_storages(self, cid: str, oci: dict[str, Any],
+                                  req: pb.CreateContainerRequest, mounted: list[str],
+                                  disks: list[str]) -> None:
+        """Mount the container's storages and find its disks; what was done is
+        appended to ``mounted`` and ``disks`` as it happens (for the caller to undo).
+        Pod-scoped storages are mounted once and kept until the sandbox goes."""
+        from pykata.guest import guestops, storage
+
+        async def disk(serial: str) -> storage.Disk:
+            started = time.monotonic()
+            d = await storage.wait_disk(serial)
+            log.info("container %s: disk %s is %s (%d:%d), found in %.3fs", cid, serial,
+                     d.path, d.major, d.minor, time.monotonic() - started)
+            self.disks.use(d, cid)
+            if serial not in disks:
+                disks.append(serial)
+            return d
+
+        for st in req.storages:
+            source = st.source
+            if st.driver == "blk" and source and not source.startswith("/"):
+                source = (await disk(source)).path
+            pod_scoped = storage.SANDBOX_SCOPE in st.driver_options
+            if pod_scoped and st.mount_point in self.pod_storages:
+                continue
+            done = guestops.mount_storage(st.driver, source, st.mount_point, st.fstype,
+                                          list(st.options))
+            if pod_scoped:
+                self.pod_storages.add(st.mount_point)
+                if done:
+                    self.storages.append(st.mount_point)
+            elif done:
+                mounted.append(st.mount_point)
+        for dev in req.devices:
+            if dev.type not in ("blk", "b"):
+                raise errors.InvalidArgument(
+                    f"device {dev.container_path}: unsupported type {dev.type!r} (known: blk)")
+            d = await disk(dev.id)
+            storage.use_guest_device(oci, dev.container_path, d.major, d.minor)
+
+    async def _release_storages(self, cid: str, mounted: list[str], disks: list[str]) -> None:
+        """Unmount a container's own storages, then let go of its disks (the last
+        user ejects a disk). Failures are logged, never raised."""
+        from pykata.guest import guestops
+
+        for mp in reversed(mounted):
+            try:
+                guestops.unmount(mp)
+            except errors.PykataError as exc:
+                log.warning("%s", exc)
+        for serial in disks:
+            try:
+                await self.disks.release(serial, cid)
+            except Exception as exc:  # removal goes on regardless
+                log.warning("container %s: cannot release disk %s: %s", cid, serial, exc)
 
     async def StartContainer(self, req: pb.StartContainerRequest) -> pb.ProcessResponse:
         _ctx(req.container_id)
@@ -304,8 +357,6 @@ class AgentService:
         return pb.Empty()
 
     async def _remove(self, c: Container, timeout: float) -> None:
-        from pykata.guest import guestops
-
         async with c.lock:
             if self.containers.get(c.id) is not c:
                 raise errors.NotFound(f"container {c.id} not found")
@@ -313,11 +364,7 @@ class AgentService:
             del self.containers[c.id]
             if self.pidns_owner is c:
                 self.pidns_owner = None
-            for mp in reversed(c.storages):
-                try:
-                    guestops.unmount(mp)
-                except errors.PykataError as exc:
-                    log.warning("%s", exc)
+            await self._release_storages(c.id, c.storages, c.disks)
 
     # -- processes ----------------------------------------------------------------------
 

@@ -10,9 +10,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pykata import errors
+from pykata.resources import blockdev
 from pykata.runtime import specconv
 from pykata.runtime.state import ContainerRecord
-from pykata.runtime.types import ContainerStats, ExitStatus, ProcessInfo, State
+from pykata.runtime.types import (
+    ContainerStats,
+    Device,
+    ExitStatus,
+    ProcessInfo,
+    State,
+    Storage,
+)
 from pykata.utils import mounts
 
 if TYPE_CHECKING:
@@ -114,6 +122,7 @@ class Container:
         self.init = Process(self, "", spec.get("process", {}))
         self.execs: dict[str, Process] = {}
         self._host_mounts: list[Path] = []
+        self._disks: list[str] = []  # serials of hot-plugged block volumes, one per use
 
     def resources(self) -> dict[str, Any]:
         """The container's OCI linux.resources (as last created or updated)."""
@@ -130,25 +139,55 @@ class Container:
                                [str(p) for p in self._host_mounts])
 
     async def create(self) -> None:
-        """Share the root filesystem and bind mounts, then create it in the guest."""
+        """Share the root filesystem and bind mounts, hot-plug block volumes, then
+        create it in the guest. On any error nothing is left behind."""
         specconv.validate(self.spec, self.bundle)
         self.sandbox.check_resources(self.resources())
-        guest, host_mounts = specconv.guest_spec(self.spec, self.id, self.bundle)
+        guest_empty_dir = not getattr(self.sandbox.config.runtime, "disable_guest_empty_dir",
+                                      False)
+        plan = specconv.plan(self.spec, self.id, self.bundle, guest_empty_dir=guest_empty_dir)
         try:
-            self._mount_shared(host_mounts)
+            self._mount_shared(plan.host_mounts)
             self.sandbox.persist()
             await self.sandbox.fit_resources()
+            storages, devices = await self._attach_blocks(plan.blocks)
             # The pod's sandbox container owns the pod's pid namespace; containers
             # that join a pid namespace (shareProcessNamespace) get that one.
             share_pid = specconv.is_pod_sandbox(self.spec) or specconv.joins_pid_namespace(
                 self.spec)
             await self.sandbox.agent.create_container(
-                self.id, guest, sandbox_pidns=share_pid,
+                self.id, plan.spec, storages=[*plan.storages, *storages], devices=devices,
+                sandbox_pidns=share_pid,
                 timeout=self.sandbox.config.runtime.create_container_timeout)
         except BaseException:
             self.unmount_shared()
+            await self._detach_blocks()
             raise
         self.state = State.CREATED
+
+    async def _attach_blocks(self, blocks: list[specconv.BlockVolume]
+                             ) -> tuple[list[Storage], list[Device]]:
+        """Hot-plug the container's block volumes: what the agent mounts, and the
+        device nodes it fills in."""
+        storages: list[Storage] = []
+        devices: list[Device] = []
+        if not blocks:
+            return storages, devices
+        reg = blockdev.for_sandbox(self.sandbox)
+        for b in blocks:
+            serial = await reg.attach(b.host_path, b.readonly)
+            self._disks.append(serial)
+            if b.mount_point:
+                storages.append(Storage("blk", serial, b.mount_point, b.fstype, b.options))
+            else:
+                devices.append(Device(serial, "blk", b.container_path))
+        return storages, devices
+
+    async def _detach_blocks(self) -> None:
+        """Unplug the container's disks (bounded per disk; never raises)."""
+        serials, self._disks = self._disks, []
+        if serials:
+            await blockdev.detach_all(self.sandbox, serials)
 
     def _mount_shared(self, host_mounts: list[specconv.HostMount]) -> None:
         for hm in host_mounts:
@@ -272,4 +311,6 @@ class Container:
         self.unmount_shared()
         self.state = State.STOPPED
         self.sandbox._forget(self)
+        # Last: the agent has unmounted and ejected the disks; bounded either way.
+        await self._detach_blocks()
         return self.init.exit

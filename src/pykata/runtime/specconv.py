@@ -1,21 +1,61 @@
 """Host OCI spec -> the spec the guest agent runs: pure, unit-tested.
 
-The container's root filesystem and every host bind mount are reached in the
-guest through the sandbox's virtio-fs share, so their paths are rewritten to
-paths below GUEST_SHARED_DIR, and the host side is told which bind mounts to
-make below the shared directory.
+How each mount or device of the spec reaches the guest (docs/storage.md):
+
+- the root filesystem and host bind mounts (directories, files) go through the
+  sandbox's virtio-fs share: their paths are rewritten to paths below
+  GUEST_SHARED_DIR and the host is told which bind mounts to make below the
+  shared directory (HostMount);
+- a mount whose source is a host block device (``type: ext4``, ...) becomes a
+  hot-plugged disk the agent mounts below GUEST_STORAGE_DIR; the container
+  gets a bind of that mount (BlockVolume with a mount point);
+- a bind mount of a host block device, and a block device in
+  ``linux.devices``, become a hot-plugged disk the container sees as a device
+  node; the agent puts the guest's major/minor in (BlockVolume with a
+  container path);
+- Kubernetes emptyDir volumes (the kubelet's ``kubernetes.io~empty-dir``
+  directories) become a directory in the guest shared by the pod's containers,
+  or a guest tmpfs of the same size when the host one is a tmpfs (medium:
+  Memory); a bind of a host tmpfs on ``/dev/shm`` becomes the pod's guest
+  tmpfs of the same size (pod-scoped Storage);
+- guest-local mount types (tmpfs, proc, ...) are left to crun in the guest;
+  other host devices are not passed into the VM.
+
+What the conversion needs to know about host paths comes from a HostProbe, so
+the rules are tested without root, disks or a kubelet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from dataclasses import dataclass
+import re
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pykata.errors import InvalidArgument
 from pykata.resources.sharedfs import GUEST_SHARED_DIR
+from pykata.runtime.types import Storage
+
+# Per-container mounts of hot-plugged disks: <dir>/<container>/<n>.
+GUEST_STORAGE_DIR = "/run/pykata/storage"
+# Pod-wide guest volumes: local/<name> (emptyDir), ephemeral/<name> (memory
+# emptyDir), shm (the pod's /dev/shm).
+GUEST_SANDBOX_DIR = "/run/pykata/sandbox"
+# Marks a storage the agent mounts once per pod and keeps until the sandbox goes
+# (pykata.guest.storage.SANDBOX_SCOPE).
+SANDBOX_SCOPE = "pykata.scope=sandbox"
+EMPTY_DIR = re.compile(r"/kubernetes\.io~empty-dir/([^/]+)/*$")
+TMPFS_MAGIC = 0x01021994
+
+# Options of a file system mount that also make sense on the container's bind of it.
+_BIND_FLAGS = ("nosuid", "nodev", "noexec", "noatime", "nodiratime", "relatime")
+# Bind-only and propagation options that mean nothing to a file system mount.
+_NOT_FS_OPTIONS = {"bind", "rbind", "private", "rprivate", "shared", "rshared", "slave",
+                   "rslave", "unbindable", "runbindable"}
 
 # Mount types the guest makes itself; everything else with a host source is shared.
 GUEST_LOCAL_TYPES = {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "shm"}
@@ -47,6 +87,82 @@ class HostMount:
     source: Path  # host path
     target: str  # relative to the shared directory
     readonly: bool = False
+
+
+@dataclass(frozen=True)
+class BlockVolume:
+    """A host block device to hot-plug for the container: mounted by the agent at
+    ``mount_point`` (a file system), or the device node at ``container_path``."""
+
+    host_path: Path
+    readonly: bool = False
+    mount_point: str = ""
+    fstype: str = ""
+    options: tuple[str, ...] = ()
+    container_path: str = ""
+
+
+@dataclass
+class GuestPlan:
+    """Everything one container needs: the guest spec and what backs its mounts."""
+
+    spec: dict[str, Any]
+    host_mounts: list[HostMount] = field(default_factory=list)
+    blocks: list[BlockVolume] = field(default_factory=list)
+    storages: list[Storage] = field(default_factory=list)  # guest-made, pod-scoped
+
+
+class HostProbe:
+    """What the spec conversion asks about host paths (unit tests use a fake)."""
+
+    def block_rdev(self, path: str) -> int | None:
+        """The device number if ``path`` is a block device; None if it is something
+        else; FileNotFoundError if it does not exist."""
+        st = os.stat(path)
+        return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
+
+    def block_device(self, major: int, minor: int) -> Path | None:
+        """The host's node for block device major:minor, if there is one."""
+        try:
+            uevent = Path(f"/sys/dev/block/{major}:{minor}/uevent").read_text()
+        except OSError:
+            return None
+        for line in uevent.splitlines():
+            key, _, value = line.partition("=")
+            if key == "DEVNAME" and value:
+                node = Path("/dev") / value
+                with contextlib.suppress(OSError):
+                    st = node.stat()
+                    if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(major, minor):
+                        return node
+        return None
+
+    def tmpfs_size(self, path: str) -> int | None:
+        """Size in bytes of the tmpfs ``path`` is on; None if it is not a tmpfs
+        (or does not exist)."""
+        try:
+            if _statfs_type(path) != TMPFS_MAGIC:
+                return None
+            st = os.statvfs(path)
+        except OSError:
+            return None
+        return st.f_blocks * st.f_frsize
+
+
+def _statfs_type(path: str) -> int:
+    """f_type of statfs(2) (os.statvfs does not have it)."""
+    import ctypes
+    import ctypes.util
+
+    class Statfs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    buf = Statfs()
+    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(buf.f_type) & 0xFFFFFFFF
 
 
 def validate(spec: Any, bundle: Path) -> None:
@@ -92,29 +208,63 @@ def _is_bind(m: dict[str, Any]) -> bool:
 
 def guest_spec(spec: dict[str, Any], container_id: str,
                bundle: Path) -> tuple[dict[str, Any], list[HostMount]]:
-    """The spec for the agent, and the host bind mounts it relies on."""
+    """The spec for the agent and the host bind mounts it relies on (plan() tells
+    the rest: block devices and guest-made volumes)."""
+    p = plan(spec, container_id, bundle)
+    return p.spec, p.host_mounts
+
+
+def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
+         guest_empty_dir: bool = True, probe: HostProbe | None = None) -> GuestPlan:
+    """How each part of ``spec`` reaches the guest (``spec`` is not modified).
+    ``guest_empty_dir=False`` ([runtime] disable_guest_empty_dir) shares disk-backed
+    emptyDir volumes from the host instead."""
+    probe = probe or HostProbe()
     out = copy.deepcopy(spec)
     base = f"{GUEST_SHARED_DIR}/{container_id}"
     out["root"]["path"] = f"{base}/rootfs"
-    host: list[HostMount] = [HostMount(rootfs_path(spec, bundle), f"{container_id}/rootfs")]
+    p = GuestPlan(out, [HostMount(rootfs_path(spec, bundle), f"{container_id}/rootfs")])
     mounts = []
     for i, m in enumerate(out.get("mounts", []) or []):
-        src = m.get("source", "")
-        if m.get("type") in GUEST_LOCAL_TYPES or not _is_bind(m) or not src:
+        src = m.get("source", "") or ""
+        dest = m["destination"]
+        opts = [o for o in (m.get("options") or []) if isinstance(o, str)]
+        if m.get("type") in GUEST_LOCAL_TYPES:
             mounts.append(m)
             continue
-        if src.startswith("/dev/") or src == "/dev":
-            # Host devices are not passed into the VM.
+        if not _is_bind(m):
+            if src.startswith("/"):
+                mounts.append(_block_mount(p, m, container_id, i, probe))
+            else:
+                mounts.append(m)
+            continue
+        if not src:
+            mounts.append(m)
             continue
         src_path = Path(src) if os.path.isabs(src) else bundle / src
+        pod = _pod_volume(p, m, str(src_path), guest_empty_dir, probe)
+        if pod is not None:
+            mounts.append(pod)
+            continue
+        rdev = _block_rdev(probe, str(src_path))
+        if rdev is not None:
+            # A bind of a block device: the container gets the device node.
+            readonly = "ro" in opts
+            _add_device(out, dest, os.major(rdev), os.minor(rdev), readonly)
+            p.blocks.append(BlockVolume(src_path, readonly, container_path=dest))
+            continue
+        if src.startswith("/dev/") or src == "/dev":
+            # Other host devices are not passed into the VM.
+            continue
         name = f"{i}-{src_path.name or 'root'}"
-        readonly = "ro" in (m.get("options") or [])
-        host.append(HostMount(src_path, f"{container_id}/mounts/{name}", readonly))
+        readonly = "ro" in opts
+        p.host_mounts.append(HostMount(src_path, f"{container_id}/mounts/{name}", readonly))
         m = dict(m)
         m["source"] = f"{base}/mounts/{name}"
         m["type"] = "bind"
         mounts.append(m)
     out["mounts"] = mounts
+    _spec_devices(p, probe)
     # Hooks run on the host, never in the guest.
     out.pop("hooks", None)
     linux = out.get("linux")
@@ -126,4 +276,146 @@ def guest_spec(spec: dict[str, Any], container_id: str,
         # containerd does on v2 hosts (a v1 host's spec has no cgroup namespace).
         if not any(ns.get("type") == "cgroup" for ns in namespaces):
             namespaces.append({"type": "cgroup"})
-    return out, host
+    return p
+
+
+def _block_rdev(probe: HostProbe, path: str) -> int | None:
+    try:
+        return probe.block_rdev(path)
+    except OSError:
+        return None
+
+
+def _block_mount(p: GuestPlan, m: dict[str, Any], container_id: str, index: int,
+                 probe: HostProbe) -> dict[str, Any]:
+    """A file system mount of a host block device: the agent mounts the disk, the
+    container gets a bind of it."""
+    src, dest, fstype = m["source"], m["destination"], str(m.get("type") or "")
+    try:
+        rdev = probe.block_rdev(src)
+    except FileNotFoundError:
+        raise InvalidArgument(
+            f"mount source {src} for {dest} does not exist: a {fstype or 'file system'}"
+            " mount needs a host block device") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot use mount source {src} for {dest}:"
+                              f" {exc.strerror or exc}") from None
+    if rdev is None:
+        raise InvalidArgument(
+            f"mount source {src} for {dest} is not a block device: a"
+            f" {fstype or 'file system'} mount needs one (use a bind mount for files and"
+            " directories)")
+    if not fstype or fstype == "none":
+        raise InvalidArgument(f"mount of block device {src} on {dest} needs a file system type")
+    opts = [o for o in (m.get("options") or []) if isinstance(o, str)]
+    readonly = "ro" in opts
+    fs_opts = [o for o in opts if o not in _NOT_FS_OPTIONS]
+    if readonly and "ro" not in fs_opts:
+        fs_opts.append("ro")
+    mount_point = f"{GUEST_STORAGE_DIR}/{container_id}/{index}"
+    p.blocks.append(BlockVolume(Path(src), readonly, mount_point=mount_point, fstype=fstype,
+                                options=tuple(fs_opts)))
+    bind = ["rbind", "ro" if readonly else "rw", *(o for o in opts if o in _BIND_FLAGS)]
+    return {"destination": dest, "type": "bind", "source": mount_point, "options": bind}
+
+
+def _pod_volume(p: GuestPlan, m: dict[str, Any], src: str, guest_empty_dir: bool,
+                probe: HostProbe) -> dict[str, Any] | None:
+    """emptyDir and the pod's /dev/shm, made in the guest; None for other mounts."""
+    dest = m["destination"]
+    opts = [o for o in (m.get("options") or []) if isinstance(o, str)]
+    keep = [o for o in opts if o in ("ro", "rw", *_BIND_FLAGS)]
+    match = EMPTY_DIR.search(src)
+    if dest == "/dev/shm" and match is None:
+        size = probe.tmpfs_size(src)
+        if size is None:
+            return None
+        target = f"{GUEST_SANDBOX_DIR}/shm"
+        _pod_storage(p, Storage("tmpfs", "shm", target, "tmpfs",
+                                ("nosuid", "nodev", "noexec", "mode=1777", f"size={size}"),
+                                (SANDBOX_SCOPE,)))
+        return {"destination": dest, "type": "bind", "source": target,
+                "options": ["rbind", *keep]}
+    if match is None:
+        return None
+    name = _safe_name(match.group(1))
+    size = probe.tmpfs_size(src)
+    if size is not None:
+        # medium: Memory -- the kubelet mounted a tmpfs; the guest gets its own.
+        target = f"{GUEST_SANDBOX_DIR}/ephemeral/{name}"
+        _pod_storage(p, Storage("tmpfs", "tmpfs", target, "tmpfs",
+                                ("nosuid", "nodev", "mode=0777", f"size={size}"),
+                                (SANDBOX_SCOPE,)))
+    elif guest_empty_dir:
+        target = f"{GUEST_SANDBOX_DIR}/local/{name}"
+        _pod_storage(p, Storage("local", "local", target, "", ("mode=0777",),
+                                (SANDBOX_SCOPE,)))
+    else:
+        return None
+    return {"destination": dest, "type": "bind", "source": target, "options": ["rbind", *keep]}
+
+
+def _pod_storage(p: GuestPlan, st: Storage) -> None:
+    if all(s.mount_point != st.mount_point for s in p.storages):
+        p.storages.append(st)
+
+
+def _safe_name(name: str) -> str:
+    """A volume name as one path component."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
+    return cleaned[:128] or "volume"
+
+
+def _add_device(spec: dict[str, Any], path: str, major: int, minor: int,
+                readonly: bool) -> None:
+    """A block device node at ``path`` in the container, and the cgroup rule to use it."""
+    linux = spec.setdefault("linux", {})
+    devices = [d for d in linux.get("devices") or [] if d.get("path") != path]
+    devices.append({"path": path, "type": "b", "major": major, "minor": minor,
+                    "fileMode": 0o660, "uid": 0, "gid": 0})
+    linux["devices"] = devices
+    resources = linux.setdefault("resources", {})
+    rules = resources.setdefault("devices", [])
+    rules.append({"allow": True, "type": "b", "major": major, "minor": minor,
+                  "access": "r" if readonly else "rw"})
+
+
+def _spec_devices(p: GuestPlan, probe: HostProbe) -> None:
+    """Block devices in ``linux.devices`` are hot-plugged (character devices stay
+    as they are: the guest kernel has its own)."""
+    linux = p.spec.get("linux") or {}
+    known = {b.container_path for b in p.blocks if b.container_path}
+    for d in linux.get("devices") or []:
+        if not isinstance(d, dict) or d.get("type") != "b" or d.get("path") in known:
+            continue
+        path, major, minor = d.get("path"), d.get("major"), d.get("minor")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise InvalidArgument(f"invalid OCI spec: bad linux.devices entry {d!r}")
+        if not isinstance(major, int) or not isinstance(minor, int):
+            raise InvalidArgument(
+                f"invalid OCI spec: linux.devices entry {path} needs a major and a minor")
+        host = probe.block_device(major, minor)
+        if host is None:
+            raise InvalidArgument(
+                f"block device {major}:{minor} for {path} does not exist on the host:"
+                " check linux.devices (lsblk lists the host's block devices)")
+        readonly = _device_readonly(linux.get("resources") or {}, major, minor)
+        p.blocks.append(BlockVolume(host, readonly, container_path=path))
+
+
+def _device_readonly(resources: dict[str, Any], major: int, minor: int) -> bool:
+    """The container may read but not write block device major:minor (its device
+    cgroup rules allow it without 'w'): the disk is attached read-only."""
+    allowed = ""
+    for rule in resources.get("devices") or []:
+        if not isinstance(rule, dict) or rule.get("type", "a") not in ("a", "b"):
+            continue
+        if rule.get("major") not in (None, -1, major) or rule.get("minor") not in (None, -1,
+                                                                                   minor):
+            continue
+        access = str(rule.get("access") or "rwm")
+        if rule.get("allow"):
+            allowed += access
+        else:
+            allowed = "".join(c for c in allowed if c not in access)
+    return "r" in allowed and "w" not in allowed

@@ -34,6 +34,19 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class Device:
+    """A device the agent gives a container: ``id`` names it in the guest (the
+    virtio-blk serial of a hot-plugged disk), ``container_path`` is the spec's
+    ``linux.devices`` entry it fills in with the guest's major/minor."""
+
+    id: str
+    type: str  # "blk"
+    container_path: str
+    vm_path: str = ""
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class CpuStats:
     usage_ns: int = 0
     user_ns: int = 0
