@@ -1,10 +1,11 @@
 # pykata: two commands on a fresh machine.
 #   make demo   set everything up, run a container in its own VM through containerd
 #   make test   set everything up, run the whole test suite
+#   make bench  run the benchmark suite, rewrite docs/benchmarks.md (+ .png); BENCH_ARGS=--quick
 PYTHON ?= python3
 VENV   := .venv
 
-.PHONY: setup test unit integration lint demo protos image clean
+.PHONY: setup test unit integration lint demo protos image clean bench
 
 setup:
 	PYTHON=$(PYTHON) scripts/setup.sh
@@ -24,6 +25,9 @@ lint:
 
 demo: setup
 	scripts/demo.sh
+
+bench: setup
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 image:
 	$(VENV)/bin/pykata image build

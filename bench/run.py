@@ -1,98 +1,468 @@
-"""Run the benchmarks side by side and rewrite docs/benchmarks.md.
+"""Run the whole benchmark suite side by side, then write the results:
+bench/results/<section>.json, bench/results/results.json (all of them),
+docs/benchmarks.png (plots) and docs/benchmarks.md (tables).
 
-    .venv/bin/python bench/run.py            # run everything, then render
-    .venv/bin/python bench/run.py --render   # only render from bench/results/*.json
+    make bench                               # = .venv/bin/python bench/run.py
+    .venv/bin/python bench/run.py --quick    # few runs, small sizes (development)
+    .venv/bin/python bench/run.py --only exec,rpc
+    .venv/bin/python bench/run.py --render   # only re-render from bench/results/*.json
+
+Each section is its own script and process (startup.py, exec_latency.py,
+density.py, rpc.py, storage.py, network.py) with a time limit; a section that
+fails or times out is reported and the others still run. Every script cleans
+up what it created (pods, VMs, netns, loop devices, containerd state), also on
+Ctrl-C or on the SIGTERM of its time limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import importlib.util
 import json
+import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).parent
 DOC = HERE.parent / "docs" / "benchmarks.md"
+PLOT = HERE.parent / "docs" / "benchmarks.png"
 RESULTS = HERE / "results"
+CTD_BASE = Path("/run/pykata-bench")
+
+# name -> (script, time limit in seconds at default counts, with --quick)
+SECTIONS: dict[str, tuple[str, int, int]] = {
+    "startup": ("startup.py", 900, 300),
+    "exec": ("exec_latency.py", 300, 120),
+    "density": ("density.py", 1200, 300),
+    "rpc": ("rpc.py", 300, 120),
+    "storage": ("storage.py", 600, 180),
+    "network": ("network.py", 600, 240),
+}
+
+MiB = 1 << 20
 
 
-def _fmt(x: float, unit: str) -> str:
-    return f"{x:.2f} {unit}" if unit == "s" and x >= 1 else (
-        f"{x * 1000:.0f} ms" if unit == "s" else f"{x:.3g} {unit}")
+# -- running ----------------------------------------------------------------------------
 
 
-def render() -> str:
+def run_section(name: str, quick: bool, runs: int) -> dict[str, Any]:
+    script, limit, qlimit = SECTIONS[name]
+    limit = qlimit if quick else limit
+    argv = [sys.executable, str(HERE / script)]
+    if quick:
+        argv.append("--quick")
+    if runs:
+        argv += ["--runs", str(runs)]
+    print(f"==> {name}: {' '.join(argv[1:])} (limit {limit} s)", flush=True)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv)
+    try:
+        rc = proc.wait(limit)
+    except subprocess.TimeoutExpired:
+        print(f"==> {name}: over its {limit} s limit: stopping it (it cleans up)", flush=True)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        rc = -1
+    except KeyboardInterrupt:
+        # The child got the same Ctrl-C: let it finish its cleanup.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(180)
+        raise
+    dt = time.monotonic() - t0
+    print(f"==> {name}: exit {rc} after {dt:.0f} s", flush=True)
+    return {"exit_code": rc, "seconds": dt, "timed_out": rc == -1}
+
+
+def ensure_matplotlib() -> bool:
+    """matplotlib (the optional 'bench' extra) in this venv, installed on first use."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    print("==> installing the optional 'bench' extra (matplotlib) into the venv", flush=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                        "--disable-pip-version-check", "matplotlib>=3.7"], check=False)
+    importlib.invalidate_caches()
+    return r.returncode == 0 and importlib.util.find_spec("matplotlib") is not None
+
+
+# -- loading and formatting -----------------------------------------------------------------
+
+
+def load() -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for name in SECTIONS:
+        p = RESULTS / f"{name}.json"
+        if p.exists():
+            with contextlib.suppress(ValueError):
+                data[name] = json.loads(p.read_text())
+    return data
+
+
+def fmt(x: float | None, unit: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if unit == "s":
+        if x >= 1:
+            return f"{x:.2f} s"
+        if x >= 1e-3:
+            return f"{x * 1e3:.3g} ms"
+        return f"{x * 1e6:.3g} us"
+    if unit in ("MiB/s", "calls/s"):
+        return f"{x:,.0f} {unit}" if x >= 100 else f"{x:.3g} {unit}"
+    return f"{x:.3g} {unit}"
+
+
+def series_table(series: list[dict[str, Any]], first: str = "what") -> list[str]:
+    out = [f"| {first} | command | runs | median | min-max | note |",
+           "|---|---|---|---|---|---|"]
+    for s in series:
+        u = s["unit"]
+        fails = f"{s['failures']} failed. " if s.get("failures") else ""
+        if not s["samples"]:
+            out.append(f"| {s['name']} | `{s['command']}` | 0 | n/a | n/a | "
+                       f"{fails}{s.get('note') or 'no sample'} |")
+            continue
+        out.append(f"| {s['name']} | `{s['command']}` | {len(s['samples'])} | "
+                   f"**{fmt(s['median'], u)}** | {fmt(s['min'], u)} - {fmt(s['max'], u)} | "
+                   f"{fails}{s.get('note', '')} |")
+    return out
+
+
+def by_name(section: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    if not section:
+        return {}
+    return {s["name"]: s for s in section.get("series", []) if s.get("samples")}
+
+
+def mib(kib: float) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+# -- targets of issue 7 -----------------------------------------------------------------------
+
+
+def targets(d: dict[str, Any]) -> list[str]:
+    out = ["| target (issue 7) | measured (this run) | verdict |", "|---|---|---|"]
+    st = by_name(d.get("startup"))
+    if "pykata" in st and "bare QEMU boot to init" in st:
+        gap = st["pykata"]["median"] - st["bare QEMU boot to init"]["median"]
+        v = "met" if gap <= 0.30 else f"missed by {gap - 0.30:.2f} s ({gap / 0.30:.0f}x)"
+        out.append(f"| cold start minus bare VM boot <= 300 ms | {st['pykata']['median']:.2f} s"
+                   f" - {st['bare QEMU boot to init']['median']:.2f} s = **{gap:.2f} s** | {v} |")
+    else:
+        out.append("| cold start minus bare VM boot <= 300 ms | not measured | - |")
+    ex = by_name(d.get("exec"))
+    if "pykata" in ex and "runc" in ex:
+        ratio = ex["pykata"]["median"] / ex["runc"]["median"]
+        over = ex["pykata"]["median"] - 3 * ex["runc"]["median"]
+        v = "met" if ratio <= 3 else f"missed: {ratio:.1f}x, by {fmt(over, 's')}"
+        out.append(f"| exec latency <= 3x runc's | {fmt(ex['pykata']['median'], 's')} vs "
+                   f"{fmt(ex['runc']['median'], 's')} = **{ratio:.1f}x** | {v} |")
+    else:
+        out.append("| exec latency <= 3x runc's | not measured | - |")
+    steps = (d.get("density") or {}).get("memory_steps") or []
+    if steps:
+        rss = steps[0]["shim_rss_max_kib"] / 1024
+        v = "met" if rss <= 30 else f"missed by {rss - 30:.1f} MiB"
+        out.append(f"| idle shim RSS <= 30 MiB | **{rss:.1f} MiB** (1 idle pod) | {v} |")
+    else:
+        out.append("| idle shim RSS <= 30 MiB | not measured | - |")
+    agent = (d.get("rpc") or {}).get("agent") or {}
+    a = agent.get("agent_rss_one_container_bytes") or agent.get("agent_rss_idle_bytes")
+    if a:
+        v = "met" if a / MiB <= 20 else f"missed by {a / MiB - 20:.1f} MiB"
+        out.append(f"| guest agent RSS <= 20 MiB | **{a / MiB:.1f} MiB** (one idle container; "
+                   f"{(agent.get('agent_rss_idle_bytes') or 0) / MiB:.1f} MiB with none) | "
+                   f"{v} |")
+    else:
+        out.append("| guest agent RSS <= 20 MiB | not measured | - |")
+    b = (d.get("density") or {}).get("burst")
+    if b:
+        ok = b["started"] >= 10 and not b["failed"]
+        if b["requested"] < 10:
+            v = f"not checked: only {b['requested']} pods in this (quick) run"
+        else:
+            v = "met" if ok else f"missed: {b['failed']} of {b['requested']} failed"
+        ready = fmt(b["all_ready_s"], "s") if b.get("all_ready_s") else "n/a"
+        out.append(f"| 10 idle pods at once, no failure | {b['started']} of {b['requested']} "
+                   f"started in parallel, {b['failed']} failed, all running after {ready} | "
+                   f"{v} |")
+    else:
+        out.append("| 10 idle pods at once, no failure | not measured | - |")
+    return out
+
+
+# -- the document ---------------------------------------------------------------------------
+
+
+def render(d: dict[str, Any], suite: dict[str, Any]) -> str:
+    mode = suite.get("mode", "?")
+    times = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in suite.get("sections", {}).items())
     out = ["# Benchmarks", "",
            "Measured on the development machine (2 cores, QEMU 7.2 under **TCG**: this",
-           "host's KVM is PVM and cannot run a standard guest kernel). Regenerate with",
-           "`.venv/bin/python bench/run.py` (`--runs N`); raw data in `bench/results/`.",
-           "Every figure is a median over the stated number of runs, with min-max.", ""]
+           "host's KVM is PVM and cannot run a standard guest kernel; other engineers' VMs",
+           "may have run at the same time, so treat spreads as noise bounds).",
+           "", "**One command:** `make bench` (= `.venv/bin/python bench/run.py`; `--quick` for",
+           "development, `--only SECTION,...`, `--render`). It runs every section below in",
+           "one run, writes `bench/results/<section>.json` and `bench/results/results.json`,",
+           "draws `docs/benchmarks.png` and rewrites this file. The analysis at the end comes",
+           "from `bench/notes.md`. Every figure states its command, its number of runs, the",
+           "median and min-max.", "",
+           f"This run: **{mode}** counts, {suite.get('when', '?')}, suite wall time "
+           f"{suite.get('seconds', 0) / 60:.1f} min ({times})."]
+    failed = [k for k, v in suite.get("sections", {}).items() if v.get("exit_code") != 0]
+    if failed:
+        out.append(f"Sections that failed or timed out in this run: {', '.join(failed)} "
+                   "(their tables below are from an earlier run, if any).")
+    out += ["", "![benchmarks](benchmarks.png)", "", "## Targets (issue 7)", "", *targets(d)]
     img = _image()
     if img:
-        out += ["## Guest image", "",
+        out += ["", "## Guest image", "",
                 "| item | value |", "|---|---|",
                 f"| kernel | Debian `{img['kernel_package']}` ({img['kernel_release']}) |",
-                f"| initrd (newc cpio, uncompressed) | {img['initrd_bytes'] / 2**20:.1f} MiB |",
-                f"| vmlinuz / vmlinux | {img['vmlinuz_bytes'] / 2**20:.1f} MiB / uncompressed ELF"
+                f"| initrd (newc cpio, uncompressed) | {img['initrd_bytes'] / MiB:.1f} MiB |",
+                f"| vmlinuz / vmlinux | {img['vmlinuz_bytes'] / MiB:.1f} MiB / uncompressed ELF"
                 " booted through PVH |",
-                "| build time (Debian packages already downloaded) | "
-                f"{img.get('build_seconds', '?')} s "
-                "(a rebuild with unchanged inputs only hashes them) |",
-                f"| packages | {', '.join(sorted(img['packages']))} |", ""]
-    start = RESULTS / "startup.json"
-    if start.exists():
-        data = json.loads(start.read_text())
-        out += ["## Cold start, side by side (one run, " + data.get("when", "") + ")", "",
-                "| runtime | command | runs | median | min-max | note |",
-                "|---|---|---|---|---|---|"]
-        for s in data["series"]:
-            if not s["samples"]:
-                out.append(f"| {s['name']} | `{s['command']}` | 0 | n/a | n/a | {s['note']} |")
-                continue
-            out.append(f"| {s['name']} | `{s['command']}` | {len(s['samples'])} | "
-                       f"{_fmt(s['median'], s['unit'])} | {_fmt(s['min'], s['unit'])}-"
-                       f"{_fmt(s['max'], s['unit'])} | {s['note']} |")
-        by = {s["name"]: s for s in data["series"] if s["samples"]}
-        if "pykata" in by and "bare QEMU boot to init" in by:
-            gap = by["pykata"]["median"] - by["bare QEMU boot to init"]["median"]
-            out += ["", f"pykata minus the bare VM boot: **{gap:.2f} s** (target of issue 7:"
-                    " <= 0.30 s; see the breakdown below)."]
-        for m in data.get("memory", []):
-            out += ["", f"## Idle host memory per pod ({m['pods']} pod)", "",
-                    "| process | PSS |", "|---|---|",
-                    f"| qemu-system-x86_64 | {m['qemu'] / 1024:.0f} MiB |",
-                    f"| virtiofsd | {m['virtiofsd'] / 1024:.1f} MiB |",
-                    f"| containerd-shim-pykata-v2 | {m['shim'] / 1024:.1f} MiB "
-                    f"(RSS {m['shim_rss'] / 1024:.1f} MiB) |",
-                    f"| **total** | **{m['total'] / 1024:.0f} MiB** |"]
+                f"| packages | {', '.join(sorted(img['packages']))} |"]
+    st = d.get("startup")
+    if st:
+        out += ["", f"## Cold start, side by side ({st.get('when', '')})", "",
+                *series_table(st["series"], "runtime")]
+        bs = by_name(st)
+        if "pykata" in bs and "bare QEMU boot to init" in bs:
+            gap = bs["pykata"]["median"] - bs["bare QEMU boot to init"]["median"]
+            out += ["", f"pykata minus the bare VM boot: **{gap:.2f} s** (target <= 0.30 s; "
+                    "see where the time goes below)."]
+    ex = d.get("exec")
+    if ex:
+        out += ["", f"## Exec latency ({ex.get('when', '')})", "",
+                "`ctr task exec` of `true` in a running `sleep` container (2 warm-up execs "
+                "not counted).", "", *series_table(ex["series"], "runtime")]
+    de = d.get("density")
+    if de:
+        out += _density(de)
+    rp = d.get("rpc")
+    if rp:
+        ag = rp.get("agent", {})
+        out += ["", f"## ttRPC and the agent channel ({rp.get('when', '')})", "",
+                "pykata.ttrpc client and server in two processes over a unix socket; then the "
+                f"guest agent over the VM channel ({ag.get('channel', '?')}, accel "
+                f"{ag.get('accel', '?')}) of a sandbox made in-process by `Sandbox.create` "
+                f"(which took {ag.get('sandbox_create_s', 0):.2f} s).", "",
+                *series_table(rp["series"])]
+        if ag.get("agent_rss_idle_bytes"):
+            out += ["", f"Guest agent RSS (`pykata_agent_rss_bytes` from GetMetrics, 1 run): "
+                    f"**{ag['agent_rss_idle_bytes'] / MiB:.1f} MiB** in an idle sandbox, "
+                    f"**{(ag.get('agent_rss_one_container_bytes') or 0) / MiB:.1f} MiB** "
+                    "with one idle container."]
+    ne = d.get("network")
+    if ne:
+        info = ne.get("info", {})
+        out += ["", f"## Network: pod <-> peer, pykata (tcfilter) vs runc ({ne.get('when', '')})",
+                "", "Pods made through CRI (private containerd, bridge CNI on "
+                f"{info.get('subnet', '?')}); the peer is a network namespace made by the "
+                f"benchmark on the same bridge ({info.get('peer', '?')}) running "
+                "`bench/netpeer.py`. No traffic leaves those namespaces.", "",
+                *series_table(ne["series"])]
+    so = d.get("storage")
+    if so:
+        out += ["", f"## Storage: sequential dd, host vs virtio-fs vs virtio-blk "
+                f"({so.get('when', '')})", "",
+                f"{so.get('info', {}).get('mib', '?')} MiB per run, 1 MiB blocks; writes end "
+                "with fsync; caches dropped before reads (guest: drop_caches; host: the "
+                "file's or the loop device's). Guest times are busybox `time` (10 ms).", "",
+                *series_table(so["series"])]
     extra = HERE / "notes.md"
     if extra.exists():
         out += ["", extra.read_text().rstrip()]
     return "\n".join(out) + "\n"
 
 
-def _image() -> dict[str, object] | None:
+def _density(de: dict[str, Any]) -> list[str]:
+    out = ["", f"## Per-pod host memory and density ({de.get('when', '')})", "",
+           f"Idle pods: `{de.get('command', '')}`, started in parallel batches; PSS of each "
+           "pod's shim + QEMU + virtiofsd read from /proc/PID/smaps_rollup "
+           f"{de.get('settle_s', '?')} s after the batch is up (1 sample per step).", "",
+           "| pods | batch (in parallel) | batch start time | failed | QEMU / pod | "
+           "virtiofsd / pod | shim / pod | **total / pod** | total, all pods |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for m in de.get("memory_steps", []):
+        p = m.get("kib_per_pod") or {}
+        t = m.get("kib_total") or {}
+        out.append(f"| {m['pods']} | +{m['added']} | {fmt(m['batch_seconds'], 's')} | "
+                   f"{m['failed']} | {mib(p.get('qemu', 0))} | {mib(p.get('virtiofsd', 0))} | "
+                   f"{mib(p.get('shim', 0))} | **{mib(p.get('total', 0))}** | "
+                   f"{mib(t.get('total', 0))} |")
+    steps = de.get("memory_steps") or []
+    if steps:
+        out += ["", f"Largest idle shim RSS: {steps[0]['shim_rss_max_kib'] / 1024:.1f} MiB "
+                f"(1 pod), {steps[-1]['shim_rss_max_kib'] / 1024:.1f} MiB "
+                f"({steps[-1]['pods']} pods)."]
+    b = de.get("burst")
+    if b:
+        per = sorted(b.get("per_pod_s") or [])
+        spread = (f"per-pod `ctr run -d` time median {fmt(per[len(per) // 2], 's')}, "
+                  f"min-max {fmt(per[0], 's')} - {fmt(per[-1], 's')} (n={len(per)})"
+                  if per else "no pod started")
+        kp = b.get("kib_per_pod") or {}
+        ready = fmt(b['all_ready_s'], 's') if b.get('all_ready_s') else 'n/a (failures)'
+        out += ["", f"**Density:** {b['requested']} pods started all at once (budget "
+                f"{b['budget_s']:.0f} s each): **{b['started']} running, {b['failed']} failed**, "
+                f"all running after **{ready}** (1 run); {spread}; "
+                f"{b.get('still_running_after_settle', '?')} still running after the settle "
+                f"time; PSS {mib(kp.get('total', 0))} per pod."]
+    return out
+
+
+def _image() -> dict[str, Any] | None:
     try:
-        data: dict[str, object] = json.loads(Path("/var/lib/pykata/manifest.json").read_text())
+        data: dict[str, Any] = json.loads(Path("/var/lib/pykata/manifest.json").read_text())
         return data
     except (OSError, ValueError):
         return None
 
 
+# -- the plot ---------------------------------------------------------------------------------
+
+
+def plot(d: dict[str, Any], path: Path) -> bool:
+    if not ensure_matplotlib():
+        print("==> no matplotlib: docs/benchmarks.png not drawn", flush=True)
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9))
+    ax = axes.flat
+
+    def bars(a: Any, series: list[dict[str, Any]], title: str, unit: str, scale: float = 1.0,
+             log: bool = False, names: dict[str, str] | None = None) -> None:
+        ss = [s for s in series if s.get("samples")]
+        if not ss:
+            a.set_title(title + " (not measured)")
+            a.axis("off")
+            return
+        labels = [(names or {}).get(s["name"], s["name"]) for s in ss]
+        med = [s["median"] * scale for s in ss]
+        lo = [max(0.0, (s["median"] - s["min"]) * scale) for s in ss]
+        hi = [max(0.0, (s["max"] - s["median"]) * scale) for s in ss]
+        pos = list(range(len(ss)))
+        a.bar(pos, med, yerr=[lo, hi], capsize=4,
+              color=["#d62728" if "pykata" in s["name"] or "agent" in s["name"]
+                     or "virtio" in s["name"] else "#1f77b4" for s in ss])
+        a.set_xticks(pos, labels, rotation=30, ha="right", fontsize=8)
+        a.set_ylabel(unit)
+        a.set_title(title)
+        if log:
+            a.set_yscale("log")
+        for x, y in zip(pos, med, strict=True):
+            a.annotate(f"{y:.3g}", (x, y), ha="center", va="bottom", fontsize=7)
+
+    st = d.get("startup", {}).get("series", [])
+    bars(next(ax), st, "Cold start: ctr run --rm ... true (median, min-max)", "s", log=True,
+         names={"bare QEMU boot to init": "bare VM boot", "crun (runc shim)": "crun",
+                "runsc (ptrace)": "runsc"})
+    bars(next(ax), d.get("exec", {}).get("series", []), "Exec latency: ctr task exec true",
+         "ms", scale=1e3)
+    a = next(ax)
+    steps = d.get("density", {}).get("memory_steps", [])
+    if steps:
+        pods = [m["pods"] for m in steps]
+        bottom = [0.0] * len(steps)
+        for k, color in (("qemu", "#d62728"), ("virtiofsd", "#2ca02c"), ("shim", "#9467bd")):
+            vals = [(m.get("kib_per_pod") or {}).get(k, 0) / 1024 for m in steps]
+            a.bar([str(p) for p in pods], vals, bottom=bottom, label=k, color=color)
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        a.set_xlabel("idle pods running")
+        a.set_ylabel("PSS per pod (MiB)")
+        a.legend(fontsize=8)
+        a.set_title("Host memory per idle pod as pods are added")
+    else:
+        a.axis("off")
+    a = next(ax)
+    b = d.get("density", {}).get("burst")
+    if b and b.get("per_pod_s"):
+        per = sorted(b["per_pod_s"])
+        a.bar(range(1, len(per) + 1), per, color="#d62728")
+        a.set_xlabel("pod (sorted)")
+        a.set_ylabel("s until running")
+        a.set_title(f"Density: {b['requested']} pods at once: {b['started']} ok, "
+                    f"{b['failed']} failed")
+    else:
+        a.axis("off")
+    rp = d.get("rpc", {}).get("series", [])
+    lat = [s for s in rp if s["unit"] == "s"]
+    bars(next(ax), lat, "ttRPC (unix socket) and agent (VM channel) round trips", "us",
+         scale=1e6, log=True, names={s["name"]: s["name"].replace(" round trip", "")
+                                     for s in lat})
+    ne = d.get("network", {}).get("series", [])
+    bars(next(ax), [s for s in ne if s["unit"] == "MiB/s"],
+         "Network throughput pod<->peer", "MiB/s", log=True)
+    bars(next(ax), [s for s in ne if s["unit"] == "s"], "Network latency pod<->peer", "us",
+         scale=1e6, log=True)
+    bars(next(ax), d.get("storage", {}).get("series", []), "Storage: sequential dd", "MiB/s",
+         log=True)
+    fig.suptitle("pykata vs runc / crun / runsc / bare VM (QEMU TCG, 2 cores): "
+                 "medians, error bars min-max", fontsize=13)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--render", action="store_true")
-    ap.add_argument("--runs", type=int, default=10)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--render", action="store_true", help="only render from bench/results")
+    ap.add_argument("--quick", action="store_true", help="few runs, small sizes")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {list(SECTIONS)}")
+    ap.add_argument("--runs", type=int, default=0, help="override every section's run count")
     args = ap.parse_args()
-    if not args.render:
-        rc = subprocess.call([sys.executable, str(HERE / "startup.py"), "--runs",
-                              str(args.runs)])
-        if rc != 0:
-            return rc
-    DOC.write_text(render())
-    print(f"wrote {DOC}")
-    return 0
+    if os.geteuid() != 0 and not args.render:
+        print("bench: needs root (VMs, containerd, netns, loop devices)", file=sys.stderr)
+        return 1
+    only = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections: {sorted(unknown)}")
+    suite_file = RESULTS / "suite.json"
+    if args.render:
+        suite = json.loads(suite_file.read_text()) if suite_file.exists() else {}
+    else:
+        t0 = time.monotonic()
+        suite = {"mode": "quick" if args.quick else "default", "sections": {},
+                 "when": time.strftime("%Y-%m-%d %H:%M")}
+        for name in only:
+            suite["sections"][name] = run_section(name, args.quick, args.runs)
+        suite["seconds"] = time.monotonic() - t0
+        RESULTS.mkdir(exist_ok=True)
+        suite_file.write_text(json.dumps(suite, indent=1) + "\n")
+        if all(v["exit_code"] == 0 for v in suite["sections"].values()):
+            shutil.rmtree(CTD_BASE, ignore_errors=True)  # containerd logs of the sections
+    data = load()
+    (RESULTS / "results.json").write_text(json.dumps({"suite": suite, **data}, indent=1,
+                                                     default=str) + "\n")
+    plot(data, PLOT)
+    DOC.write_text(render(data, suite))
+    print(f"wrote {DOC}, {PLOT}, {RESULTS / 'results.json'}")
+    failed = [k for k, v in suite.get("sections", {}).items() if v.get("exit_code") != 0]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
