@@ -25,7 +25,10 @@ LEAN_KERNEL_PARAMS = (
     "quiet loglevel=1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 "
     "i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 i8042.nokbd=1 "
     "noreplace-smp reboot=k cryptomgr.notests pci=lastbus=0 panic=-1 "
-    "mitigations=off random.trust_cpu=on nowatchdog"
+    "mitigations=off random.trust_cpu=on nowatchdog "
+    # No 64 MiB bounce buffer: virtio devices here do DMA directly (no IOMMU, no
+    # memory encryption), and the buffer alone is 64 MiB of touched guest RAM.
+    "swiotlb=noforce"
 )
 
 
@@ -56,6 +59,9 @@ class QemuConfig:
     # aborts (tcg/region.c assertion) when a vCPU is hot-plugged into a VM
     # started with a small tb-size, so it is only safe with CPU hotplug off.
     tb_size: int = 0
+    # virtio-balloon free page reporting: memory the guest frees goes back to
+    # the host (Kata's key; measured -7% idle QEMU memory here, docs/benchmarks.md).
+    reclaim_guest_freed_memory: bool = True
     enable_debug: bool = False
     extra_args: list[str] = field(default_factory=list)
 

@@ -157,3 +157,9 @@ def test_template_memory_and_incoming() -> None:
     assert ("memory-backend-file,id=pykata-mem,size=512M,mem-path=/dev/shm/x.mem,share=on"
             in clone)
     assert arg_after(clone, "-incoming") == ["defer"]
+
+
+def test_free_page_reporting_balloon() -> None:
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in arg_after(
+        build_argv("q", spec(free_page_reporting=True), opts()), "-device")
+    assert not any("balloon" in d for d in arg_after(build_argv("q", spec(), opts()), "-device"))

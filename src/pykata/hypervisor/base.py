@@ -49,6 +49,7 @@ class VMSpec:
     # template's RAM, or a clone's copy of it.
     memory_file: Path | None = None
     incoming: bool = False  # start paused, waiting for restore()
+    free_page_reporting: bool = False  # virtio-balloon: freed guest pages go back to the host
 
     @property
     def console_log(self) -> Path:

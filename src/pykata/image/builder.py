@@ -63,7 +63,7 @@ GUEST_MODULES = (
     "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
     "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "fuse", "virtiofs", "overlay",
     "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
-    "crc16", "mbcache", "jbd2", "ext4",
+    "crc16", "mbcache", "jbd2", "ext4", "virtio_balloon",
 )
 
 # What the guest never needs.

@@ -77,6 +77,7 @@ def template_key(spec: VMSpec, binary: str, options: QemuOptions) -> str:
         "accel": options.accel, "cpu": options.cpu_model, "machine": options.machine_type,
         "machine_options": options.machine_options, "tb_size": options.tb_size_mib,
         "root_ports": options.pcie_root_ports, "extra": list(options.extra_args),
+        "free_page_reporting": spec.free_page_reporting,
         "format": 1,
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
@@ -215,6 +216,8 @@ class Factory:
                 # work (module loading) finish so clones don't redo it.
                 await agent.guest_details()
                 booted = time.monotonic() - t0
+                if tspec.free_page_reporting:
+                    await _settle_reporting(work / MEMORY)
                 await vm.save(work / STATE)
             finally:
                 await agent.close()
@@ -253,3 +256,19 @@ class Factory:
 
 def _allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+async def _settle_reporting(memory: Path, timeout: float = 8.0) -> None:
+    """Wait (bounded) until the guest's free page reporting has handed back what
+    boot freed (the initrd image, boot-time buffers): the RAM file stops shrinking.
+    Every clone then copies less. The guest reports after about 2 s of quiet."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last, stable_since = _allocated(memory), loop.time()
+    while loop.time() < deadline:
+        await asyncio.sleep(0.25)
+        now = _allocated(memory)
+        if now < last:
+            last, stable_since = now, loop.time()
+        elif loop.time() - stable_since >= 3.0:
+            break

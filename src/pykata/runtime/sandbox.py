@@ -178,6 +178,7 @@ class Sandbox:
             memory_slots=q.memory_slots, shared_fs_socket=vfs_sock,
             shared_fs_cache_size_mib=q.virtio_fs_cache_size, agent_channel=channel,
             vsock_cid=_vsock_cid(self.id), debug=q.enable_debug or self.config.agent.enable_debug,
+            free_page_reporting=q.reclaim_guest_freed_memory,
         )
 
     async def _attach_network(self, queues: int) -> None:

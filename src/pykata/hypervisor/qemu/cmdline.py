@@ -94,6 +94,8 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions) -> list[str]:
         if spec.shared_fs_cache_size_mib:
             fs += f",cache-size={spec.shared_fs_cache_size_mib}M"
         argv += ["-chardev", f"socket,id=vfs,path={spec.shared_fs_socket}", "-device", fs]
+    if spec.free_page_reporting:
+        argv += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
     for i in range(opts.pcie_root_ports):
         argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
     for i, nic in enumerate(spec.nics):
