@@ -396,8 +396,8 @@ def plot(d: dict[str, Any], path: Path) -> bool:
     b = d.get("density", {}).get("burst")
     if b and b.get("per_pod_s"):
         per = sorted(b["per_pod_s"])
-        a.bar(range(1, len(per) + 1), per, color="#d62728")
-        a.set_xlabel("pod (sorted)")
+        a.bar([str(i) for i in range(1, len(per) + 1)], per, color="#d62728")
+        a.set_xlabel("pod (sorted by start time)")
         a.set_ylabel("s until running")
         a.set_title(f"Density: {b['requested']} pods at once: {b['started']} ok, "
                     f"{b['failed']} failed")
