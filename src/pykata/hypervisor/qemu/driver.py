@@ -264,13 +264,14 @@ class QemuHypervisor(Hypervisor):
         On timeout the disk and its port stay taken until the VM stops."""
         from collections.abc import Mapping
 
-        if self._qmp is None:
+        qmp = self._qmp
+        if qmp is None:
             raise errors.FailedPrecondition(f"VM {self.spec.id} has no QMP connection")
         dev = f"dev-{drive_id}"
         listener = EventListener(("DEVICE_DELETED",))
-        with self._qmp.listen(listener):
+        with qmp.listen(listener):
             try:
-                await asyncio.wait_for(self._qmp.execute("device_del", {"id": dev}), 10.0)
+                await asyncio.wait_for(qmp.execute("device_del", {"id": dev}), 10.0)
                 gone = False
             except ExecuteError as exc:
                 if exc.error_class != "DeviceNotFound":
@@ -292,7 +293,22 @@ class QemuHypervisor(Hypervisor):
                         f"the guest did not release block device {drive_id} within"
                         f" {timeout:g}s") from None
         self._ports.pop(drive_id, None)
-        await self._qmp_cmd("blockdev-del", {"node-name": drive_id})
+        # A device the guest ejected is gone from the QOM tree before QEMU drops its
+        # reference to the backend: "in use" for a moment. Retry, bounded.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while True:
+            try:
+                await asyncio.wait_for(qmp.execute("blockdev-del", {"node-name": drive_id}),
+                                       10.0)
+                return
+            except ExecuteError as exc:
+                if "in use" not in str(exc) or loop.time() > deadline:
+                    raise errors.Internal(f"QMP blockdev-del {drive_id} failed: {exc}") from exc
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"QMP blockdev-del {drive_id} got no answer in 10s") from None
+            await asyncio.sleep(0.05)
 
     # -- devices a clone gets after restore (and NICs that come later) ---------------
     async def hotplug_shared_fs(self, socket_path: Path, tag: str) -> str:
