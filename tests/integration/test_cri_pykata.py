@@ -310,3 +310,44 @@ def test_stop_container_escalates_to_sigkill(env: Env) -> None:
     finally:
         left = pod.remove()
     assert not left, f"left behind: {left}"
+
+
+def test_block_volume_empty_dir_and_shm(env: Env, tmp_path: Path) -> None:
+    """Issue 5 through CRI: a loop device given as a mount's host_path is a block
+    device in the container holding the file system (its ext4 label is readable);
+    an emptyDir volume is shared by the pod's containers inside the guest; the
+    pod's /dev/shm is a guest tmpfs of containerd's size. No loop device is held
+    after the pod is removed."""
+    import subprocess
+
+    img = tmp_path / "cri-disk.img"
+    subprocess.run(["truncate", "-s", "32M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "cridisk", str(img)], check=True)
+    dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    empty = tmp_path / "kubelet/pods/u1/volumes/kubernetes.io~empty-dir/scratch"
+    empty.mkdir(parents=True)
+    try:
+        pod = Pod(env)
+        try:
+            one = pod.container("one", SLEEP, mounts=[(dev, "/dev/xvdb", False),
+                                                      (str(empty), "/scratch", False)])
+            two = pod.container("two", SLEEP, mounts=[(str(empty), "/scratch", False)])
+            out, rc = pod.sh(one, "stat -c %F /dev/xvdb;"
+                                  " dd if=/dev/xvdb bs=1 skip=1144 count=7 2>/dev/null; echo;"
+                                  " echo from-one > /scratch/f; df -k /dev/shm | tail -n 1;"
+                                  " grep -E ' /(scratch|dev/shm) ' /proc/mounts")
+            assert rc == 0, out
+            lines = out.splitlines()
+            assert lines[:2] == ["block special file", "cridisk"], out
+            assert lines[2].split()[1] == "65536", out  # containerd's 64 MiB shm
+            assert "virtiofs" not in " ".join(lines[3:]), out
+            assert pod.sh(two, "cat /scratch/f") == ("from-one\n", 0)
+            assert list(empty.iterdir()) == []  # in the guest, not on the host
+        finally:
+            left = pod.remove()
+        assert not left, f"left behind: {left}"
+        held = subprocess.run(["fuser", "-s", dev], check=False).returncode == 0
+        assert not held, f"{dev} is still held after the pod was removed"
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)

@@ -295,16 +295,15 @@ def _block_mount(p: GuestPlan, m: dict[str, Any], container_id: str, index: int,
         rdev = probe.block_rdev(src)
     except FileNotFoundError:
         raise InvalidArgument(
-            f"mount source {src} for {dest} does not exist: a {fstype or 'file system'}"
-            " mount needs a host block device") from None
+            f"mount source {src} for {dest} does not exist: a mount of type"
+            f" {fstype or 'none'} needs a host block device") from None
     except OSError as exc:
         raise InvalidArgument(f"cannot use mount source {src} for {dest}:"
                               f" {exc.strerror or exc}") from None
     if rdev is None:
         raise InvalidArgument(
-            f"mount source {src} for {dest} is not a block device: a"
-            f" {fstype or 'file system'} mount needs one (use a bind mount for files and"
-            " directories)")
+            f"mount source {src} for {dest} is not a block device: a mount of type"
+            f" {fstype or 'none'} needs one (use a bind mount for files and directories)")
     if not fstype or fstype == "none":
         raise InvalidArgument(f"mount of block device {src} on {dest} needs a file system type")
     opts = [o for o in (m.get("options") or []) if isinstance(o, str)]
