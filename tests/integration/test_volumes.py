@@ -133,7 +133,7 @@ async def test_empty_dir_is_guest_local_and_shared_by_the_pod(
 async def test_empty_dir_shared_from_host_when_guest_empty_dir_disabled(
         pykata_config: config.Config, tmp_path: Path, rootfs: Path) -> None:
     cfg = copy.deepcopy(pykata_config)
-    cfg.runtime.disable_guest_empty_dir = True  # type: ignore[attr-defined,unused-ignore]
+    cfg.runtime.disable_guest_empty_dir = True
     host = empty_dir(tmp_path, "shared")
     sb = await Sandbox.create(f"ed-{uuid.uuid4().hex[:6]}", cfg)
     try:

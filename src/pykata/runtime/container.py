@@ -143,9 +143,9 @@ class Container:
         create it in the guest. On any error nothing is left behind."""
         specconv.validate(self.spec, self.bundle)
         self.sandbox.check_resources(self.resources())
-        guest_empty_dir = not getattr(self.sandbox.config.runtime, "disable_guest_empty_dir",
-                                      False)
-        plan = specconv.plan(self.spec, self.id, self.bundle, guest_empty_dir=guest_empty_dir)
+        plan = specconv.plan(
+            self.spec, self.id, self.bundle,
+            guest_empty_dir=not self.sandbox.config.runtime.disable_guest_empty_dir)
         try:
             self._mount_shared(plan.host_mounts)
             self.sandbox.persist()
