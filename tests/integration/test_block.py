@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from pykata import config, errors
-from pykata.resources import blockdev
 from pykata.runtime.sandbox import Sandbox
 from pykata.testing import default_spec, make_bundle
 
@@ -121,7 +120,7 @@ async def test_block_mount_from_spec(pykata_config: config.Config, tmp_path: Pat
         assert lines[1] == "hello-block"
         assert "lost+found" in lines[2:]
         # Deleted with its container: unplugged (the guest ejected it), port free.
-        assert blockdev.for_sandbox(sb).attached() == {}
+        assert sb.block_devices().attached() == {}
         gone = await run_in(sb, tmp_path, rootfs, "ls /sys/block")
         assert "vd" not in gone, gone
         # Plugged again (same root port) for the next container; the data is there.
@@ -159,7 +158,7 @@ async def test_block_device_in_linux_devices(sandbox: Sandbox, tmp_path: Path, r
     assert numbers == f"{g_major:x}:{g_minor:x}"
     assert (g_major, g_minor) != (major, minor)
     assert out.splitlines()[2] == LABEL  # the ext4 volume label, read through the node
-    assert blockdev.for_sandbox(sandbox).attached() == {}
+    assert sandbox.block_devices().attached() == {}
 
 
 async def test_bind_of_block_device_read_only(sandbox: Sandbox, tmp_path: Path, rootfs: Path,
@@ -205,7 +204,7 @@ async def test_block_volume_errors(sandbox: Sandbox, tmp_path: Path, rootfs: Pat
     assert "\n" not in str(ei.value)
     assert cid not in sandbox.containers
     assert not (sandbox.shared_dir / cid).exists()
-    assert blockdev.for_sandbox(sandbox).attached() == {}
+    assert sandbox.block_devices().attached() == {}
 
 
 async def test_agent_failure_after_hotplug_leaves_nothing(
@@ -217,6 +216,6 @@ async def test_agent_failure_after_hotplug_leaves_nothing(
     b = make_bundle(tmp_path / "badfs", rootfs, spec)
     with pytest.raises(errors.PykataError, match="cannot mount blk storage"):
         await sandbox.create_container("badfs", b)
-    assert blockdev.for_sandbox(sandbox).attached() == {}
+    assert sandbox.block_devices().attached() == {}
     assert "vd" not in await run_in(sandbox, tmp_path, rootfs, "ls /sys/block")
     assert json.loads((b / "config.json").read_text())["mounts"][-1]["source"] == loop_device

@@ -113,11 +113,14 @@ class Hypervisor(abc.ABC):
         """Add ``size_mib`` of memory; returns the MiB actually added."""
         raise self._unsupported("memory hotplug")
 
-    async def hotplug_block(self, drive_id: str, path: Path, readonly: bool = False) -> str:
-        """Attach a block device; returns the guest-visible address (PCI path)."""
+    async def hotplug_block(self, drive_id: str, path: Path, readonly: bool = False,
+                            serial: str = "") -> str:
+        """Attach a block device (the guest finds it by ``serial``); returns the
+        guest-visible address (PCI path or port)."""
         raise self._unsupported("block device hotplug")
 
-    async def unplug_block(self, drive_id: str) -> None:
+    async def unplug_block(self, drive_id: str, timeout: float = 20.0) -> None:
+        """Detach a block device, waiting at most ``timeout`` for the guest."""
         raise self._unsupported("block device unplug")
 
     async def hotplug_shared_fs(self, socket_path: Path, tag: str) -> str:

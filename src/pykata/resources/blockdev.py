@@ -21,16 +21,11 @@ import itertools
 import logging
 import os
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pykata import errors
-from pykata.hypervisor.qemu import QemuHypervisor
-
-if TYPE_CHECKING:
-    from pykata.runtime.sandbox import Sandbox
+from pykata.hypervisor.base import Hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +45,7 @@ class _Attached:
 class BlockDevices:
     """The host block devices attached to one VM, counted by use."""
 
-    def __init__(self, sandbox_id: str, vm: QemuHypervisor) -> None:
+    def __init__(self, sandbox_id: str, vm: Hypervisor) -> None:
         self.sandbox_id = sandbox_id
         self.vm = vm
         self._by_path: dict[str, _Attached] = {}
@@ -121,29 +116,8 @@ class BlockDevices:
                      serial, time.monotonic() - started)
 
 
-_REGISTRIES: weakref.WeakKeyDictionary[Sandbox, BlockDevices] = weakref.WeakKeyDictionary()
-
-
-def for_sandbox(sandbox: Sandbox) -> BlockDevices:
-    """The sandbox's registry (made on first use)."""
-    reg = _REGISTRIES.get(sandbox)
-    if reg is None:
-        if sandbox.vm is None:
-            raise errors.FailedPrecondition(f"sandbox {sandbox.id} has no VM")
-        if not isinstance(sandbox.vm, QemuHypervisor):
-            raise errors.Unimplemented(
-                f"block volumes need QEMU: hypervisor {sandbox.vm.name} cannot hot-plug"
-                " a virtio-blk disk with a serial")
-        reg = BlockDevices(sandbox.id, sandbox.vm)
-        _REGISTRIES[sandbox] = reg
-    return reg
-
-
-async def detach_all(sandbox: Sandbox, serials: list[str]) -> None:
+async def detach_all(reg: BlockDevices, serials: list[str]) -> None:
     """Release ``serials`` for one container, each bounded; never raises."""
-    reg = _REGISTRIES.get(sandbox)
-    if reg is None:
-        return
     for serial in serials:
         with contextlib.suppress(Exception):
             await reg.detach(serial)

@@ -173,7 +173,7 @@ class Container:
         devices: list[Device] = []
         if not blocks:
             return storages, devices
-        reg = blockdev.for_sandbox(self.sandbox)
+        reg = self.sandbox.block_devices()
         for b in blocks:
             serial = await reg.attach(b.host_path, b.readonly)
             self._disks.append(serial)
@@ -187,7 +187,7 @@ class Container:
         """Unplug the container's disks (bounded per disk; never raises)."""
         serials, self._disks = self._disks, []
         if serials:
-            await blockdev.detach_all(self.sandbox, serials)
+            await blockdev.detach_all(self.sandbox.block_devices(), serials)
 
     def _mount_shared(self, host_mounts: list[specconv.HostMount]) -> None:
         for hm in host_mounts:

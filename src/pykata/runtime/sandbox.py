@@ -30,6 +30,7 @@ from pykata.hypervisor.qemu.accel import probe
 from pykata.hypervisor.qemu.caps import check_dax
 from pykata.hypervisor.qemu.cmdline import QemuOptions
 from pykata.resources import network
+from pykata.resources.blockdev import BlockDevices
 from pykata.resources.sharedfs import GUEST_SHARED_DIR, SHARED_TAG, VirtioFsDaemon
 from pykata.runtime import factory
 from pykata.runtime.container import Container
@@ -76,6 +77,7 @@ class Sandbox:
         self.netns = ""
         self.network: network.PodNetwork | None = None
         self._netwatch: asyncio.Future[None] | None = None
+        self._blockdevs: BlockDevices | None = None
 
     # -- creation ------------------------------------------------------------------
     @classmethod
@@ -379,6 +381,14 @@ class Sandbox:
             raise
         self.persist()
         return c
+
+    def block_devices(self) -> BlockDevices:
+        """Host block devices hot-plugged into this VM, counted by use."""
+        if self._blockdevs is None:
+            if self.vm is None:
+                raise errors.FailedPrecondition(f"sandbox {self.id} has no VM")
+            self._blockdevs = BlockDevices(self.id, self.vm)
+        return self._blockdevs
 
     def container(self, container_id: str) -> Container:
         try:
