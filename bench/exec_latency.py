@@ -74,4 +74,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted (what the section made is cleaned up)")
+        sys.exit(130)

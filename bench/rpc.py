@@ -60,6 +60,9 @@ async def serve(path: str) -> None:
     print("ready", flush=True)
     # Serve until the parent closes our stdin (bounded by the parent's timeout).
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    # The client has closed its connection: let the server side of it finish
+    # (Server.close() cancels connections still closing, and asyncio logs that).
+    await asyncio.sleep(0.5)
     await server.close()
 
 
@@ -237,4 +240,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted (what the section made is cleaned up)")
+        sys.exit(130)
