@@ -282,7 +282,8 @@ def render(d: dict[str, Any], suite: dict[str, Any]) -> str:
                 f"({so.get('when', '')})", "",
                 f"{so.get('info', {}).get('mib', '?')} MiB per run, 1 MiB blocks; writes end "
                 "with fsync; caches dropped before reads (guest: drop_caches; host: the "
-                "file's or the loop device's). Guest times are busybox `time` (10 ms).", "",
+                "file's or the loop device's). Guest times are busybox `time` (10 ms). "
+                f"virtio-blk path: {so.get('info', {}).get('virtio-blk-path', '?')}.", "",
                 *series_table(so["series"])]
     extra = HERE / "notes.md"
     if extra.exists():
