@@ -153,6 +153,12 @@ def test_two_containers_share_one_vm(env: Env) -> None:
         assert rc1 == rc2 == 0
         assert k1 == k2, "the two containers are not in the same VM"
         assert k1.split()[0] != platform.release(), "the containers saw the host kernel"
+        # Like any pod: one IPC and one UTS namespace (the sandbox container's).
+        ns = {cid: pod.sh(cid, "readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts")
+              for cid in (web, cli)}
+        (n1, rc1), (n2, rc2) = ns.values()
+        assert rc1 == rc2 == 0 and n1.startswith("ipc:[")
+        assert n1 == n2, f"the pod's containers have different IPC/UTS namespaces: {ns}"
         # Each other's localhost: the pod's containers share the VM's network.
         out, rc = "", 1
         for _ in range(20):

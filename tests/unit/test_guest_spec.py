@@ -110,3 +110,17 @@ def test_load_json() -> None:
         spec.load_json(b"[1]", "spec")
     with pytest.raises(errors.InvalidArgument, match="not JSON"):
         spec.load_json(b"\xff", "spec")
+
+
+def test_guest_spec_joins_the_pods_ipc_and_uts() -> None:
+    s = host_spec()
+    s["linux"]["namespaces"] = [{"type": "ipc", "path": spec.SANDBOX_NS_MARKER},
+                                {"type": "uts", "path": spec.SANDBOX_NS_MARKER},
+                                {"type": "mount", "path": "/proc/9/ns/mnt"}]
+    pod = {"ipc": "/proc/7/ns/ipc", "uts": "/proc/7/ns/uts"}
+    out = spec.guest_spec(s, "c2", "", sandbox_ns=pod)
+    assert out["linux"]["namespaces"] == [{"type": "ipc", "path": "/proc/7/ns/ipc"},
+                                          {"type": "uts", "path": "/proc/7/ns/uts"},
+                                          {"type": "mount"}]
+    with pytest.raises(errors.FailedPrecondition, match="pod's ipc namespace"):
+        spec.guest_spec(s, "c2", "", sandbox_ns={})

@@ -10,6 +10,7 @@ from pykata.errors import InvalidArgument
 from pykata.runtime.specconv import (
     GUEST_SANDBOX_DIR,
     GUEST_STORAGE_DIR,
+    SANDBOX_NS_MARKER,
     SANDBOX_SCOPE,
     BlockVolume,
     HostMount,
@@ -60,7 +61,7 @@ def test_host_devices_hooks_and_netns_paths_dropped() -> None:
     assert "/dev/kvm" not in {m["destination"] for m in out["mounts"]}
     assert all(h.source != Path("/dev/kvm") for h in host)
     assert "hooks" not in out
-    assert all("path" not in ns for ns in out["linux"]["namespaces"])
+    assert all("path" not in ns for ns in out["linux"]["namespaces"])  # pid, network
     assert {"type": "cgroup"} in out["linux"]["namespaces"]
 
 
@@ -278,3 +279,18 @@ def test_guest_tmpfs_mounts_are_left_to_the_guest() -> None:
            "options": ["size=16m", "mode=1777"]}
     p = plan(spec_with(tmp), "c1", Path("/b"), probe=FakeProbe())
     assert p.spec["mounts"][-1] == tmp and p.blocks == [] and p.storages == []
+
+
+def test_pod_ipc_and_uts_become_the_sandbox_marker() -> None:
+    spec = base_spec()
+    spec["linux"]["namespaces"] += [{"type": "ipc", "path": "/proc/55/ns/ipc"},
+                                    {"type": "uts", "path": "/proc/55/ns/uts"},
+                                    {"type": "mount"}]
+    out, _ = guest_spec(spec, "c1", Path("/b"))
+    by_type = {ns["type"]: ns for ns in out["linux"]["namespaces"]}
+    assert by_type["ipc"]["path"] == by_type["uts"]["path"] == SANDBOX_NS_MARKER
+    assert "path" not in by_type["mount"] and "path" not in by_type["network"]
+    # The guest agent uses the same marker.
+    from pykata.guest import spec as guest_specmod
+
+    assert guest_specmod.SANDBOX_NS_MARKER == SANDBOX_NS_MARKER

@@ -235,6 +235,13 @@ class AgentService:
         await self._do_create_container(req)
         return pb.Empty()
 
+    def _sandbox_namespaces(self) -> dict[str, str]:
+        """The pod sandbox container's IPC and UTS namespaces (the pod's), if it runs."""
+        owner = self.pidns_owner
+        if owner is None or owner.init.exited or owner.init.pid <= 0:
+            return {}
+        return {kind: f"/proc/{owner.init.pid}/ns/{kind}" for kind in ("ipc", "uts")}
+
     def _pidns_path(self, wanted: bool) -> str | None:
         if not (wanted or self.sandbox_pidns):
             return None
@@ -262,7 +269,8 @@ class AgentService:
                 raise errors.InvalidArgument(
                     f"container root filesystem {rootfs} does not exist in the guest")
             pidns = self._pidns_path(req.sandbox_pidns)
-            guest = specmod.guest_spec(oci, cid, self.settings.cgroup_parent, pidns)
+            guest = specmod.guest_spec(oci, cid, self.settings.cgroup_parent, pidns,
+                                       self._sandbox_namespaces())
             if os.getpid() == 1:  # the VM's network namespace is the pod's
                 for key, value in specmod.network_sysctls(oci).items():
                     try:

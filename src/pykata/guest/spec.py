@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from pykata.errors import InvalidArgument
+from pykata.errors import FailedPrecondition, InvalidArgument
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
@@ -78,13 +78,22 @@ def terminal(proc: dict[str, Any]) -> bool:
     return bool(proc.get("terminal", False))
 
 
+# The host's marker for "the pod sandbox container's namespace" (see
+# pykata.runtime.specconv, which cannot be imported in the guest).
+SANDBOX_NS_MARKER = "pykata:sandbox"
+
+
 def guest_spec(
     spec: dict[str, Any],
     container_id: str,
     cgroup_parent: str,
     pidns_path: str | None = None,
+    sandbox_ns: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The spec to write into the guest bundle (``spec`` is not modified)."""
+    """The spec to write into the guest bundle (``spec`` is not modified).
+
+    ``sandbox_ns`` maps a namespace type (ipc, uts) to the pod sandbox
+    container's namespace, for entries the host marked SANDBOX_NS_MARKER."""
     out = copy.deepcopy(spec)
     out.pop("hooks", None)  # host hooks; they ran (or will run) on the host
     linux = out.get("linux")
@@ -102,6 +111,13 @@ def guest_spec(
         entry = {"type": kind}
         if kind == "pid" and pidns_path:
             entry["path"] = pidns_path
+        elif ns.get("path") == SANDBOX_NS_MARKER:
+            if kind not in (sandbox_ns or {}):
+                raise FailedPrecondition(
+                    f"container {container_id} joins the pod's {kind} namespace, but the"
+                    " pod has no running sandbox container")
+            entry["path"] = (sandbox_ns or {})[kind]
+        # Any other path is a host path: meaningless here, the container gets its own.
         namespaces.append(entry)
     if pidns_path and not any(ns["type"] == "pid" for ns in namespaces):
         namespaces.append({"type": "pid", "path": pidns_path})

@@ -68,6 +68,12 @@ CRIO_TYPE = "io.kubernetes.cri-o.ContainerType"
 CRIO_SANDBOX = "io.kubernetes.cri-o.SandboxID"
 
 
+# Namespaces a pod's containers share with its sandbox container, and the path
+# that tells the agent "the pod sandbox container's" (pykata.guest.spec knows it too).
+POD_SHARED_NAMESPACES = ("ipc", "uts")
+SANDBOX_NS_MARKER = "pykata:sandbox"
+
+
 def is_pod_sandbox(spec: dict[str, Any]) -> bool:
     """The spec is a pod's sandbox (infra/pause) container."""
     ann = spec.get("annotations") or {}
@@ -271,7 +277,11 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
     if isinstance(linux, dict):
         namespaces = linux.setdefault("namespaces", [])
         for ns in namespaces:
-            ns.pop("path", None)
+            # Host namespace paths mean nothing in the guest. Joining the pod's IPC
+            # or UTS namespace (every CRI container does) becomes a marker the agent
+            # resolves to the pod sandbox container's namespace.
+            if ns.pop("path", None) and ns.get("type") in POD_SHARED_NAMESPACES:
+                ns["path"] = SANDBOX_NS_MARKER
         # The guest runs cgroup v2: give the container its own cgroup view, as
         # containerd does on v2 hosts (a v1 host's spec has no cgroup namespace).
         if not any(ns.get("type") == "cgroup" for ns in namespaces):
