@@ -22,6 +22,7 @@ integration: setup
 lint:
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict bench/*.py
 
 demo: setup
 	scripts/demo.sh

@@ -8,6 +8,7 @@ status=0
 run() { echo "==> $*"; "$@"; local rc=$?; [ $rc -eq 0 ] || { echo "FAILED ($rc): $*"; status=1; }; return 0; }
 run $V/ruff check src tests bench
 run $V/mypy
+run $V/mypy --strict --python-version 3.11 bench/*.py
 echo "==> pytest"
 $V/pytest -p no:cacheprovider --timeout=600 "$@"
 rc=$?

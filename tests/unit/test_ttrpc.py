@@ -266,3 +266,33 @@ async def test_unix_server_many_connections(tmp_path: object) -> None:
     await server.close()
     with pytest.raises(errors.Unavailable):
         await Client.connect_unix(path.parent / "missing.sock")
+
+
+async def test_server_close_with_open_connections_is_quiet(tmp_path: object) -> None:
+    """close() ends connections still open (a call in flight included) without
+    asyncio reporting an unhandled exception from them."""
+    import pathlib
+
+    path = pathlib.Path(str(tmp_path)) / "q.sock"
+    server = Server()
+    impl = Health()
+    server.register_service(pb.DESCRIPTOR.services_by_name["Health"], impl)
+    await server.serve_unix(path)
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    try:
+        clients = [await Client.connect_unix(path) for _ in range(3)]
+        pending = asyncio.ensure_future(clients[0].call(
+            SVC, "Check", pb.CheckRequest(service="slow"), pb.HealthCheckResponse))
+        await clients[1].call(SVC, "Version", pb.CheckRequest(service="x"),
+                              pb.VersionCheckResponse)
+        await asyncio.wait_for(server.close(), 5)
+        with pytest.raises(errors.PykataError):
+            await asyncio.wait_for(pending, 5)
+        for c in clients:
+            await c.close()
+        await asyncio.sleep(0.05)  # let done-callbacks run
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []

@@ -48,6 +48,7 @@ class Server:
         self._methods: dict[tuple[str, str], _Method] = {}
         self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
+        self._closing = False
 
     def register(
         self, service: str, method: str, request_type: type[pb_message.Message], handler: Handler
@@ -82,6 +83,12 @@ class Server:
         self._connections.add(task)
         try:
             await self.serve_stream(reader, writer)
+        except asyncio.CancelledError:
+            # close() ends connections by cancelling them. asyncio's stream
+            # protocol asks this task for its exception when it is done, which
+            # raises (and prints) for a cancelled task: end normally instead.
+            if not self._closing:
+                raise
         finally:
             self._connections.discard(task)
 
@@ -93,10 +100,14 @@ class Server:
         await conn.run()
 
     async def close(self) -> None:
+        self._closing = True
         for srv in self._servers:
             srv.close()
-        for task in list(self._connections):
+        tasks = list(self._connections)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         for srv in self._servers:
             try:
                 await srv.wait_closed()
