@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import (
     arg_parser,
+    build_template,
+    destroy_template,
     log,
     new_id,
     pod_memory,
@@ -26,15 +28,17 @@ from common import (
     save,
     sigterm_as_interrupt,
     start_containerd,
+    template_config,
 )
 
 from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
 from pykata.testing.images import BUSYBOX_REF
 
 RUN_CMD = f"ctr run -d --runtime {RUNTIME_TYPE} IMAGE id sleep 3600"
+MEMORY_PARTS = ("qemu", "virtiofsd", "shim", "ram_file", "total")
 
 
-def start_pods(ctd: PrivateContainerd, ids: list[str], budget: float
+def start_pods(ctd: PrivateContainerd, ids: list[str], budget: float, extra: list[str]
                ) -> tuple[list[str], list[str], float, list[float]]:
     """Start ``ids`` at once; (started, failed, seconds until the last one
     returned, per-pod seconds)."""
@@ -43,8 +47,8 @@ def start_pods(ctd: PrivateContainerd, ids: list[str], budget: float
     def one(cid: str) -> tuple[str, bool, float]:
         s = time.perf_counter()
         try:
-            r = ctd.ctr("run", "-d", "--runtime", RUNTIME_TYPE, BUSYBOX_REF, cid, "sleep",
-                        "3600", check=False, timeout=budget)
+            r = ctd.ctr("run", "-d", "--runtime", RUNTIME_TYPE, *extra, BUSYBOX_REF, cid,
+                        "sleep", "3600", check=False, timeout=budget)
         except Exception as exc:  # timeout: counts as a failure
             log(f"  {cid}: {exc}")
             return cid, False, time.perf_counter() - s
@@ -66,14 +70,14 @@ def settle(seconds: float) -> None:
 
 
 def memory_steps(ctd: PrivateContainerd, steps: list[int], budget: float, idle: float,
-                 ids: list[str]) -> list[dict[str, object]]:
+                 ids: list[str], extra: list[str]) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     running: list[str] = []
     for total in steps:
         batch = [new_id("m") for _ in range(total - len(running))]
         ids.extend(batch)
         log(f"density: memory step to {total} pods (+{len(batch)} in parallel)")
-        ok, bad, secs, _ = start_pods(ctd, batch, budget)
+        ok, bad, secs, _ = start_pods(ctd, batch, budget, extra)
         running += ok
         settle(idle)
         mem = pod_memory(ctd.socket, running)
@@ -81,7 +85,7 @@ def memory_steps(ctd: PrivateContainerd, steps: list[int], budget: float, idle: 
         out.append({
             "pods": pods, "added": len(batch), "failed": len(bad), "batch_seconds": secs,
             "kib_total": mem, "kib_per_pod": {k: v / pods for k, v in mem.items()
-                                              if k in ("qemu", "virtiofsd", "shim", "total")}
+                                              if k in MEMORY_PARTS}
             if pods else {},
             "shim_rss_max_kib": mem["shim_rss_max"],
         })
@@ -94,11 +98,11 @@ def memory_steps(ctd: PrivateContainerd, steps: list[int], budget: float, idle: 
 
 
 def burst(ctd: PrivateContainerd, n: int, budget: float, idle: float,
-          ids: list[str]) -> dict[str, object]:
+          ids: list[str], extra: list[str]) -> dict[str, object]:
     batch = [new_id("d") for _ in range(n)]
     ids.extend(batch)
     log(f"density: {n} pods at once (budget {budget:.0f} s)")
-    ok, bad, secs, per = start_pods(ctd, batch, budget)
+    ok, bad, secs, per = start_pods(ctd, batch, budget, extra)
     settle(idle)
     mem = pod_memory(ctd.socket, ok)
     alive = int(mem["pods_found"])
@@ -108,7 +112,7 @@ def burst(ctd: PrivateContainerd, n: int, budget: float, idle: float,
             "all_ready_s": secs if not bad else None, "per_pod_s": per,
             "still_running_after_settle": alive,
             "kib_per_pod": {k: v / len(ok) for k, v in mem.items()
-                            if k in ("qemu", "virtiofsd", "shim", "total")} if ok else {},
+                            if k in MEMORY_PARTS} if ok else {},
             "command": RUN_CMD}
 
 
@@ -125,17 +129,31 @@ def main() -> int:
     idle = 3.0 if args.quick else 8.0
     ids: list[str] = []
     ctd = start_containerd("density")
+    template: dict[str, object] = {}
     try:
-        mem = memory_steps(ctd, steps, args.budget, idle, ids)
-        b = burst(ctd, pods, args.budget, idle, ids)
+        mem = memory_steps(ctd, steps, args.budget, idle, ids, [])
+        b = burst(ctd, pods, args.budget, idle, ids, [])
+        log("density: the same from a VM template")
+        try:
+            built = build_template()
+            extra = ["--runtime-config-path", str(template_config())]
+            template = {"memory_steps": memory_steps(ctd, steps, args.budget, idle, ids, extra),
+                        "burst": burst(ctd, pods, args.budget, idle, ids, extra),
+                        "template_build_s": built,
+                        "command": RUN_CMD.replace(" IMAGE", " --runtime-config-path "
+                                                   "TEMPLATE.toml IMAGE")}
+        finally:
+            remove_containers(ctd, ids)
+            destroy_template()
     finally:
         remove_containers(ctd, ids)
         ctd.stop()
     save("density", {"memory_steps": mem, "burst": b, "command": RUN_CMD,
-                     "settle_s": idle})
+                     "settle_s": idle, "template": template})
     for m in mem:
         print(m)
     print(b)
+    print(template)
     return 0
 
 

@@ -17,12 +17,15 @@ from common import (
     CACHE,
     Series,
     arg_parser,
+    build_template,
+    destroy_template,
     log,
     remove_containers,
     runs,
     save,
     sigterm_as_interrupt,
     start_containerd,
+    template_config,
     timed,
 )
 
@@ -132,6 +135,16 @@ def main() -> int:
         for name, extra in (("pykata", ["--runtime", RUNTIME_TYPE]), ("runc", [])):
             log(f"startup: {name} x{n}")
             series.append(ctr_series(ctd, name, extra, n))
+        log(f"startup: pykata from a VM template x{n}")
+        try:
+            built = build_template()
+            series.append(ctr_series(
+                ctd, "pykata (VM template)", ["--runtime", RUNTIME_TYPE,
+                                              "--runtime-config-path", str(template_config())],
+                n, note=f"[factory] enable_template; template built once beforehand in "
+                        f"{built:.1f} s (pykata factory init)"))
+        finally:
+            destroy_template()
         log(f"startup: crun x{n}")
         with crun_hybrid_fix() as note:
             series.append(ctr_series(ctd, "crun (runc shim)", ["--runc-binary", "/usr/bin/crun"],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import ipaddress
 import logging
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pykata import errors
+from pykata.utils.libc import libc
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ IFF_MULTI_QUEUE = 0x0100
 TAP_SUFFIX = "_pk"
 
 T = TypeVar("T")
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc()
 
 
 @dataclass

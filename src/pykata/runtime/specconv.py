@@ -158,14 +158,14 @@ class HostProbe:
 def _statfs_type(path: str) -> int:
     """f_type of statfs(2) (os.statvfs does not have it)."""
     import ctypes
-    import ctypes.util
+
+    from pykata.utils.libc import libc
 
     class Statfs(ctypes.Structure):
         _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     buf = Statfs()
-    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+    if libc().statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
     return int(buf.f_type) & 0xFFFFFFFF

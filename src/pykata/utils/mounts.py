@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from pathlib import Path
+
+from pykata.utils.libc import libc
 
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
@@ -16,7 +17,7 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 0x2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc()
 
 
 def mount(
