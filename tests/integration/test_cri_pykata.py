@@ -357,3 +357,24 @@ def test_block_volume_empty_dir_and_shm(env: Env, tmp_path: Path) -> None:
         assert not held, f"{dev} is still held after the pod was removed"
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_host_directory_rw_and_ro_through_cri(env: Env, tmp_path: Path) -> None:
+    """Issue 5 through CRI: a host directory mounted rw takes the container's
+    writes (seen on the host); the same directory mounted ro refuses them (EROFS)."""
+    shared = tmp_path / "hostdir"
+    shared.mkdir()
+    (shared / "from-host").write_text("host-data\n")
+    pod = Pod(env)
+    try:
+        cid = pod.container("vol", SLEEP, mounts=[(str(shared), "/data", False),
+                                                  (str(shared), "/ro", True)])
+        assert pod.sh(cid, "cat /ro/from-host; echo written > /data/from-pod") == (
+            "host-data\n", 0)
+        assert (shared / "from-pod").read_text() == "written\n"
+        out, rc = pod.sh(cid, "{ echo x > /ro/nope; } 2>&1")
+        assert rc != 0 and "Read-only file system" in out, out
+        assert not (shared / "nope").exists()
+    finally:
+        left = pod.remove()
+    assert not left, f"left behind: {left}"
