@@ -359,10 +359,11 @@ def plot(d: dict[str, Any], path: Path) -> bool:
     if not ensure_matplotlib():
         print("==> no matplotlib: docs/benchmarks.png not drawn", flush=True)
         return False
-    import matplotlib
+    # matplotlib is an optional extra: `make test` type-checks bench/ without it.
+    import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
 
     fig, axes = plt.subplots(2, 4, figsize=(20, 9))
     ax = axes.flat
