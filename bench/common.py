@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from pykata.testing.containerd import PrivateContainerd
 
@@ -333,6 +334,16 @@ def sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def run_section(main: Callable[[], int]) -> NoReturn:
+    """A section script's entry point: its exit code; 130 after Ctrl-C or
+    run.py's SIGTERM (the section's own finally blocks have cleaned up)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted (what the section made is cleaned up)")
+        sys.exit(130)
 
 
 def save(name: str, data: dict[str, object]) -> Path:

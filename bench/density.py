@@ -25,6 +25,7 @@ from common import (
     new_id,
     pod_memory,
     remove_containers,
+    run_section,
     save,
     sigterm_as_interrupt,
     start_containerd,
@@ -158,8 +159,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted (what the section made is cleaned up)")
-        sys.exit(130)
+    run_section(main)

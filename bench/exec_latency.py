@@ -14,6 +14,7 @@ from common import (
     log,
     new_id,
     remove_containers,
+    run_section,
     runs,
     save,
     sigterm_as_interrupt,
@@ -74,8 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted (what the section made is cleaned up)")
-        sys.exit(130)
+    run_section(main)

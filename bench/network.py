@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import Series, arg_parser, log, runs, save, sigterm_as_interrupt
+from common import Series, arg_parser, log, run_section, runs, save, sigterm_as_interrupt
 
 from pykata.testing.containerd import PrivateContainerd
 from pykata.testing.cri import (
@@ -239,8 +239,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted (what the section made is cleaned up)")
-        sys.exit(130)
+    run_section(main)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import CACHE, Series, arg_parser, atimed, log, save, sigterm_as_interrupt
+from common import CACHE, Series, arg_parser, atimed, log, run_section, save, sigterm_as_interrupt
 
 from pykata.protos import agent_pb2 as pb
 from pykata.ttrpc import Client, Server
@@ -240,8 +240,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted (what the section made is cleaned up)")
-        sys.exit(130)
+    run_section(main)

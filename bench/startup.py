@@ -21,6 +21,7 @@ from common import (
     destroy_template,
     log,
     remove_containers,
+    run_section,
     runs,
     save,
     sigterm_as_interrupt,
@@ -166,8 +167,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted (what the section made is cleaned up)")
-        sys.exit(130)
+    run_section(main)

@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import CACHE, Series, arg_parser, log, runs, save, sigterm_as_interrupt
+from common import CACHE, Series, arg_parser, log, run_section, runs, save, sigterm_as_interrupt
 
 from pykata import config
 from pykata.runtime.sandbox import Sandbox, cleanup
@@ -248,8 +248,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted (what the section made is cleaned up)")
-        sys.exit(130)
+    run_section(main)
