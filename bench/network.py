@@ -25,7 +25,6 @@ import contextlib
 import json
 import queue
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -37,17 +36,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import Series, arg_parser, log, run_section, runs, save, sigterm_as_interrupt
 
-from pykata.testing.containerd import PrivateContainerd
 from pykata.testing.cri import (
     BUSYBOX_REF,
-    PAUSE_REF,
     CNINetwork,
     CRIClient,
-    CRIError,
     container_config,
+    cri_containerd,
     pod_config,
-    prepare_images,
-    write_cni_config,
 )
 
 HERE = Path(__file__).parent
@@ -133,13 +128,6 @@ class Peer:
         sh("ip", "netns", "del", self.ns, check=False)
 
 
-def remove_pods(c: CRIClient) -> None:
-    for pod in c.list_pod_sandbox(labels=LABEL):
-        with contextlib.suppress(CRIError):
-            c.stop_pod_sandbox(pod.id)
-            c.remove_pod_sandbox(pod.id)
-
-
 def measure(c: CRIClient, peer: Peer, name: str, cid: str, pod_ip: str, n: int, mib: int,
             pings: int, rr_count: int) -> list[Series]:
     out: list[Series] = []
@@ -185,53 +173,29 @@ def main() -> int:
     mib = args.mib or (16 if args.quick else 64)
     pings = 10 if args.quick else 30
     rr_count = 200 if args.quick else 2000
-    # The first `ip netns add` on a host bind-mounts /run/netns over itself; after CNI
-    # made a pod's netns it would shadow that mount: make it a mount point first.
-    probe = f"pkbinit-{uuid.uuid4().hex[:6]}"
-    sh("ip", "netns", "add", probe)
-    sh("ip", "netns", "del", probe)
-    base = Path(f"/run/pykata-bench/net-{uuid.uuid4().hex[:6]}")
-    ctd = PrivateContainerd(base=base, root=Path("/var/lib/pykata-bench/cri"),
-                            namespace="k8s.io", cri=True, sandbox_image=PAUSE_REF)
-    net = write_cni_config(base)
     series: list[Series] = []
     info: dict[str, object] = {"mib": mib}
-    try:
-        ctd.start()
-        prepare_images(ctd)
-        with CRIClient(ctd.socket, timeout=180) as c:
-            c.wait_ready(30)
-            remove_pods(c)
-            try:
-                pods: dict[str, tuple[str, str]] = {}
-                for handler in ("pykata", "runc"):
-                    log(f"network: {handler} pod")
-                    tag = uuid.uuid4().hex[:8]
-                    pc = pod_config(f"bench-{handler}-{tag}", "pykata-bench", uid=tag,
-                                    log_directory=base / "pods" / tag, labels=LABEL)
-                    pid = c.run_pod_sandbox(pc, runtime_handler=handler)
-                    cid = c.create_container(pid, container_config(
-                        "servers", BUSYBOX_REF, ["/bin/sh", "-c"], [SERVERS.format(mib=mib)],
-                        log_path="servers.log"),
-                        pc)
-                    c.start_container(cid)
-                    ip = c.pod_sandbox_status(pid).status.network.ip
-                    pods[handler] = (cid, ip)
-                info["subnet"] = str(net.subnet)
-                with Peer(net, mib << 20) as peer:
-                    info["peer"] = peer.ip
-                    for handler, (cid, ip) in pods.items():
-                        log(f"network: {handler} x{n} ({mib} MiB transfers)")
-                        series += measure(c, peer, handler, cid, ip, n, mib, pings, rr_count)
-            finally:
-                remove_pods(c)
-    finally:
-        ctd.stop()
-        net.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
-        for d in Path("/sys/fs/cgroup").glob("*/k8s.io"):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+    base = Path(f"/run/pykata-bench/net-{uuid.uuid4().hex[:6]}")
+    with cri_containerd(base, Path("/var/lib/pykata-bench/cri"), LABEL) as (_, net, c):
+        pods: dict[str, tuple[str, str]] = {}
+        for handler in ("pykata", "runc"):
+            log(f"network: {handler} pod")
+            tag = uuid.uuid4().hex[:8]
+            pc = pod_config(f"bench-{handler}-{tag}", "pykata-bench", uid=tag,
+                            log_directory=base / "pods" / tag, labels=LABEL)
+            pid = c.run_pod_sandbox(pc, runtime_handler=handler)
+            cid = c.create_container(pid, container_config(
+                "servers", BUSYBOX_REF, ["/bin/sh", "-c"], [SERVERS.format(mib=mib)],
+                log_path="servers.log"), pc)
+            c.start_container(cid)
+            ip = c.pod_sandbox_status(pid).status.network.ip
+            pods[handler] = (cid, ip)
+        info["subnet"] = str(net.subnet)
+        with Peer(net, mib << 20) as peer:
+            info["peer"] = peer.ip
+            for handler, (cid, ip) in pods.items():
+                log(f"network: {handler} x{n} ({mib} MiB transfers)")
+                series += measure(c, peer, handler, cid, ip, n, mib, pings, rr_count)
     save("network", {"series": [s.to_json() for s in series], "info": info})
     for s in series:
         print(s.line())

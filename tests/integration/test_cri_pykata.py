@@ -3,9 +3,7 @@ the runtime handler ``pykata``, driven the way the kubelet drives them."""
 
 from __future__ import annotations
 
-import contextlib
 import platform
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,15 +16,13 @@ from pykata.protos import cri_api_pb2 as cri
 from pykata.testing.containerd import PrivateContainerd
 from pykata.testing.cri import (
     BUSYBOX_REF,
-    PAUSE_REF,
     CNINetwork,
     CRIClient,
     CRIError,
     container_config,
+    cri_containerd,
     pod_config,
-    prepare_images,
     resources,
-    write_cni_config,
 )
 from pykata.testing.leaks import pod_leftovers
 
@@ -47,42 +43,13 @@ def _wait(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
     return True
 
 
-def _remove_our_pods(client: CRIClient) -> None:
-    for pod in client.list_pod_sandbox(labels=LABEL):
-        with contextlib.suppress(CRIError):
-            client.stop_pod_sandbox(pod.id)
-            client.remove_pod_sandbox(pod.id)
-
-
 def cri_env(default_route: bool = False, pykata_config: str = "") -> Iterator[Env]:
     """A private containerd with the CRI plugin, the bridge CNI and the images;
     ``pykata_config`` is TOML for the shims it starts (through PYKATA_CONFIG)."""
-    base = Path(f"/run/pykata-crik-{uuid.uuid4().hex[:6]}")
-    env: dict[str, str] = {}
-    if pykata_config:
-        base.mkdir(parents=True)
-        (base / "pykata.toml").write_text(pykata_config)
-        env["PYKATA_CONFIG"] = str(base / "pykata.toml")
-    ctd = PrivateContainerd(base=base, root=Path("/var/lib/pykata-crik-test"),
-                            namespace="k8s.io", cri=True, sandbox_image=PAUSE_REF, env=env)
-    net = write_cni_config(base, default_route=default_route)
-    try:
-        ctd.start()
-        prepare_images(ctd)
-        with CRIClient(ctd.socket, timeout=180) as client:
-            client.wait_ready(30)
-            _remove_our_pods(client)
-            try:
-                yield ctd, net, client
-            finally:
-                _remove_our_pods(client)
-    finally:
-        ctd.stop()
-        net.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
-        for d in Path("/sys/fs/cgroup").glob("*/k8s.io"):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+    with cri_containerd(Path(f"/run/pykata-crik-{uuid.uuid4().hex[:6]}"),
+                        Path("/var/lib/pykata-crik-test"), LABEL, default_route=default_route,
+                        pykata_config=pykata_config) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,9 @@ from pykata.testing.cri import (
     CRIClient,
     CRIError,
     container_config,
+    cri_containerd,
     pod_config,
-    prepare_images,
     resources,
-    write_cni_config,
 )
 from pykata.testing.images import oci_archive
 from pykata.testing.leaks import pod_leftovers, procs_mentioning
@@ -49,38 +48,10 @@ MiB = 1024 * 1024
 def env() -> Iterator[tuple[PrivateContainerd, CNINetwork, CRIClient]]:
     if shutil.which("containerd") is None or shutil.which("runc") is None:
         pytest.skip("containerd and runc are needed (apt-get install containerd runc)")
-    base = Path(f"/run/pykata-cri-{uuid.uuid4().hex[:6]}")
-    ctd = PrivateContainerd(base=base, root=ROOT, namespace="k8s.io", cri=True,
-                            sandbox_image=PAUSE_REF)
-    net = write_cni_config(base)  # before start: containerd loads it at RunPodSandbox
-    try:
-        ctd.start()
-        prepare_images(ctd)
-        with CRIClient(ctd.socket, timeout=60) as client:
-            client.wait_ready(30)
-            # Pods of an interrupted earlier run persist in ROOT's metadata (with
-            # their netns): stop and remove them first.
-            _remove_our_pods(client)
-            try:
-                yield ctd, net, client
-            finally:
-                _remove_our_pods(client)  # whatever a failed test left
-    finally:
-        ctd.stop()
-        net.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
-        # containerd puts pods at /k8s.io/<id> in every cgroup hierarchy and
-        # leaves the (then empty) k8s.io parents; rmdir fails while others use them.
-        for d in Path("/sys/fs/cgroup").glob("*/k8s.io"):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+    with cri_containerd(Path(f"/run/pykata-cri-{uuid.uuid4().hex[:6]}"), ROOT,
+                        {"pykata.test": "cri-runc"}, timeout=60) as env:
+        yield env
 
-
-def _remove_our_pods(client: CRIClient) -> None:
-    for pod in client.list_pod_sandbox(labels={"pykata.test": "cri-runc"}):
-        with contextlib.suppress(CRIError):
-            client.stop_pod_sandbox(pod.id)
-            client.remove_pod_sandbox(pod.id)
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 15.0) -> None:

@@ -29,12 +29,6 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module", params=["tcfilter", "macvtap", "tcfilter-template"])
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
-    # The first `ip netns add` on a host bind-mounts /run/netns over itself; done
-    # after CNI made a pod's netns, it would shadow that mount and containerd
-    # could not remove it. Make /run/netns a mount point before any pod exists.
-    probe = f"pkinit-{uuid.uuid4().hex[:6]}"
-    sh("ip", "netns", "add", probe)
-    sh("ip", "netns", "del", probe)
     model, _, template = str(request.param).partition("-")
     text = f'[runtime]\ninternetworking_model = "{model}"\n'
     tpl = Path(f"/dev/shm/pykata-test-{uuid.uuid4().hex[:6]}")
@@ -228,3 +222,24 @@ async def run_in(sb: Sandbox, tmp_path: Path, rootfs: Path, script: str) -> str:
     await c.wait()
     await c.delete()
     return out.decode()
+
+
+@pytest.mark.asyncio
+async def test_model_none_gives_no_network(pykata_config: config.Config, rootfs: Path,
+                                           tmp_path: Path) -> None:
+    """internetworking_model = "none": the pod namespace's interfaces stay out of
+    the VM (only loopback in the guest) and nothing is created in the namespace."""
+    import copy
+
+    cfg = copy.deepcopy(pykata_config)
+    cfg.runtime.internetworking_model = "none"
+    tag = uuid.uuid4().hex[:6]
+    with netns_pair(tag) as (pod_ns, peer_ns):
+        link_namespaces(pod_ns, peer_ns, "eth0", "10.231.3")
+        sb = await Sandbox.create(f"nn-{tag}", cfg, netns=f"/run/netns/{pod_ns}")
+        try:
+            out = await run_in(sb, tmp_path, rootfs, "ls /sys/class/net")
+            assert out.split() == ["lo"], out
+            assert "_pk" not in sh("ip", "-n", pod_ns, "-o", "link")
+        finally:
+            await sb.stop()

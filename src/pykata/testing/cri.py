@@ -60,7 +60,8 @@ import ipaddress
 import json
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -71,6 +72,7 @@ from google.protobuf.message import Message
 
 from pykata.protos import cri_api_pb2 as cri
 from pykata.testing.bundles import busybox_rootfs
+from pykata.testing.containerd import PrivateContainerd
 from pykata.testing.images import BUSYBOX_REF, oci_archive
 
 __all__ = [
@@ -83,8 +85,10 @@ __all__ = [
     "CRIError",
     "ExecResult",
     "container_config",
+    "cri_containerd",
     "pod_config",
     "prepare_images",
+    "remove_pods",
     "resources",
     "write_cni_config",
 ]
@@ -591,3 +595,60 @@ def write_cni_config(base: Path, *, name: str | None = None, bridge: str | None 
         fwd = None
     return CNINetwork(name=name, bridge=bridge, subnet=net, conflist=conflist,
                       data_dir=data_dir, ip_forward_before=fwd)
+
+
+def remove_pods(client: CRIClient, labels: Mapping[str, str]) -> None:
+    """Stop and remove every pod carrying ``labels`` (errors ignored)."""
+    for pod in client.list_pod_sandbox(labels=dict(labels)):
+        with contextlib.suppress(CRIError):
+            client.stop_pod_sandbox(pod.id)
+            client.remove_pod_sandbox(pod.id)
+
+
+def _netns_mount_point() -> None:
+    """The first ``ip netns add`` on a host bind-mounts /run/netns over itself;
+    done after CNI made a pod's netns it would shadow that mount, and containerd
+    could not remove the netns. Make /run/netns a mount point before any pod."""
+    probe = f"pkinit-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=True, timeout=30)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False, timeout=30)
+
+
+@contextlib.contextmanager
+def cri_containerd(base: Path, root: Path, labels: Mapping[str, str], *,
+                   default_route: bool = False, pykata_config: str = "",
+                   timeout: float = 180.0
+                   ) -> Iterator[tuple[PrivateContainerd, CNINetwork, CRIClient]]:
+    """A private containerd with the CRI plugin (state under ``base``, metadata
+    under ``root``), the bridge CNI and the busybox and pause images; a client.
+    Pods carrying ``labels`` (left by an interrupted earlier run, or by the
+    caller) are removed before and after. ``pykata_config`` is TOML for the
+    pykata shims it starts (through PYKATA_CONFIG). Everything made is undone."""
+    _netns_mount_point()
+    env: dict[str, str] = {}
+    if pykata_config:
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "pykata.toml").write_text(pykata_config)
+        env["PYKATA_CONFIG"] = str(base / "pykata.toml")
+    ctd = PrivateContainerd(base=base, root=root, namespace=CRI_NAMESPACE, cri=True,
+                            sandbox_image=PAUSE_REF, env=env)
+    net = write_cni_config(base, default_route=default_route)  # before containerd starts
+    try:
+        ctd.start()
+        prepare_images(ctd)
+        with CRIClient(ctd.socket, timeout=timeout) as client:
+            client.wait_ready(30)
+            remove_pods(client, labels)
+            try:
+                yield ctd, net, client
+            finally:
+                remove_pods(client, labels)
+    finally:
+        ctd.stop()
+        net.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+        # containerd puts pods at /k8s.io/<id> in every cgroup hierarchy and leaves
+        # the (then empty) k8s.io parents; rmdir fails while others still use them.
+        for d in Path("/sys/fs/cgroup").glob("*/k8s.io"):
+            with contextlib.suppress(OSError):
+                d.rmdir()
