@@ -15,7 +15,7 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 #    and is measured against.
 PKGS=(qemu-system-x86 qemu-utils busybox-static cpio lz4 zstd xz-utils kmod binutils e2fsprogs
       iproute2 psmisc util-linux crun runc containerd containernetworking-plugins podman conmon
-      skopeo docker.io runsc ca-certificates)
+      skopeo docker-registry docker.io runsc ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -108,12 +108,11 @@ class Sandbox:
         share = q.shared_fs == "virtio-fs"
         vfs_sock = self.dir / "vfs.sock"
         if share:
+            await asyncio.to_thread(check_dax, q.path, q.virtio_fs_cache_size)
             self.virtiofsd = VirtioFsDaemon(
                 q.virtio_fs_daemon, self.shared_dir, vfs_sock, self.dir / "virtiofsd.log",
                 cache=q.virtio_fs_cache, extra_args=q.virtio_fs_extra_args,
             )
-        if share:
-            await asyncio.to_thread(check_dax, q.path, q.virtio_fs_cache_size)
         spec = self._vm_spec(vcpus, memory_mib, vfs_sock if share else None)
         self.vcpus, self.memory_mib = spec.vcpus, spec.memory_mib
         self._base = (spec.vcpus, spec.memory_mib)
@@ -240,7 +239,12 @@ class Sandbox:
                 self.record.virtiofsd = _ref_json(self.virtiofsd.ref)
         finally:
             await asyncio.wait({copying})
-        copied = copying.result()
+        try:
+            copied = copying.result()
+        except OSError as exc:
+            raise errors.ResourceExhausted(
+                f"cannot copy the VM template's memory to {mem}: {exc.strerror}"
+                f" ({mem.parent} needs {template.memory_bytes >> 20} MiB free)") from None
         await self.vm.start()
         self.record.qemu = _ref_json(ProcRef.of(self.vm.pid) if self.vm.pid else None)
         self.persist()
