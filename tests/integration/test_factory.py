@@ -105,3 +105,51 @@ def test_ctr_run_from_a_template(ctd: PrivateContainerd, clean: None,  # noqa: F
         assert (r.returncode, r.stdout, r.stderr) == (4, b"out\n", b"err\n")
     assert factory.Factory(tpl_config).current() is not None
     assert not factory.clone_memory_files("/run/pykata")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_concurrent_first_sandboxes_build_one_template(
+        pykata_config: config.Config, tmp_path: Path, rootfs: Path) -> None:
+    """Three sandboxes asked for at once with no template yet: one builds it (under
+    the lock), all three start from it; `pykata factory destroy` then removes it."""
+    cfg = copy.deepcopy(pykata_config)
+    base = Path(f"/dev/shm/pykata-test-{uuid.uuid4().hex[:6]}")
+    cfg.factory.enable_template = True
+    cfg.factory.template_path = str(base / "template")
+    sbs: list[Sandbox] = []
+    try:
+        results = await asyncio.gather(
+            *(Sandbox.create(f"tc{i}-{uuid.uuid4().hex[:6]}", cfg) for i in range(3)),
+            return_exceptions=True)
+        sbs = [r for r in results if isinstance(r, Sandbox)]
+        assert len(sbs) == 3, results
+        t = factory.Factory(cfg).current()
+        assert t is not None
+        # Only the finished template is there: no half-built or replaced copies.
+        assert sorted(p.name for p in base.iterdir()) == ["template", "template.lock"]
+        for sb in sbs:
+            assert sb.vm is not None and sb.vm.pid is not None
+            argv = Path(f"/proc/{sb.vm.pid}/cmdline").read_bytes().split(b"\0")
+            assert b"-incoming" in argv
+        assert "pykata" in await run_in(sbs[0], tmp_path, rootfs, "hostname")
+        # The admin CLI sees it and removes it.
+        toml = tmp_path / "tpl.toml"
+        toml.write_text(f'[factory]\nenable_template = true\ntemplate_path = "{base}/template"\n')
+        assert f"template:   {t.key}" in await pykata_cli("--config", str(toml), "factory",
+                                                          "status")
+        assert "template removed" in await pykata_cli("--config", str(toml), "factory",
+                                                      "destroy")
+        assert factory.Factory(cfg).current() is None
+    finally:
+        for sb in sbs:
+            await sb.stop()
+        factory.Factory(cfg).destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def pykata_cli(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "pykata", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out
+    return out.decode()
