@@ -8,6 +8,9 @@ import asyncio
 import copy
 import os
 import shutil
+import signal
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,6 +107,24 @@ def test_ctr_run_from_a_template(ctd: PrivateContainerd, clean: None,  # noqa: F
         ctd.ctr("container", "delete", c, check=False)
         assert (r.returncode, r.stdout, r.stderr) == (4, b"out\n", b"err\n")
     assert factory.Factory(tpl_config).current() is not None
+    assert not factory.clone_memory_files("/run/pykata")
+    # A clone whose shim was killed: `ctr task delete` still removes its RAM file
+    # (and everything else: the `clean` fixture checks).
+    c = cid()
+    ctd.ctr("run", "-d", *RT, "--runtime-config-path", str(cfg), IMG, c, "sleep", "600")
+    assert len(factory.clone_memory_files("/run/pykata")) == 1
+    shims = subprocess.run(["pgrep", "-f", f"pykata.shim .*-id {c}"], capture_output=True,
+                           text=True, check=False).stdout.split()
+    assert shims, "no shim process found"
+    for pid in shims:
+        os.kill(int(pid), signal.SIGKILL)
+    time.sleep(1)  # containerd notices the dead shim
+    ctd.ctr("task", "delete", "-f", c, check=False)
+    ctd.ctr("container", "delete", c, check=False)
+    # containerd runs the shim's `delete` (our cleanup) for a dead shim on its own time.
+    deadline = time.monotonic() + 30
+    while factory.clone_memory_files("/run/pykata") and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not factory.clone_memory_files("/run/pykata")
 
 
