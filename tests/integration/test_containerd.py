@@ -17,32 +17,18 @@ import pytest
 
 from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
 from pykata.testing.images import BUSYBOX_REF, oci_archive
+from pykata.testing.leaks import host_leftovers
 
 IMG = BUSYBOX_REF
 RT = ["--runtime", RUNTIME_TYPE]
 
 
-def pykata_leftovers() -> list[str]:
-    out = subprocess.run(["pgrep", "-af", "qemu-system|virtiofsd|pykata.shim"],
-                         capture_output=True, text=True, check=False).stdout.splitlines()
-    left = [f"process {ln}" for ln in out if "pgrep" not in ln]
-    with open("/proc/mounts") as f:
-        left += [f"mount {ln.split()[1]}" for ln in f if " /run/pykata/" in ln]
-    sbs = Path("/run/pykata/sbs")
-    if sbs.is_dir():
-        left += [f"state {p}" for p in sbs.iterdir()]
-    s = Path("/run/pykata/s")
-    if s.is_dir():
-        left += [f"socket {p}" for p in s.iterdir()]
-    return left
-
-
 def wait_clean(timeout: float = 30.0) -> list[str]:
     deadline = time.monotonic() + timeout
-    left = pykata_leftovers()
+    left = host_leftovers()
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = pykata_leftovers()
+        left = host_leftovers()
     return left
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pykata.utils.mounts import mounts_under
 
-_NAMES = ("qemu-system", "virtiofsd", "containerd-shim-pykata")
+_NAMES = ("qemu-system", "virtiofsd", "containerd-shim-pykata", "pykata.shim")
 
 
 def _processes() -> Iterator[tuple[Path, str]]:
@@ -71,3 +71,22 @@ def pod_leftovers(needles: list[str], netns: str = "") -> list[str]:
         left += [f"mount {ln.split()[1]}" for ln in f if any(n in ln for n in needles)]
     left += [f"cgroup {d}" for n in needles for d in Path("/sys/fs/cgroup").glob(f"*/*/{n}")]
     return left
+
+
+def host_leftovers(state_dir: str | Path = "/run/pykata") -> list[str]:
+    """What the shims of a containerd (default state dir) may have left, on the
+    whole host: any QEMU, virtiofsd or pykata shim process (for a test that owns
+    the machine), mounts, sandbox state, shim sockets and VM RAM files under
+    ``state_dir``."""
+    root = Path(state_dir)
+    out = [f"process {p.name}: {cmd.strip()[:160]}" for p, cmd in _processes()
+           if any(n in cmd for n in _NAMES) and not cmd.startswith("pgrep ")]
+    out += [f"mount {m}" for m in mounts_under(root)]
+    for sub, what in (("sbs", "state directory"), ("s", "socket")):
+        if (root / sub).is_dir():
+            out += [f"{what} {p}" for p in (root / sub).iterdir()]
+
+    from pykata.runtime.factory import clone_memory_files
+
+    out += [f"VM memory file {f}" for f in clone_memory_files(root)]
+    return out
