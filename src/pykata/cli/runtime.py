@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -294,31 +293,18 @@ def _terminate(pid: int, grace: float = 5.0) -> None:
 
 
 def spawn_keeper(d: Path, cid: str, debug: bool) -> int:
-    from pykata.shim.main import LISTEN_FD_ENV
+    from pykata.shim.main import spawn_server
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        socket_of(d).parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            socket_of(d).unlink()
-        sock.bind(str(socket_of(d)))
-    except OSError as exc:
-        sock.close()
-        raise CLIError(f"cannot bind {socket_of(d)}: {exc}") from exc
-    sock.listen(64)
     (d / "log").touch()
-    env = dict(os.environ, **{LISTEN_FD_ENV: str(sock.fileno())})
-    env.pop("TTRPC_ADDRESS", None)
-    argv = [sys.executable, "-m", "pykata.shim", "-namespace", NAMESPACE, "-address",
-            str(d), "-publish-binary", "", "-id", cid]
-    if debug:
-        argv.append("-debug")
-    proc = subprocess.Popen(argv, cwd=d, env=env, pass_fds=(sock.fileno(),),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    sock.close()
-    (d / "keeper.pid").write_text(str(proc.pid))
-    return proc.pid
+    env = dict(os.environ)
+    env.pop("TTRPC_ADDRESS", None)  # no containerd to publish events to
+    try:
+        pid = spawn_server(socket_of(d), cwd=d, namespace=NAMESPACE, address=str(d),
+                           publish_binary="", shim_id=cid, debug=debug, env=env)
+    except OSError as exc:
+        raise CLIError(f"cannot bind {socket_of(d)}: {exc}") from exc
+    (d / "keeper.pid").write_text(str(pid))
+    return pid
 
 
 def make_fifos(fdir: Path) -> None:

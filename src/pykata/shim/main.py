@@ -84,6 +84,33 @@ def _alive(path: Path) -> bool:
         s.close()
 
 
+def spawn_server(path: Path, *, cwd: Path, namespace: str, address: str,
+                 publish_binary: str, shim_id: str, debug: bool,
+                 env: dict[str, str] | None = None) -> int:
+    """Listen on ``path`` and start the serving shim (its own session) with that
+    socket handed over, so a client can connect at once; the shim's pid. Bind
+    errors are OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(64)
+        child_env = dict(os.environ if env is None else env,
+                         **{LISTEN_FD_ENV: str(sock.fileno())})
+        argv = [sys.executable, "-m", "pykata.shim", "-namespace", namespace, "-address",
+                address, "-publish-binary", publish_binary, "-id", shim_id]
+        if debug:
+            argv.append("-debug")
+        proc = subprocess.Popen(argv, cwd=cwd, env=child_env, pass_fds=(sock.fileno(),),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        sock.close()
+    return proc.pid
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     bundle = Path.cwd()
     sandbox_id, is_sandbox = pod_of(_spec(bundle), args.id)
@@ -98,22 +125,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     if _alive(path):
         print(address, end="")
         return 0
-    SOCKET_DIR.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    sock.listen(64)
-    env = dict(os.environ, **{LISTEN_FD_ENV: str(sock.fileno())})
-    argv = [sys.executable, "-m", "pykata.shim", "-namespace", args.namespace, "-address",
-            args.address, "-publish-binary", args.publish_binary, "-id", sandbox_id]
-    if args.debug:
-        argv.append("-debug")
-    proc = subprocess.Popen(argv, cwd=bundle, env=env, pass_fds=(sock.fileno(),),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    sock.close()
-    (bundle / "shim.pid").write_text(str(proc.pid))
+    pid = spawn_server(path, cwd=bundle, namespace=args.namespace, address=args.address,
+                       publish_binary=args.publish_binary, shim_id=sandbox_id,
+                       debug=args.debug)
+    (bundle / "shim.pid").write_text(str(pid))
     (bundle / "address").write_text(address)
     print(address, end="")
     return 0
