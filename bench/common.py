@@ -8,19 +8,23 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pykata.testing.containerd import PrivateContainerd
+
+if TYPE_CHECKING:
+    from pykata.runtime.sandbox import Sandbox
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path("/var/tmp/pykata-bench")
@@ -344,6 +348,37 @@ def run_section(main: Callable[[], int]) -> NoReturn:
     except KeyboardInterrupt:
         log("interrupted (what the section made is cleaned up)")
         sys.exit(130)
+
+
+def save_series(name: str, series: list[Series], **extra: object) -> None:
+    """Save a section's series (and ``extra`` keys) and print one line per series."""
+    save(name, {"series": [s.to_json() for s in series], **extra})
+    for s in series:
+        print(s.line())
+
+
+@contextlib.asynccontextmanager
+async def private_sandbox(prefix: str) -> AsyncIterator[Sandbox]:
+    """A sandbox made in-process under a state directory of its own; stopped,
+    cleaned up and its state removed afterwards, also after a failure."""
+    from pykata import config
+    from pykata.runtime.sandbox import Sandbox, cleanup
+
+    cfg = config.load()
+    tag = uuid.uuid4().hex[:6]
+    state = Path(f"/run/pykata/bench-{tag}")
+    cfg.runtime.state_dir = str(state)
+    sid = f"{prefix}-{tag}"
+    sb: Sandbox | None = None
+    try:
+        sb = await Sandbox.create(sid, cfg)
+        yield sb
+    finally:
+        if sb is not None:
+            await sb.stop()
+        with contextlib.suppress(Exception):
+            await cleanup(state, sid)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def save(name: str, data: dict[str, object]) -> Path:

@@ -16,7 +16,7 @@ from common import (
     remove_containers,
     run_section,
     runs,
-    save,
+    save_series,
     sigterm_as_interrupt,
     start_containerd,
     timed,
@@ -68,9 +68,7 @@ def main() -> int:
     finally:
         remove_containers(ctd, ids)
         ctd.stop()
-    save("exec", {"series": [s.to_json() for s in series]})
-    for s in series:
-        print(s.line())
+    save_series("exec", series)
     return 0
 
 

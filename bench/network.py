@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import Series, arg_parser, log, run_section, runs, save, sigterm_as_interrupt
+from common import Series, arg_parser, log, run_section, runs, save_series, sigterm_as_interrupt
 
 from pykata.testing.cri import (
     BUSYBOX_REF,
@@ -196,9 +196,7 @@ def main() -> int:
             for handler, (cid, ip) in pods.items():
                 log(f"network: {handler} x{n} ({mib} MiB transfers)")
                 series += measure(c, peer, handler, cid, ip, n, mib, pings, rr_count)
-    save("network", {"series": [s.to_json() for s in series], "info": info})
-    for s in series:
-        print(s.line())
+    save_series("network", series, info=info)
     return 0
 
 

@@ -20,12 +20,21 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import CACHE, Series, arg_parser, atimed, log, run_section, save, sigterm_as_interrupt
+from common import (
+    CACHE,
+    Series,
+    arg_parser,
+    atimed,
+    log,
+    private_sandbox,
+    run_section,
+    save_series,
+    sigterm_as_interrupt,
+)
 
 from pykata.protos import agent_pb2 as pb
 from pykata.ttrpc import Client, Server
@@ -160,59 +169,47 @@ def parse_metric(text: str, name: str) -> float | None:
 
 
 async def agent_bench(n: int) -> tuple[list[Series], dict[str, object]]:
-    from pykata import config
-    from pykata.runtime.sandbox import Sandbox, cleanup
     from pykata.testing import busybox_rootfs, default_spec, make_bundle
 
-    cfg = config.load()
-    state = Path(f"/run/pykata/bench-{uuid.uuid4().hex[:6]}")
-    cfg.runtime.state_dir = str(state)
-    sid = f"rpc-{uuid.uuid4().hex[:8]}"
     work = Path(tempfile.mkdtemp(prefix="pykata-bench-rpc-"))
     out: list[Series] = []
     info: dict[str, object] = {}
-    sb: Sandbox | None = None
     try:
         t0 = time.perf_counter()
-        sb = await Sandbox.create(sid, cfg)
-        info["sandbox_create_s"] = time.perf_counter() - t0
-        info["channel"] = sb.vm.spec.agent_channel if sb.vm is not None else "?"
-        info["accel"] = sb.accel
-        agent = sb.agent
-        text = await agent.metrics()
-        info["agent_rss_idle_bytes"] = parse_metric(text, "pykata_agent_rss_bytes")
+        async with private_sandbox("rpc") as sb:
+            info["sandbox_create_s"] = time.perf_counter() - t0
+            info["channel"] = sb.vm.spec.agent_channel if sb.vm is not None else "?"
+            info["accel"] = sb.accel
+            agent = sb.agent
+            text = await agent.metrics()
+            info["agent_rss_idle_bytes"] = parse_metric(text, "pykata_agent_rss_bytes")
 
-        async def check() -> None:
-            await agent.check()
+            async def check() -> None:
+                await agent.check()
 
-        async def details() -> None:
-            await agent.guest_details()
+            async def details() -> None:
+                await agent.guest_details()
 
-        async def metrics() -> None:
-            await agent.metrics()
+            async def metrics() -> None:
+                await agent.metrics()
 
-        ch = info["channel"]
-        out.append(Series("agent Health/Check", f"AgentClient.check() over {ch}", "s",
-                          await atimed(check, n, warmup=5, budget=60)))
-        out.append(Series("agent GetGuestDetails", f"AgentClient.guest_details() over {ch}",
-                          "s", await atimed(details, max(n // 4, 5), warmup=2, budget=60)))
-        out.append(Series("agent GetMetrics", f"AgentClient.metrics() over {ch}", "s",
-                          await atimed(metrics, max(n // 10, 5), warmup=1, budget=60)))
-        rootfs = busybox_rootfs(CACHE / "busybox-rootfs")
-        bundle = make_bundle(work / "c1", rootfs, default_spec(["sleep", "3600"]))
-        c = await sb.create_container("c1", bundle)
-        await c.start()
-        await asyncio.sleep(1)
-        text = await agent.metrics()
-        info["agent_rss_one_container_bytes"] = parse_metric(text, "pykata_agent_rss_bytes")
-        info["agent_rss_metric"] = "pykata_agent_rss_bytes (GetMetrics, /proc/self/statm)"
+            ch = info["channel"]
+            out.append(Series("agent Health/Check", f"AgentClient.check() over {ch}", "s",
+                              await atimed(check, n, warmup=5, budget=60)))
+            out.append(Series("agent GetGuestDetails", f"AgentClient.guest_details() over {ch}",
+                              "s", await atimed(details, max(n // 4, 5), warmup=2, budget=60)))
+            out.append(Series("agent GetMetrics", f"AgentClient.metrics() over {ch}", "s",
+                              await atimed(metrics, max(n // 10, 5), warmup=1, budget=60)))
+            rootfs = busybox_rootfs(CACHE / "busybox-rootfs")
+            bundle = make_bundle(work / "c1", rootfs, default_spec(["sleep", "3600"]))
+            c = await sb.create_container("c1", bundle)
+            await c.start()
+            await asyncio.sleep(1)
+            text = await agent.metrics()
+            info["agent_rss_one_container_bytes"] = parse_metric(text, "pykata_agent_rss_bytes")
+            info["agent_rss_metric"] = "pykata_agent_rss_bytes (GetMetrics, /proc/self/statm)"
     finally:
-        if sb is not None:
-            await sb.stop()
-        with contextlib.suppress(Exception):
-            await cleanup(state, sid)
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
     return out, info
 
 
@@ -232,9 +229,7 @@ def main() -> int:
     log("rpc: agent over the VM channel")
     agent_series, info = asyncio.run(agent_bench(n_agent))
     series += agent_series
-    save("rpc", {"series": [s.to_json() for s in series], "agent": info})
-    for s in series:
-        print(s.line())
+    save_series("rpc", series, agent=info)
     print(info)
     return 0
 

@@ -23,7 +23,7 @@ from common import (
     remove_containers,
     run_section,
     runs,
-    save,
+    save_series,
     sigterm_as_interrupt,
     start_containerd,
     template_config,
@@ -160,9 +160,7 @@ def main() -> int:
                                  note="runsc not installed"))
     finally:
         ctd.stop()
-    save("startup", {"series": [s.to_json() for s in series]})
-    for s in series:
-        print(s.line())
+    save_series("startup", series)
     return 0
 
 

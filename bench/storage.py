@@ -19,7 +19,6 @@ Inside the guest the time is busybox `time` (10 ms resolution) around `dd`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import re
 import shutil
@@ -32,10 +31,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import CACHE, Series, arg_parser, log, run_section, runs, save, sigterm_as_interrupt
+from common import (
+    CACHE,
+    Series,
+    arg_parser,
+    log,
+    private_sandbox,
+    run_section,
+    runs,
+    save_series,
+    sigterm_as_interrupt,
+)
 
-from pykata import config
-from pykata.runtime.sandbox import Sandbox, cleanup
+from pykata.runtime.sandbox import Sandbox
 from pykata.testing import busybox_rootfs, default_spec, make_bundle
 
 TIME_RE = re.compile(r"real\s+(\d+)m\s*([\d.]+)s")
@@ -161,12 +169,7 @@ async def bench(n: int, mib: int) -> tuple[list[Series], dict[str, object]]:
     host_dir, vfs_dir, img = work / "host", work / "vfs", work / "disk.img"
     for d in (host_dir, vfs_dir):
         d.mkdir(parents=True)
-    cfg = config.load()
-    state = Path(f"/run/pykata/bench-{tag}")
-    cfg.runtime.state_dir = str(state)
-    sid = f"sto-{tag}"
     loop = ""
-    sb: Sandbox | None = None
     res: dict[str, tuple[list[float], list[float]]] = {}
     info: dict[str, object] = {"mib": mib}
     try:
@@ -181,41 +184,36 @@ async def bench(n: int, mib: int) -> tuple[list[Series], dict[str, object]]:
         await asyncio.to_thread(sh, "mkfs.ext4", "-q", "-F", str(img))
         loop = (await asyncio.to_thread(sh, "losetup", "--direct-io=on", "-f", "--show",
                                         str(img))).strip()
-        sb = await Sandbox.create(sid, cfg)
-        assert sb.vm is not None
-        g = Guest(sb, work / "bundles", busybox_rootfs(CACHE / "busybox-rootfs"),
-                  [(str(vfs_dir), "/data")])
-        log(f"storage: virtio-fs dd x{n}")
-        for _ in range(n):
-            w, r = await vfs_dd(g, vfs_dir, mib)
-            res["virtio-fs"][0].append(w)
-            res["virtio-fs"][1].append(r)
-        log(f"storage: virtio-blk (spec volume) dd x{n}")
-        try:
+        async with private_sandbox("sto") as sb:
+            assert sb.vm is not None
+            g = Guest(sb, work / "bundles", busybox_rootfs(CACHE / "busybox-rootfs"),
+                      [(str(vfs_dir), "/data")])
+            log(f"storage: virtio-fs dd x{n}")
             for _ in range(n):
-                w, r = await blk_dd_spec(g, loop, mib)
-                res["virtio-blk"][0].append(w)
-                res["virtio-blk"][1].append(r)
-            info["virtio-blk-path"] = "spec volume (type ext4, source the loop device)"
-        except Exception as exc:
-            log(f"storage: the block volume path failed ({exc}); driver-level hot-plug")
-            res["virtio-blk"] = ([], [])
-            info["virtio-blk-path"] = f"driver-level hotplug_block (spec volume failed: {exc})"
+                w, r = await vfs_dd(g, vfs_dir, mib)
+                res["virtio-fs"][0].append(w)
+                res["virtio-fs"][1].append(r)
+            log(f"storage: virtio-blk (spec volume) dd x{n}")
             try:
-                await sb.vm.hotplug_block("bench0", Path(loop))
-            except Exception as exc2:
-                info["virtio-blk"] = f"not measured: hot-plug failed: {exc2}"
-            else:
                 for _ in range(n):
-                    w, r = await blk_dd(g, loop, mib)
+                    w, r = await blk_dd_spec(g, loop, mib)
                     res["virtio-blk"][0].append(w)
                     res["virtio-blk"][1].append(r)
+                info["virtio-blk-path"] = "spec volume (type ext4, source the loop device)"
+            except Exception as exc:
+                log(f"storage: the block volume path failed ({exc}); driver-level hot-plug")
+                res["virtio-blk"] = ([], [])
+                info["virtio-blk-path"] = f"driver-level hotplug_block (spec volume failed: {exc})"
+                try:
+                    await sb.vm.hotplug_block("bench0", Path(loop))
+                except Exception as exc2:
+                    info["virtio-blk"] = f"not measured: hot-plug failed: {exc2}"
+                else:
+                    for _ in range(n):
+                        w, r = await blk_dd(g, loop, mib)
+                        res["virtio-blk"][0].append(w)
+                        res["virtio-blk"][1].append(r)
     finally:
-        if sb is not None:
-            await sb.stop()
-        with contextlib.suppress(Exception):
-            await cleanup(state, sid)
-        shutil.rmtree(state, ignore_errors=True)
         if loop:
             await asyncio.to_thread(subprocess.run, ["losetup", "-d", loop], check=False,
                                     timeout=60)
@@ -241,9 +239,7 @@ def main() -> int:
     n = runs(args, 3, 1)
     mib = args.mib or (32 if args.quick else 256)
     series, info = asyncio.run(bench(n, mib))
-    save("storage", {"series": [s.to_json() for s in series], "info": info})
-    for s in series:
-        print(s.line())
+    save_series("storage", series, info=info)
     return 0
 
 
