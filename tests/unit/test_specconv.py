@@ -15,7 +15,6 @@ from pykata.runtime.specconv import (
     BlockVolume,
     HostMount,
     HostProbe,
-    guest_spec,
     plan,
     validate,
 )
@@ -42,6 +41,13 @@ def base_spec() -> dict[str, Any]:
         "linux": {"namespaces": [{"type": "pid"}, {"type": "network",
                                                    "path": "/var/run/netns/x"}]},
     }
+
+
+def guest_spec(spec: dict[str, Any], container_id: str,
+               bundle: Path) -> tuple[dict[str, Any], list[HostMount]]:
+    """The guest spec and the host bind mounts of plan(), with the real host probe."""
+    p = plan(spec, container_id, bundle)
+    return p.spec, p.host_mounts
 
 
 def test_rootfs_and_binds_go_through_the_share() -> None:

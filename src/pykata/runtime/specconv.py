@@ -212,14 +212,6 @@ def _is_bind(m: dict[str, Any]) -> bool:
     )
 
 
-def guest_spec(spec: dict[str, Any], container_id: str,
-               bundle: Path) -> tuple[dict[str, Any], list[HostMount]]:
-    """The spec for the agent and the host bind mounts it relies on (plan() tells
-    the rest: block devices and guest-made volumes)."""
-    p = plan(spec, container_id, bundle)
-    return p.spec, p.host_mounts
-
-
 def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
          guest_empty_dir: bool = True, probe: HostProbe | None = None) -> GuestPlan:
     """How each part of ``spec`` reaches the guest (``spec`` is not modified).
@@ -234,7 +226,7 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
     for i, m in enumerate(out.get("mounts", []) or []):
         src = m.get("source", "") or ""
         dest = m["destination"]
-        opts = [o for o in (m.get("options") or []) if isinstance(o, str)]
+        opts = _options(m)
         if m.get("type") in GUEST_LOCAL_TYPES:
             mounts.append(m)
             continue
@@ -289,6 +281,11 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
     return p
 
 
+def _options(m: dict[str, Any]) -> list[str]:
+    """A mount's options (the strings among them)."""
+    return [o for o in (m.get("options") or []) if isinstance(o, str)]
+
+
 def _block_rdev(probe: HostProbe, path: str) -> int | None:
     try:
         return probe.block_rdev(path)
@@ -316,7 +313,7 @@ def _block_mount(p: GuestPlan, m: dict[str, Any], container_id: str, index: int,
             f" {fstype or 'none'} needs one (use a bind mount for files and directories)")
     if not fstype or fstype == "none":
         raise InvalidArgument(f"mount of block device {src} on {dest} needs a file system type")
-    opts = [o for o in (m.get("options") or []) if isinstance(o, str)]
+    opts = _options(m)
     readonly = "ro" in opts
     fs_opts = [o for o in opts if o not in _NOT_FS_OPTIONS]
     if readonly and "ro" not in fs_opts:
@@ -332,7 +329,7 @@ def _pod_volume(p: GuestPlan, m: dict[str, Any], src: str, guest_empty_dir: bool
                 probe: HostProbe) -> dict[str, Any] | None:
     """emptyDir and the pod's /dev/shm, made in the guest; None for other mounts."""
     dest = m["destination"]
-    opts = [o for o in (m.get("options") or []) if isinstance(o, str)]
+    opts = _options(m)
     keep = [o for o in opts if o in ("ro", "rw", *_BIND_FLAGS)]
     match = EMPTY_DIR.search(src)
     if dest == "/dev/shm" and match is None:
