@@ -8,6 +8,7 @@ Parsing and command construction are pure and unit-tested.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import ipaddress
 import os
@@ -49,12 +50,32 @@ def links(sys_net: str = SYS_NET) -> dict[str, str]:
     return out
 
 
+NIC_WAIT_SECONDS = 10.0  # for a hot-plugged NIC to show up
+
+
 def link_by_mac(mac: str, sys_net: str = SYS_NET) -> str:
     want = mac.strip().lower()
     for name, addr in links(sys_net).items():
         if addr == want:
             return name
     raise errors.NotFound(f"no guest network interface with MAC address {mac}")
+
+
+async def wait_link_by_mac(mac: str, timeout: float = NIC_WAIT_SECONDS,
+                           sys_net: str = SYS_NET) -> str:
+    """The NIC with ``mac``, waiting (bounded) for one that is still being
+    hot-plugged (a VM cloned from a template, a second network)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.01
+    while True:
+        try:
+            return link_by_mac(mac, sys_net)
+        except errors.NotFound:
+            if loop.time() >= deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _mtu(name: str, sys_net: str = SYS_NET) -> int:
@@ -157,7 +178,7 @@ class Network:
     async def update_interface(self, iface: pb.Interface) -> pb.Interface:
         if not iface.hw_addr:
             raise errors.InvalidArgument("interface hw_addr is required to find the guest NIC")
-        name = link_by_mac(iface.hw_addr, self.sys_net)
+        name = await wait_link_by_mac(iface.hw_addr, sys_net=self.sys_net)
         want = iface.device or iface.name or name
         if want != name:
             await self._ip("link", "set", "dev", name, "down")

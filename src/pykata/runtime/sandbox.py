@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 PCIE_ROOT_PORTS = 6  # for hot-plugged disks, NICs and (in clones) virtio-fs
 MAX_NIC_QUEUES = 4
-NIC_APPEAR_TIMEOUT = 10.0  # seconds for a hot-plugged NIC to show up in the guest
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -128,7 +127,7 @@ class Sandbox:
             await self._plug_clone_devices(spec)
         if self.network is not None:
             for ep in self.network.endpoints:
-                await self._update_interface(ep, wait=template is not None)
+                await self.agent.update_interface(ep.name, ep.mac, ep.mtu, ep.addresses)
             await self.agent.update_routes([(r.dest, r.gateway, r.device, r.family)
                                             for r in self.network.routes])
         storages = []
@@ -308,25 +307,13 @@ class Sandbox:
                         with contextlib.suppress(OSError):
                             os.close(fd)
                     ep.fds = []
-                await self._update_interface(ep, wait=True)
+                await self.agent.update_interface(ep.name, ep.mac, ep.mtu, ep.addresses)
                 log.info("sandbox %s: interface %s (%s) hot-plugged", self.id, ep.name, ep.mac)
             names = {ep.name for ep in new}
             routes = [(r.dest, r.gateway, r.device, r.family) for r in net.routes
                       if r.device in names]
             if routes:
                 await self.agent.update_routes(routes)
-
-    async def _update_interface(self, ep: network.Endpoint, wait: bool) -> None:
-        """Configure one guest NIC; a hot-plugged one may take a moment to appear."""
-        deadline = asyncio.get_running_loop().time() + (NIC_APPEAR_TIMEOUT if wait else 0)
-        while True:
-            try:
-                await self.agent.update_interface(ep.name, ep.mac, ep.mtu, ep.addresses)
-                return
-            except errors.NotFound:
-                if asyncio.get_running_loop().time() >= deadline:
-                    raise
-            await asyncio.sleep(0.05)
 
     async def _connect_agent(self) -> None:
         assert self.vm is not None
