@@ -60,10 +60,22 @@ for bin in pykata pykata-agent containerd-shim-pykata-v2 pykata-runtime pykata-m
   fi
 done
 
-# 4. Guest image (cached by a hash of its inputs: a second run does nothing).
+# 4. The unprivileged user QEMU runs as ([hypervisor.qemu] run_as_user): a system
+#    account with no shell and no home, so a device-emulation bug is not host root.
+if ! id -u pykata-qemu >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    step "creating system user pykata-qemu"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pykata-qemu
+    if getent group kvm >/dev/null; then usermod -aG kvm pykata-qemu; fi
+  else
+    echo "setup: need root to create the system user pykata-qemu" >&2; exit 1
+  fi
+fi
+
+# 5. Guest image (cached by a hash of its inputs: a second run does nothing).
 step "guest image"
 "$VENV/bin/pykata" image build
 
-# 5. Does the host have what pykata needs?
+# 6. Does the host have what pykata needs?
 step "pykata check"
 "$VENV/bin/pykata" check

@@ -64,6 +64,17 @@ class QemuConfig:
     reclaim_guest_freed_memory: bool = True
     enable_debug: bool = False
     extra_args: list[str] = field(default_factory=list)
+    # Confinement (docs/security.md). QEMU's own seccomp filter ("-sandbox"); ""
+    # turns it off. QEMU starts as this unprivileged user (created by make setup)
+    # and gets every file and socket it needs as an open fd; "" keeps it root.
+    seccomp_sandbox: str = (
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    )
+    run_as_user: str = "pykata-qemu"
+    # virtiofsd: its own sandbox (namespace where the binary has it, else chroot)
+    # and extended attributes only when asked for (SELinux labels, file caps).
+    virtio_fs_sandbox: str = "auto"  # auto | namespace | chroot
+    virtio_fs_xattr: bool = False
 
 
 @dataclass
@@ -92,6 +103,10 @@ class RuntimeConfig:
     # Kubernetes emptyDir volumes live in the guest by default; true keeps them
     # on the host, shared through virtio-fs.
     disable_guest_empty_dir: bool = False
+    # Cap, in bytes, of each host log a sandbox writes from what the guest or its
+    # VMM prints (console.log, qemu.log, virtiofsd.log): when full, a file becomes
+    # <name>.1 (replacing the older one) and starts again, so at most twice this.
+    log_max_bytes: int = 1048576
 
 
 @dataclass
@@ -100,8 +115,9 @@ class FactoryConfig:
     and saved; each sandbox then starts as a copy of it instead of booting."""
 
     enable_template: bool = False
-    # Where the template's memory and device state live; keep it on tmpfs.
-    template_path: str = "/dev/shm/pykata/template"
+    # Where the template's memory and device state live: on tmpfs, in a
+    # root-only directory (created 0700, its owner and mode checked before use).
+    template_path: str = "/run/pykata/template"
 
 
 @dataclass
@@ -143,6 +159,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("hypervisor.qemu", "virtio_fs_cache"): ("auto", "always", "none", "never", "metadata"),
     ("hypervisor.qemu", "agent_channel"): ("auto", "vsock", "serial"),
     ("runtime", "internetworking_model"): ("tcfilter", "macvtap", "none"),
+    ("hypervisor.qemu", "virtio_fs_sandbox"): ("auto", "namespace", "chroot"),
 }
 _MINIMUM: dict[tuple[str, str], int] = {
     ("hypervisor.qemu", "default_vcpus"): 1,
@@ -154,6 +171,7 @@ _MINIMUM: dict[tuple[str, str], int] = {
     ("hypervisor.qemu", "tb_size"): 0,
     ("agent", "dial_timeout"): 1,
     ("runtime", "create_container_timeout"): 1,
+    ("runtime", "log_max_bytes"): 4096,
 }
 
 
