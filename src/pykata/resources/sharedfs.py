@@ -25,13 +25,18 @@ GUEST_SHARED_DIR = "/run/pykata/shared"
 
 class VirtioFsDaemon:
     def __init__(self, binary: str, source: Path, socket_path: Path, log_path: Path,
-                 cache: str = "auto", extra_args: list[str] | None = None) -> None:
+                 cache: str = "auto", extra_args: list[str] | None = None,
+                 sandbox: str = "auto", xattr: bool = False,
+                 log_max_bytes: int = 1 << 20) -> None:
         self.binary = binary
         self.source = source
         self.socket_path = socket_path
         self.log_path = log_path
         self.cache = cache
         self.extra_args = list(extra_args or [])
+        self.sandbox = sandbox
+        self.xattr = xattr
+        self.log_max_bytes = log_max_bytes
         self._proc: asyncio.subprocess.Process | None = None
 
     def argv(self, fd: int) -> list[str]:

@@ -111,6 +111,8 @@ class Sandbox:
             self.virtiofsd = VirtioFsDaemon(
                 q.virtio_fs_daemon, self.shared_dir, vfs_sock, self.dir / "virtiofsd.log",
                 cache=q.virtio_fs_cache, extra_args=q.virtio_fs_extra_args,
+                sandbox=q.virtio_fs_sandbox, xattr=q.virtio_fs_xattr,
+                log_max_bytes=self.config.runtime.log_max_bytes,
             )
         spec = self._vm_spec(vcpus, memory_mib, vfs_sock if share else None)
         self.vcpus, self.memory_mib = spec.vcpus, spec.memory_mib
@@ -155,6 +157,8 @@ class Sandbox:
             accel=accel.accel, cpu_model=q.cpu_model, machine_type=q.machine_type,
             machine_options=q.machine_options, tb_size_mib=q.tb_size if accel.accel == "tcg"
             else 0, pcie_root_ports=PCIE_ROOT_PORTS, extra_args=tuple(q.extra_args),
+            seccomp_sandbox=q.seccomp_sandbox, run_as_user=q.run_as_user,
+            log_max_bytes=self.config.runtime.log_max_bytes,
         )
 
     def _vm_spec(self, vcpus: int | None, memory_mib: int | None,

@@ -25,6 +25,11 @@ class QemuOptions:
     agent_socket: Path = Path("agent.sock")
     pcie_root_ports: int = 0
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # Confinement: QEMU's seccomp filter ("-sandbox" value, "" = off) and the
+    # unprivileged user it runs as ("" = stay root). See docs/security.md.
+    seccomp_sandbox: str = ""
+    run_as_user: str = ""
+    log_max_bytes: int = 1 << 20  # cap of qemu.log and console.log (each, plus one .1)
 
 
 def kernel_command_line(spec: VMSpec) -> str:
