@@ -296,3 +296,117 @@ async def test_server_close_with_open_connections_is_quiet(tmp_path: object) -> 
     finally:
         loop.set_exception_handler(None)
     assert reported == []
+
+
+# -- limits (issue 12: the peer may be hostile) ---------------------------------------
+class Counting(Health):
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = 0
+        self.peak = 0
+
+    async def Check(self, req: pb.CheckRequest) -> pb.HealthCheckResponse:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            return await super().Check(req)
+        finally:
+            self.active -= 1
+
+
+async def test_in_flight_calls_per_connection_are_capped() -> None:
+    """At the cap the server stops reading: a call sent later waits (backpressure)
+    until one in flight finishes, and never more than the cap run at once."""
+    server = Server(max_in_flight=3)
+    impl = Counting()
+    server.register_service(pb.DESCRIPTOR.services_by_name["Health"], impl)
+    client, task = await _pair(server)
+    slow = [asyncio.ensure_future(client.call(SVC, "Check", pb.CheckRequest(service="slow"),
+                                              pb.HealthCheckResponse)) for _ in range(5)]
+    fast = asyncio.ensure_future(client.call(SVC, "Version", pb.CheckRequest(service="f"),
+                                             pb.VersionCheckResponse))
+    await asyncio.sleep(0.2)
+    assert impl.active == 3 and impl.peak == 3
+    assert not fast.done()  # not even read: all three slots are busy
+    impl.release.set()
+    assert (await asyncio.wait_for(fast, 5)).agent_version == "f"
+    assert [r.status for r in await asyncio.wait_for(asyncio.gather(*slow), 5)] == [1] * 5
+    assert impl.peak == 3
+    await client.close()
+    task.cancel()
+
+
+async def test_ignored_frames_do_not_leak_slots() -> None:
+    server = Server(max_in_flight=1)
+    server.register_service(pb.DESCRIPTOR.services_by_name["Health"], Health())
+    a, b = socket.socketpair()
+    sr, sw = await asyncio.open_unix_connection(sock=a)
+    task = asyncio.ensure_future(server.serve_stream(sr, sw))
+    r, w = await asyncio.open_unix_connection(sock=b)
+    for i in range(5):  # data and response frames are ignored; each gives its slot back
+        w.write(frames.encode(2 * i + 1, frames.TYPE_DATA, b"x"))
+        w.write(frames.encode(2 * i + 1, frames.TYPE_RESPONSE, b"y"))
+    req = ttrpc_pb2.Request(service=SVC, method="Check")
+    w.write(frames.encode(99, frames.TYPE_REQUEST, req.SerializeToString()))
+    f = await asyncio.wait_for(frames.read_frame(r), 5)
+    assert f.stream_id == 99 and ttrpc_pb2.Response.FromString(f.data).status.code == 0
+    w.close()
+    task.cancel()
+
+
+async def test_absurd_length_header_closes_the_connection() -> None:
+    """A 4 GiB length is neither allocated nor read through: the connection ends."""
+    r, w, task = await _raw_server()
+    w.write(struct.pack(">IIBB", 0xFFFFFFFF, 1, 1, 0) + b"\0" * 1000)
+    assert await asyncio.wait_for(r.read(), 5) == b""  # closed, nothing answered
+    await asyncio.wait_for(task, 5)
+    w.close()
+
+
+async def test_client_drops_what_it_did_not_ask_for(caplog: pytest.LogCaptureFixture) -> None:
+    """Responses for streams never requested, other frame types and garbage from
+    the peer are dropped and logged quoted and truncated; calls keep working."""
+    a, b = socket.socketpair()
+    r, w = await asyncio.open_unix_connection(sock=b)
+    client = Client(r, w)
+    loop = asyncio.get_running_loop()
+    a.setblocking(False)
+    evil = b"\x1b[2J\nlevel=error msg=forged" + b"A" * 5000
+    await loop.sock_sendall(a, frames.encode(7, frames.TYPE_RESPONSE, evil))
+    await loop.sock_sendall(a, frames.encode(8, frames.TYPE_DATA, b"\n" * 10))
+    await loop.sock_sendall(a, frames.encode(9, frames.TYPE_RESPONSE, b"\xff\xff"))
+    call = asyncio.ensure_future(client.call(SVC, "Check", pb.CheckRequest(),
+                                             pb.HealthCheckResponse))
+    hdr = b""
+    while len(hdr) < 10:
+        hdr += await loop.sock_recv(a, 10 - len(hdr))
+    length, sid, _, _ = struct.unpack(">IIBB", hdr)
+    body = b""
+    while len(body) < length:
+        body += await loop.sock_recv(a, length - len(body))
+    data = ttrpc_pb2.Response(
+        payload=pb.HealthCheckResponse(status=pb.HealthCheckResponse.SERVING).SerializeToString()).SerializeToString()
+    await loop.sock_sendall(a, frames.encode(sid, frames.TYPE_RESPONSE, data))
+    assert (await asyncio.wait_for(call, 5)).status == 1
+    assert client.dropped == 3 and not client._pending
+    text = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "forged" in text and "\x1b" not in text
+    assert all("\n" not in rec.getMessage() and len(rec.getMessage()) < 300
+               for rec in caplog.records)
+    await client.close()
+    a.close()
+
+
+async def test_client_gives_up_on_an_absurd_frame() -> None:
+    a, b = socket.socketpair()
+    r, w = await asyncio.open_unix_connection(sock=b)
+    client = Client(r, w)
+    call = asyncio.ensure_future(client.call(SVC, "Check", pb.CheckRequest(),
+                                             pb.HealthCheckResponse))
+    await asyncio.sleep(0.05)
+    a.sendall(struct.pack(">IIBB", frames.MAX_DISCARD + 1, 1, 2, 0))
+    with pytest.raises(errors.Unavailable, match="given up"):
+        await asyncio.wait_for(call, 5)
+    assert client.closed
+    await client.close()
+    a.close()

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
+from pykata import errors
 from pykata.agent import convert
 from pykata.protos import agent_pb2 as pb
 from pykata.runtime.types import (
@@ -44,7 +45,14 @@ class AgentClient:
             t = None
         else:
             t = timeout
-        return await self.conn.call(service, method, req, resp_type, timeout=t)
+        try:
+            return await self.conn.call(service, method, req, resp_type, timeout=t)
+        except errors.PykataError as exc:
+            # The status message is the guest's text: bounded and quoted before it
+            # goes anywhere (same class and code, so callers still match on kind).
+            exc.message = convert.guest_text(exc.message)
+            exc.args = (exc.message,)
+            raise
 
     async def close(self) -> None:
         await self.conn.close()
@@ -58,7 +66,7 @@ class AgentClient:
     async def version(self) -> str:
         resp = await self._call("Version", pb.CheckRequest(), pb.VersionCheckResponse,
                                 service=HEALTH_SERVICE)
-        return resp.agent_version
+        return convert.guest_text(resp.agent_version)
 
     # -- sandbox ---------------------------------------------------------------------
     async def create_sandbox(self, sandbox_id: str, hostname: str, storages: Sequence[Storage],
@@ -92,7 +100,7 @@ class AgentClient:
         """Blocks until a container is OOM-killed; its id."""
         resp = await self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent,
                                 timeout=False)
-        return resp.container_id
+        return convert.guest_text(resp.container_id)
 
     # -- containers ------------------------------------------------------------------
     async def create_container(self, container_id: str, spec: dict[str, Any],

@@ -17,6 +17,23 @@ from pykata.runtime.types import (
     Storage,
 )
 
+# Text from the guest (error messages, names, versions) is untrusted: it is cut
+# to this many characters and its control characters escaped before it reaches
+# an exception, a log line or containerd.
+GUEST_TEXT_MAX = 512
+
+
+def guest_text(value: str, limit: int = GUEST_TEXT_MAX) -> str:
+    """``value`` safe to log: non-printable characters (newlines, ESC, bidi
+    controls...) as ``\\xNN``/``\\uNNNN`` escapes, at most ``limit`` characters
+    plus a note of how much was cut."""
+    head = value[:limit]
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() else repr(c)[1:-1] for c in head)
+    if len(head) <= limit and len(value) <= limit:
+        return head
+    return head[:limit] + f"...({len(value)} chars)"
+
 
 def storage_to_pb(s: Storage) -> pb.Storage:
     return pb.Storage(
@@ -74,13 +91,15 @@ def stats(resp: pb.StatsContainerResponse) -> ContainerStats:
 
 
 def processes(resp: pb.ListProcessesResponse) -> list[ProcessInfo]:
-    return [ProcessInfo(p.pid, p.exec_id, p.command) for p in resp.processes]
+    return [ProcessInfo(p.pid, guest_text(p.exec_id), guest_text(p.command))
+            for p in resp.processes]
 
 
 def guest_details(resp: pb.GuestDetailsResponse) -> GuestDetails:
     return GuestDetails(
-        kernel_release=resp.kernel_release, kernel_version=resp.kernel_version,
+        kernel_release=guest_text(resp.kernel_release),
+        kernel_version=guest_text(resp.kernel_version),
         online_cpus=resp.online_cpus, mem_total_bytes=resp.mem_total_bytes,
         mem_block_size_bytes=resp.mem_block_size_bytes,
-        agent_version=resp.agent_details.version,
+        agent_version=guest_text(resp.agent_details.version),
     )

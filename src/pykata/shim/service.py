@@ -48,6 +48,27 @@ def _ts(ns: int) -> timestamp_pb2.Timestamp:
     return t
 
 
+def exit_code(code: int) -> int:
+    """An exit status as containerd's uint32 field takes it: ``uint32(status)``, as
+    its runc shim does. The guest may report -1 or anything an int32 holds."""
+    return code & 0xFFFFFFFF
+
+
+# Guest-reported exit times outside [year 2000, now + a day] are replaced by the
+# host's clock (protobuf does not check them; containerd would show nonsense).
+_MIN_EXIT_NS = 946_684_800 * 10**9
+_MAX_EXIT_SKEW_NS = 86_400 * 10**9
+
+
+def _exit_ts(status: ExitStatus | None) -> timestamp_pb2.Timestamp:
+    if status is None:
+        return _ts(0)
+    ns = status.exited_at_ns
+    if ns and not _MIN_EXIT_NS <= ns <= time.time_ns() + _MAX_EXIT_SKEW_NS:
+        ns = time.time_ns()
+    return _ts(ns)
+
+
 @dataclass
 class ExecRecord:
     """An exec containerd announced (Exec) but has not started yet, or has."""
@@ -121,7 +142,7 @@ class TaskService:
         rec.exited.set()
         self.publisher.publish("/tasks/exit", ev.TaskExit(
             container_id=task.id, id=rec.exec_id or task.id, pid=self._vm_pid,
-            exit_status=status.code, exited_at=_ts(status.exited_at_ns)))
+            exit_status=exit_code(status.code), exited_at=_exit_ts(status)))
 
     # -- Task service ----------------------------------------------------------------
     async def Create(self, req: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
@@ -200,14 +221,14 @@ class TaskService:
         return pb.StateResponse(
             id=req.id, bundle=str(task.bundle), pid=self._vm_pid, status=st, stdin=rec.stdin,
             stdout=rec.stdout, stderr=rec.stderr, terminal=rec.terminal,
-            exit_status=rec.exit.code if rec.exit else 0,
-            exited_at=_ts(rec.exit.exited_at_ns) if rec.exit else None, exec_id=req.exec_id)
+            exit_status=exit_code(rec.exit.code) if rec.exit else 0,
+            exited_at=_exit_ts(rec.exit) if rec.exit else None, exec_id=req.exec_id)
 
     async def Wait(self, req: pb.WaitRequest) -> pb.WaitResponse:
         rec = self._record(req.id, req.exec_id)
         await rec.exited.wait()
         assert rec.exit is not None
-        return pb.WaitResponse(exit_status=rec.exit.code, exited_at=_ts(rec.exit.exited_at_ns))
+        return pb.WaitResponse(exit_status=exit_code(rec.exit.code), exited_at=_exit_ts(rec.exit))
 
     async def Kill(self, req: pb.KillRequest) -> empty_pb2.Empty:
         task = self._task(req.id)
@@ -228,13 +249,13 @@ class TaskService:
     async def _end_unstarted(self, task: Task, sig: int) -> None:
         with contextlib.suppress(errors.PykataError):
             await task.container.sandbox.agent.remove_container(task.id)
-        status = ExitStatus(128 + sig, time.time_ns())
+        status = ExitStatus(exit_code(128 + sig), time.time_ns())
         task.container.state = State.STOPPED
         task.init.exit = status
         task.init.exited.set()
         self.publisher.publish("/tasks/exit", ev.TaskExit(
             container_id=task.id, id=task.id, pid=self._vm_pid, exit_status=status.code,
-            exited_at=_ts(status.exited_at_ns)))
+            exited_at=_exit_ts(status)))
 
     async def Delete(self, req: pb.DeleteRequest) -> pb.DeleteResponse:
         task = self._task(req.id)
@@ -245,20 +266,20 @@ class TaskService:
             if rec.relay is not None:
                 await rec.relay.stop()
             task.execs.pop(req.exec_id, None)
-            code = rec.exit.code if rec.exit else 0
+            code = exit_code(rec.exit.code) if rec.exit else 0
             return pb.DeleteResponse(pid=self._vm_pid, exit_status=code,
-                                     exited_at=_ts(rec.exit.exited_at_ns if rec.exit else 0))
+                                     exited_at=_exit_ts(rec.exit))
         if task.container.state in (State.RUNNING, State.PAUSED):
             raise errors.FailedPrecondition(f"cannot delete running task {req.id}")
         async with self._lock:
             await self._remove_task(task)
         rec = task.init
-        code = rec.exit.code if rec.exit else 0
-        exited = rec.exit.exited_at_ns if rec.exit else time.time_ns()
+        code = exit_code(rec.exit.code) if rec.exit else 0
+        exited = _exit_ts(rec.exit) if rec.exit else _ts(time.time_ns())
         self.publisher.publish("/tasks/delete", ev.TaskDelete(
-            container_id=task.id, pid=self._vm_pid, exit_status=code, exited_at=_ts(exited),
+            container_id=task.id, pid=self._vm_pid, exit_status=code, exited_at=exited,
             id=task.id))
-        return pb.DeleteResponse(pid=self._vm_pid, exit_status=code, exited_at=_ts(exited))
+        return pb.DeleteResponse(pid=self._vm_pid, exit_status=code, exited_at=exited)
 
     async def _remove_task(self, task: Task) -> None:
         for rec in (task.init, *task.execs.values()):

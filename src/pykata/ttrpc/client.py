@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=pb_message.Message)
 
+# The peer (the guest agent) is untrusted: frames nobody asked for are dropped;
+# the first few of a connection are logged (quoted, truncated), then every 1000th.
+LOG_DROPPED_FIRST = 10
+LOG_DROPPED_EVERY = 1000
+QUOTE_BYTES = 64
+
 
 class Client:
     """One ttRPC connection. ``call`` may be awaited from many tasks at once."""
@@ -30,6 +36,7 @@ class Client:
         self._pending: dict[int, asyncio.Future[ttrpc_pb2.Response]] = {}
         self._write_lock = asyncio.Lock()
         self._closed: errors.PykataError | None = None
+        self.dropped = 0  # frames received that answered no pending call
         self._recv_task = asyncio.ensure_future(self._receive())
 
     @classmethod
@@ -113,10 +120,11 @@ class Client:
             while True:
                 frame = await frames.read_frame(self._reader)
                 if frame.type != frames.TYPE_RESPONSE:
+                    self._drop(frame, f"frame of type {frame.type}")
                     continue
                 fut = self._pending.get(frame.stream_id)
                 if fut is None or fut.done():
-                    log.debug("ttrpc response for unknown stream %d", frame.stream_id)
+                    self._drop(frame, "response for no pending call")
                     continue
                 if frame.oversize:
                     fut.set_exception(
@@ -138,11 +146,21 @@ class Client:
                 reason = errors.Unavailable("ttrpc connection closed in the middle of a frame")
         except (ConnectionError, OSError) as exc:
             reason = errors.Unavailable(f"ttrpc connection lost: {exc}")
+        except errors.ResourceExhausted as exc:  # a frame too large even to skip
+            log.warning("%s", exc)
+            reason = errors.Unavailable(f"ttrpc connection given up: {exc}")
         except asyncio.CancelledError:
             reason = errors.Unavailable("ttrpc client closed")
             raise
         finally:
             self._fail_all(reason)
+
+    def _drop(self, frame: frames.Frame, what: str) -> None:
+        self.dropped += 1
+        if self.dropped <= LOG_DROPPED_FIRST or self.dropped % LOG_DROPPED_EVERY == 0:
+            size = frame.oversize or len(frame.data)
+            log.warning("ttrpc: dropped %s on stream %d (%d bytes: %s; %d dropped so far)",
+                        what, frame.stream_id, size, quote(frame.data), self.dropped)
 
     def _fail_all(self, reason: errors.PykataError) -> None:
         if self._closed is None:
@@ -169,3 +187,9 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def quote(data: bytes, limit: int = QUOTE_BYTES) -> str:
+    """Peer bytes for a log line: repr-quoted (no control characters), truncated."""
+    text = repr(data[:limit])
+    return text + f"...(+{len(data) - limit} bytes)" if len(data) > limit else text

@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Awaitable[pb_message.Message]]
 
+# Requests of one connection handled at once; at the cap the server stops
+# reading that connection (the peer's writes then block: backpressure). Generous
+# because calls long-poll (containerd's Wait per process; the shim's ReadStdout,
+# ReadStderr and WaitProcess per process toward the agent): a cap they could fill
+# would stop the server reading the very call that ends them.
+MAX_IN_FLIGHT = 1024
+
 # Metadata of the call being handled (key -> list of values).
 call_metadata: contextvars.ContextVar[Mapping[str, list[str]] | None] = contextvars.ContextVar(
     "call_metadata", default=None
@@ -44,7 +51,10 @@ class Server:
     other exception returns UNKNOWN with its text (and is logged).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        if max_in_flight < 1:
+            raise errors.InvalidArgument("max_in_flight must be at least 1")
+        self.max_in_flight = max_in_flight
         self._methods: dict[tuple[str, str], _Method] = {}
         self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
@@ -125,15 +135,25 @@ class _Connection:
         self.writer = writer
         self.write_lock = asyncio.Lock()
         self.calls: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(server.max_in_flight)
 
     async def run(self) -> None:
         try:
             while True:
+                # One slot per call, taken before the next frame is read: at the
+                # cap, reading stops until a call finishes.
+                await self.slots.acquire()
                 try:
                     frame = await frames.read_frame(self.reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
+                    self.slots.release()
                     return
-                self._dispatch(frame)
+                except errors.ResourceExhausted as exc:
+                    self.slots.release()
+                    log.warning("%s", exc)
+                    return
+                if not self._dispatch(frame):
+                    self.slots.release()
         finally:
             for t in list(self.calls):
                 t.cancel()
@@ -145,10 +165,11 @@ class _Connection:
             except Exception:
                 pass
 
-    def _dispatch(self, frame: frames.Frame) -> None:
+    def _dispatch(self, frame: frames.Frame) -> bool:
+        """Start handling ``frame``; False if it was ignored (no task holds its slot)."""
         if frame.type != frames.TYPE_REQUEST:
             log.debug("ignoring ttrpc frame of type %d on stream %d", frame.type, frame.stream_id)
-            return
+            return False
         if frame.oversize:
             self._spawn(
                 self._reply_error(
@@ -159,7 +180,7 @@ class _Connection:
                     ),
                 )
             )
-            return
+            return True
         if frame.stream_id % 2 == 0:
             self._spawn(
                 self._reply_error(
@@ -167,25 +188,31 @@ class _Connection:
                     errors.InvalidArgument("stream id must be odd for client-initiated streams"),
                 )
             )
-            return
-        self._spawn(self._handle(frame))
+            return True
+        self._spawn(self._handle(frame.stream_id, frame.data))
+        return True
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self.calls.add(task)
-        task.add_done_callback(self.calls.discard)
+        task.add_done_callback(self._done)
 
-    async def _handle(self, frame: frames.Frame) -> None:
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.calls.discard(task)
+        self.slots.release()
+
+    async def _handle(self, stream_id: int, data: bytes) -> None:
         req = ttrpc_pb2.Request()
         try:
-            req.ParseFromString(frame.data)
+            req.ParseFromString(data)
         except pb_message.DecodeError as exc:
-            await self._reply_error(frame.stream_id, errors.InvalidArgument(f"bad request: {exc}"))
+            await self._reply_error(stream_id, errors.InvalidArgument(f"bad request: {exc}"))
             return
+        del data  # a long-polling call does not keep its raw frame (up to MAX_DATA)
         method = self.server._methods.get((req.service, req.method))
         if method is None:
             await self._reply_error(
-                frame.stream_id,
+                stream_id,
                 errors.Unimplemented(f"{req.service}/{req.method} is not implemented"),
             )
             return
@@ -194,37 +221,39 @@ class _Connection:
             request.ParseFromString(req.payload)
         except pb_message.DecodeError as exc:
             await self._reply_error(
-                frame.stream_id, errors.InvalidArgument(f"bad {req.method} payload: {exc}")
+                stream_id, errors.InvalidArgument(f"bad {req.method} payload: {exc}")
             )
             return
         md: dict[str, list[str]] = {}
         for kv in req.metadata:
             md.setdefault(kv.key, []).append(kv.value)
         call_metadata.set(md)
+        service, name, timeout_nano = req.service, req.method, req.timeout_nano
+        del req  # nor its payload
         try:
             coro = method.handler(request)
-            if req.timeout_nano > 0:
-                response = await asyncio.wait_for(coro, req.timeout_nano / 1e9)
+            if timeout_nano > 0:
+                response = await asyncio.wait_for(coro, timeout_nano / 1e9)
             else:
                 response = await coro
         except TimeoutError:
             await self._reply_error(
-                frame.stream_id, errors.DeadlineExceeded(f"{req.method}: deadline exceeded")
+                stream_id, errors.DeadlineExceeded(f"{name}: deadline exceeded")
             )
             return
         except asyncio.CancelledError:
             raise
         except errors.PykataError as exc:
-            log.debug("%s/%s failed: %s", req.service, req.method, exc)
-            await self._reply_error(frame.stream_id, exc)
+            log.debug("%s/%s failed: %s", service, name, exc)
+            await self._reply_error(stream_id, exc)
             return
         except Exception as exc:
-            log.exception("%s/%s raised", req.service, req.method)
-            await self._reply_error(frame.stream_id, exc)
+            log.exception("%s/%s raised", service, name)
+            await self._reply_error(stream_id, exc)
             return
         payload = response.SerializeToString()
         resp = ttrpc_pb2.Response(payload=payload)
-        await self._send(frame.stream_id, resp)
+        await self._send(stream_id, resp)
 
     async def _reply_error(self, stream_id: int, exc: BaseException) -> None:
         await self._send(stream_id, ttrpc_pb2.Response(status=to_status(exc)))

@@ -1,0 +1,160 @@
+"""Issue 12, shim side: what the guest (or a local user) sends cannot break or
+mislead the shim. Fakes stand in for the VM; see also tests/unit/test_ttrpc.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from google.protobuf.message import Message
+
+from pykata import config, errors
+from pykata.agent import AgentClient
+from pykata.agent.convert import GUEST_TEXT_MAX, guest_text
+from pykata.protos import agent_pb2 as apb
+from pykata.protos import containerd_shim_pb2 as pb
+from pykata.runtime.types import ExitStatus, State
+from pykata.shim import service as svc
+from pykata.ttrpc import Client, Server
+
+# -- 1. exit status as uint32 -----------------------------------------------------------
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Message]] = []
+
+    def publish(self, topic: str, event: Message) -> None:
+        event.SerializeToString()  # what the real one does on the wire
+        self.events.append((topic, event))
+
+
+class FakeProcess:
+    def __init__(self, status: ExitStatus) -> None:
+        self.status = status
+        self.state = State.STOPPED
+
+    async def wait(self) -> ExitStatus:
+        return self.status
+
+
+class FakeContainer:
+    def __init__(self, cid: str, status: ExitStatus) -> None:
+        self.id = cid
+        self.state = State.STOPPED
+        self.init = FakeProcess(status)
+
+    async def delete(self, force: bool = False) -> None:
+        return None
+
+
+def _service(status: ExitStatus) -> tuple[svc.TaskService, FakePublisher, svc.Task]:
+    pub = FakePublisher()
+    service = svc.TaskService("sb", "default", config.Config(), pub,  # type: ignore[arg-type]
+                              asyncio.Event())
+    container = FakeContainer("c1", status)
+    rec = svc.ExecRecord("", {}, "", "", "", False, process=container.init)  # type: ignore[arg-type]
+    task = svc.Task("c1", Path("/nonexistent"), container, rec, False)  # type: ignore[arg-type]
+    service.tasks["c1"] = task
+    return service, pub, task
+
+
+@pytest.mark.parametrize("code, wire", [(-1, 0xFFFFFFFF), (-9, 0xFFFFFFF7),
+                                        (-(2**31), 2**31), (137, 137), (0, 0)])
+async def test_guest_exit_status_reaches_containerd_as_uint32(code: int, wire: int) -> None:
+    service, pub, task = _service(ExitStatus(code, time.time_ns()))
+    await service._watch_exit(task, task.init)
+    (topic, exit_ev), = pub.events
+    assert topic == "/tasks/exit" and exit_ev.exit_status == wire  # type: ignore[attr-defined]
+    wait = await service.Wait(pb.WaitRequest(id="c1"))
+    state = await service.State(pb.StateRequest(id="c1"))
+    deleted = await service.Delete(pb.DeleteRequest(id="c1"))
+    assert wait.exit_status == state.exit_status == deleted.exit_status == wire
+    assert pub.events[-1][1].exit_status == wire  # type: ignore[attr-defined]
+    for m in (wait, state, deleted):
+        m.SerializeToString()
+
+
+async def test_exec_exit_status_and_absurd_exit_time() -> None:
+    service, pub, task = _service(ExitStatus(0, 0))
+    rec = svc.ExecRecord("e1", {}, "", "", "", False,
+                         process=FakeProcess(ExitStatus(-1, -(2**63))))  # type: ignore[arg-type]
+    task.execs["e1"] = rec
+    before = time.time_ns()
+    await service._watch_exit(task, rec)
+    exit_ev = pub.events[-1][1]
+    assert exit_ev.exit_status == 0xFFFFFFFF  # type: ignore[attr-defined]
+    # A guest clock in the year 1677 (or 2262) is replaced by the host's.
+    assert exit_ev.exited_at.ToNanoseconds() >= before  # type: ignore[attr-defined]
+    resp = await service.Delete(pb.DeleteRequest(id="c1", exec_id="e1"))
+    assert resp.exit_status == 0xFFFFFFFF and resp.exited_at.ToNanoseconds() >= before
+
+
+def test_exit_code_mask() -> None:
+    assert svc.exit_code(-1) == 0xFFFFFFFF
+    assert svc.exit_code(128 + 9) == 137
+    assert svc.exit_code(2**32 + 5) == 5
+
+
+# -- 7. guest error text ----------------------------------------------------------------
+
+
+def test_guest_text_escapes_controls_and_truncates() -> None:
+    assert guest_text("plain text: ok") == "plain text: ok"
+    forged = "boom\ntime=x level=error msg=\x1b[31mforged\u202e\x00"
+    out = guest_text(forged)
+    assert out.isprintable() and "\n" not in out and "\x1b" not in out
+    assert "\\n" in out and "\\x1b" in out and "\\u202e" in out
+    big = guest_text("x" * (1 << 20))
+    assert len(big) < GUEST_TEXT_MAX + 40 and big.endswith(f"({1 << 20} chars)")
+    worst = guest_text("\x1b" * (1 << 20))  # escaping must not lift the bound
+    assert len(worst) < GUEST_TEXT_MAX + 40 and worst.isprintable()
+
+
+class HostileAgent:
+    """An agent whose every answer is an attack on the host's logs."""
+
+    message = "\x1b[2J\nlevel=error msg=\"host compromised\"\n" + "A" * (1 << 20)
+
+    async def Check(self, req: apb.CheckRequest) -> apb.HealthCheckResponse:
+        raise errors.NotFound(self.message)
+
+    async def Version(self, req: apb.CheckRequest) -> apb.VersionCheckResponse:
+        return apb.VersionCheckResponse(agent_version="1.0\n\x1b[31mfake" + "v" * 5000)
+
+
+async def _agent(tmp_path: Path, impl: object, service: str) -> tuple[AgentClient, Server]:
+    server = Server()
+    server.register_service(apb.DESCRIPTOR.services_by_name[service], impl)
+    await server.serve_unix(tmp_path / "a.sock")
+    return AgentClient(await Client.connect_unix(tmp_path / "a.sock")), server
+
+
+async def test_agent_error_text_is_bounded_and_quoted(tmp_path: Path) -> None:
+    agent, server = await _agent(tmp_path, HostileAgent(), "Health")
+    try:
+        with pytest.raises(errors.NotFound) as ei:  # the kind survives
+            await agent.check()
+        msg = str(ei.value)
+        assert msg == ei.value.message == ei.value.args[0]
+        assert len(msg) < GUEST_TEXT_MAX + 40
+        assert msg.isprintable() and "\n" not in msg and "\x1b" not in msg
+        assert msg.startswith("\\x1b[2J\\nlevel=error")
+        version = await agent.version()
+        assert version.isprintable() and len(version) < GUEST_TEXT_MAX + 40
+    finally:
+        await agent.close()
+        await server.close()
+
+
+def test_guest_strings_in_converted_replies_are_sanitized() -> None:
+    from pykata.agent import convert
+
+    procs = convert.processes(apb.ListProcessesResponse(processes=[
+        apb.ProcessInfo(pid=1, exec_id="e\n1", command="sh\x1b]0;x\x07" + "y" * 9999)]))
+    assert procs[0].exec_id == "e\\n1"
+    assert procs[0].command.isprintable() and len(procs[0].command) < GUEST_TEXT_MAX + 40
+    details = convert.guest_details(apb.GuestDetailsResponse(kernel_release="6.1\r\nX"))
+    assert details.kernel_release == "6.1\\r\\nX"
