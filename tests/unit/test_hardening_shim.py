@@ -55,7 +55,8 @@ def _service(status: ExitStatus) -> tuple[svc.TaskService, FakePublisher, svc.Ta
     service = svc.TaskService("sb", "default", config.Config(), pub,  # type: ignore[arg-type]
                               asyncio.Event())
     container = FakeContainer("c1", status)
-    rec = svc.ExecRecord("", {}, "", "", "", False, process=container.init)  # type: ignore[arg-type]
+    rec = svc.ExecRecord("", {}, "", "", "", False,
+                         process=container.init)  # type: ignore[arg-type]
     task = svc.Task("c1", Path("/nonexistent"), container, rec, False)  # type: ignore[arg-type]
     service.tasks["c1"] = task
     return service, pub, task

@@ -384,8 +384,8 @@ async def test_client_drops_what_it_did_not_ask_for(caplog: pytest.LogCaptureFix
     body = b""
     while len(body) < length:
         body += await loop.sock_recv(a, length - len(body))
-    data = ttrpc_pb2.Response(
-        payload=pb.HealthCheckResponse(status=pb.HealthCheckResponse.SERVING).SerializeToString()).SerializeToString()
+    ok = pb.HealthCheckResponse(status=pb.HealthCheckResponse.SERVING)
+    data = ttrpc_pb2.Response(payload=ok.SerializeToString()).SerializeToString()
     await loop.sock_sendall(a, frames.encode(sid, frames.TYPE_RESPONSE, data))
     assert (await asyncio.wait_for(call, 5)).status == 1
     assert client.dropped == 3 and not client._pending
