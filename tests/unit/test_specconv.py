@@ -300,3 +300,24 @@ def test_pod_ipc_and_uts_become_the_sandbox_marker() -> None:
     from pykata.guest import spec as guest_specmod
 
     assert guest_specmod.SANDBOX_NS_MARKER == SANDBOX_NS_MARKER
+
+
+@pytest.mark.parametrize("src", ["/proc", "/sys", "/sys/fs/cgroup", "/proc/sys/kernel",
+                                 "/proc/../proc/1"])
+def test_host_proc_and_sys_are_guest_local(src: str) -> None:
+    """hostPath /proc or /sys is the guest's own: never the host's through virtio-fs."""
+    spec = base_spec()
+    spec["mounts"].append({"destination": "/host", "type": "bind", "source": src,
+                           "options": ["rbind", "ro"]})
+    out, host = guest_spec(spec, "c1", Path("/b"))
+    assert {"destination": "/host", "type": "bind", "source": src,
+            "options": ["rbind", "ro"]} in out["mounts"]
+    assert all(not str(h.source).startswith(("/proc", "/sys")) for h in host)
+
+
+def test_proc_lookalike_is_still_shared() -> None:
+    spec = base_spec()
+    spec["mounts"].append({"destination": "/x", "type": "bind", "source": "/procfiles",
+                           "options": ["rbind"]})
+    _, host = guest_spec(spec, "c1", Path("/b"))
+    assert any(h.source == Path("/procfiles") for h in host)

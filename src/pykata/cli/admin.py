@@ -183,15 +183,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from pykata.runtime.sandbox import cleanup
-    from pykata.runtime.state import sandboxes_dir
+    from pykata.runtime.sandbox import check_id, cleanup
+    from pykata.runtime.state import all_sandboxes
 
     cfg = _load_config(args)
-    root = sandboxes_dir(cfg.runtime.state_dir)
-    ids = [args.id] if args.id else sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    for sid in ids:
-        if asyncio.run(cleanup(cfg.runtime.state_dir, sid)):
-            print(f"cleaned up sandbox {sid}")
+    if args.id:
+        ns, _, sid = args.id.rpartition("/")
+        targets = [(ns or "default", sid)]
+    else:
+        targets = all_sandboxes(cfg.runtime.state_dir)
+    for ns, sid in targets:
+        try:
+            check_id("namespace", ns)
+            check_id("sandbox", sid)
+        except errors.InvalidArgument as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            continue
+        # A sandbox whose shim is still running is not "left behind": skipped.
+        if asyncio.run(cleanup(cfg.runtime.state_dir, sid, ns, force=args.force)):
+            print(f"cleaned up sandbox {ns}/{sid}")
     return 0
 
 
@@ -270,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     fsub.add_parser("destroy", help="remove the VM template").set_defaults(
         func=cmd_factory_destroy)
     cl = sub.add_parser("cleanup", help="remove sandboxes whose owner is gone")
-    cl.add_argument("id", nargs="?")
+    cl.add_argument("id", nargs="?", help="[NAMESPACE/]SANDBOX-ID (default: all)")
+    cl.add_argument("--force", action="store_true",
+                    help="also sandboxes whose shim is still running")
     cl.set_defaults(func=cmd_cleanup)
     return p
 

@@ -355,7 +355,7 @@ def destroy(d: Path, cid: str) -> None:
     from pykata.runtime.sandbox import cleanup
 
     with contextlib.suppress(Exception):
-        asyncio.run(cleanup(config.load().runtime.state_dir, cid))
+        asyncio.run(cleanup(config.load().runtime.state_dir, cid, NAMESPACE, force=True))
     with contextlib.suppress(FileNotFoundError):
         socket_of(d).unlink()
     shutil.rmtree(d, ignore_errors=True)

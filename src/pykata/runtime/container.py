@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,6 @@ from pykata.runtime.types import (
     State,
     Storage,
 )
-from pykata.utils import mounts
 
 if TYPE_CHECKING:
     from pykata.runtime.sandbox import Sandbox
@@ -132,6 +130,7 @@ class Container:
 
     @property
     def shared_dir(self) -> Path:
+        """The container's part of the (read-only) tree the guest sees."""
         return self.sandbox.shared_dir / self.id
 
     def record(self) -> ContainerRecord:
@@ -190,27 +189,21 @@ class Container:
             await blockdev.detach_all(self.sandbox.block_devices(), serials)
 
     def _mount_shared(self, host_mounts: list[specconv.HostMount]) -> None:
+        """Bind the root filesystem and volumes into the sandbox's host-only tree
+        (through fds: see runtime/sharedtree.py); the guest sees them read-only
+        arranged, each one writable or not as the spec says."""
         for hm in host_mounts:
-            target = self.sandbox.shared_dir / hm.target
-            if not hm.source.exists():
-                raise errors.InvalidArgument(f"mount source {hm.source} does not exist")
-            if hm.source.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.touch(exist_ok=True)
-            try:
-                mounts.bind(hm.source, target, readonly=hm.readonly)
-            except OSError as exc:
-                raise errors.Internal(f"cannot share {hm.source} with the VM: {exc}") from exc
-            self._host_mounts.append(target)
+            point, _ = self.sandbox.tree.share(hm.source, hm.target, hm.readonly)
+            self._host_mounts.append(Path(point))
 
     def unmount_shared(self) -> None:
-        failed = mounts.umount_all(self.shared_dir)
+        """Unmount what this container shared (the recorded mount points, then
+        anything left below its own directory of the tree) and remove it."""
+        tree = self.sandbox.tree
+        failed = tree.unshare([str(p) for p in self._host_mounts])
+        failed += tree.clear(self.id)
         if failed:
             log.error("container %s: cannot unmount %s", self.id, ", ".join(failed))
-        else:
-            shutil.rmtree(self.shared_dir, ignore_errors=True)
         self._host_mounts.clear()
 
     async def start(self) -> int:

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,8 @@ from pykata.resources.blockdev import BlockDevices
 from pykata.resources.sharedfs import GUEST_SHARED_DIR, SHARED_TAG, VirtioFsDaemon
 from pykata.runtime import factory
 from pykata.runtime.container import Container
-from pykata.runtime.state import SandboxRecord, sandbox_dir
+from pykata.runtime.sharedtree import SharedTree
+from pykata.runtime.state import DEFAULT_NAMESPACE, SandboxRecord, sandbox_dir
 from pykata.runtime.types import State, Storage
 from pykata.ttrpc import Client
 from pykata.utils import mounts
@@ -45,29 +45,35 @@ log = logging.getLogger(__name__)
 PCIE_ROOT_PORTS = 6  # for hot-plugged disks, NICs and (in clones) virtio-fs
 MAX_NIC_QUEUES = 4
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def check_id(kind: str, value: str) -> None:
-    if not _ID.match(value or ""):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise errors.InvalidArgument(
             f"invalid {kind} id {value!r}: use 1-128 letters, digits, '_', '.', '-'"
         )
 
 
 class Sandbox:
-    def __init__(self, sandbox_id: str, config: Config) -> None:
+    def __init__(self, sandbox_id: str, config: Config,
+                 namespace: str = DEFAULT_NAMESPACE) -> None:
         check_id("sandbox", sandbox_id)
+        check_id("namespace", namespace)
         self.id = sandbox_id
+        self.namespace = namespace
         self.config = config
-        self.dir = sandbox_dir(config.runtime.state_dir, sandbox_id)
-        self.shared_dir = self.dir / "shared"
+        self.dir = sandbox_dir(config.runtime.state_dir, sandbox_id, namespace)
+        self.tree = SharedTree(self.dir)
+        self.shared_dir = self.tree.shared  # what virtiofsd exports (read-only view)
+        self._owned = False  # this object made self.dir: only then may it remove it
         self.state = State.CREATING
         self.vm: Hypervisor | None = None
         self.virtiofsd: VirtioFsDaemon | None = None
         self._agent: AgentClient | None = None
         self.containers: dict[str, Container] = {}
-        self.record = SandboxRecord(sandbox_id, self.state.value, str(self.dir))
+        self.record = SandboxRecord(sandbox_id, self.state.value, str(self.dir),
+                                    namespace=namespace)
         self.accel = ""
         self.vcpus = 0  # present vCPUs
         self.memory_mib = 0  # boot memory + hot-plugged DIMMs
@@ -82,10 +88,12 @@ class Sandbox:
     @classmethod
     async def create(cls, sandbox_id: str, config: Config, *, hostname: str = "",
                      dns: list[str] | None = None, hosts: str = "", vcpus: int | None = None,
-                     memory_mib: int | None = None, netns: str = "") -> Sandbox:
+                     memory_mib: int | None = None, netns: str = "",
+                     namespace: str = DEFAULT_NAMESPACE) -> Sandbox:
         """Boot the VM and bring up the agent; with ``netns``, connect the pod
-        network namespace's interfaces to it. On any error nothing is left behind."""
-        sb = cls(sandbox_id, config)
+        network namespace's interfaces to it. On any error nothing is left behind
+        (and a sandbox that already exists is left as it is)."""
+        sb = cls(sandbox_id, config, namespace)
         sb.netns = netns
         try:
             await sb._start(hostname or sandbox_id[:63], dns or [], hosts, vcpus, memory_mib)
@@ -96,13 +104,15 @@ class Sandbox:
 
     async def _start(self, hostname: str, dns: list[str], hosts: str, vcpus: int | None,
                      memory_mib: int | None) -> None:
+        self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            self.dir.mkdir(parents=True)
+            os.mkdir(self.dir, 0o700)
         except FileExistsError:
             raise errors.AlreadyExists(f"sandbox {self.id} already exists ({self.dir})") from None
-        self.dir.chmod(0o700)
-        self.shared_dir.mkdir()
+        self._owned = True
+        self.record.owner = _ref_json(ProcRef.of(os.getpid()))
         self.persist()
+        self.tree.setup()
         q = self.config.qemu
         share = q.shared_fs == "virtio-fs"
         vfs_sock = self.dir / "vfs.sock"
@@ -181,7 +191,8 @@ class Sandbox:
             max_vcpus=max_cpus, memory_mib=mem, max_memory_mib=max_mem,
             memory_slots=q.memory_slots, shared_fs_socket=vfs_sock,
             shared_fs_cache_size_mib=q.virtio_fs_cache_size, agent_channel=channel,
-            vsock_cid=_vsock_cid(self.id), debug=q.enable_debug or self.config.agent.enable_debug,
+            vsock_cid=_vsock_cid(self.namespace, self.id),
+            debug=q.enable_debug or self.config.agent.enable_debug,
             free_page_reporting=q.reclaim_guest_freed_memory,
         )
 
@@ -225,7 +236,7 @@ class Sandbox:
                            template: factory.Template) -> None:
         """Start QEMU as a copy of the template: its RAM copied (sparse) into a
         file of our own, its device state restored. virtio-fs and NICs follow."""
-        mem = factory.clone_memory_path(self.config.runtime.state_dir, self.id)
+        mem = factory.clone_memory_path(self.config.runtime.state_dir, self.key)
         self.record.extra["memory_file"] = str(mem)
         self.persist()
         mem.parent.mkdir(parents=True, exist_ok=True)
@@ -348,6 +359,11 @@ class Sandbox:
         if self._agent is None:
             raise errors.FailedPrecondition(f"sandbox {self.id} has no agent connection")
         return self._agent
+
+    @property
+    def key(self) -> str:
+        """Unique on the host: the id, qualified by a namespace other than default."""
+        return self.id if self.namespace == DEFAULT_NAMESPACE else f"{self.namespace}@{self.id}"
 
     def persist(self) -> None:
         self.record.state = self.state.value
@@ -503,6 +519,10 @@ class Sandbox:
         for c in list(self.containers.values()):
             c.unmount_shared()
         self.containers.clear()
+        if self._owned:
+            left = self.tree.teardown()
+            if left:
+                log.error("sandbox %s: cannot unmount %s", self.id, ", ".join(left))
         if self._agent is not None:
             with contextlib.suppress(Exception):
                 await self._agent.close()
@@ -516,7 +536,10 @@ class Sandbox:
             self.network = None
         _remove_memory_file(self.record.extra.get("memory_file"))
         self.state = State.STOPPED
+        if not self._owned:
+            return  # e.g. AlreadyExists: that directory belongs to the sandbox there
         remove_sandbox_dir(self.dir)
+        self._owned = False
         log.info("sandbox %s stopped and removed", self.id)
 
 
@@ -531,12 +554,20 @@ async def init_template(config: Config) -> factory.Template:
 
 
 def remove_sandbox_dir(d: Path) -> None:
+    """Unmount what is mounted below ``d`` (exact mount points, never a resolved
+    path) and remove it without following a symlink or crossing a mount; then its
+    namespace directory if that is now empty."""
     if not d.exists():
         return
     failed = mounts.umount_all(d)
     if failed:
         raise errors.Internal(f"cannot unmount {', '.join(failed)}; left {d} in place")
-    shutil.rmtree(d, ignore_errors=True)
+    try:
+        mounts.remove_tree(d)
+    except OSError as exc:
+        raise errors.Internal(f"cannot remove {d}: {exc.strerror}") from exc
+    with contextlib.suppress(OSError):
+        os.rmdir(d.parent)
 
 
 def _remove_memory_file(path: Any) -> None:
@@ -549,10 +580,10 @@ def _ref_json(ref: ProcRef | None) -> dict[str, int] | None:
     return ref.to_json() if ref is not None else None
 
 
-def _vsock_cid(sandbox_id: str) -> int:
+def _vsock_cid(namespace: str, sandbox_id: str) -> int:
     import zlib
 
-    return 3 + zlib.crc32(sandbox_id.encode()) % 0x7FFFFFF0
+    return 3 + zlib.crc32(f"{namespace}/{sandbox_id}".encode()) % 0x7FFFFFF0
 
 
 def load_spec(bundle: Path) -> dict[str, Any]:
@@ -568,16 +599,25 @@ def load_spec(bundle: Path) -> dict[str, Any]:
     return data
 
 
-async def cleanup(state_dir: str | Path, sandbox_id: str) -> bool:
+async def cleanup(state_dir: str | Path, sandbox_id: str,
+                  namespace: str = DEFAULT_NAMESPACE, *, force: bool = False) -> bool:
     """Clean up a sandbox whose owner is gone: kill its VMM and virtiofsd, unmount,
-    remove its state. True if there was something to clean."""
-    d = sandbox_dir(state_dir, sandbox_id)
+    remove its state. True if there was something to clean. A sandbox whose owner
+    (its shim) still runs is left alone unless ``force``."""
+    check_id("sandbox", sandbox_id)
+    check_id("namespace", namespace)
+    d = sandbox_dir(state_dir, sandbox_id, namespace)
     if not d.exists():
         return False
     try:
         rec = SandboxRecord.load(d)
-    except (errors.NotFound, ValueError, TypeError):
+    except (errors.NotFound, ValueError, TypeError, KeyError):
         rec = None
+    owner = ProcRef.from_json(rec.owner) if rec is not None else None
+    if owner is not None and owner.pid != os.getpid() and owner.alive() and not force:
+        log.info("sandbox %s/%s is in use by pid %d: left alone", namespace, sandbox_id,
+                 owner.pid)
+        return False
     if rec is not None:
         for data in (rec.qemu, rec.virtiofsd):
             ref = ProcRef.from_json(data)
@@ -586,3 +626,13 @@ async def cleanup(state_dir: str | Path, sandbox_id: str) -> bool:
         _remove_memory_file(rec.extra.get("memory_file"))
     remove_sandbox_dir(d)
     return True
+
+
+def cleanup_container_mounts(state_dir: str | Path, sandbox_id: str, container_id: str,
+                             namespace: str = DEFAULT_NAMESPACE) -> list[str]:
+    """Unmount and remove what a container shared with its VM (after its shim died);
+    what could not be unmounted."""
+    check_id("sandbox", sandbox_id)
+    check_id("container", container_id)
+    check_id("namespace", namespace)
+    return SharedTree(sandbox_dir(state_dir, sandbox_id, namespace)).clear(container_id)

@@ -254,6 +254,11 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
         if src.startswith("/dev/") or src == "/dev":
             # Other host devices are not passed into the VM.
             continue
+        if _is_kernel_fs(src):
+            # hostPath /proc, /sys (or below): the guest's own, never the host's
+            # through virtio-fs (that would hand the guest the host's kernel knobs).
+            mounts.append(m)
+            continue
         name = f"{i}-{src_path.name or 'root'}"
         readonly = "ro" in opts
         p.host_mounts.append(HostMount(src_path, f"{container_id}/mounts/{name}", readonly))
@@ -279,6 +284,11 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
         if not any(ns.get("type") == "cgroup" for ns in namespaces):
             namespaces.append({"type": "cgroup"})
     return p
+
+
+def _is_kernel_fs(src: str) -> bool:
+    p = os.path.normpath(src) if src.startswith("/") else ""
+    return any(p == k or p.startswith(k + "/") for k in ("/proc", "/sys"))
 
 
 def _options(m: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Persisted sandbox state under <state_dir>/sbs/<id>/state.json.
+"""Persisted sandbox state under <state_dir>/sbs/<namespace>/<id>/state.json.
 
 A later process (shim ``delete`` after the shim died, ``pykata-runtime``) reads
 it to find and clean up what a sandbox left running or mounted.
@@ -6,6 +6,7 @@ it to find and clean up what a sandbox left running or mounted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -34,6 +35,8 @@ class SandboxRecord:
     qemu: dict[str, int] | None = None  # ProcRef json
     virtiofsd: dict[str, int] | None = None
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
+    namespace: str = "default"
+    owner: dict[str, int] | None = None  # ProcRef json of the process running it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self) -> None:
@@ -58,5 +61,23 @@ def sandboxes_dir(state_dir: str | Path) -> Path:
     return Path(state_dir) / "sbs"
 
 
-def sandbox_dir(state_dir: str | Path, sandbox_id: str) -> Path:
-    return sandboxes_dir(state_dir) / sandbox_id
+DEFAULT_NAMESPACE = "default"
+
+
+def sandbox_dir(state_dir: str | Path, sandbox_id: str,
+                namespace: str = DEFAULT_NAMESPACE) -> Path:
+    """Where one sandbox keeps its state: keyed by containerd namespace, so the
+    same id in two namespaces are two sandboxes. The configured state directory
+    is resolved once (it is the host's); nothing below it ever is."""
+    return sandboxes_dir(os.path.realpath(state_dir)) / namespace / sandbox_id
+
+
+def all_sandboxes(state_dir: str | Path) -> list[tuple[str, str]]:
+    """(namespace, id) of every sandbox directory under ``state_dir``."""
+    root = sandboxes_dir(os.path.realpath(state_dir))
+    found = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for ns in sorted(os.listdir(root)):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                found += [(ns, sid) for sid in sorted(os.listdir(root / ns))]
+    return found

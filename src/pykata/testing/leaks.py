@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -32,10 +33,16 @@ def processes_mentioning(needle: str, names: Iterable[str] = _NAMES) -> list[str
 
 def leftovers(state_dir: str | Path, sandbox_id: str = "") -> list[str]:
     """Everything of pykata under ``state_dir`` (or of one sandbox) still present."""
-    root = Path(state_dir)
-    needle = f"{root}/sbs/{sandbox_id}" if sandbox_id else str(root)
+    from pykata.runtime.state import all_sandboxes, sandbox_dir
+
+    root = Path(os.path.realpath(state_dir))
+    if sandbox_id:
+        ns, _, sid = sandbox_id.rpartition("/")
+        target = sandbox_dir(root, sid, ns or "default")
+        needle = sid
+    else:
+        target, needle = root / "sbs", str(root)
     out = [f"process {p}" for p in processes_mentioning(needle)]
-    target = root / "sbs" / sandbox_id if sandbox_id else root / "sbs"
     if root.exists():
         out += [f"mount {m}" for m in mounts_under(target)]
     from pykata.runtime.factory import clone_memory_files
@@ -43,8 +50,9 @@ def leftovers(state_dir: str | Path, sandbox_id: str = "") -> list[str]:
     out += [f"VM memory file {f}" for f in clone_memory_files(root, sandbox_id)]
     if sandbox_id and target.exists():
         out.append(f"state directory {target}")
-    elif not sandbox_id and target.exists():
-        out += [f"state directory {d}" for d in target.iterdir()]
+    elif not sandbox_id:
+        out += [f"state directory {sandbox_dir(root, sid, ns)}"
+                for ns, sid in all_sandboxes(root)]
     return out
 
 
@@ -82,9 +90,11 @@ def host_leftovers(state_dir: str | Path = "/run/pykata") -> list[str]:
     out = [f"process {p.name}: {cmd.strip()[:160]}" for p, cmd in _processes()
            if any(n in cmd for n in _NAMES) and not cmd.startswith("pgrep ")]
     out += [f"mount {m}" for m in mounts_under(root)]
-    for sub, what in (("sbs", "state directory"), ("s", "socket")):
-        if (root / sub).is_dir():
-            out += [f"{what} {p}" for p in (root / sub).iterdir()]
+    from pykata.runtime.state import all_sandboxes, sandbox_dir
+
+    out += [f"state directory {sandbox_dir(root, sid, ns)}" for ns, sid in all_sandboxes(root)]
+    if (root / "s").is_dir():
+        out += [f"socket {p}" for p in (root / "s").iterdir()]
 
     from pykata.runtime.factory import clone_memory_files
 
