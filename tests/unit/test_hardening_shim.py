@@ -159,3 +159,52 @@ def test_guest_strings_in_converted_replies_are_sanitized() -> None:
     assert procs[0].command.isprintable() and len(procs[0].command) < GUEST_TEXT_MAX + 40
     details = convert.guest_details(apb.GuestDetailsResponse(kernel_release="6.1\r\nX"))
     assert details.kernel_release == "6.1\\r\\nX"
+
+
+# -- 5. the shim's log fifo never blocks the event loop ------------------------------------
+
+
+def test_log_fifo_nobody_reads_does_not_block_logging(tmp_path: Path) -> None:
+    """containerd stops reading the `log` fifo: logging calls still return at once
+    (records beyond the queue are dropped and counted); once the fifo is read
+    again the writer says how many were lost."""
+    import logging
+    import os
+
+    from pykata.shim import main as shim_main
+
+    fifo = tmp_path / "log"
+    os.mkfifo(fifo)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        pump = shim_main._setup_logging(False, "sb1", str(fifo))
+        line = "x" * 1000
+        worst = 0.0
+        t0 = time.monotonic()
+        for i in range(5000):  # ~5 MB: far more than a pipe (64 KiB) plus the queue holds
+            t = time.monotonic()
+            logging.getLogger("pykata.test").info("%d %s", i, line)
+            worst = max(worst, time.monotonic() - t)
+        assert time.monotonic() - t0 < 5 and worst < 0.5
+        assert pump.handler.dropped > 0
+        assert pump.queue.qsize() <= shim_main.LOG_QUEUE_MAX
+        # The reader comes back: the writer drains, and reports the loss.
+        got = b""
+        deadline = time.monotonic() + 10
+        while b"records dropped" not in got and time.monotonic() < deadline:
+            try:
+                got += os.read(rfd, 1 << 16)
+            except BlockingIOError:
+                time.sleep(0.01)
+            got = got[-(1 << 20):]
+        assert b"log records dropped (log fifo not read)" in got
+        assert b"sandbox=sb1" in got
+    finally:
+        root.handlers[:], lvl = saved
+        root.setLevel(lvl)
+        if shim_main._pump is not None:
+            shim_main._pump.stop(0.2)
+            shim_main._pump = None
+        os.close(rfd)  # the writer thread's next write fails, quietly

@@ -13,11 +13,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -161,22 +164,104 @@ def cmd_delete(args: argparse.Namespace, cfg: config.Config) -> int:
     return 0
 
 
-def _setup_logging(debug: bool, sandbox_id: str) -> None:
-    """Log into containerd's `log` fifo in the bundle (else stderr)."""
+LOG_QUEUE_MAX = 1000  # records waiting for the log fifo; more are dropped (counted)
+
+
+class DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread; never waits: a full queue drops the
+    record and counts it (``dropped``)."""
+
+    def __init__(self, q: queue.Queue[Any]) -> None:
+        super().__init__(q)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _Writer(logging.StreamHandler):  # type: ignore[type-arg]
+    """The writer thread's handler: says how many records were dropped since the
+    last line it managed to write."""
+
+    def __init__(self, stream: Any, source: DroppingQueueHandler) -> None:
+        super().__init__(stream)
+        self.source = source
+        self.reported = 0
+        self.lost = 0  # records the stream refused
+
+    def emit(self, record: logging.LogRecord) -> None:
+        dropped = self.source.dropped
+        if dropped != self.reported:
+            note = logging.makeLogRecord({
+                "name": log.name, "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": "%d log records dropped (log fifo not read)",
+                "args": (dropped - self.reported,)})
+            self.reported = dropped
+            super().emit(note)
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # The fifo's reader went away (EPIPE) or the like: the record is lost,
+        # quietly (stderr would be no better place, and it is /dev/null).
+        self.lost += 1
+
+
+class _Listener(logging.handlers.QueueListener):
+    def enqueue_sentinel(self) -> None:
+        with contextlib.suppress(queue.Full):  # then stop() waits in vain: bounded below
+            self.queue.put_nowait(None)
+
+
+class LogPump:
+    """containerd's log fifo is written by this one thread, never by the event
+    loop: a reader that stops reading blocks the thread, not the shim."""
+
+    def __init__(self, stream: Any, formatter: logging.Formatter,
+                 maxsize: int = LOG_QUEUE_MAX) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self.handler = DroppingQueueHandler(self.queue)
+        self.writer = _Writer(stream, self.handler)
+        self.writer.setFormatter(formatter)
+        self.listener = _Listener(self.queue, self.writer)
+
+    def start(self) -> None:
+        self.listener.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Flush what is queued if the reader lets us within ``timeout``."""
+        thread = threading.Thread(target=self.listener.stop, daemon=True)
+        thread.start()
+        thread.join(timeout)
+
+
+_pump: LogPump | None = None
+
+
+def _setup_logging(debug: bool, sandbox_id: str, path: str = "log") -> LogPump:
+    """Log into containerd's `log` fifo in the bundle (else stderr), through a
+    bounded queue and a writer thread (LogPump)."""
+    global _pump
     stream: Any = sys.stderr
     try:
-        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        os.set_blocking(fd, True)
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)  # blocking is fine: only the writer thread waits
         stream = os.fdopen(fd, "w", buffering=1)
     except OSError:
         pass
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(
+    formatter = logging.Formatter(
         f"time=%(asctime)s level=%(levelname)s sandbox={sandbox_id} "
-        "source=%(name)s msg=%(message)s"))
+        "source=%(name)s msg=%(message)s")
+    if _pump is not None:
+        _pump.stop(0)
+    _pump = LogPump(stream, formatter)
+    _pump.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_pump.handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    return _pump
 
 
 async def serve(args: argparse.Namespace, cfg: config.Config) -> int:
@@ -231,4 +316,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pykata: {exc}", file=sys.stderr)
         return 1
     sys.stdout.flush()
+    if _pump is not None:
+        _pump.stop()
     os._exit(code)  # no lingering threads (fifo opens) may keep the shim alive
