@@ -4,6 +4,7 @@ sandboxes; `pykata cleanup` leaves a sandbox whose owner still runs."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -37,9 +38,10 @@ async def test_same_id_twice_and_in_two_namespaces(pykata_config: config.Config,
         # `pykata cleanup` (another process) skips both: their owner (us) is alive.
         cfg = tmp_path / "pykata.toml"
         cfg.write_text(f'[runtime]\nstate_dir = "{pykata_config.runtime.state_dir}"\n')
-        out = subprocess.run([sys.executable, "-m", "pykata.cli.admin", "cleanup"],
-                             env={**os.environ, "PYKATA_CONFIG": str(cfg)},
-                             capture_output=True, text=True, timeout=120)
+        out = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "pykata.cli.admin", "cleanup"],
+            env={**os.environ, "PYKATA_CONFIG": str(cfg)}, capture_output=True, text=True,
+            timeout=120)
         assert out.returncode == 0, out.stderr
         assert "cleaned up" not in out.stdout
         assert first.dir.is_dir() and other.dir.is_dir()
