@@ -65,7 +65,7 @@ async def main(state_dir: str, rootfs: Path, work: Path) -> dict[str, object]:
         d.mkdir()
     (ro / "secret").write_text("host secret")
     watched = ("/", "/etc", "/etc/cron.d", "/root", "/tmp", str(work))
-    before = {"mounts": sorted(mounts.mount_points()), "files": snapshot(*watched)}
+    mounts_before, files_before = set(mounts.mount_points()), snapshot(*watched)
     result: dict[str, object] = {}
     sb = await Sandbox.create(f"hostile-{uuid.uuid4().hex[:6]}", cfg)
     result["sandbox_dir"] = str(sb.dir)
@@ -95,12 +95,11 @@ async def main(state_dir: str, rootfs: Path, work: Path) -> dict[str, object]:
     result["secret"] = (ro / "secret").read_text()
     result["ro_listing"] = sorted(os.listdir(ro))
     result["rw_listing"] = sorted(os.listdir(rw))
-    result["sandbox_dir_left"] = os.path.lexists(result["sandbox_dir"])  # type: ignore[arg-type]
-    after = {"mounts": sorted(mounts.mount_points()), "files": snapshot(*watched)}
-    result["mounts_changed"] = sorted(set(before["mounts"]) ^ set(after["mounts"]))
-    result["files_changed"] = {d: sorted(set(before["files"].get(d, []))  # type: ignore[union-attr]
-                                         ^ set(after["files"].get(d, [])))  # type: ignore[union-attr]
-                               for d in watched}
+    result["sandbox_dir_left"] = os.path.lexists(sb.dir)
+    files_after = snapshot(*watched)
+    result["mounts_changed"] = sorted(mounts_before ^ set(mounts.mount_points()))
+    result["files_changed"] = {d: sorted(set(files_before.get(d, []))
+                                         ^ set(files_after.get(d, []))) for d in watched}
     return result
 
 
