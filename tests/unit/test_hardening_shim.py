@@ -208,3 +208,77 @@ def test_log_fifo_nobody_reads_does_not_block_logging(tmp_path: Path) -> None:
             shim_main._pump.stop(0.2)
             shim_main._pump = None
         os.close(rfd)  # the writer thread's next write fails, quietly
+
+
+# -- 2. shim sockets: root only, never a path someone else prepared -----------------------
+
+
+def test_socket_dir_and_socket_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from pykata.shim.main import bind_private, private_dir
+
+    old = os.umask(0)
+    try:
+        d = tmp_path / "a" / "s"
+        private_dir(d)
+        sock = bind_private(d / "x.sock")
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        st = os.lstat(d / "x.sock")
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    finally:
+        sock.close()
+    # A stale socket of ours is replaced.
+    bind_private(d / "x.sock").close()
+
+
+def test_socket_path_prepared_by_someone_else_is_refused(tmp_path: Path) -> None:
+    import os
+    import socket as so
+
+    from pykata.shim.main import bind_private, private_dir
+
+    d = tmp_path / "s"
+    private_dir(d)
+    (d / "file").write_text("")
+    os.symlink("/etc/passwd", d / "link")
+    for name in ("file", "link"):
+        with pytest.raises(errors.FailedPrecondition, match="not a socket of ours"):
+            bind_private(d / name)
+    assert os.path.islink(d / "link") and (d / "file").exists()  # untouched
+    theirs = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    theirs.bind(str(d / "theirs.sock"))
+    os.chown(d / "theirs.sock", 65534, 65534)
+    with pytest.raises(errors.FailedPrecondition, match="not a socket of ours"):
+        bind_private(d / "theirs.sock")
+    theirs.close()
+
+
+def test_socket_dir_that_others_could_change_is_refused(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from pykata.shim.main import private_dir
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(errors.FailedPrecondition, match="writable by other users"):
+        private_dir(open_dir)
+    private_dir(open_dir, tighten=True)  # ours: shim start takes the access away
+    assert stat.S_IMODE(os.stat(open_dir).st_mode) == 0o700
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)
+    with pytest.raises(errors.FailedPrecondition, match="owned by uid 65534"):
+        private_dir(foreign, tighten=True)
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    os.symlink(real, tmp_path / "swapped")
+    with pytest.raises(errors.FailedPrecondition, match="not a directory"):
+        private_dir(tmp_path / "swapped")

@@ -18,6 +18,7 @@ import os
 import queue
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -87,19 +88,73 @@ def _alive(path: Path) -> bool:
         s.close()
 
 
-def spawn_server(path: Path, *, cwd: Path, namespace: str, address: str,
-                 publish_binary: str, shim_id: str, debug: bool,
-                 env: dict[str, str] | None = None) -> int:
-    """Listen on ``path`` and start the serving shim (its own session) with that
-    socket handed over, so a client can connect at once; the shim's pid. Bind
-    errors are OSError."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
+def private_dir(path: Path, *, tighten: bool = False) -> None:
+    """Make sure ``path`` is a directory only we can change: missing components
+    are created 0700 (whatever the umask); an existing one must be a real
+    directory (no symlink) owned by us and not writable by group or others, else
+    FailedPrecondition. ``tighten`` also takes group/other access away (0700)."""
+    missing = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # a racing shim start made it
+            os.mkdir(d, 0o700)
+            os.chmod(d, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise errors.FailedPrecondition(f"{path} is not a directory (a symlink?): refusing"
+                                        " to put a shim socket there")
+    if st.st_uid != os.geteuid():
+        raise errors.FailedPrecondition(f"{path} is owned by uid {st.st_uid}, not by us:"
+                                        " refusing to put a shim socket there")
+    if tighten and stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    elif st.st_mode & 0o022:
+        raise errors.FailedPrecondition(f"{path} is writable by other users"
+                                        f" (mode {stat.S_IMODE(st.st_mode):o}): refusing"
+                                        " to put a shim socket there")
+
+
+def bind_private(path: Path, backlog: int = 64) -> socket.socket:
+    """A listening AF_UNIX socket at ``path``, mode 0600 from the start (bound
+    under umask 0177, so nobody else can ever connect). A stale socket of ours at
+    the path is replaced; anything else there is refused (FailedPrecondition)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise errors.FailedPrecondition(
+                f"{path} exists and is not a socket of ours: refusing to replace it")
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(path))
-        sock.listen(64)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)  # in case the umask was not honoured (it is, on Linux)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def spawn_server(path: Path, *, cwd: Path, namespace: str, address: str,
+                 publish_binary: str, shim_id: str, debug: bool,
+                 env: dict[str, str] | None = None) -> int:
+    """Listen on ``path`` (0600, in a directory only root can change: see
+    private_dir, bind_private) and start the serving shim (its own session) with
+    that socket handed over, so a client can connect at once; the shim's pid.
+    Bind errors are OSError; an unsafe directory or path is FailedPrecondition."""
+    private_dir(path.parent)
+    sock = bind_private(path)
+    try:
         child_env = dict(os.environ if env is None else env,
                          **{LISTEN_FD_ENV: str(sock.fileno())})
         argv = [sys.executable, "-m", "pykata.shim", "-namespace", namespace, "-address",
@@ -119,6 +174,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     sandbox_id, is_sandbox = pod_of(_spec(bundle), args.id)
     path = socket_path(args.address, args.namespace, sandbox_id)
     address = f"unix://{path}"
+    # Before anything connects: nobody but root can have put a socket there.
+    private_dir(SOCKET_DIR, tighten=True)
     if not is_sandbox:
         if not _alive(path):
             print(f"pod sandbox {sandbox_id} has no running pykata shim", file=sys.stderr)
