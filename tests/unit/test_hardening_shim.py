@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf.message import Message
@@ -282,3 +283,128 @@ def test_socket_dir_that_others_could_change_is_refused(tmp_path: Path) -> None:
     os.symlink(real, tmp_path / "swapped")
     with pytest.raises(errors.FailedPrecondition, match="not a directory"):
         private_dir(tmp_path / "swapped")
+
+
+# -- 3. `shim delete` trusts no id; 4. state keyed by containerd namespace ----------------
+
+
+def _bundle(tmp_path: Path, sandbox_id: str) -> Path:
+    import json
+
+    b = tmp_path / "bundle"
+    b.mkdir()
+    (b / "config.json").write_text(json.dumps({"annotations": {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": sandbox_id}}))
+    return b
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def mounts(self, *a: Any) -> list[str]:
+        self.calls.append(("cleanup_container_mounts", a))
+        return []
+
+    async def cleanup(self, *a: Any, **kw: Any) -> bool:
+        self.calls.append(("cleanup", a))
+        return True
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    from pykata.runtime import sandbox
+
+    r = Recorder()
+    monkeypatch.setattr(sandbox, "cleanup_container_mounts", r.mounts)
+    monkeypatch.setattr(sandbox, "cleanup", r.cleanup)
+    return r
+
+
+@pytest.mark.parametrize("sandbox_id", ["../../..", "a/../../etc", "x\n", "-x",
+                                        "s" * 129, "..", "\x1b[2J" * 1000])
+def test_shim_delete_refuses_a_bad_sandbox_id_from_annotations(
+        tmp_path: Path, recorder: Recorder, capsys: pytest.CaptureFixture[str],
+        sandbox_id: str) -> None:
+    from pykata.shim.main import cmd_delete, parse_args
+
+    args = parse_args(["-namespace", "k8s.io", "-id", "c1", "-bundle",
+                       str(_bundle(tmp_path, sandbox_id)), "delete"])
+    assert cmd_delete(args, config.Config()) == 1
+    out, err = capsys.readouterr()
+    assert out == ""  # no DeleteResponse
+    assert err.count("\n") == 1 and "invalid sandbox id" in err and len(err) < 200
+    assert "\x1b" not in err
+    assert recorder.calls == []  # nothing touched
+
+
+@pytest.mark.parametrize("flags, kind", [(["-namespace", "../k8s.io", "-id", "c1"], "namespace"),
+                                         (["-namespace", "k8s.io", "-id", "../c1"], "container"),
+                                         (["-namespace", "k8s.io", "-id", "c1/x"], "container")])
+def test_shim_delete_refuses_a_bad_namespace_or_container_id(
+        tmp_path: Path, recorder: Recorder, capsys: pytest.CaptureFixture[str],
+        flags: list[str], kind: str) -> None:
+    from pykata.shim.main import cmd_delete, parse_args
+
+    args = parse_args([*flags, "-bundle", str(_bundle(tmp_path, "pod1")), "delete"])
+    assert cmd_delete(args, config.Config()) == 1
+    assert f"invalid {kind} id" in capsys.readouterr().err
+    assert recorder.calls == []
+
+
+def test_shim_delete_cleans_only_recorded_mounts_in_its_namespace(
+        tmp_path: Path, recorder: Recorder, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    from pykata.shim.main import cmd_delete, parse_args
+
+    cfg = config.Config()
+    args = parse_args(["-namespace", "k8s.io", "-id", "c1", "-bundle",
+                       str(_bundle(tmp_path, "pod1")), "delete"])
+    assert cmd_delete(args, cfg) == 0
+    assert recorder.calls == [("cleanup_container_mounts",
+                               (cfg.runtime.state_dir, "pod1", "c1", "k8s.io"))]
+    resp = pb.DeleteResponse.FromString(capsysbinary.readouterr().out)
+    assert resp.exit_status == 137
+
+
+def test_shim_delete_of_a_sandbox_cleans_it_in_its_namespace(
+        tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from pykata.shim import main as shim_main
+
+    monkeypatch.setattr(shim_main, "SOCKET_DIR", tmp_path / "s")
+    monkeypatch.setenv("CONTAINERD_NAMESPACE", "from-env")
+    b = tmp_path / "bundle"
+    b.mkdir()
+    (b / "config.json").write_text(json.dumps({"annotations": {
+        "io.kubernetes.cri.container-type": "sandbox"}}))
+    cfg = config.Config()
+    # No -namespace flag: the environment's namespace.
+    args = shim_main.parse_args(["-id", "pod1", "-bundle", str(b), "delete"])
+    assert shim_main.cmd_delete(args, cfg) == 0
+    assert recorder.calls == [("cleanup", (cfg.runtime.state_dir, "pod1", "from-env"))]
+
+
+async def test_sandbox_is_created_in_containerds_namespace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    async def create(sandbox_id: str, cfg: config.Config, **kw: Any) -> None:
+        seen.update(kw, id=sandbox_id)
+        raise Stop
+
+    monkeypatch.setattr(svc.Sandbox, "create", create)
+    b = tmp_path / "bundle"
+    b.mkdir()
+    (b / "config.json").write_text(json.dumps({"process": {}}))
+    service = svc.TaskService("pod1", "k8s.io", config.Config(),
+                              FakePublisher(), asyncio.Event())  # type: ignore[arg-type]
+    with pytest.raises(Stop):
+        await service.Create(pb.CreateTaskRequest(id="pod1", bundle=str(b)))
+    assert seen["id"] == "pod1" and seen["namespace"] == "k8s.io"

@@ -194,25 +194,48 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def namespace_of(args: argparse.Namespace) -> str:
+    """containerd's namespace: the -namespace flag, else $CONTAINERD_NAMESPACE."""
+    return args.namespace or os.environ.get("CONTAINERD_NAMESPACE", "") or "default"
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """An untrusted id for one line of output: quoted (control characters
+    escaped), at most ``limit`` characters of it."""
+    text = repr(value[:limit])
+    return text if len(text) <= limit and len(value) <= limit else text[:limit] + "..."
+
+
 def cmd_delete(args: argparse.Namespace, cfg: config.Config) -> int:
     """containerd's cleanup when the shim is gone: stop the VM if this container
-    was the pod's sandbox, unmount, remove state; then print a DeleteResponse."""
+    was the pod's sandbox, unmount, remove state; then print a DeleteResponse.
+
+    The sandbox id comes from the bundle's annotations: untrusted, like the
+    container id and the namespace; all are checked before any path is built."""
     from pykata.protos import containerd_shim_pb2 as pb
-    from pykata.runtime.sandbox import cleanup
-    from pykata.runtime.state import sandbox_dir
+    from pykata.runtime.sandbox import check_id, cleanup, cleanup_container_mounts
     from pykata.shim.rootfs import unmount_rootfs
-    from pykata.utils import mounts
 
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
+    namespace = namespace_of(args)
     sandbox_id, is_sandbox = pod_of(_spec(bundle), args.id)
+    for kind, value in (("namespace", namespace), ("container", args.id),
+                        ("sandbox", sandbox_id)):
+        try:
+            check_id(kind, value)
+        except errors.InvalidArgument:
+            print(f"pykata: shim delete: invalid {kind} id {_shown(value)}: nothing done",
+                  file=sys.stderr)
+            return 1
     if is_sandbox:
         path = socket_path(args.address, args.namespace, sandbox_id)
-        asyncio.run(cleanup(cfg.runtime.state_dir, sandbox_id))
+        asyncio.run(cleanup(cfg.runtime.state_dir, sandbox_id, namespace))
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     else:
-        shared = sandbox_dir(cfg.runtime.state_dir, sandbox_id) / "shared" / args.id
-        mounts.umount_all(shared)
+        left = cleanup_container_mounts(cfg.runtime.state_dir, sandbox_id, args.id, namespace)
+        if left:
+            log.warning("container %s: could not unmount %s", args.id, left)
     unmount_rootfs(bundle)
     resp = pb.DeleteResponse(exit_status=128 + signal.SIGKILL)
     resp.exited_at.FromNanoseconds(time.time_ns())
@@ -333,9 +356,10 @@ async def serve(args: argparse.Namespace, cfg: config.Config) -> int:
         return 1
     sock = socket.socket(fileno=fd)
     shutdown = asyncio.Event()
-    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
+    namespace = namespace_of(args)
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), namespace)
     publisher.start()
-    service = TaskService(args.id, args.namespace, cfg, publisher, shutdown)
+    service = TaskService(args.id, namespace, cfg, publisher, shutdown)
     server = Server()
     server.register_service(pb.DESCRIPTOR.services_by_name["Task"], service)
     await server.serve_socket(sock)

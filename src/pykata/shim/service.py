@@ -158,7 +158,7 @@ class TaskService:
                     self._apply_options(req)
                     self.sandbox = await Sandbox.create(
                         self.sandbox_id, self.config, hostname=spec.get("hostname", ""),
-                        netns=network.netns_of(spec))
+                        netns=network.netns_of(spec), namespace=self.namespace)
                 container = await self.sandbox.create_container(req.id, bundle, spec)
             except BaseException:
                 if mounted:
