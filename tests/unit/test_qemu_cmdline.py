@@ -2,9 +2,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pykata.hypervisor.base import NicSpec, VMSpec
 from pykata.hypervisor.qemu.accel import probe, probe_firmware
 from pykata.hypervisor.qemu.cmdline import (
+    QemuFds,
     QemuOptions,
     build_argv,
     kernel_command_line,
@@ -21,10 +24,14 @@ def spec(**kw: object) -> VMSpec:
 
 
 def opts(**kw: object) -> QemuOptions:
-    base: dict[str, object] = dict(qmp_socket=Path("/r/qmp.sock"),
-                                   agent_socket=Path("/r/agent.sock"))
-    base.update(kw)
-    return QemuOptions(**base)  # type: ignore[arg-type]
+    return QemuOptions(**kw)  # type: ignore[arg-type]
+
+
+FDS = QemuFds(qmp=3, console=4, agent=5, shared_fs=6, memory=7, image=8, vhost_vsock=9)
+
+
+def build(binary: str, s: VMSpec, o: QemuOptions, fds: QemuFds = FDS) -> list[str]:
+    return build_argv(binary, s, o, fds)
 
 
 def arg_after(argv: list[str], flag: str) -> list[str]:
@@ -32,7 +39,7 @@ def arg_after(argv: list[str], flag: str) -> list[str]:
 
 
 def test_tcg_basic_shape() -> None:
-    argv = build_argv("/usr/bin/qemu-system-x86_64", spec(), opts(accel="tcg", tb_size_mib=64))
+    argv = build("/usr/bin/qemu-system-x86_64", spec(), opts(accel="tcg", tb_size_mib=64))
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
     assert arg_after(argv, "-accel") == ["tcg,tb-size=64"]
     assert arg_after(argv, "-cpu") == ["max"]
@@ -42,54 +49,55 @@ def test_tcg_basic_shape() -> None:
     assert "-nodefaults" in argv and "-no-reboot" in argv
     # Shared guest RAM for vhost-user (virtio-fs).
     assert "memory-backend-memfd,id=pykata-mem,size=512M,share=on" in arg_after(argv, "-object")
-    # Console captured to a file in the run dir.
-    assert "file,id=console,path=/run/pykata/sbs/sb1/console.log" in arg_after(argv, "-chardev")
+    # The console goes to a socket the host drains (into a capped log).
+    assert "socket,id=console,fd=4" in arg_after(argv, "-chardev")
+    assert arg_after(argv, "-serial") == ["chardev:console"]
 
 
 def test_kvm_uses_host_cpu_and_no_tb_size() -> None:
-    argv = build_argv("q", spec(), opts(accel="kvm", tb_size_mib=64))
+    argv = build("q", spec(), opts(accel="kvm", tb_size_mib=64))
     assert arg_after(argv, "-accel") == ["kvm"]
     assert arg_after(argv, "-cpu") == ["host"]
 
 
 def test_smp_and_memory_hotplug_limits() -> None:
-    argv = build_argv("q", spec(vcpus=2, max_vcpus=4, memory_mib=256, max_memory_mib=2048,
+    argv = build("q", spec(vcpus=2, max_vcpus=4, memory_mib=256, max_memory_mib=2048,
                                 memory_slots=8), opts())
     assert arg_after(argv, "-smp") == ["2,maxcpus=4"]
     assert arg_after(argv, "-m") == ["256M,slots=8,maxmem=2048M"]
-    argv = build_argv("q", spec(memory_mib=256, max_memory_mib=256, memory_slots=8), opts())
+    argv = build("q", spec(memory_mib=256, max_memory_mib=256, memory_slots=8), opts())
     assert arg_after(argv, "-m") == ["256M"]
 
 
 def test_serial_agent_channel() -> None:
-    argv = build_argv("q", spec(agent_channel="serial"), opts())
+    argv = build("q", spec(agent_channel="serial"), opts())
     devices = arg_after(argv, "-device")
     assert "virtio-serial-pci,id=vser0" in devices
     assert "virtserialport,bus=vser0.0,chardev=agent,name=agent.channel.0" in devices
-    assert "socket,id=agent,path=/r/agent.sock,reconnect=1" in arg_after(argv, "-chardev")
+    assert "socket,id=agent,fd=5" in arg_after(argv, "-chardev")
     assert not any("vsock" in d for d in devices)
 
 
 def test_vsock_agent_channel() -> None:
-    argv = build_argv("q", spec(agent_channel="vsock", vsock_cid=42), opts())
+    argv = build("q", spec(agent_channel="vsock", vsock_cid=42), opts())
     devices = arg_after(argv, "-device")
-    assert "vhost-vsock-pci,id=vsock0,guest-cid=42" in devices
+    assert "vhost-vsock-pci,id=vsock0,guest-cid=42,vhostfd=9" in devices
     assert not any("virtserialport" in d for d in devices)
 
 
-def test_qmp_is_a_client_of_our_socket() -> None:
-    argv = build_argv("q", spec(), opts())
-    assert "socket,id=qmp,path=/r/qmp.sock" in arg_after(argv, "-chardev")
+def test_qmp_is_a_socketpair_fd() -> None:
+    argv = build("q", spec(), opts())
+    assert "socket,id=qmp,fd=3" in arg_after(argv, "-chardev")
     assert arg_after(argv, "-mon") == ["chardev=qmp,mode=control"]
 
 
 def test_virtio_fs_and_dax() -> None:
-    argv = build_argv("q", spec(shared_fs_socket=Path("/r/vfs.sock"),
+    argv = build("q", spec(shared_fs_socket=Path("/r/vfs.sock"),
                                 shared_fs_cache_size_mib=256), opts())
-    assert "socket,id=vfs,path=/r/vfs.sock" in arg_after(argv, "-chardev")
+    assert "socket,id=vfs,fd=6" in arg_after(argv, "-chardev")
     assert ("vhost-user-fs-pci,chardev=vfs,tag=pykatashared,queue-size=1024,cache-size=256M"
             in arg_after(argv, "-device"))
-    assert not any("vhost-user-fs" in d for d in arg_after(build_argv("q", spec(), opts()),
+    assert not any("vhost-user-fs" in d for d in arg_after(build("q", spec(), opts()),
                                                            "-device"))
 
 
@@ -102,13 +110,15 @@ def test_kernel_command_line_and_debug() -> None:
 
 
 def test_root_ports_disk_image_and_taps() -> None:
-    argv = build_argv("q", spec(initrd=None, image=Path("/i.img"), nics=[NicSpec([7])]),
+    argv = build("q", spec(initrd=None, image=Path("/i.img"), nics=[NicSpec([7])]),
                       opts(pcie_root_ports=2, extra_args=("-S",)))
     devices = arg_after(argv, "-device")
     assert "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1" in devices
     assert "pcie-root-port,id=rp1,bus=pcie.0,chassis=2,slot=2" in devices
     assert "-initrd" not in argv
-    assert "if=none,id=rootdisk,file=/i.img,format=raw,readonly=on" in arg_after(argv, "-drive")
+    assert arg_after(argv, "-add-fd") == ["fd=8,set=1,opaque=rootdisk"]
+    assert "if=none,id=rootdisk,file=/dev/fdset/1,format=raw,readonly=on" in \
+        arg_after(argv, "-drive")
     assert arg_after(argv, "-netdev") == ["tap,id=net0,fd=7"]
     assert argv[-1] == "-S"
 
@@ -126,7 +136,7 @@ def test_probe_obeys_configuration() -> None:
 
 
 def test_tap_nics_get_the_pod_macs() -> None:
-    argv = build_argv("q", spec(nics=[NicSpec([7], "02:42:0a:00:00:05"), NicSpec([9])]), opts())
+    argv = build("q", spec(nics=[NicSpec([7], "02:42:0a:00:00:05"), NicSpec([9])]), opts())
     assert arg_after(argv, "-netdev") == ["tap,id=net0,fd=7", "tap,id=net1,fd=9"]
     devices = arg_after(argv, "-device")
     assert "virtio-net-pci,netdev=net0,mac=02:42:0a:00:00:05" in devices
@@ -134,7 +144,7 @@ def test_tap_nics_get_the_pod_macs() -> None:
 
 
 def test_multi_queue_tap() -> None:
-    argv = build_argv("q", spec(nics=[NicSpec([7, 8, 9], "02:42:0a:00:00:05")]), opts())
+    argv = build("q", spec(nics=[NicSpec([7, 8, 9], "02:42:0a:00:00:05")]), opts())
     assert arg_after(argv, "-netdev") == ["tap,id=net0,fds=7:8:9"]
     assert "virtio-net-pci,netdev=net0,mac=02:42:0a:00:00:05,mq=on,vectors=8" in \
         arg_after(argv, "-device")
@@ -150,16 +160,42 @@ def test_hotplugged_nic_arguments() -> None:
 
 
 def test_template_memory_and_incoming() -> None:
-    plain = build_argv("q", spec(), opts())
+    plain = build("q", spec(), opts())
     assert any(a.startswith("memory-backend-memfd,") for a in plain)
     assert "-incoming" not in plain
-    clone = build_argv("q", spec(memory_file=Path("/dev/shm/x.mem"), incoming=True), opts())
-    assert ("memory-backend-file,id=pykata-mem,size=512M,mem-path=/dev/shm/x.mem,share=on"
+    clone = build("q", spec(memory_file=Path("/run/pykata/vm/x.mem"), incoming=True), opts())
+    assert ("memory-backend-file,id=pykata-mem,size=512M,mem-path=/proc/self/fd/7,share=on"
             in clone)
     assert arg_after(clone, "-incoming") == ["defer"]
 
 
 def test_free_page_reporting_balloon() -> None:
     assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in arg_after(
-        build_argv("q", spec(free_page_reporting=True), opts()), "-device")
-    assert not any("balloon" in d for d in arg_after(build_argv("q", spec(), opts()), "-device"))
+        build("q", spec(free_page_reporting=True), opts()), "-device")
+    assert not any("balloon" in d for d in arg_after(build("q", spec(), opts()), "-device"))
+
+
+def test_seccomp_sandbox() -> None:
+    value = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    argv = build("q", spec(), opts(seccomp_sandbox=value))
+    assert arg_after(argv, "-sandbox") == [value]
+    assert "-sandbox" not in build("q", spec(), opts())
+
+
+def test_no_path_in_the_run_dir_or_of_the_guest_files() -> None:
+    """QEMU (unprivileged) cannot open anything in the root-only run dir: every
+    file and socket there comes as an fd."""
+    s = spec(shared_fs_socket=Path("/run/pykata/sbs/sb1/vfs.sock"),
+             memory_file=Path("/run/pykata/vm/sb1.mem"), image=Path("/var/lib/x.img"),
+             initrd=None, nics=[NicSpec([10])])
+    argv = build("q", s, opts(seccomp_sandbox="on"))
+    for a in argv:
+        assert str(s.run_dir) not in a and "/run/pykata" not in a, a
+        assert "x.img" not in a, a
+    assert not any(a.startswith(("file,", "pipe,")) for a in arg_after(argv, "-chardev"))
+
+
+def test_missing_fd_is_a_bug_not_a_path() -> None:
+    with pytest.raises(ValueError, match="virtio-fs"):
+        build("q", spec(shared_fs_socket=Path("/r/vfs.sock")), opts(),
+              QemuFds(qmp=3, console=4, agent=5))

@@ -28,7 +28,9 @@ class VMSpec:
     """What the runtime asks of a hypervisor, in its own terms (not QEMU's)."""
 
     id: str
-    run_dir: Path  # per-VM directory: sockets, console log, pid file
+    # Per-VM directory (root-only): console and QEMU logs. QEMU opens nothing in
+    # it by path; the driver hands it fds.
+    run_dir: Path
     kernel: Path
     initrd: Path | None = None
     image: Path | None = None  # a disk image root filesystem instead of an initrd
@@ -38,7 +40,7 @@ class VMSpec:
     memory_mib: int = 512
     max_memory_mib: int = 512
     memory_slots: int = 0
-    shared_fs_socket: Path | None = None  # vhost-user-fs socket of virtiofsd
+    shared_fs_socket: Path | None = None  # vhost-user-fs socket of virtiofsd (we connect)
     shared_fs_tag: str = "pykatashared"
     shared_fs_cache_size_mib: int = 0  # DAX window
     agent_channel: str = "serial"  # serial | vsock
@@ -46,7 +48,8 @@ class VMSpec:
     debug: bool = False
     nics: list[NicSpec] = field(default_factory=list)  # pod network, on the command line
     # Guest RAM in this file (shared mapping) instead of an anonymous memfd: a
-    # template's RAM, or a clone's copy of it.
+    # template's RAM, or a clone's copy of it. It must exist (0600, root-only
+    # directory); the driver opens it and gives it to QEMU's user.
     memory_file: Path | None = None
     incoming: bool = False  # start paused, waiting for restore()
     free_page_reporting: bool = False  # virtio-balloon: freed guest pages go back to the host
@@ -124,7 +127,8 @@ class Hypervisor(abc.ABC):
         raise self._unsupported("block device unplug")
 
     async def hotplug_shared_fs(self, socket_path: Path, tag: str) -> str:
-        """Attach a vhost-user-fs device served at ``socket_path``; the port used."""
+        """Attach a vhost-user-fs device served at ``socket_path`` (the host
+        connects, the VMM gets the connected fd); the port used."""
         raise self._unsupported("shared filesystem hotplug")
 
     async def hotplug_nic(self, nic_id: str, fds: list[int], mac: str) -> str:
@@ -132,8 +136,8 @@ class Hypervisor(abc.ABC):
         raise self._unsupported("network device hotplug")
 
     async def save(self, path: Path) -> None:
-        """Pause the VM and write its device state to ``path``; RAM stays in
-        ``spec.memory_file``."""
+        """Pause the VM and write its device state to ``path`` (a new file, 0600,
+        created by the host); RAM stays in ``spec.memory_file``."""
         raise self._unsupported("save")
 
     async def restore(self, path: Path) -> None:

@@ -1,14 +1,12 @@
-"""Host ends of the agent channel: virtio-serial (a unix socket QEMU connects
-to) and vsock (we connect to the guest's port)."""
+"""Host ends of the agent channel: virtio-serial (a socketpair with QEMU) and
+vsock (we connect to the guest's port)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
-from pathlib import Path
 
 from pykata import errors
 from pykata.hypervisor.base import AgentChannel
@@ -18,42 +16,34 @@ _LIMIT = MAX_DATA + HEADER_SIZE
 
 
 class SerialChannel(AgentChannel):
-    """The driver listens on ``path`` before the VMM starts; the VMM's
-    virtio-serial chardev connects to it. One connection = the agent stream."""
+    """The host end of a socketpair whose other end is QEMU's virtio-serial
+    chardev: connected before the VMM starts, no listening socket anywhere.
+    Bytes written before the guest opens its port wait in the socket; the
+    agent stream is this one connection."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._server: asyncio.Server | None = None
-        self._conns: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-            asyncio.Queue()
-        )
-
-    async def listen(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await self._conns.put((r, w))
-
-        self._server = await asyncio.start_unix_server(on_conn, path=str(self.path), limit=_LIMIT)
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
 
     async def connect(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            raise errors.FailedPrecondition("the VM's agent channel is closed or already in use")
         try:
-            return await asyncio.wait_for(self._conns.get(), timeout)
+            return await asyncio.wait_for(asyncio.open_connection(sock=sock, limit=_LIMIT),
+                                          timeout)
         except TimeoutError:
+            sock.close()
             raise errors.DeadlineExceeded(
                 f"the VM did not open its agent channel within {timeout:g}s"
             ) from None
+        except BaseException:
+            sock.close()
+            raise
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        while not self._conns.empty():
-            _, w = self._conns.get_nowait()
-            w.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 class VsockChannel(AgentChannel):

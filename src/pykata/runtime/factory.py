@@ -20,6 +20,15 @@ A template is keyed by everything that shapes its saved state (kernel,
 initrd, QEMU binary, vCPUs, memory, machine, kernel command line, root
 ports); a sandbox whose shape differs boots cold. Creation is serialised
 with a file lock, so concurrent sandboxes build it once.
+
+Files: everything lives in root-only directories (0700, owned by root, made
+with mkdir and checked with lstat before each use, every directory above them
+root's and writable by nobody else unless sticky): ``[factory] template_path``
+holds ``lock``, the template in ``current/`` and, while one is built,
+``build/``; each clone's RAM is ``<state dir>/vm/<sandbox>.mem``. Files are
+created ``O_EXCL|O_NOFOLLOW``, 0600. QEMU (unprivileged) never opens them by
+path: the driver hands it fds (RAM files are given to QEMU's user while it
+runs; the template's goes back to root once saved).
 """
 
 from __future__ import annotations
@@ -34,8 +43,8 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,11 +61,72 @@ from pykata.utils.process import tail
 
 log = logging.getLogger(__name__)
 
-# Each clone's RAM file (tmpfs): <crc of the state dir>-<sandbox id>.mem
-CLONE_MEMORY_DIR = Path("/dev/shm/pykata-vm")
+CLONE_MEMORY_SUBDIR = "vm"  # <state dir>/vm/<sandbox>.mem: each clone's RAM
+CURRENT = "current"
+BUILD = "build"
+OLD = "old"
+LOCK = "lock"
 META = "template.json"
 MEMORY = "memory"
 STATE = "state"
+
+_NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _unsafe_above(path: Path) -> str:
+    """Why someone other than root could swap ``path``'s parents ("" if nobody
+    can): each directory up to / must be root's and not group/world writable
+    (unless sticky, like /dev/shm), and no symlink on the way may be another's."""
+    me = os.geteuid()
+    prefix = Path("/")
+    for part in path.parent.parts[1:]:
+        prefix = prefix / part
+        st = os.lstat(prefix)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid != me:
+            return f"{prefix} is a symlink owned by uid {st.st_uid}"
+    real = Path(os.path.realpath(path.parent))
+    for d in (*reversed(real.parents), real):
+        st = os.stat(d)
+        if st.st_uid != me:
+            return f"{d} is owned by uid {st.st_uid}"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return f"{d} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return ""
+
+
+def private_dir(path: Path, create: bool = True) -> Path:
+    """``path`` as a directory only root can use: made (0700, and its missing
+    parents 0755) if absent and ``create``; refused (FailedPrecondition) if it
+    is a symlink, not a directory, not root's or not mode 0700, or if a
+    directory above it could be changed by another user."""
+    path = Path(os.path.abspath(path))
+    if create:
+        missing = [p for p in (path.parent, *path.parent.parents) if not os.path.lexists(p)]
+        for p in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(p, 0o755)
+    why = _unsafe_above(path)
+    if not why:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            why = f"{path} is not a directory (a symlink or a file)"
+        elif st.st_uid != os.geteuid():
+            why = f"{path} is owned by uid {st.st_uid}"
+        elif stat.S_IMODE(st.st_mode) != 0o700:
+            why = f"{path} has mode {stat.S_IMODE(st.st_mode):o}, not 700"
+    if why:
+        raise errors.FailedPrecondition(
+            f"refusing to keep VM memory in {path}: {why}. Use a directory only root can"
+            f" change (e.g. under /run/pykata), or remove {path} so it is made again")
+    return path
+
+
+def create_private_file(path: Path, flags: int = os.O_RDWR) -> int:
+    """A new file (O_EXCL|O_NOFOLLOW, 0600): its fd."""
+    return os.open(path, flags | _NEW_FILE, 0o600)
 
 
 def _file_id(path: Path) -> list[Any]:
@@ -78,7 +148,7 @@ def template_key(spec: VMSpec, binary: str, options: QemuOptions) -> str:
         "machine_options": options.machine_options, "tb_size": options.tb_size_mib,
         "root_ports": options.pcie_root_ports, "extra": list(options.extra_args),
         "free_page_reporting": spec.free_page_reporting,
-        "format": 1,
+        "format": 2,  # 2: RAM and state passed to QEMU as fds
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -93,22 +163,31 @@ def eligible(spec: VMSpec) -> str:
 
 
 def clone_memory_path(state_dir: str | Path, sandbox_id: str) -> Path:
-    return CLONE_MEMORY_DIR / f"{zlib.crc32(str(state_dir).encode()):08x}-{sandbox_id}.mem"
+    """Where the clone ``sandbox_id`` keeps its RAM; the directory is made (or
+    checked) root-only here."""
+    return private_dir(Path(state_dir) / CLONE_MEMORY_SUBDIR) / f"{sandbox_id}.mem"
 
 
 def clone_memory_files(state_dir: str | Path, sandbox_id: str = "") -> list[Path]:
     """Clone RAM files of sandboxes under ``state_dir`` (or of one sandbox)."""
-    prefix = f"{zlib.crc32(str(state_dir).encode()):08x}-"
-    if not CLONE_MEMORY_DIR.is_dir():
+    d = Path(state_dir) / CLONE_MEMORY_SUBDIR
+    if not d.is_dir() or d.is_symlink():
         return []
-    return sorted(p for p in CLONE_MEMORY_DIR.iterdir() if p.name.startswith(prefix)
-                  and (not sandbox_id or p.name == f"{prefix}{sandbox_id}.mem"))
+    return sorted(p for p in d.iterdir() if p.name.endswith(".mem")
+                  and (not sandbox_id or p.name == f"{sandbox_id}.mem"))
 
 
 def sparse_copy(src: Path, dst: Path) -> int:
-    """Copy only the data extents of ``src`` (tmpfs keeps holes); bytes copied."""
+    """Copy only the data extents of ``src`` (tmpfs keeps holes) into a new file
+    ``dst`` (0600, not through a symlink; a stale one of ours is replaced);
+    bytes copied."""
     copied = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    try:
+        out = create_private_file(dst, os.O_WRONLY)
+    except FileExistsError:
+        os.unlink(dst)
+        out = create_private_file(dst, os.O_WRONLY)
+    with open(out, "wb") as fout, open(src, "rb", opener=_nofollow) as fin:
         size = os.fstat(fin.fileno()).st_size
         os.ftruncate(fout.fileno(), size)
         pos = 0
@@ -131,6 +210,10 @@ def sparse_copy(src: Path, dst: Path) -> int:
                 copied += n
             pos = end
     return copied
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 @dataclass
@@ -156,21 +239,31 @@ class Template:
 class Factory:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.root = Path(config.factory.template_path)
+        self.root = Path(os.path.abspath(config.factory.template_path))
+
+    def _dir(self, create: bool) -> Path | None:
+        """The template directory, checked (None if absent and not ``create``)."""
+        if not create and not os.path.lexists(self.root):
+            return None
+        return private_dir(self.root, create=create)
 
     def current(self) -> Template | None:
+        root = self._dir(create=False)
+        if root is None:
+            return None
+        d = root / CURRENT
         try:
-            data = json.loads((self.root / META).read_text())
-            t = Template(self.root, **{k: data[k] for k in ("key", "created", "boot_seconds",
-                                                            "memory_bytes")})
+            with open(d / META, opener=_nofollow) as f:
+                data = json.load(f)
+            t = Template(d, **{k: data[k] for k in ("key", "created", "boot_seconds",
+                                                    "memory_bytes")})
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return t if t.complete() else None
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{self.root}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _locked(self, root: Path) -> Iterator[None]:
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -183,22 +276,25 @@ class Factory:
         t = self.current()
         if t is not None and t.key == key:
             return t
-        lock = self._locked()
+        root = self._dir(create=True)
+        assert root is not None
+        lock = self._locked(root)
         await asyncio.to_thread(lock.__enter__)
         try:
             t = self.current()
             if t is not None and t.key == key:
                 return t
-            return await self._build(spec, binary, options, key)
+            return await self._build(root, spec, binary, options, key)
         finally:
             lock.__exit__(None, None, None)
 
-    async def _build(self, spec: VMSpec, binary: str, options: QemuOptions,
+    async def _build(self, root: Path, spec: VMSpec, binary: str, options: QemuOptions,
                      key: str) -> Template:
         """Boot, wait for the agent, save. Replaces any older template."""
-        work = self.root.with_name(f"{self.root.name}.new")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        work = root / BUILD
+        _rmtree(work)
+        os.mkdir(work, 0o700)
+        os.close(create_private_file(work / MEMORY))  # QEMU sizes it
         tspec = dataclasses.replace(
             spec, id="template", run_dir=work / "run", shared_fs_socket=None, nics=[],
             memory_file=work / MEMORY, incoming=False)
@@ -228,30 +324,51 @@ class Factory:
                 console_tail=console) from exc
         finally:
             await vm.stop(timeout=2.0)
-            shutil.rmtree(work / "run", ignore_errors=True)
-        t = Template(self.root, key, time.time(), round(booted, 3),
+            _rmtree(work / "run")
+        # QEMU's user had the RAM file while it ran; saved, it is root's again.
+        fd = os.open(work / MEMORY, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, os.geteuid(), os.getegid())
+        finally:
+            os.close(fd)
+        t = Template(root / CURRENT, key, time.time(), round(booted, 3),
                      _allocated(work / MEMORY))
-        (work / META).write_text(json.dumps(dataclasses.asdict(t) | {"dir": str(self.root)}))
-        old = self.root.with_name(f"{self.root.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.root.exists():
-            os.replace(self.root, old)
-        os.replace(work, self.root)
-        shutil.rmtree(old, ignore_errors=True)
+        fd = create_private_file(work / META, os.O_WRONLY)
+        with open(fd, "w") as f:
+            json.dump(dataclasses.asdict(t) | {"dir": str(t.dir)}, f)
+        old = root / OLD
+        _rmtree(old)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(root / CURRENT, old)
+        os.rename(work, root / CURRENT)
+        _rmtree(old)
         log.info("VM template %s built in %.2fs (%d MiB of RAM saved)", key, booted,
                  t.memory_bytes >> 20)
         return t
 
     def destroy(self) -> bool:
         """Remove the template (clones keep running: they have their own RAM)."""
-        with self._locked():
-            found = self.root.exists()
-            for d in (self.root, self.root.with_name(f"{self.root.name}.new"),
-                      self.root.with_name(f"{self.root.name}.old")):
-                shutil.rmtree(d, ignore_errors=True)
+        root = self._dir(create=False)
+        if root is None:
+            return False
+        with self._locked(root):
+            found = (root / CURRENT).exists()
+            for name in (CURRENT, BUILD, OLD):
+                _rmtree(root / name)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{self.root}.lock")
+            os.unlink(root / LOCK)
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
         return found
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a tree of ours (never follows a symlink); nothing if absent."""
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path)
 
 
 def _allocated(path: Path) -> int:

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pykata.utils import logfile
+
 
 @dataclass(frozen=True)
 class ProcRef:
@@ -93,13 +95,6 @@ async def stop_child(proc: asyncio.subprocess.Process, grace: float = 3.0) -> in
 
 
 def tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
-    """The last lines of a log file ("" if unreadable)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
+    """The last lines of a log file ("" if unreadable), control characters
+    replaced (see :func:`pykata.utils.logfile.tail`)."""
+    return logfile.tail(path, lines, max_bytes)

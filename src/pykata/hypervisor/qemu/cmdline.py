@@ -1,9 +1,15 @@
-"""QEMU command line from a VMSpec: a pure function, unit-tested without QEMU."""
+"""QEMU command line from a VMSpec: a pure function, unit-tested without QEMU.
+
+QEMU may run unprivileged (``run_as_user``) in a seccomp filter, while the
+sandbox directory is root-only: so the command line names no file or socket
+there. Everything QEMU needs from it comes as an inherited fd (:class:`QemuFds`,
+same numbers in the child): QMP, the agent and console chardevs, virtio-fs,
+vhost-vsock, guest RAM (``/proc/self/fd/N``) and a root disk image (an fd set).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pykata.hypervisor.base import VMSpec
 
@@ -21,8 +27,6 @@ class QemuOptions:
     machine_type: str = "q35"
     machine_options: str = ""
     tb_size_mib: int = 0  # TCG translation cache; 0 = QEMU's default
-    qmp_socket: Path = Path("qmp.sock")
-    agent_socket: Path = Path("agent.sock")
     pcie_root_ports: int = 0
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     # Confinement: QEMU's seccomp filter ("-sandbox" value, "" = off) and the
@@ -30,6 +34,27 @@ class QemuOptions:
     seccomp_sandbox: str = ""
     run_as_user: str = ""
     log_max_bytes: int = 1 << 20  # cap of qemu.log and console.log (each, plus one .1)
+
+
+ROOT_DISK_FDSET = 1  # -add-fd set of the root disk image (hot-plugged disks get others)
+
+
+@dataclass(frozen=True)
+class QemuFds:
+    """fds QEMU inherits, by number (-1: none). Each is the QEMU end: a
+    socketpair half, a socket connected to virtiofsd, an open file."""
+
+    qmp: int
+    console: int
+    agent: int = -1  # virtio-serial agent channel
+    vhost_vsock: int = -1  # /dev/vhost-vsock, opened by the host
+    shared_fs: int = -1  # connected to virtiofsd's vhost-user socket
+    memory: int = -1  # spec.memory_file, opened read-write
+    image: int = -1  # spec.image, opened read-only
+
+    def all(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.qmp, self.console, self.agent, self.vhost_vsock,
+                                   self.shared_fs, self.memory, self.image) if fd >= 0)
 
 
 def kernel_command_line(spec: VMSpec) -> str:
@@ -43,8 +68,8 @@ def kernel_command_line(spec: VMSpec) -> str:
     return " ".join(parts)
 
 
-def build_argv(binary: str, spec: VMSpec, opts: QemuOptions) -> list[str]:
-    """The argv that starts ``spec`` (QEMU connects to our QMP and agent sockets)."""
+def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> list[str]:
+    """The argv that starts ``spec``, its host resources passed as ``fds``."""
     cpu = opts.cpu_model or ("host" if opts.accel == "kvm" else "max")
     machine = [opts.machine_type, f"memory-backend={MEMORY_BACKEND_ID}"]
     if opts.machine_options:
@@ -67,45 +92,55 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions) -> list[str]:
         "-m", mem,
         # Shared guest RAM (virtiofsd, a vhost-user process, maps it): file-less,
         # or in a file a template can be saved from and a clone started from.
-        "-object", memory_backend(spec),
+        "-object", memory_backend(spec, fds.memory),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel),
     ]
+    if opts.seccomp_sandbox:
+        argv[1:1] = ["-sandbox", opts.seccomp_sandbox]
     if spec.initrd is not None:
         argv += ["-initrd", str(spec.initrd)]
     if spec.image is not None:
+        _need(fds.image, "the root disk image")
         argv += [
-            "-drive", f"if=none,id=rootdisk,file={spec.image},format=raw,readonly=on",
+            "-add-fd", f"fd={fds.image},set={ROOT_DISK_FDSET},opaque=rootdisk",
+            "-drive", f"if=none,id=rootdisk,file=/dev/fdset/{ROOT_DISK_FDSET},format=raw,"
+                      "readonly=on",
             "-device", "virtio-blk-pci,drive=rootdisk",
         ]
     argv += ["-append", kernel_command_line(spec)]
     argv += [
-        "-chardev", f"file,id=console,path={spec.console_log}",
+        # The console goes to a socket the host drains into a capped log.
+        "-chardev", f"socket,id=console,fd={fds.console}",
         "-serial", "chardev:console",
-        # QMP: QEMU connects to the socket the driver already listens on.
-        "-chardev", f"socket,id=qmp,path={opts.qmp_socket}",
+        # QMP over a socketpair: nothing in the file system to connect to.
+        "-chardev", f"socket,id=qmp,fd={fds.qmp}",
         "-mon", "chardev=qmp,mode=control",
     ]
     if spec.agent_channel == "vsock":
-        argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={spec.vsock_cid}"]
+        _need(fds.vhost_vsock, "/dev/vhost-vsock")
+        argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={spec.vsock_cid},"
+                            f"vhostfd={fds.vhost_vsock}"]
     else:
+        _need(fds.agent, "the agent channel")
         argv += [
             "-device", "virtio-serial-pci,id=vser0",
-            "-chardev", f"socket,id=agent,path={opts.agent_socket},reconnect=1",
+            "-chardev", f"socket,id=agent,fd={fds.agent}",
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
         ]
     if spec.shared_fs_socket is not None:
+        _need(fds.shared_fs, "the virtio-fs socket")
         fs = f"vhost-user-fs-pci,chardev=vfs,tag={spec.shared_fs_tag},queue-size=1024"
         if spec.shared_fs_cache_size_mib:
             fs += f",cache-size={spec.shared_fs_cache_size_mib}M"
-        argv += ["-chardev", f"socket,id=vfs,path={spec.shared_fs_socket}", "-device", fs]
+        argv += ["-chardev", f"socket,id=vfs,fd={fds.shared_fs}", "-device", fs]
     if spec.free_page_reporting:
         argv += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
     for i in range(opts.pcie_root_ports):
         argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
     for i, nic in enumerate(spec.nics):
-        fds = ":".join(str(fd) for fd in nic.fds)
-        netdev = f"tap,id=net{i},fd={fds}" if nic.queues == 1 else f"tap,id=net{i},fds={fds}"
+        taps = ":".join(str(fd) for fd in nic.fds)
+        netdev = f"tap,id=net{i},fd={taps}" if nic.queues == 1 else f"tap,id=net{i},fds={taps}"
         dev = f"virtio-net-pci,netdev=net{i}"
         if nic.mac:
             dev += f",mac={nic.mac}"
@@ -118,10 +153,18 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions) -> list[str]:
     return argv
 
 
-def memory_backend(spec: VMSpec) -> str:
+def _need(fd: int, what: str) -> None:
+    if fd < 0:
+        raise ValueError(f"no fd for {what}")
+
+
+def memory_backend(spec: VMSpec, fd: int = -1) -> str:
     if spec.memory_file is not None:
+        # QEMU opens mem-path itself: the magic link reaches the file we opened
+        # without QEMU being able to walk the root-only directory it is in.
+        _need(fd, "the guest memory file")
         return (f"memory-backend-file,id={MEMORY_BACKEND_ID},size={spec.memory_mib}M,"
-                f"mem-path={spec.memory_file},share=on")
+                f"mem-path=/proc/self/fd/{fd},share=on")
     return f"memory-backend-memfd,id={MEMORY_BACKEND_ID},size={spec.memory_mib}M,share=on"
 
 
