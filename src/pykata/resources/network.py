@@ -8,6 +8,9 @@ the veth's MAC, and the agent gives it the veth's addresses and routes. The
 veth keeps its addresses on the host side, so CNI's own teardown still works.
 
 ``macvtap``: a macvtap device on top of each veth instead of tap + filters.
+Its character device is opened without any path in the host's /dev (see
+``_open_macvtap``): a ``/dev/tap<ifindex>`` node would be predictable, and
+ifindexes repeat across namespaces.
 
 Everything runs in a short-lived thread that has entered the namespace
 (``setns`` affects one thread), so the shim's own namespace is never changed.
@@ -22,6 +25,7 @@ import ipaddress
 import logging
 import os
 import socket
+import stat
 import struct
 import subprocess
 import threading
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pykata import errors
+from pykata.utils import mounts
 from pykata.utils.libc import libc
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
+MS_NOEXEC = 0x8
 TAP_SUFFIX = "_pk"
 
 T = TypeVar("T")
@@ -133,6 +139,49 @@ def _open_tap(name: str, queues: int) -> list[int]:
         for fd in fds:
             os.close(fd)
         raise
+    return fds
+
+
+def _open_macvtap(name: str, ifindex: int, queues: int) -> list[int]:
+    """``queues`` fds of macvtap ``name``'s character device, opened through no
+    path anyone else can see or swap. Called in the pod's netns thread; a helper
+    thread (which inherits that network namespace) enters a private mount
+    namespace, mounts this network namespace's sysfs on /sys (the host's /sys
+    shows the host's interfaces only) to read the device number, mounts a private
+    tmpfs on /dev, makes the node there and opens it (O_NOFOLLOW, checked with
+    fstat). The mount namespace, its tmpfs and the node end with the thread."""
+    fds: list[int] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            mounts.private_mount_namespace()  # this thread only; nothing propagates
+            mounts.mount("sysfs", "/sys", "sysfs", mounts.MS_NOSUID | mounts.MS_NODEV | MS_NOEXEC)
+            text = Path(f"/sys/class/net/{name}/macvtap/tap{ifindex}/dev").read_text()
+            major, minor = (int(x) for x in text.strip().split(":"))
+            rdev = os.makedev(major, minor)
+            mounts.mount("tmpfs", "/dev", "tmpfs", mounts.MS_NOSUID | MS_NOEXEC,
+                         "mode=0700,size=16k,nr_inodes=8")
+            os.mknod("/dev/tap", 0o600 | stat.S_IFCHR, rdev)
+            for _ in range(queues):
+                fd = os.open("/dev/tap", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fds.append(fd)
+                st = os.fstat(fd)
+                if not stat.S_ISCHR(st.st_mode) or st.st_rdev != rdev:
+                    raise errors.Internal(f"macvtap {name}: opened the wrong device")
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+
+    t = threading.Thread(target=run, name=f"macvtap {name}")
+    t.start()
+    t.join()
+    if failure:
+        for fd in fds:
+            os.close(fd)
+        exc = failure[0]
+        if isinstance(exc, errors.PykataError):
+            raise exc
+        raise errors.Internal(f"cannot open macvtap {name}: {exc}") from exc
     return fds
 
 
@@ -261,12 +310,7 @@ def _connect(ipr: Any, ep: Endpoint, model: str, queues: int) -> None:
         idx = ipr.link_lookup(ifname=tap_name)[0]
         ipr.link("set", index=idx, state="up", mtu=ep.mtu)
         ep.tap = tap_name
-        dev = Path(f"/dev/tap{idx}")
-        if not dev.exists():
-            major, minor = (int(x) for x in Path(
-                f"/sys/class/net/{tap_name}/macvtap/tap{idx}/dev").read_text().split(":"))
-            os.mknod(dev, 0o600 | 0o020000, os.makedev(major, minor))
-        ep.fds = [os.open(dev, os.O_RDWR | os.O_CLOEXEC) for _ in range(queues)]
+        ep.fds = _open_macvtap(tap_name, idx, queues)
         return
     ep.fds = _open_tap(tap_name, queues)
     ep.tap = tap_name
