@@ -9,6 +9,7 @@ import copy
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 import uuid
@@ -80,6 +81,14 @@ async def test_sandboxes_start_from_one_template(tpl_config: config.Config, tmp_
             assert b"-incoming" in argv
             mem = factory.clone_memory_path(tpl_config.runtime.state_dir, sb.id)
             assert mem.is_file() and mem.stat().st_blocks > 0
+            # Its RAM file: root-only directory, 0600, lent to QEMU's user; QEMU got
+            # it (and the saved state) as fds, not paths.
+            assert stat.S_IMODE(mem.parent.stat().st_mode) == 0o700
+            assert stat.S_IMODE(mem.stat().st_mode) == 0o600
+            assert mem.stat().st_uid == int(Path(f"/proc/{sb.vm.pid}/status").read_text()
+                                            .split("Uid:")[1].split()[0]) != 0
+            assert not any(d in a.decode() for a in argv for d in (
+                tpl_config.runtime.state_dir, tpl_config.factory.template_path))
             # virtio-fs (hot-plugged after the restore) carries the rootfs and a bind mount.
             out = await run_in(sb, tmp_path, rootfs,
                                f"echo from-clone-{n} > /mnt/f{n}; uname -r; "
@@ -146,8 +155,15 @@ async def test_concurrent_first_sandboxes_build_one_template(
         assert len(sbs) == 3, results
         t = factory.Factory(cfg).current()
         assert t is not None
-        # Only the finished template is there: no half-built or replaced copies.
-        assert sorted(p.name for p in base.iterdir()) == ["template", "template.lock"]
+        # Only the finished template is there: no half-built or replaced copies,
+        # in a root-only directory, its files 0600 and root's.
+        assert sorted(p.name for p in base.iterdir()) == ["template"]
+        root = base / "template"
+        assert sorted(p.name for p in root.iterdir()) == ["current", "lock"]
+        assert (root.stat().st_uid, stat.S_IMODE(root.stat().st_mode)) == (0, 0o700)
+        for f in (t.memory, t.state, t.dir / "template.json"):
+            st = f.lstat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600), f
         for sb in sbs:
             assert sb.vm is not None and sb.vm.pid is not None
             argv = Path(f"/proc/{sb.vm.pid}/cmdline").read_bytes().split(b"\0")

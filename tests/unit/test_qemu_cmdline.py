@@ -199,3 +199,11 @@ def test_missing_fd_is_a_bug_not_a_path() -> None:
     with pytest.raises(ValueError, match="virtio-fs"):
         build("q", spec(shared_fs_socket=Path("/r/vfs.sock")), opts(),
               QemuFds(qmp=3, console=4, agent=5))
+
+
+def test_kernel_and_initrd_by_fd() -> None:
+    fds = QemuFds(qmp=3, console=4, agent=5, kernel=10, initrd=11)
+    argv = build("q", spec(), opts(), fds)
+    assert arg_after(argv, "-kernel") == ["/proc/self/fd/10"]
+    assert arg_after(argv, "-initrd") == ["/proc/self/fd/11"]
+    assert set(fds.all()) == {3, 4, 5, 10, 11}

@@ -199,17 +199,26 @@ def sparse_copy(src: Path, dst: Path) -> int:
                     break
                 raise
             end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            off_in, off_out = start, start
-            while off_in < end:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - off_in,
-                                       off_in, off_out)
-                if n == 0:
-                    break
-                off_in += n
-                off_out += n
-                copied += n
+            copied += _copy_range(fin.fileno(), fout.fileno(), start, end)
             pos = end
     return copied
+
+
+def _copy_range(fin: int, fout: int, start: int, end: int) -> int:
+    """Bytes [start, end) of ``fin`` to the same offsets of ``fout``: in the kernel
+    where it can (copy_file_range), else (across file systems) read and write."""
+    off = start
+    while off < end:
+        try:
+            n = os.copy_file_range(fin, fout, end - off, off, off)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            n = os.pwrite(fout, os.pread(fin, min(end - off, 1 << 20), off), off)
+        if n == 0:
+            break
+        off += n
+    return off - start
 
 
 def _nofollow(path: str, flags: int) -> int:

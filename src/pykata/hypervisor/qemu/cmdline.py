@@ -4,7 +4,9 @@ QEMU may run unprivileged (``run_as_user``) in a seccomp filter, while the
 sandbox directory is root-only: so the command line names no file or socket
 there. Everything QEMU needs from it comes as an inherited fd (:class:`QemuFds`,
 same numbers in the child): QMP, the agent and console chardevs, virtio-fs,
-vhost-vsock, guest RAM (``/proc/self/fd/N``) and a root disk image (an fd set).
+vhost-vsock, guest RAM, kernel and initrd (``/proc/self/fd/N``: QEMU reopens
+the file we opened, whatever directory it is in) and a root disk image (an fd
+set).
 """
 
 from __future__ import annotations
@@ -51,10 +53,18 @@ class QemuFds:
     shared_fs: int = -1  # connected to virtiofsd's vhost-user socket
     memory: int = -1  # spec.memory_file, opened read-write
     image: int = -1  # spec.image, opened read-only
+    kernel: int = -1  # spec.kernel and spec.initrd, opened read-only (-1: by path)
+    initrd: int = -1
 
     def all(self) -> tuple[int, ...]:
         return tuple(fd for fd in (self.qmp, self.console, self.agent, self.vhost_vsock,
-                                   self.shared_fs, self.memory, self.image) if fd >= 0)
+                                   self.shared_fs, self.memory, self.image, self.kernel,
+                                   self.initrd) if fd >= 0)
+
+
+def _by_fd(fd: int, path: object) -> str:
+    """What QEMU opens: the magic link to our open file, or else the path."""
+    return f"/proc/self/fd/{fd}" if fd >= 0 else str(path)
 
 
 def kernel_command_line(spec: VMSpec) -> str:
@@ -94,12 +104,12 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
         # or in a file a template can be saved from and a clone started from.
         "-object", memory_backend(spec, fds.memory),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-kernel", str(spec.kernel),
+        "-kernel", _by_fd(fds.kernel, spec.kernel),
     ]
     if opts.seccomp_sandbox:
         argv[1:1] = ["-sandbox", opts.seccomp_sandbox]
     if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
+        argv += ["-initrd", _by_fd(fds.initrd, spec.initrd)]
     if spec.image is not None:
         _need(fds.image, "the root disk image")
         argv += [

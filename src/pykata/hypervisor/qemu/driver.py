@@ -116,18 +116,6 @@ def _may(st: os.stat_result, cred: Credentials, want: int) -> bool:
     return st.st_mode & want == want
 
 
-def readable_by(path: Path, cred: Credentials) -> str:
-    """"" if ``cred`` can open ``path`` for reading (every directory on the way
-    searchable, the file readable; mode bits only), else what stops it."""
-    real = Path(os.path.realpath(path))
-    for d in reversed(real.parents):
-        if not _may(os.stat(d), cred, 1):
-            return f"directory {d} is not searchable"
-    if not _may(os.stat(real), cred, 4):
-        return f"{real} is not readable"
-    return ""
-
-
 @dataclass
 class _Fds:
     """What one start() opens: QEMU's ends (closed here once QEMU has them) and
@@ -200,15 +188,15 @@ class QemuHypervisor(Hypervisor):
                 )
         cred = qemu_credentials(self.options.run_as_user, self.options.accel)
         if cred is not None:
-            # QEMU opens -kernel and -initrd by path (the root disk comes as an fd).
+            # QEMU reopens -kernel and -initrd through /proc/self/fd: the files
+            # themselves must be readable by its user (not the directories).
             for what, p in (("guest kernel", self.spec.kernel),
                             ("guest initrd", self.spec.initrd)):
-                why = readable_by(p, cred) if p is not None else ""
-                if why:
+                if p is not None and not _may(os.stat(p), cred, 4):
                     raise errors.FailedPrecondition(
-                        f"QEMU runs as {cred.user} and cannot read the {what} {p}: {why}"
-                        " (make it world-readable in world-searchable directories, or set"
-                        " [hypervisor.qemu] run_as_user = \"\")")
+                        f"QEMU runs as {cred.user} and cannot read the {what} {p}: make it"
+                        " readable by others (chmod o+r), or set [hypervisor.qemu]"
+                        " run_as_user = \"\"")
             if self.options.accel == "kvm":
                 try:
                     ok = _may(os.stat("/dev/kvm"), cred, 6)
@@ -263,15 +251,14 @@ class QemuHypervisor(Hypervisor):
             vfs_fd = fds.give((await _connect_unix(self.spec.shared_fs_socket)).detach())
         if self.spec.memory_file is not None:
             mem_fd = self._open_memory(fds)
-        if self.spec.image is not None:
-            try:
-                image_fd = fds.give(os.open(self.spec.image, os.O_RDONLY | os.O_CLOEXEC))
-            except OSError as exc:
-                raise errors.NotFound(
-                    f"cannot open the guest image {self.spec.image}: {exc.strerror}") from exc
+        image_fd, kernel_fd, initrd_fd = (
+            fds.give(_open_asset(what, p)) if p is not None else -1
+            for what, p in (("guest image", self.spec.image), ("guest kernel", self.spec.kernel),
+                            ("guest initrd", self.spec.initrd)))
         return (QemuFds(qmp=qmp_vm, console=console_vm, agent=agent_vm,
                         vhost_vsock=vsock_fd, shared_fs=vfs_fd, memory=mem_fd,
-                        image=image_fd), qmp, console, agent)
+                        image=image_fd, kernel=kernel_fd, initrd=initrd_fd),
+                qmp, console, agent)
 
     async def start(self) -> None:
         if not self._prepared:
@@ -701,6 +688,13 @@ class QemuHypervisor(Hypervisor):
                 f"cannot open the VM state file {path}: {exc.strerror}") from exc
         await self._migrate_through(fd, "migrate-incoming", "migrate-in")
         await self._qmp_cmd("cont")
+
+
+def _open_asset(what: str, path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.NotFound(f"cannot open the {what} {path}: {exc.strerror}") from exc
 
 
 async def _connect_unix(path: Path) -> socket.socket:
