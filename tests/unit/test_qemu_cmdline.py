@@ -49,8 +49,9 @@ def test_tcg_basic_shape() -> None:
     assert "-nodefaults" in argv and "-no-reboot" in argv
     # Shared guest RAM for vhost-user (virtio-fs).
     assert "memory-backend-memfd,id=pykata-mem,size=512M,share=on" in arg_after(argv, "-object")
-    # The console goes to a socket the host drains (into a capped log).
-    assert "socket,id=console,fd=4" in arg_after(argv, "-chardev")
+    # The console goes into a pipe the host drains (into a capped log).
+    assert "fd=4,set=2,opaque=console" in arg_after(argv, "-add-fd")
+    assert "file,id=console,path=/dev/fdset/2,append=on" in arg_after(argv, "-chardev")
     assert arg_after(argv, "-serial") == ["chardev:console"]
 
 
@@ -116,7 +117,7 @@ def test_root_ports_disk_image_and_taps() -> None:
     assert "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1" in devices
     assert "pcie-root-port,id=rp1,bus=pcie.0,chassis=2,slot=2" in devices
     assert "-initrd" not in argv
-    assert arg_after(argv, "-add-fd") == ["fd=8,set=1,opaque=rootdisk"]
+    assert "fd=8,set=1,opaque=rootdisk" in arg_after(argv, "-add-fd")
     assert "if=none,id=rootdisk,file=/dev/fdset/1,format=raw,readonly=on" in \
         arg_after(argv, "-drive")
     assert arg_after(argv, "-netdev") == ["tap,id=net0,fd=7"]
@@ -192,7 +193,8 @@ def test_no_path_in_the_run_dir_or_of_the_guest_files() -> None:
     for a in argv:
         assert str(s.run_dir) not in a and "/run/pykata" not in a, a
         assert "x.img" not in a, a
-    assert not any(a.startswith(("file,", "pipe,")) for a in arg_after(argv, "-chardev"))
+    assert all((a.startswith("socket,") and ",fd=" in a) or "path=/dev/fdset/" in a
+               for a in arg_after(argv, "-chardev"))
 
 
 def test_missing_fd_is_a_bug_not_a_path() -> None:

@@ -20,6 +20,10 @@ import unicodedata
 from pathlib import Path
 
 CHUNK = 64 * 1024  # one read from the source; one write at most this big
+# After a short read, wait this long before reading again: a writer that sends a
+# byte at a time (QEMU's serial port does) then costs us one read per interval
+# instead of one per byte. The source's socket or pipe buffer holds the rest.
+COALESCE = 0.01
 
 _CREATE = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _REOPEN = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -97,23 +101,22 @@ class CappedLog:
         self.close()
 
 
-async def drain(fd: int, log: CappedLog, chunk: int = CHUNK) -> int:
+async def drain(fd: int, log: CappedLog, chunk: int = CHUNK,
+                coalesce: float = COALESCE) -> int:
     """Copy what arrives on ``fd`` (a pipe or a stream socket) into ``log`` until
-    EOF; bytes read. Both are owned: closed here. Each read is at most ``chunk``
-    and one per wake-up, so a flood neither grows memory nor starves the loop.
+    EOF; bytes read. Both are owned: closed here. Each read is at most ``chunk``,
+    and after a short one the next waits ``coalesce`` seconds: a flood neither
+    grows memory nor keeps the loop busy (the writer blocks on a full buffer).
     Cancelling stops it (the fd is closed all the same)."""
     loop = asyncio.get_running_loop()
-    readable = asyncio.Event()
     total = 0
     try:
         os.set_blocking(fd, False)
-        loop.add_reader(fd, readable.set)
         while True:
             try:
                 data = os.read(fd, chunk)
             except BlockingIOError:
-                readable.clear()
-                await readable.wait()
+                await _readable(loop, fd)
                 continue
             except ConnectionResetError:
                 break
@@ -126,12 +129,27 @@ async def drain(fd: int, log: CappedLog, chunk: int = CHUNK) -> int:
                 # The log cannot take it (disk full, removed): keep reading so the
                 # writer never blocks on us, drop the bytes.
                 pass
-            await asyncio.sleep(0)
+            await asyncio.sleep(coalesce if len(data) < chunk else 0)
     finally:
-        loop.remove_reader(fd)
         os.close(fd)
         log.close()
     return total
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Until ``fd`` can be read (watched only while we wait: the loop's readers
+    are level-triggered, and data we leave for later must not wake it)."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def _clean(text: str) -> str:

@@ -38,7 +38,9 @@ class QemuOptions:
     log_max_bytes: int = 1 << 20  # cap of qemu.log and console.log (each, plus one .1)
 
 
-ROOT_DISK_FDSET = 1  # -add-fd set of the root disk image (hot-plugged disks get others)
+# -add-fd sets given on the command line (hot-plugged disks get others from QEMU)
+ROOT_DISK_FDSET = 1
+CONSOLE_FDSET = 2
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class QemuFds:
     socketpair half, a socket connected to virtiofsd, an open file."""
 
     qmp: int
-    console: int
+    console: int  # write end of a pipe the host drains
     agent: int = -1  # virtio-serial agent channel
     vhost_vsock: int = -1  # /dev/vhost-vsock, opened by the host
     shared_fs: int = -1  # connected to virtiofsd's vhost-user socket
@@ -120,8 +122,11 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
         ]
     argv += ["-append", kernel_command_line(spec)]
     argv += [
-        # The console goes to a socket the host drains into a capped log.
-        "-chardev", f"socket,id=console,fd={fds.console}",
+        # The console goes into a pipe the host drains into a capped log. A pipe
+        # (not a socket): the UART writes a byte at a time, and a pipe packs them.
+        # A full pipe makes QEMU hold the guest's UART, it never blocks.
+        "-add-fd", f"fd={fds.console},set={CONSOLE_FDSET},opaque=console",
+        "-chardev", f"file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on",
         "-serial", "chardev:console",
         # QMP over a socketpair: nothing in the file system to connect to.
         "-chardev", f"socket,id=qmp,fd={fds.qmp}",

@@ -4,15 +4,17 @@ Confinement: QEMU starts as ``run_as_user`` (never root, unless configured so)
 under its own seccomp filter (``-sandbox``, which forbids setuid and exec, so
 it cannot drop privileges itself: it is started unprivileged). The sandbox
 directory stays root-only; QEMU gets every resource as an fd the driver opened
-(QMP, agent and console over socketpairs, virtio-fs connected by the driver,
-guest RAM via ``/proc/self/fd``, disks through ``add-fd``, migration through
-``getfd``). What QEMU and the guest print is drained into capped logs.
+(QMP and agent over socketpairs, the console into a pipe, virtio-fs connected
+by the driver, guest RAM, kernel and initrd via ``/proc/self/fd``, disks
+through ``add-fd``, migration through ``getfd``). What QEMU and the guest
+print is drained into capped logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import grp
 import logging
 import os
@@ -48,6 +50,7 @@ EVENT_QUEUE = 64  # events a scoped listener keeps (older ones are dropped)
 DRAIN_GRACE = 2.0  # seconds stop() waits for the logs to reach EOF
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+CONSOLE_PIPE_SIZE = 1 << 20  # bytes the guest console may be ahead of our drain
 
 
 class _QMP(QMPClient):
@@ -134,6 +137,16 @@ class _Fds:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.host.append(ours)
         return ours, self.give(theirs.detach())
+
+    def pipe(self, size: int = 0) -> tuple[int, int]:
+        """(our read end, QEMU's write end) of a new pipe of about ``size`` bytes."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.host_fds.append(r)
+        self.give(w)
+        if size:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
+        return r, w
 
     def close_child(self) -> None:
         for fd in self.child:
@@ -231,11 +244,11 @@ class QemuHypervisor(Hypervisor):
         os.fchmod(fd, 0o600)
         return fd
 
-    async def _open_resources(self, fds: _Fds) -> tuple[QemuFds, socket.socket,
-                                                       socket.socket, socket.socket | None]:
+    async def _open_resources(self, fds: _Fds) -> tuple[QemuFds, socket.socket, int,
+                                                       socket.socket | None]:
         """Everything QEMU gets as an fd: (QEMU's fds, our QMP, console and agent ends)."""
         qmp, qmp_vm = fds.pair()
-        console, console_vm = fds.pair()
+        console, console_vm = fds.pipe(CONSOLE_PIPE_SIZE)
         agent: socket.socket | None = None
         agent_vm = vsock_fd = vfs_fd = mem_fd = image_fd = -1
         if self.spec.agent_channel == "vsock":
@@ -266,13 +279,11 @@ class QemuHypervisor(Hypervisor):
         fds = _Fds()
         logs: list[CappedLog] = []
         try:
-            qemu_fds, qmp_sock, console_sock, agent_sock = await self._open_resources(fds)
+            qemu_fds, qmp_sock, console_r, agent_sock = await self._open_resources(fds)
             self.argv = build_argv(self.binary, self.spec, self.options, qemu_fds)
             logs = [CappedLog(self.log_path, self.options.log_max_bytes),
                     CappedLog(self.spec.console_log, self.options.log_max_bytes)]
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            fds.host_fds.append(out_r)
-            fds.give(out_w)
+            out_r, out_w = fds.pipe()
             cred = self.credentials
             ids: dict[str, Any] = {}
             if cred is not None:
@@ -289,11 +300,11 @@ class QemuHypervisor(Hypervisor):
                 raise errors.VMLaunchError(
                     f"cannot start {self.binary}: {exc.strerror}", self.argv) from exc
             fds.close_child()  # QEMU has its ends now
-            # Ours from here on: the drains own the log pipe and the console socket.
+            # Ours from here on: the drains own the two pipes' read ends.
             fds.host_fds.remove(out_r)
-            fds.host.remove(console_sock)
+            fds.host_fds.remove(console_r)
             self._drains = [asyncio.ensure_future(drain(out_r, logs[0])),
-                            asyncio.ensure_future(drain(console_sock.detach(), logs[1]))]
+                            asyncio.ensure_future(drain(console_r, logs[1]))]
             logs = []
             if agent_sock is not None:
                 fds.host.remove(agent_sock)
