@@ -209,3 +209,19 @@ def test_kernel_and_initrd_by_fd() -> None:
     assert arg_after(argv, "-kernel") == ["/proc/self/fd/10"]
     assert arg_after(argv, "-initrd") == ["/proc/self/fd/11"]
     assert set(fds.all()) == {3, 4, 5, 10, 11}
+
+
+def test_check_reports_the_qemu_user_and_seccomp() -> None:
+    from pykata import config
+    from pykata.cli.admin import _confinement_checks
+
+    cfg = config.Config()
+    cfg.qemu.run_as_user = "pykata-no-such-user"
+    cfg.qemu.seccomp_sandbox = ""
+    rows = {what: (ok, detail, fix) for what, ok, detail, fix in _confinement_checks(cfg, "tcg")}
+    ok, detail, fix = rows["QEMU user"]
+    assert not ok and "no such user" in detail and "make setup" in fix and "useradd" in fix
+    assert rows["QEMU seccomp"][0] and "off" in rows["QEMU seccomp"][1]
+    cfg.qemu.run_as_user = ""
+    rows = {what: (ok, detail, fix) for what, ok, detail, fix in _confinement_checks(cfg, "tcg")}
+    assert rows["QEMU user"][0] and "root" in rows["QEMU user"][1]

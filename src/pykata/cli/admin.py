@@ -66,6 +66,7 @@ def host_checks(cfg: config.Config) -> list[tuple[str, bool, str, str]]:
                     Path(cfg.runtime.state_dir) / "accel.json")
         out.append(("accelerator", True, f"{acc.accel}: {acc.reason}",
                     "" if acc.accel == "kvm" else "TCG works but is slow; KVM needs VT-x/AMD-V"))
+        out += _confinement_checks(cfg, acc.accel)
     if q.shared_fs == "virtio-fs":
         out.append(("virtiofsd", os.access(q.virtio_fs_daemon, os.X_OK), q.virtio_fs_daemon,
                     "apt-get install qemu-system-common, or set virtio_fs_daemon"))
@@ -95,6 +96,46 @@ def host_checks(cfg: config.Config) -> list[tuple[str, bool, str, str]]:
     state = Path(cfg.runtime.state_dir)
     writable = os.access(state if state.exists() else state.parent, os.W_OK)
     out.append(("state directory", writable, str(state), "make it writable for root"))
+    return out
+
+
+def _confinement_checks(cfg: config.Config, accel: str) -> list[tuple[str, bool, str, str]]:
+    """QEMU's unprivileged user and its seccomp filter (docs/security.md)."""
+    from pykata.hypervisor.qemu.caps import seccomp_probe
+    from pykata.hypervisor.qemu.driver import permits, qemu_credentials
+
+    q = cfg.qemu
+    out: list[tuple[str, bool, str, str]] = []
+    uid = gid = -1
+    if not q.run_as_user:
+        out.append(("QEMU user", True, "root (run_as_user = \"\"): QEMU is not confined to a"
+                    " user", ""))
+    else:
+        try:
+            cred = qemu_credentials(q.run_as_user, accel)
+        except errors.FailedPrecondition:
+            cred = None
+        add_user = (f"run 'make setup' or 'useradd --system --no-create-home --shell"
+                    f" /usr/sbin/nologin {q.run_as_user}' (or set [hypervisor.qemu]"
+                    " run_as_user = \"\")")
+        out.append(("QEMU user", cred is not None,
+                    f"{q.run_as_user} (uid {cred.uid})" if cred else
+                    f"{q.run_as_user}: no such user", add_user))
+        if cred is not None:
+            uid, gid = cred.uid, cred.gid
+            if accel == "kvm":
+                kvm = Path("/dev/kvm")
+                ok = kvm.exists() and permits(kvm.stat(), cred, 6)
+                out.append(("/dev/kvm access", ok, f"for {q.run_as_user}",
+                            "give /dev/kvm to group kvm, mode 0660 (udev rule), or set"
+                            " run_as_user = \"\""))
+    if not q.seccomp_sandbox:
+        out.append(("QEMU seccomp", True, "off (seccomp_sandbox = \"\")", ""))
+    else:
+        why = seccomp_probe(q.path, q.seccomp_sandbox, uid, gid)
+        out.append(("QEMU seccomp", not why, why or f"-sandbox {q.seccomp_sandbox}",
+                    "use a QEMU built with libseccomp (Debian's is) and valid -sandbox"
+                    " options, or set [hypervisor.qemu] seccomp_sandbox = \"\""))
     return out
 
 

@@ -41,3 +41,35 @@ def check_dax(binary: str, cache_size_mib: int) -> None:
             f"[hypervisor.qemu] virtio_fs_cache_size = {cache_size_mib} asks for a virtio-fs"
             f" DAX window, but {binary} has no vhost-user-fs-pci cache-size property (no DAX"
             " support): set virtio_fs_cache_size = 0 or use a QEMU built with virtio-fs DAX")
+
+
+_QMP_QUIT = b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
+
+
+@functools.lru_cache(maxsize=16)
+def _seccomp_probe(binary: str, mtime_ns: int, value: str, uid: int, gid: int) -> str:
+    argv = [binary, "-sandbox", value, "-machine", "none", "-nodefaults", "-no-user-config",
+            "-display", "none", "-qmp", "stdio"]
+    try:
+        if uid >= 0:
+            out = subprocess.run(argv, input=_QMP_QUIT, capture_output=True, timeout=15,
+                                 check=False, cwd="/", user=uid, group=gid, extra_groups=[])
+        else:
+            out = subprocess.run(argv, input=_QMP_QUIT, capture_output=True, timeout=15,
+                                 check=False, cwd="/")
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if out.returncode == 0:
+        return ""
+    lines = out.stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {out.returncode}"
+
+
+def seccomp_probe(binary: str, value: str, uid: int = -1, gid: int = -1) -> str:
+    """"" if ``binary`` starts under ``-sandbox value`` (as ``uid``:``gid`` if
+    given), else QEMU's complaint. Asked once per binary, value and user."""
+    try:
+        mtime = os.stat(binary).st_mtime_ns
+    except OSError as exc:
+        return f"{binary}: {exc.strerror}"
+    return _seccomp_probe(binary, mtime, value, uid, gid)

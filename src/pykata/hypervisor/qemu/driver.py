@@ -110,7 +110,7 @@ def qemu_credentials(user: str, accel: str) -> Credentials | None:
     return Credentials(user, pw.pw_uid, pw.pw_gid, groups)
 
 
-def _may(st: os.stat_result, cred: Credentials, want: int) -> bool:
+def permits(st: os.stat_result, cred: Credentials, want: int) -> bool:
     """Whether ``cred`` has permission bits ``want`` (r=4, w=2, x=1) on ``st``."""
     if st.st_uid == cred.uid:
         return (st.st_mode >> 6) & want == want
@@ -205,14 +205,14 @@ class QemuHypervisor(Hypervisor):
             # themselves must be readable by its user (not the directories).
             for what, p in (("guest kernel", self.spec.kernel),
                             ("guest initrd", self.spec.initrd)):
-                if p is not None and not _may(os.stat(p), cred, 4):
+                if p is not None and not permits(os.stat(p), cred, 4):
                     raise errors.FailedPrecondition(
                         f"QEMU runs as {cred.user} and cannot read the {what} {p}: make it"
                         " readable by others (chmod o+r), or set [hypervisor.qemu]"
                         " run_as_user = \"\"")
             if self.options.accel == "kvm":
                 try:
-                    ok = _may(os.stat("/dev/kvm"), cred, 6)
+                    ok = permits(os.stat("/dev/kvm"), cred, 6)
                 except OSError:
                     ok = True  # the accelerator probe reports a missing /dev/kvm
                 if not ok:
