@@ -78,7 +78,12 @@ async def run(sb: Sandbox, tmp: Path, rootfs: Path, script: str) -> str:
     return out.decode()
 
 
+def open_fds() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
 async def test_qemu_and_virtiofsd_are_confined(pykata_config: config.Config) -> None:
+    fds = open_fds()
     sb = await Sandbox.create(f"conf-{uuid.uuid4().hex[:6]}", pykata_config)
     try:
         assert_confined(sb, pykata_config)
@@ -103,6 +108,7 @@ async def test_qemu_and_virtiofsd_are_confined(pykata_config: config.Config) -> 
     finally:
         await sb.stop()
     assert not leftovers(pykata_config.runtime.state_dir, sb.id)
+    assert open_fds() == fds, "the host side leaked fds"
 
 
 async def test_console_flood_stays_under_the_cap(pykata_config: config.Config,
@@ -207,3 +213,17 @@ async def test_missing_qemu_user_is_one_clear_error(pykata_config: config.Config
     with pytest.raises(errors.FailedPrecondition, match="make setup.*useradd"):
         await Sandbox.create(sid, cfg)
     assert not leftovers(cfg.runtime.state_dir, sid)
+
+
+async def test_failed_start_leaves_no_fd_or_process(pykata_config: config.Config) -> None:
+    """QEMU refusing its command line: the error quotes QEMU (sanitized), and the
+    sockets, pipes, logs drains and processes of the attempt are all gone."""
+    cfg = copy.deepcopy(pykata_config)
+    cfg.qemu.extra_args = ["-device", "no-such-device\x1b[31m"]
+    fds = open_fds()
+    sid = f"badargs-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(errors.VMLaunchError, match="not a valid device model") as ei:
+        await Sandbox.create(sid, cfg)
+    assert "\x1b" not in str(ei.value)
+    assert not leftovers(cfg.runtime.state_dir, sid)
+    assert open_fds() == fds

@@ -225,3 +225,23 @@ def test_check_reports_the_qemu_user_and_seccomp() -> None:
     cfg.qemu.run_as_user = ""
     rows = {what: (ok, detail, fix) for what, ok, detail, fix in _confinement_checks(cfg, "tcg")}
     assert rows["QEMU user"][0] and "root" in rows["QEMU user"][1]
+
+
+def test_qmp_client_keeps_no_unbounded_event_queue() -> None:
+    import asyncio
+
+    from pykata.hypervisor.qemu.driver import _QMP, _Listener
+
+    async def main() -> None:
+        qmp = _QMP("t")
+        assert qmp.events not in qmp._listeners  # the default all-events listener
+        listener = _Listener(("RTC_CHANGE",), maxsize=4)
+        with qmp.listen(listener):
+            for i in range(100):
+                await qmp._event_dispatch({"event": "RTC_CHANGE", "data": {"offset": i}})
+                await qmp._event_dispatch({"event": "OTHER", "data": {}})
+            assert listener._queue.qsize() == 4 and not listener._history
+            assert (await listener.get())["data"]["offset"] == 96
+        assert qmp._listeners == []
+
+    asyncio.run(main())
