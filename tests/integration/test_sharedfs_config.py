@@ -18,13 +18,18 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)
 
 
 async def test_cache_mode_reaches_virtiofsd(pykata_config: config.Config) -> None:
+    """cache, sandbox and xattr settings reach virtiofsd (the defaults, namespace
+    and no xattr, are checked in test_confinement)."""
     cfg = copy.deepcopy(pykata_config)
     cfg.qemu.virtio_fs_cache = "none"
+    cfg.qemu.virtio_fs_sandbox = "chroot"
+    cfg.qemu.virtio_fs_xattr = True
     sb = await Sandbox.create(f"vfs-{uuid.uuid4().hex[:6]}", cfg)
     try:
         assert sb.virtiofsd is not None and sb.virtiofsd.ref is not None
         argv = Path(f"/proc/{sb.virtiofsd.ref.pid}/cmdline").read_bytes().split(b"\0")
         assert b"cache=none" in argv, argv
+        assert b"sandbox=chroot" in argv and b"xattr" in argv, argv
     finally:
         await sb.stop()
 
