@@ -45,6 +45,7 @@ SECTIONS: dict[str, tuple[str, int, int]] = {
     "rpc": ("rpc.py", 300, 120),
     "storage": ("storage.py", 600, 180),
     "network": ("network.py", 600, 240),
+    "confinement": ("confinement.py", 900, 300),
 }
 
 MiB = 1 << 20
@@ -298,6 +299,15 @@ def render(d: dict[str, Any], suite: dict[str, Any]) -> str:
                 "file's or the loop device's). Guest times are busybox `time` (10 ms). "
                 f"virtio-blk path: {so.get('info', {}).get('virtio-blk-path', '?')}.", "",
                 *series_table(so["series"])]
+    co = d.get("confinement")
+    if co:
+        out += ["", f"## What the VMM's confinement costs ({co.get('when', '')})", "",
+                "One in-process `Sandbox.create` + `stop` per run, the variants alternating "
+                f"({co.get('runs', '?')} runs each after one warm-up): the default (QEMU "
+                "under `-sandbox` as `pykata-qemu`, virtiofsd in its namespaces) against "
+                "each part turned off. QEMU's PSS is taken once the agent answers; the "
+                "round trip is the mean of 50 `Health/Check` calls. See "
+                "[security.md](security.md).", "", *series_table(co["series"])]
     extra = HERE / "notes.md"
     if extra.exists():
         out += ["", extra.read_text().rstrip()]
