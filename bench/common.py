@@ -181,6 +181,11 @@ def unmapped_ram_file_kib(pid: int, cmd: str) -> int:
                  for part in cmd.split() if "mem-path=" in part), "")
     if not path:
         return 0
+    if path.startswith("/proc/self/fd/"):  # a confined QEMU gets its RAM file as an fd
+        try:
+            path = os.readlink(f"/proc/{pid}/fd/{path.rsplit('/', 1)[1]}")
+        except OSError:
+            return 0
     try:
         allocated = os.stat(path).st_blocks // 2
         mapped = 0

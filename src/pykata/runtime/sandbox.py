@@ -239,7 +239,6 @@ class Sandbox:
         mem = factory.clone_memory_path(self.config.runtime.state_dir, self.key)
         self.record.extra["memory_file"] = str(mem)
         self.persist()
-        mem.parent.mkdir(parents=True, exist_ok=True)
         clone = dataclasses.replace(spec, shared_fs_socket=None, nics=[], memory_file=mem,
                                     incoming=True)
         copying = asyncio.ensure_future(asyncio.to_thread(factory.sparse_copy,
