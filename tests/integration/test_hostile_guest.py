@@ -50,7 +50,7 @@ def test_hostile_guest_cannot_reshape_the_shared_tree(
     assert r["sandbox_dir_left"] is False
 
 
-@pytest.mark.parametrize("bad", ["../x", "a/b", "", "-x", "x" * 129, "a\nb"])
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "-x", "x" * 129, "a\nb", "abc\n", ".."])
 def test_bad_ids_and_namespaces_are_refused(pykata_config: config.Config, bad: str) -> None:
     from pykata import errors
     from pykata.runtime.sandbox import Sandbox

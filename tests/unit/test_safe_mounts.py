@@ -147,3 +147,28 @@ def test_mounts_under_is_an_exact_prefix(base: Path) -> None:
         with pytest.raises(ValueError):
             mounts.mounts_under("/")
     in_private_ns(check)
+
+
+def test_read_only_volume_is_read_only_all_the_way_down(base: Path) -> None:
+    """A read-only bind of a directory that has its own submount: the submount is
+    read-only in the guest's view too (recursive, set before the bind appears)."""
+    def check() -> None:
+        sub = base / "src" / "sub"
+        sub.mkdir()
+        mounts.mount("tmpfs", sub, "tmpfs")
+        t = SharedTree(base / "sb")
+        t.setup()
+        point, _ = t.share(base / "src", "c1/mounts/0-src", readonly=True)
+        for target in (base / "sb/shared/c1/mounts/0-src/x",
+                       base / "sb/shared/c1/mounts/0-src/sub/x",
+                       base / "sb/mounts/c1/mounts/0-src/sub/x"):
+            with pytest.raises(OSError) as exc:
+                target.write_text("x")
+            assert exc.value.errno == errno.EROFS, target
+        (sub / "x").write_text("the source itself stays writable")
+        assert t.unshare([point]) == []
+        assert t.clear("c1") == []
+        assert mounts.mounts_under(base / "sb/mounts/c1") == []
+        assert t.teardown() == []
+        mounts.umount(sub)
+    in_private_ns(check)
