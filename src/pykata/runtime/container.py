@@ -1,30 +1,107 @@
-"""Container and Process: explicit states, each operation checks it may run."""
+"""Container and Process: explicit states, each operation checks it may run.
+
+    Container:  CREATING --create--> CREATED --start--> RUNNING <--pause/resume--> PAUSED
+                                        |                  |
+                                        +---kill---+   init exits
+                                                   v       v
+                                                    STOPPED --delete--> (gone from its sandbox)
+
+    Process:    CREATED --start--> RUNNING --exit final--> STOPPED
+                (the init is started by its container; an exec is CREATED from
+                add_exec until its own start)
+
+A process's exit is final once the agent reported it and, when stdio is
+attached (``attach_io``), the output reached the host: only then does the
+process become STOPPED, are the ``on_exit`` callbacks called (in that order,
+before any ``wait()`` returns), and, for the init, does the container stop.
+
+The runtime owns this state; callers (the shim, the admin CLI) read it and ask
+for transitions, they never set it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import signal as signals
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pykata import errors
-from pykata.resources import blockdev
+from pykata.config import Config
+from pykata.resources import blockdev, network
 from pykata.runtime import specconv
 from pykata.runtime.state import ContainerRecord
 from pykata.runtime.types import (
+    ContainerAgent,
     ContainerStats,
     Device,
     ExitStatus,
     ProcessInfo,
+    ProcessIO,
     State,
+    Stdio,
     Storage,
 )
 
-if TYPE_CHECKING:
-    from pykata.runtime.sandbox import Sandbox
-
 log = logging.getLogger(__name__)
+
+
+class Tree(Protocol):
+    """The sandbox's shared tree as a container uses it (runtime/sharedtree.py)."""
+
+    def share(self, source: Path, rel: str, readonly: bool) -> tuple[str, list[str]]: ...
+
+    def unshare(self, points: list[str]) -> list[str]: ...
+
+    def clear(self, rel: str) -> list[str]: ...
+
+
+class PodSandbox(Protocol):
+    """What a Container needs of its sandbox: ``runtime.sandbox.Sandbox``, or
+    ``pykata.testing.fakes.FakeSandbox`` in unit tests."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def agent(self) -> ContainerAgent: ...
+
+    @property
+    def tree(self) -> Tree: ...
+
+    @property
+    def shared_dir(self) -> Path: ...
+
+    def persist(self) -> None: ...
+
+    def check_resources(self, res: dict[str, Any]) -> None: ...
+
+    async def fit_resources(self) -> None: ...
+
+    def block_devices(self) -> blockdev.BlockDevices: ...
+
+    def forget(self, c: Container) -> None:
+        """``c`` was deleted: drop it from the sandbox."""
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """What the spec of a pod's first container says about the sandbox made for it."""
+
+    hostname: str = ""
+    netns: str = ""  # the network namespace to connect the VM to ("" = none)
+
+    @classmethod
+    def of(cls, spec: dict[str, Any]) -> PodSettings:
+        return cls(hostname=str(spec.get("hostname") or ""), netns=network.netns_of(spec))
 
 
 def _require(what: str, current: State, *allowed: State) -> None:
@@ -32,6 +109,9 @@ def _require(what: str, current: State, *allowed: State) -> None:
         raise errors.FailedPrecondition(
             f"cannot {what}: it is {current.value} (needs {' or '.join(s.value for s in allowed)})"
         )
+
+
+ExitCallback = Callable[["Process"], None]
 
 
 class Process:
@@ -44,24 +124,106 @@ class Process:
         self.pid = 0
         self.state = State.CREATED
         self.exit: ExitStatus | None = None
+        self.io: ProcessIO | None = None
+        self._io_started = False
+        self._starting = False
+        self._on_exit: list[ExitCallback] = []
         self._exited = asyncio.Event()
         self._waiter: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Process {self.name} {self.state.value}>"
+
+    @property
+    def name(self) -> str:
+        return f"{self.container.id}/{self.exec_id or 'init'}"
 
     @property
     def terminal(self) -> bool:
         return bool(self.spec.get("terminal"))
 
     @property
-    def _agent(self) -> Any:
+    def stdio(self) -> Stdio:
+        """Where its stdio goes on the host (nothing until ``attach_io``)."""
+        return self.io.stdio if self.io is not None else Stdio(terminal=self.terminal)
+
+    @property
+    def started(self) -> bool:
+        return self.state is not State.CREATED
+
+    @property
+    def _agent(self) -> ContainerAgent:
         return self.container.sandbox.agent
 
     @property
     def _ids(self) -> tuple[str, str]:
         return self.container.id, self.exec_id
 
+    @property
+    def _in_guest(self) -> bool:
+        """The agent knows this process: a started exec, or the init of a created container."""
+        if self.exec_id:
+            return self.started
+        return self.container.state is not State.CREATING
+
+    def _what(self, verb: str) -> str:
+        kind = f"exec {self.exec_id} of container" if self.exec_id else "init of container"
+        return f"{verb} {kind} {self.container.id}"
+
+    # -- stdio and exit callbacks -----------------------------------------------------
+    def attach_io(self, io: ProcessIO) -> None:
+        """Have ``io`` carry this process's stdio. It starts as soon as the process
+        exists in the guest (now, for the init of a created container; at start,
+        for an exec); the exit is final only after ``io`` has drained."""
+        _require(self._what("attach stdio to"), self.state, State.CREATED, State.RUNNING)
+        if self.io is not None:
+            raise errors.AlreadyExists(f"process {self.name} already has its stdio attached")
+        self.io = io
+        if self._in_guest:
+            self._start_io()
+
+    def _start_io(self) -> None:
+        if self.io is not None and not self._io_started:
+            self._io_started = True
+            self.io.start()
+
+    def on_exit(self, callback: ExitCallback) -> None:
+        """Call ``callback(process)`` once the exit is final, before ``wait()``
+        returns (callbacks run in the order registered; they must not block)."""
+        if self.exit is not None:
+            raise errors.FailedPrecondition(f"process {self.name} has already exited")
+        self._on_exit.append(callback)
+
+    async def close_io(self) -> None:
+        """Stop relaying stdio (the process is being removed)."""
+        if self.io is not None:
+            await self.io.stop()
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> int:
+        """Run this exec in the guest; its pid there. (The init is started by
+        ``Container.start``.)"""
+        if not self.exec_id:
+            raise errors.FailedPrecondition(
+                f"the init of container {self.container.id} starts with its container")
+        _require(self._what("start"), self.state, State.CREATED)
+        if self._starting:
+            raise errors.FailedPrecondition(f"exec {self.exec_id} of container"
+                                            f" {self.container.id} is being started")
+        _require(f"start exec {self.exec_id} in container {self.container.id}",
+                 self.container.state, State.RUNNING)
+        self._starting = True
+        try:
+            pid = await self._agent.exec_process(self.container.id, self.exec_id, self.spec)
+        finally:
+            self._starting = False
+        self._started(pid)
+        return pid
+
     def _started(self, pid: int) -> None:
         self.pid = pid
         self.state = State.RUNNING
+        self._start_io()
         self._waiter = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
@@ -70,38 +232,74 @@ class Process:
         except errors.PykataError as exc:
             log.warning("lost process %s/%s: %s", *self._ids, exc)
             status = ExitStatus(255, 0)
+        if self.io is not None:
+            try:
+                await self.io.drain()
+            except Exception as exc:  # the exit must be reported whatever the relay did
+                log.warning("process %s: output not drained: %s", self.name, exc)
+        self._finish(status)
+
+    def _finish(self, status: ExitStatus) -> None:
+        """The exit is final: record it, tell the container, the callbacks, the waiters."""
+        if self.exit is not None:
+            return
         self.exit = status
         self.state = State.STOPPED
-        self._exited.set()
         self.container._process_exited(self)
+        for callback in self._on_exit:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("process %s: exit callback failed", self.name)
+        self._exited.set()
 
     async def wait(self) -> ExitStatus:
+        """Its exit status, once final (see the module docstring)."""
         await self._exited.wait()
         assert self.exit is not None
         return self.exit
 
-    async def signal(self, sig: int) -> None:
+    async def signal(self, sig: int, all_processes: bool = False) -> None:
+        """Send ``sig``. A finished process: SIGKILL (or ``all_processes``) is no
+        error, as with runc; any other signal is NotFound."""
         if self.state is State.STOPPED:
-            raise errors.NotFound(f"process {self.container.id}/{self.exec_id or 'init'}"
-                                  " has already exited")
-        await self._agent.signal_process(*self._ids, sig)
+            if sig == signals.SIGKILL or all_processes:
+                return
+            raise errors.NotFound(f"process {self.name} has already exited")
+        if self.exec_id and not self.started:
+            raise errors.FailedPrecondition(f"exec {self.exec_id} of container"
+                                            f" {self.container.id} was not started")
+        await self._agent.signal_process(*self._ids, sig, all_processes)
+
+    def _require_started(self, what: str) -> None:
+        if self.exec_id and not self.started:
+            raise errors.FailedPrecondition(
+                f"cannot {what} exec {self.exec_id} of container {self.container.id}:"
+                " it was not started")
 
     async def write_stdin(self, data: bytes) -> int:
-        result: int = await self._agent.write_stdin(*self._ids, data)
-        return result
+        return await self._agent.write_stdin(*self._ids, data)
 
     async def close_stdin(self) -> None:
+        """Close its stdin in the guest."""
         await self._agent.close_stdin(*self._ids)
 
+    async def end_input(self) -> None:
+        """No more input (containerd's CloseIO): through the attached stdio if
+        any (it stops feeding first), else directly."""
+        if self.io is not None:
+            await self.io.close_stdin()
+        elif self.state is State.RUNNING:
+            await self.close_stdin()
+
     async def read_stdout(self, size: int = 65536) -> bytes:
-        data: bytes = await self._agent.read_stdout(*self._ids, size)
-        return data
+        return await self._agent.read_stdout(*self._ids, size)
 
     async def read_stderr(self, size: int = 65536) -> bytes:
-        data: bytes = await self._agent.read_stderr(*self._ids, size)
-        return data
+        return await self._agent.read_stderr(*self._ids, size)
 
     async def resize(self, rows: int, cols: int) -> None:
+        self._require_started("resize the terminal of")
         await self._agent.resize_tty(*self._ids, rows, cols)
 
     def cancel_watch(self) -> None:
@@ -110,7 +308,7 @@ class Process:
 
 
 class Container:
-    def __init__(self, sandbox: Sandbox, container_id: str, bundle: Path,
+    def __init__(self, sandbox: PodSandbox, container_id: str, bundle: Path,
                  spec: dict[str, Any]) -> None:
         self.sandbox = sandbox
         self.id = container_id
@@ -121,6 +319,9 @@ class Container:
         self.execs: dict[str, Process] = {}
         self._host_mounts: list[Path] = []
         self._disks: list[str] = []  # serials of hot-plugged block volumes, one per use
+
+    def __repr__(self) -> str:
+        return f"<Container {self.id} {self.state.value}>"
 
     def resources(self) -> dict[str, Any]:
         """The container's OCI linux.resources (as last created or updated)."""
@@ -133,6 +334,10 @@ class Container:
         """The container's part of the (read-only) tree the guest sees."""
         return self.sandbox.shared_dir / self.id
 
+    @property
+    def _agent(self) -> ContainerAgent:
+        return self.sandbox.agent
+
     def record(self) -> ContainerRecord:
         return ContainerRecord(self.id, str(self.bundle), self.state.value,
                                [str(p) for p in self._host_mounts])
@@ -140,6 +345,7 @@ class Container:
     async def create(self) -> None:
         """Share the root filesystem and bind mounts, hot-plug block volumes, then
         create it in the guest. On any error nothing is left behind."""
+        _require(f"create container {self.id}", self.state, State.CREATING)
         specconv.validate(self.spec, self.bundle)
         self.sandbox.check_resources(self.resources())
         plan = specconv.plan(
@@ -154,7 +360,7 @@ class Container:
             # that join a pid namespace (shareProcessNamespace) get that one.
             share_pid = specconv.is_pod_sandbox(self.spec) or specconv.joins_pid_namespace(
                 self.spec)
-            await self.sandbox.agent.create_container(
+            await self._agent.create_container(
                 self.id, plan.spec, storages=[*plan.storages, *storages], devices=devices,
                 sandbox_pidns=share_pid,
                 timeout=self.sandbox.config.runtime.create_container_timeout)
@@ -208,7 +414,7 @@ class Container:
 
     async def start(self) -> int:
         _require(f"start container {self.id}", self.state, State.CREATED)
-        pid = await self.sandbox.agent.start_container(self.id)
+        pid = await self._agent.start_container(self.id)
         self.init._started(pid)
         self.state = State.RUNNING
         self.sandbox.persist()
@@ -220,7 +426,10 @@ class Container:
             with contextlib.suppress(Exception):
                 self.sandbox.persist()
 
-    async def exec(self, exec_id: str, process: dict[str, Any]) -> Process:
+    # -- execs ------------------------------------------------------------------------
+    def add_exec(self, exec_id: str, process: dict[str, Any]) -> Process:
+        """Announce an exec (containerd's Exec): a CREATED process, run by its
+        ``start``; ``remove_exec`` forgets it."""
         _require(f"exec in container {self.id}", self.state, State.RUNNING)
         if not exec_id:
             raise errors.InvalidArgument("exec id must not be empty")
@@ -231,13 +440,30 @@ class Container:
             raise errors.InvalidArgument("exec process.args must be a non-empty list")
         proc = Process(self, exec_id, process)
         self.execs[exec_id] = proc
-        try:
-            pid = await self.sandbox.agent.exec_process(self.id, exec_id, process)
-        except BaseException:
-            del self.execs[exec_id]
-            raise
-        proc._started(pid)
         return proc
+
+    async def exec(self, exec_id: str, process: dict[str, Any]) -> Process:
+        """Add and start an exec at once; on failure it is forgotten again."""
+        proc = self.add_exec(exec_id, process)
+        try:
+            await proc.start()
+        except BaseException:
+            self.execs.pop(exec_id, None)
+            raise
+        return proc
+
+    async def remove_exec(self, exec_id: str) -> ExitStatus | None:
+        """Forget an exec that is not running (never started, or exited); its
+        exit status if it had one."""
+        if not exec_id:
+            raise errors.InvalidArgument("exec id must not be empty")
+        proc = self.process(exec_id)
+        if proc.state is State.RUNNING or proc._starting:
+            raise errors.FailedPrecondition(
+                f"cannot delete exec {exec_id} of container {self.id}: it is still running")
+        self.execs.pop(exec_id, None)
+        await proc.close_io()
+        return proc.exit
 
     def process(self, exec_id: str = "") -> Process:
         if not exec_id:
@@ -247,30 +473,43 @@ class Container:
         except KeyError:
             raise errors.NotFound(f"exec {exec_id} not found in container {self.id}") from None
 
+    # -- signals and the rest ---------------------------------------------------------
     async def kill(self, sig: int, all_processes: bool = False, exec_id: str = "") -> None:
+        """Signal the init (with ``all_processes``: every process) or one exec.
+        A container that was never started has nothing to signal: it ends at
+        once, with status 128+sig. See Process.signal for a finished process."""
         if exec_id:
             await self.process(exec_id).signal(sig)
             return
-        if self.state is State.STOPPED:
-            raise errors.NotFound(f"container {self.id}: process already finished")
-        await self.sandbox.agent.signal_process(self.id, "", sig, all_processes)
+        _require(f"kill container {self.id}", self.state, State.CREATED, State.RUNNING,
+                 State.PAUSED, State.STOPPED)
+        if self.state is State.CREATED:
+            await self._end_unstarted(sig)
+            return
+        await self.init.signal(sig, all_processes)
+
+    async def _end_unstarted(self, sig: int) -> None:
+        with contextlib.suppress(errors.PykataError):
+            await self._agent.remove_container(self.id)
+        self.init._finish(ExitStatus(128 + sig, time.time_ns()))
 
     async def wait(self) -> ExitStatus:
         return await self.init.wait()
 
     async def pause(self) -> None:
         _require(f"pause container {self.id}", self.state, State.RUNNING)
-        await self.sandbox.agent.pause(self.id)
+        await self._agent.pause(self.id)
         self.state = State.PAUSED
 
     async def resume(self) -> None:
         _require(f"resume container {self.id}", self.state, State.PAUSED)
-        await self.sandbox.agent.resume(self.id)
+        await self._agent.resume(self.id)
         self.state = State.RUNNING
 
     async def stats(self) -> ContainerStats:
-        stats: ContainerStats = await self.sandbox.agent.stats(self.id)
-        return stats
+        _require(f"get the stats of container {self.id}", self.state, State.CREATED,
+                 State.RUNNING, State.PAUSED, State.STOPPED)
+        return await self._agent.stats(self.id)
 
     async def update(self, resources: dict[str, Any]) -> None:
         _require(f"update container {self.id}", self.state, State.CREATED, State.RUNNING,
@@ -282,28 +521,39 @@ class Container:
         linux["resources"] = merged
         # Grow the VM first, so a raised limit has CPUs and memory behind it.
         await self.sandbox.fit_resources()
-        await self.sandbox.agent.update(self.id, resources)
+        await self._agent.update(self.id, resources)
 
     async def pids(self) -> list[ProcessInfo]:
-        procs: list[ProcessInfo] = await self.sandbox.agent.list_processes(self.id)
-        return procs
+        _require(f"list the processes of container {self.id}", self.state, State.CREATED,
+                 State.RUNNING, State.PAUSED, State.STOPPED)
+        return await self._agent.list_processes(self.id)
 
-    async def delete(self, force: bool = False) -> ExitStatus | None:
-        """Remove from the guest and unshare its files. Running: only with force."""
+    # -- deletion ---------------------------------------------------------------------
+    def check_deletable(self, force: bool = False) -> None:
+        """FailedPrecondition unless ``delete(force)`` may run now."""
         if self.state in (State.RUNNING, State.PAUSED) and not force:
             raise errors.FailedPrecondition(
                 f"cannot delete container {self.id}: it is {self.state.value}")
+
+    async def delete(self, force: bool = False) -> ExitStatus | None:
+        """Remove from the guest and unshare its files; running or paused only with
+        ``force``. Afterwards the container is gone from its sandbox even if the
+        agent failed (that error is raised once the host side is cleaned up)."""
+        self.check_deletable(force)
+        for p in (self.init, *self.execs.values()):
+            p.cancel_watch()
+            with contextlib.suppress(Exception):
+                await p.close_io()
         try:
-            await self.sandbox.agent.remove_container(self.id)
+            await self._agent.remove_container(self.id)
         except errors.NotFound:
             pass
         except errors.Unavailable as exc:
             log.warning("container %s: agent gone during delete: %s", self.id, exc)
-        for p in (self.init, *self.execs.values()):
-            p.cancel_watch()
-        self.unmount_shared()
-        self.state = State.STOPPED
-        self.sandbox._forget(self)
-        # Last: the agent has unmounted and ejected the disks; bounded either way.
-        await self._detach_blocks()
+        finally:
+            self.unmount_shared()
+            self.state = State.STOPPED
+            self.sandbox.forget(self)
+            # Last: the agent has unmounted and ejected the disks; bounded either way.
+            await self._detach_blocks()
         return self.init.exit

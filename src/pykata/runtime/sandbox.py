@@ -406,7 +406,8 @@ class Sandbox:
         except KeyError:
             raise errors.NotFound(f"container {container_id} not found") from None
 
-    def _forget(self, c: Container) -> None:
+    def forget(self, c: Container) -> None:
+        """``c`` was deleted: drop it from the sandbox."""
         self.containers.pop(c.id, None)
         self.persist()
 

@@ -1,9 +1,13 @@
-"""The runtime's own value types (no protobuf here)."""
+"""The runtime's own value types (no protobuf here), and the two small
+contracts containers and processes are driven through: the guest agent
+(``ContainerAgent``) and a process's host-side stdio (``ProcessIO``)."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 class State(enum.Enum):
@@ -104,3 +108,80 @@ class GuestDetails:
     mem_total_bytes: int
     mem_block_size_bytes: int
     agent_version: str
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """Where a process's stdio goes on the host ("" = not connected): for the
+    shim, the fifo paths containerd gave in Create or Exec."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+class ProcessIO(Protocol):
+    """Carries one process's stdio between the host and the agent (the shim's
+    fifo relay, shim/stdio.py). The process starts it once the process exists in
+    the guest and waits for ``drain`` before its exit counts as final."""
+
+    @property
+    def stdio(self) -> Stdio: ...
+
+    def start(self) -> None:
+        """Begin relaying (called once, by the process)."""
+
+    async def drain(self) -> None:
+        """Return once all output reached the host (bounded; never raises)."""
+
+    async def close_stdin(self) -> None:
+        """No more input: stop feeding stdin and close it in the guest."""
+
+    async def stop(self) -> None:
+        """Stop relaying (the process is being removed)."""
+
+
+class ContainerAgent(Protocol):
+    """What containers and their processes ask of the guest agent.
+    ``pykata.agent.AgentClient`` is the real one, ``pykata.testing.fakes.FakeAgent``
+    a fake."""
+
+    async def create_container(self, container_id: str, spec: dict[str, Any],
+                               storages: Sequence[Storage] = (), sandbox_pidns: bool = False,
+                               timeout: float | None = None,
+                               devices: Sequence[Device] = ()) -> None: ...
+
+    async def start_container(self, container_id: str) -> int: ...
+
+    async def remove_container(self, container_id: str, timeout_s: int = 10) -> None: ...
+
+    async def exec_process(self, container_id: str, exec_id: str,
+                           process: dict[str, Any]) -> int: ...
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int,
+                             all_processes: bool = False) -> None: ...
+
+    async def wait_process(self, container_id: str, exec_id: str = "") -> ExitStatus: ...
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int: ...
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None: ...
+
+    async def read_stdout(self, container_id: str, exec_id: str = "",
+                          size: int = 65536) -> bytes: ...
+
+    async def read_stderr(self, container_id: str, exec_id: str = "",
+                          size: int = 65536) -> bytes: ...
+
+    async def resize_tty(self, container_id: str, exec_id: str, rows: int, cols: int) -> None: ...
+
+    async def stats(self, container_id: str) -> ContainerStats: ...
+
+    async def pause(self, container_id: str) -> None: ...
+
+    async def resume(self, container_id: str) -> None: ...
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None: ...
+
+    async def list_processes(self, container_id: str) -> list[ProcessInfo]: ...
