@@ -1,0 +1,532 @@
+"""Test doubles that let the runtime and the shim run without QEMU or a guest.
+
+    FakeAgent           an in-memory guest agent: containers, processes, their
+                        output and exits, driven by the test (``exit``, ``output``)
+    FakeHypervisor      the Hypervisor contract (hypervisor/base.py) with no VMM
+    FakeTree            the sandbox's shared tree, recording instead of mounting
+    FakeSandbox         what a Container needs of its sandbox (runtime.container.
+                        PodSandbox) and what the shim needs of it, around the
+                        two fakes above
+    FakeSandboxFactory  stands in for ``Sandbox.create`` in the shim's TaskService
+    FakeIO              a process's host-side stdio (runtime.types.ProcessIO)
+                        whose drain the test holds back (``hold_drain``)
+
+``runtime.sandbox.Sandbox`` itself boots its VM and dials its agent in one
+piece, so unit tests drive ``Container`` and the shim through FakeSandbox.
+
+Every fake records the calls it got (``calls``: (method, args) in order) and can
+be told to fail a call (``fail``), so tests check both the happy path and the
+rollback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pykata import errors
+from pykata.config import Config
+from pykata.hypervisor.base import AgentChannel, Hypervisor, VMSpec
+from pykata.resources.blockdev import BlockDevices
+from pykata.runtime.container import Container
+from pykata.runtime.sandbox import check_id, load_spec
+from pykata.runtime.state import DEFAULT_NAMESPACE
+from pykata.runtime.types import (
+    ContainerStats,
+    Device,
+    ExitStatus,
+    ProcessInfo,
+    State,
+    Stdio,
+    Storage,
+)
+
+
+class _Recorder:
+    """Records calls; raises what a test asked a call to raise."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self._failures: dict[str, list[BaseException]] = {}
+
+    def fail(self, method: str, exc: BaseException, times: int = 1) -> None:
+        """The next ``times`` calls of ``method`` raise ``exc``."""
+        self._failures.setdefault(method, []).extend([exc] * times)
+
+    def _call(self, method: str, *args: Any) -> None:
+        self.calls.append((method, args))
+        pending = self._failures.get(method)
+        if pending:
+            raise pending.pop(0)
+
+    def called(self, method: str) -> list[tuple[Any, ...]]:
+        """The arguments of each call of ``method``."""
+        return [args for name, args in self.calls if name == method]
+
+
+# -- the agent --------------------------------------------------------------------------
+
+
+@dataclass
+class FakeProcess:
+    """One process as the fake agent keeps it."""
+
+    container_id: str
+    exec_id: str
+    spec: dict[str, Any]
+    pid: int = 0
+    started: bool = False
+    exit: asyncio.Future[ExitStatus] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+    stdout: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    stderr: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    stdin: bytearray = field(default_factory=bytearray)
+    stdin_closed: bool = False
+    signals: list[int] = field(default_factory=list)
+    tty: tuple[int, int] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.started and not self.exit.done()
+
+
+async def _read(q: asyncio.Queue[bytes]) -> bytes:
+    data = await q.get()
+    if not data:
+        q.put_nowait(b"")  # end of stream stays the end
+    return data
+
+
+class FakeAgent(_Recorder):
+    """An in-memory guest agent (the methods of ``pykata.agent.AgentClient`` the
+    runtime uses), as strict as the real one: unknown containers and processes
+    are NotFound, a finished process cannot be signalled.
+
+    A process ends when the test calls ``exit``, or on a signal in
+    ``fatal_signals`` (status 128+signal), or when its container is removed
+    (137). Its stdout/stderr end (b"") when it ends."""
+
+    def __init__(self, *, fatal_signals: Sequence[int] = (signal.SIGTERM, signal.SIGKILL,
+                                                          signal.SIGINT)) -> None:
+        super().__init__()
+        self.fatal_signals = set(fatal_signals)
+        self.containers: dict[str, dict[str, Any]] = {}  # id -> the spec it got
+        self.procs: dict[tuple[str, str], FakeProcess] = {}
+        self.paused: set[str] = set()
+        self.resources: dict[str, list[dict[str, Any]]] = {}  # updates, per container
+        self.stats_result = ContainerStats()
+        self.sandbox: dict[str, Any] | None = None
+        self.online = (1, 512 << 20)  # (CPUs, memory bytes) online_cpu_mem reports
+        self.closed = False
+        self._pids = itertools.count(100)
+
+    # -- what tests drive ------------------------------------------------------------
+    def process(self, container_id: str, exec_id: str = "") -> FakeProcess:
+        try:
+            return self.procs[container_id, exec_id]
+        except KeyError:
+            what = f"exec {exec_id} of " if exec_id else ""
+            raise errors.NotFound(f"{what}container {container_id} not found") from None
+
+    def output(self, container_id: str, exec_id: str, data: bytes,
+               stream: str = "stdout") -> None:
+        """The process writes ``data`` to ``stream``."""
+        p = self.process(container_id, exec_id)
+        (p.stdout if stream == "stdout" else p.stderr).put_nowait(data)
+
+    def exit(self, container_id: str, exec_id: str = "", code: int = 0, *,
+             oom_killed: bool = False, exited_at_ns: int | None = None) -> None:
+        """The process ends with ``code``; its output streams end first."""
+        p = self.process(container_id, exec_id)
+        if p.exit.done():
+            return
+        p.stdout.put_nowait(b"")
+        p.stderr.put_nowait(b"")
+        p.exit.set_result(ExitStatus(code, time.time_ns() if exited_at_ns is None
+                                     else exited_at_ns, oom_killed))
+
+    # -- sandbox ---------------------------------------------------------------------
+    async def check(self, timeout: float = 5.0) -> bool:
+        self._call("check")
+        return True
+
+    async def create_sandbox(self, sandbox_id: str, hostname: str, storages: Sequence[Storage],
+                             dns: Sequence[str] = (), hosts: str = "", sandbox_pidns: bool = False,
+                             kernel_modules: Sequence[str] = (), random_seed: bytes = b"") -> None:
+        self._call("create_sandbox", sandbox_id, hostname)
+        self.sandbox = {"id": sandbox_id, "hostname": hostname, "storages": list(storages),
+                        "dns": list(dns), "hosts": hosts}
+
+    async def destroy_sandbox(self, timeout: float = 10.0) -> None:
+        self._call("destroy_sandbox")
+        for p in self.procs.values():
+            if not p.exit.done():
+                self.exit(p.container_id, p.exec_id, 137)
+        self.sandbox = None
+
+    async def online_cpu_mem(self, nb_cpus: int = 0, cpu_only: bool = False) -> tuple[int, int]:
+        self._call("online_cpu_mem", nb_cpus, cpu_only)
+        return self.online
+
+    async def update_interface(self, name: str, mac: str, mtu: int,
+                               addresses: Sequence[tuple[int, str, int]]) -> None:
+        self._call("update_interface", name, mac, mtu, list(addresses))
+
+    async def update_routes(self, routes: Sequence[tuple[str, str, str, int]]) -> None:
+        self._call("update_routes", list(routes))
+
+    async def close(self) -> None:
+        self._call("close")
+        self.closed = True
+
+    # -- containers ------------------------------------------------------------------
+    async def create_container(self, container_id: str, spec: dict[str, Any],
+                               storages: Sequence[Storage] = (), sandbox_pidns: bool = False,
+                               timeout: float | None = None,
+                               devices: Sequence[Device] = ()) -> None:
+        self._call("create_container", container_id)
+        if container_id in self.containers:
+            raise errors.AlreadyExists(f"container {container_id} already exists")
+        self.containers[container_id] = spec
+        self.procs[container_id, ""] = FakeProcess(container_id, "", spec.get("process") or {})
+
+    async def start_container(self, container_id: str) -> int:
+        self._call("start_container", container_id)
+        p = self.process(container_id)
+        if p.started:
+            raise errors.FailedPrecondition(f"container {container_id} was already started")
+        p.pid, p.started = next(self._pids), True
+        return p.pid
+
+    async def remove_container(self, container_id: str, timeout_s: int = 10) -> None:
+        self._call("remove_container", container_id)
+        if container_id not in self.containers:
+            raise errors.NotFound(f"container {container_id} not found")
+        for cid, eid in list(self.procs):
+            if cid == container_id:
+                self.exit(cid, eid, 137)
+                del self.procs[cid, eid]
+        del self.containers[container_id]
+        self.paused.discard(container_id)
+
+    async def exec_process(self, container_id: str, exec_id: str,
+                           process: dict[str, Any]) -> int:
+        self._call("exec_process", container_id, exec_id)
+        if not self.process(container_id).running:
+            raise errors.FailedPrecondition(f"container {container_id} is not running")
+        if (container_id, exec_id) in self.procs:
+            raise errors.AlreadyExists(f"exec {exec_id} already exists")
+        p = FakeProcess(container_id, exec_id, process, pid=next(self._pids), started=True)
+        self.procs[container_id, exec_id] = p
+        return p.pid
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int,
+                             all_processes: bool = False) -> None:
+        self._call("signal_process", container_id, exec_id, signal, all_processes)
+        p = self.process(container_id, exec_id)
+        if p.exit.done():
+            raise errors.NotFound(f"process {container_id}/{exec_id} already finished")
+        targets = [p]
+        if all_processes and not exec_id:
+            targets += [q for (cid, eid), q in self.procs.items() if cid == container_id and eid]
+        for q in targets:
+            q.signals.append(signal)
+            if signal in self.fatal_signals and q.running:
+                self.exit(q.container_id, q.exec_id, 128 + signal)
+
+    async def wait_process(self, container_id: str, exec_id: str = "") -> ExitStatus:
+        self._call("wait_process", container_id, exec_id)
+        return await asyncio.shield(self.process(container_id, exec_id).exit)
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        self._call("write_stdin", container_id, exec_id, data)
+        p = self.process(container_id, exec_id)
+        if p.stdin_closed:
+            raise errors.FailedPrecondition("stdin is closed")
+        p.stdin += data
+        return len(data)
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        self._call("close_stdin", container_id, exec_id)
+        self.process(container_id, exec_id).stdin_closed = True
+
+    async def read_stdout(self, container_id: str, exec_id: str = "", size: int = 65536) -> bytes:
+        return await _read(self.process(container_id, exec_id).stdout)
+
+    async def read_stderr(self, container_id: str, exec_id: str = "", size: int = 65536) -> bytes:
+        return await _read(self.process(container_id, exec_id).stderr)
+
+    async def resize_tty(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        self._call("resize_tty", container_id, exec_id, rows, cols)
+        self.process(container_id, exec_id).tty = (rows, cols)
+
+    async def stats(self, container_id: str) -> ContainerStats:
+        self._call("stats", container_id)
+        self.process(container_id)
+        return self.stats_result
+
+    async def pause(self, container_id: str) -> None:
+        self._call("pause", container_id)
+        self.process(container_id)
+        self.paused.add(container_id)
+
+    async def resume(self, container_id: str) -> None:
+        self._call("resume", container_id)
+        self.paused.discard(container_id)
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        self._call("update", container_id, resources)
+        self.process(container_id)
+        self.resources.setdefault(container_id, []).append(resources)
+
+    async def list_processes(self, container_id: str) -> list[ProcessInfo]:
+        self._call("list_processes", container_id)
+        self.process(container_id)
+        return [ProcessInfo(p.pid, eid) for (cid, eid), p in self.procs.items()
+                if cid == container_id and p.running]
+
+
+# -- the hypervisor ---------------------------------------------------------------------
+
+
+class FakeChannel(AgentChannel):
+    async def connect(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        raise errors.Unavailable("the fake hypervisor has no agent channel (use FakeAgent)")
+
+
+class FakeHypervisor(Hypervisor):
+    """A VM that is only bookkeeping: start/stop/wait, pause, hotplug."""
+
+    name = "fake"
+
+    def __init__(self, spec: VMSpec | None = None, *, pid: int = 4242) -> None:
+        super().__init__(spec or VMSpec(id="fake", run_dir=Path("/nonexistent/fake-vm"),
+                                        kernel=Path("/nonexistent/vmlinux"), vcpus=1,
+                                        max_vcpus=4, memory_mib=512, max_memory_mib=2048))
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.running = False
+        self.paused = False
+        self.exit_code = 0
+        self._pid = pid
+        self._exited = asyncio.Event()
+        self.blocks: dict[str, Path] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid if self.running else None
+
+    async def start(self) -> None:
+        self.calls.append(("start", ()))
+        if self.running:
+            raise errors.FailedPrecondition("fake VM already running")
+        self.running = True
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self.calls.append(("stop", (timeout,)))
+        self.running = False
+        self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        return self.exit_code
+
+    def agent_channel(self) -> AgentChannel:
+        return FakeChannel()
+
+    async def pause(self) -> None:
+        self.calls.append(("pause", ()))
+        self.paused = True
+
+    async def resume(self) -> None:
+        self.calls.append(("resume", ()))
+        self.paused = False
+
+    async def hotplug_vcpus(self, total: int) -> int:
+        self.calls.append(("hotplug_vcpus", (total,)))
+        self.spec.vcpus = min(total, self.spec.max_vcpus)
+        return self.spec.vcpus
+
+    async def hotplug_memory(self, size_mib: int) -> int:
+        self.calls.append(("hotplug_memory", (size_mib,)))
+        return size_mib
+
+    async def hotplug_block(self, drive_id: str, path: Path, readonly: bool = False,
+                            serial: str = "") -> str:
+        self.calls.append(("hotplug_block", (drive_id, path, readonly, serial)))
+        self.blocks[drive_id] = path
+        return f"fake-pci/{len(self.blocks)}"
+
+    async def unplug_block(self, drive_id: str, timeout: float = 20.0) -> None:
+        self.calls.append(("unplug_block", (drive_id,)))
+        self.blocks.pop(drive_id, None)
+
+
+# -- the sandbox ------------------------------------------------------------------------
+
+
+class FakeTree(_Recorder):
+    """The shared tree, without mounts: records what is shared and unshared."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.mounts = root / "mounts"
+        self.shared: dict[str, tuple[Path, bool]] = {}  # mount point -> (source, readonly)
+
+    def share(self, source: Path, rel: str, readonly: bool) -> tuple[str, list[str]]:
+        self._call("share", source, rel, readonly)
+        if not source.exists():
+            raise errors.InvalidArgument(f"mount source {source} does not exist")
+        point = str(self.mounts / rel)
+        self.shared[point] = (source, readonly)
+        return point, [rel]
+
+    def unshare(self, points: list[str]) -> list[str]:
+        self._call("unshare", list(points))
+        for p in points:
+            self.shared.pop(p, None)
+        return []
+
+    def clear(self, rel: str) -> list[str]:
+        self._call("clear", rel)
+        prefix = str(self.mounts / rel) + "/"
+        for p in [p for p in self.shared if p.startswith(prefix)]:
+            del self.shared[p]
+        return []
+
+
+class FakeSandbox:
+    """A running sandbox around a FakeAgent and a FakeHypervisor: what
+    ``Container`` needs of ``Sandbox`` (runtime.container.PodSandbox) and what
+    the shim's TaskService uses (create_container, container, containers, vm, stop)."""
+
+    def __init__(self, sandbox_id: str = "sb", config: Config | None = None, *,
+                 agent: FakeAgent | None = None, vm: FakeHypervisor | None = None,
+                 root: Path = Path("/nonexistent/fake-sandbox"),
+                 namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.id = sandbox_id
+        self.namespace = namespace
+        self.config = config or Config()
+        self.agent = agent or FakeAgent()
+        self.vm = vm or FakeHypervisor()
+        self.tree = FakeTree(root)
+        self.shared_dir = root / "shared"
+        self.containers: dict[str, Container] = {}
+        self.state = State.RUNNING
+        self.persisted = 0
+        self.fitted = 0
+        self._blockdevs: BlockDevices | None = None
+
+    def persist(self) -> None:
+        self.persisted += 1
+
+    def check_resources(self, res: dict[str, Any]) -> None:
+        limit = (res.get("memory") or {}).get("limit") or 0
+        if limit > self.vm.spec.max_memory_mib << 20:
+            raise errors.InvalidArgument(f"a memory limit of {limit >> 20} MiB is impossible")
+
+    async def fit_resources(self) -> None:
+        self.fitted += 1
+
+    def block_devices(self) -> BlockDevices:
+        if self._blockdevs is None:
+            self._blockdevs = BlockDevices(self.id, self.vm)
+        return self._blockdevs
+
+    def forget(self, c: Container) -> None:
+        self.containers.pop(c.id, None)
+
+    def container(self, container_id: str) -> Container:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise errors.NotFound(f"container {container_id} not found") from None
+
+    async def create_container(self, container_id: str, bundle: Path,
+                               spec: dict[str, Any] | None = None) -> Container:
+        """As Sandbox.create_container: checked, created, forgotten again on error."""
+        check_id("container", container_id)
+        if self.state is not State.RUNNING:
+            raise errors.FailedPrecondition(
+                f"cannot create a container: sandbox {self.id} is {self.state.value}")
+        if container_id in self.containers:
+            raise errors.AlreadyExists(f"container {container_id} already exists")
+        c = Container(self, container_id, bundle, load_spec(bundle) if spec is None else spec)
+        self.containers[container_id] = c
+        try:
+            await c.create()
+        except BaseException:
+            self.containers.pop(container_id, None)
+            raise
+        return c
+
+    async def stop(self) -> None:
+        """As Sandbox.stop: every container deleted, the agent closed, the VM stopped."""
+        for c in list(self.containers.values()):
+            with contextlib.suppress(Exception):
+                await c.delete(force=True)
+        self.containers.clear()
+        if self.state is State.RUNNING:
+            await self.agent.destroy_sandbox()
+            await self.agent.close()
+        await self.vm.stop()
+        self.state = State.STOPPED
+
+
+class FakeSandboxFactory(_Recorder):
+    """``Sandbox.create`` for the shim: each call makes a FakeSandbox (all share
+    ``agent``); ``fail("create", exc)`` makes the next one fail to boot."""
+
+    def __init__(self, agent: FakeAgent | None = None) -> None:
+        super().__init__()
+        self.agent = agent or FakeAgent()
+        self.made: list[FakeSandbox] = []
+
+    async def __call__(self, sandbox_id: str, config: Config, *, hostname: str = "",
+                       netns: str = "", namespace: str = DEFAULT_NAMESPACE) -> FakeSandbox:
+        self._call("create", sandbox_id, {"hostname": hostname, "netns": netns,
+                                          "namespace": namespace})
+        sb = FakeSandbox(sandbox_id, config, agent=self.agent, namespace=namespace)
+        await sb.vm.start()
+        await self.agent.create_sandbox(sandbox_id, hostname or sandbox_id[:63], [])
+        self.made.append(sb)
+        return sb
+
+
+class FakeIO:
+    """A process's stdio relay (runtime.types.ProcessIO) that only records. With
+    ``hold_drain`` its drain waits until ``release()``: a test sees the exit is
+    not final before the output is delivered."""
+
+    def __init__(self, stdio: Stdio | None = None, *, hold_drain: bool = False) -> None:
+        self._stdio = stdio or Stdio()
+        self.events: list[str] = []  # "start", "drain", "close_stdin", "stop"
+        self._released = asyncio.Event()
+        if not hold_drain:
+            self._released.set()
+
+    @property
+    def stdio(self) -> Stdio:
+        return self._stdio
+
+    def release(self) -> None:
+        self._released.set()
+
+    def start(self) -> None:
+        self.events.append("start")
+
+    async def drain(self) -> None:
+        await self._released.wait()
+        self.events.append("drain")
+
+    async def close_stdin(self) -> None:
+        self.events.append("close_stdin")
+
+    async def stop(self) -> None:
+        self.events.append("stop")
