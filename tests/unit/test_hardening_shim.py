@@ -9,95 +9,82 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf.message import Message
+from google.protobuf import any_pb2
 
 from pykata import config, errors
 from pykata.agent import AgentClient
 from pykata.agent.convert import GUEST_TEXT_MAX, guest_text
 from pykata.protos import agent_pb2 as apb
 from pykata.protos import containerd_shim_pb2 as pb
-from pykata.runtime.types import ExitStatus, State
+from pykata.shim import convert
 from pykata.shim import service as svc
+from pykata.testing.fakes import FakeAgent, FakePublisher, FakeSandboxFactory
 from pykata.ttrpc import Client, Server
 
 # -- 1. exit status as uint32 -----------------------------------------------------------
 
 
-class FakePublisher:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, Message]] = []
+def _bundle_dir(tmp_path: Path) -> Path:
+    import json
 
-    def publish(self, topic: str, event: Message) -> None:
-        event.SerializeToString()  # what the real one does on the wire
-        self.events.append((topic, event))
+    from pykata.testing import default_spec
 
-
-class FakeProcess:
-    def __init__(self, status: ExitStatus) -> None:
-        self.status = status
-        self.state = State.STOPPED
-
-    async def wait(self) -> ExitStatus:
-        return self.status
+    b = tmp_path / "task"
+    (b / "rootfs").mkdir(parents=True)
+    (b / "config.json").write_text(json.dumps(default_spec(["sh"])))
+    return b
 
 
-class FakeContainer:
-    def __init__(self, cid: str, status: ExitStatus) -> None:
-        self.id = cid
-        self.state = State.STOPPED
-        self.init = FakeProcess(status)
-
-    async def delete(self, force: bool = False) -> None:
-        return None
-
-
-def _service(status: ExitStatus) -> tuple[svc.TaskService, FakePublisher, svc.Task]:
+async def _running(tmp_path: Path) -> tuple[svc.TaskService, FakePublisher, FakeAgent]:
     pub = FakePublisher()
-    service = svc.TaskService("sb", "default", config.Config(), pub,  # type: ignore[arg-type]
-                              asyncio.Event())
-    container = FakeContainer("c1", status)
-    rec = svc.ExecRecord("", {}, "", "", "", False,
-                         process=container.init)  # type: ignore[arg-type]
-    task = svc.Task("c1", Path("/nonexistent"), container, rec, False)  # type: ignore[arg-type]
-    service.tasks["c1"] = task
-    return service, pub, task
+    make = FakeSandboxFactory()
+    service = svc.TaskService("c1", "default", config.Config(), pub, asyncio.Event(),
+                              make_sandbox=make)
+    await service.Create(pb.CreateTaskRequest(id="c1", bundle=str(_bundle_dir(tmp_path))))
+    await service.Start(pb.StartRequest(id="c1"))
+    return service, pub, make.agent
 
 
 @pytest.mark.parametrize("code, wire", [(-1, 0xFFFFFFFF), (-9, 0xFFFFFFF7),
                                         (-(2**31), 2**31), (137, 137), (0, 0)])
-async def test_guest_exit_status_reaches_containerd_as_uint32(code: int, wire: int) -> None:
-    service, pub, task = _service(ExitStatus(code, time.time_ns()))
-    await service._watch_exit(task, task.init)
-    (topic, exit_ev), = pub.events
-    assert topic == "/tasks/exit" and exit_ev.exit_status == wire  # type: ignore[attr-defined]
-    wait = await service.Wait(pb.WaitRequest(id="c1"))
+async def test_guest_exit_status_reaches_containerd_as_uint32(tmp_path: Path, code: int,
+                                                              wire: int) -> None:
+    service, pub, agent = await _running(tmp_path)
+    agent.exit("c1", code=code)
+    wait = await asyncio.wait_for(service.Wait(pb.WaitRequest(id="c1")), 5)
+    exit_ev = pub.last("/tasks/exit")
+    assert exit_ev.exit_status == wire  # type: ignore[attr-defined]
     state = await service.State(pb.StateRequest(id="c1"))
     deleted = await service.Delete(pb.DeleteRequest(id="c1"))
     assert wait.exit_status == state.exit_status == deleted.exit_status == wire
-    assert pub.events[-1][1].exit_status == wire  # type: ignore[attr-defined]
+    assert pub.last("/tasks/delete").exit_status == wire  # type: ignore[attr-defined]
     for m in (wait, state, deleted):
         m.SerializeToString()
 
 
-async def test_exec_exit_status_and_absurd_exit_time() -> None:
-    service, pub, task = _service(ExitStatus(0, 0))
-    rec = svc.ExecRecord("e1", {}, "", "", "", False,
-                         process=FakeProcess(ExitStatus(-1, -(2**63))))  # type: ignore[arg-type]
-    task.execs["e1"] = rec
+async def test_exec_exit_status_and_absurd_exit_time(tmp_path: Path) -> None:
+    import json
+
+    service, pub, agent = await _running(tmp_path)
+    await service.Exec(pb.ExecProcessRequest(id="c1", exec_id="e1", spec=any_pb2.Any(
+        value=json.dumps({"args": ["true"]}).encode())))
+    await service.Start(pb.StartRequest(id="c1", exec_id="e1"))
     before = time.time_ns()
-    await service._watch_exit(task, rec)
-    exit_ev = pub.events[-1][1]
+    agent.exit("c1", "e1", -1, exited_at_ns=-(2**63))
+    await asyncio.wait_for(service.Wait(pb.WaitRequest(id="c1", exec_id="e1")), 5)
+    exit_ev = pub.last("/tasks/exit")
     assert exit_ev.exit_status == 0xFFFFFFFF  # type: ignore[attr-defined]
     # A guest clock in the year 1677 (or 2262) is replaced by the host's.
     assert exit_ev.exited_at.ToNanoseconds() >= before  # type: ignore[attr-defined]
     resp = await service.Delete(pb.DeleteRequest(id="c1", exec_id="e1"))
     assert resp.exit_status == 0xFFFFFFFF and resp.exited_at.ToNanoseconds() >= before
+    await service.close()
 
 
 def test_exit_code_mask() -> None:
-    assert svc.exit_code(-1) == 0xFFFFFFFF
-    assert svc.exit_code(128 + 9) == 137
-    assert svc.exit_code(2**32 + 5) == 5
+    assert convert.exit_code(-1) == 0xFFFFFFFF
+    assert convert.exit_code(128 + 9) == 137
+    assert convert.exit_code(2**32 + 5) == 5
 
 
 # -- 7. guest error text ----------------------------------------------------------------
@@ -404,7 +391,7 @@ async def test_sandbox_is_created_in_containerds_namespace(
     b.mkdir()
     (b / "config.json").write_text(json.dumps({"process": {}}))
     service = svc.TaskService("pod1", "k8s.io", config.Config(),
-                              FakePublisher(), asyncio.Event())  # type: ignore[arg-type]
+                              FakePublisher(), asyncio.Event())
     with pytest.raises(Stop):
         await service.Create(pb.CreateTaskRequest(id="pod1", bundle=str(b)))
     assert seen["id"] == "pod1" and seen["namespace"] == "k8s.io"

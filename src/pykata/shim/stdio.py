@@ -1,8 +1,10 @@
 """Relay a process's stdio between containerd's fifos and the guest agent.
 
-Output relays end at the agent's end-of-stream, so everything the process
-wrote reaches the fifo before its exit is reported. Stdin EOF closes the
-process's stdin in the guest.
+A relay is a process's ProcessIO (runtime/types.py): attached with
+``Process.attach_io``, started by the process once it exists in the guest, and
+drained by it before the exit is final. Output relays end at the agent's
+end-of-stream, so everything the process wrote reaches the fifo before its exit
+is reported. Stdin EOF closes the process's stdin in the guest.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from pykata import errors
 from pykata.runtime.container import Process
+from pykata.runtime.types import Stdio
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +78,24 @@ async def fifo_writer(path: str) -> asyncio.StreamWriter:
 
 
 class StdioRelay:
-    def __init__(self, proc: Process, stdin: str, stdout: str, stderr: str,
-                 terminal: bool) -> None:
+    """containerd's fifos (``stdio``) <-> the agent's stdio calls of ``proc``."""
+
+    def __init__(self, proc: Process, stdio: Stdio) -> None:
         self.proc = proc
-        self.paths = (stdin, stdout, stderr)
-        self.terminal = terminal
+        self._stdio = stdio
         self._out_tasks: list[asyncio.Task[None]] = []
         self._in_task: asyncio.Task[None] | None = None
 
+    @property
+    def stdio(self) -> Stdio:
+        return self._stdio
+
     def start(self) -> None:
-        stdin, stdout, stderr = self.paths
+        stdin, stdout, stderr = self._stdio.stdin, self._stdio.stdout, self._stdio.stderr
         if stdout:
             self._out_tasks.append(asyncio.ensure_future(
                 self._pump_out(stdout, self.proc.read_stdout)))
-        if stderr and not self.terminal:
+        if stderr and not self._stdio.terminal:
             self._out_tasks.append(asyncio.ensure_future(
                 self._pump_out(stderr, self.proc.read_stderr)))
         if stdin:

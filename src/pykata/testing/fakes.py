@@ -10,6 +10,7 @@
     FakeSandboxFactory  stands in for ``Sandbox.create`` in the shim's TaskService
     FakeIO              a process's host-side stdio (runtime.types.ProcessIO)
                         whose drain the test holds back (``hold_drain``)
+    FakePublisher       the shim's event publisher, as a list of (topic, event)
 
 ``runtime.sandbox.Sandbox`` itself boots its VM and dials its agent in one
 piece, so unit tests drive ``Container`` and the shim through FakeSandbox.
@@ -30,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import Message
 
 from pykata import errors
 from pykata.config import Config
@@ -530,3 +533,24 @@ class FakeIO:
 
     async def stop(self) -> None:
         self.events.append("stop")
+
+
+class FakePublisher:
+    """The shim's event publisher (shim/events.py): events in the order published."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Message]] = []
+
+    def publish(self, topic: str, event: Message) -> None:
+        event.SerializeToString()  # what the real one does on the wire
+        self.events.append((topic, event))
+
+    @property
+    def topics(self) -> list[str]:
+        return [t for t, _ in self.events]
+
+    def last(self, topic: str) -> Message:
+        for t, e in reversed(self.events):
+            if t == topic:
+                return e
+        raise AssertionError(f"no {topic} event in {self.topics}")
