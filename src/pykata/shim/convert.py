@@ -105,25 +105,26 @@ def runtime_config(options: any_pb2.Any) -> Config | None:
 
 
 def _json(value: bytes, what: str) -> dict[str, Any]:
+    """``what``: "exec spec is", "resources are"."""
     try:
         data = json.loads(value) if value else {}
     except ValueError as exc:
-        raise errors.InvalidArgument(f"{what} is not valid JSON: {exc}") from exc
+        raise errors.InvalidArgument(f"{what} not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise errors.InvalidArgument(f"{what} is not a JSON object")
+        raise errors.InvalidArgument(f"{what} not a JSON object")
     return data
 
 
 def exec_spec(req: pb.ExecProcessRequest) -> dict[str, Any]:
     """The OCI process of an Exec, its ``terminal`` as the request says."""
-    spec = _json(req.spec.value, "exec spec")
+    spec = _json(req.spec.value, "exec spec is")
     spec["terminal"] = req.terminal
     return spec
 
 
 def resources(req: pb.UpdateTaskRequest) -> dict[str, Any]:
     """The OCI linux.resources of an Update."""
-    return _json(req.resources.value, "resources")
+    return _json(req.resources.value, "resources are")
 
 
 # -- runtime -> responses -----------------------------------------------------------------
