@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Enforce the import directions of docs/architecture.md ("What may import what").
+
+Each pykata package (or top-level module) may import only the packages listed
+for it below; everything else is a layering violation, reported one per line
+as ``file:line: a -> b``. Exit status 1 if there is any. Run by `make lint` and
+`make test` (scripts/test.sh); stdlib only.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+BASE = {"errors", "wire", "protos", "utils", "config", "__init__"}
+# layer -> what it may import besides itself. A key with a dot is one module
+# with its own rule (runtime.types: the data types host code shares).
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "wire": set(),
+    "protos": set(),
+    "utils": {"errors"},
+    "config": {"errors", "utils"},
+    "__init__": set(),
+    "ttrpc": BASE,
+    "guest": BASE | {"ttrpc"},  # the agent: never host code
+    "hypervisor": BASE | {"ttrpc"},
+    "resources": BASE | {"hypervisor"},
+    "runtime.types": BASE,
+    "agent": BASE | {"ttrpc", "runtime.types"},
+    "runtime": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime.types"},
+    "shim": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime", "runtime.types"},
+    "image": BASE | {"guest"},  # reuses the guest's module-dependency parser
+    "monitor": BASE | {"ttrpc", "agent", "runtime", "runtime.types", "shim"},
+    "cli": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime", "runtime.types",
+                   "shim", "image", "monitor"},
+    "testing": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime",
+                       "runtime.types", "shim", "guest", "image"},
+}
+
+
+def layer(module: str) -> str:
+    """``pykata.runtime.types`` -> runtime.types, ``pykata.shim.main`` -> shim."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "__init__"
+    if parts[:2] == ["runtime", "types"]:
+        return "runtime.types"
+    return parts[0]
+
+
+def module_of(path: Path, src: Path = SRC) -> str:
+    rel = path.relative_to(src).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1] or parts
+    return ".".join(parts)
+
+
+def imports(path: Path, module: str) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), str(path))
+    pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            names = [f"{target}.{a.name}" for a in node.names]
+            # "from pykata import errors" and "from pykata.runtime import types"
+            # import those modules, not the package.
+            for n in names:
+                sub = n.rpartition(".")[2]
+                if (target == "pykata" and sub in ALLOWED) or layer(n) == "runtime.types":
+                    out.append((node.lineno, n))
+                else:
+                    out.append((node.lineno, target))
+    return [(ln, m) for ln, m in out if m == "pykata" or m.startswith("pykata.")]
+
+
+def violations(src: Path = SRC) -> list[str]:
+    found = []
+    for path in sorted((src / "pykata").rglob("*.py")):
+        module = module_of(path, src)
+        mine = layer(module)
+        allowed = ALLOWED.get(mine)
+        for lineno, target in imports(path, module):
+            theirs = layer(target)
+            if theirs == mine:
+                continue
+            if allowed is None:
+                found.append(f"{path.relative_to(src.parent)}:{lineno}: package {mine!r} "
+                             "has no rule in scripts/check_imports.py")
+                break
+            if theirs not in allowed:
+                found.append(f"{path.relative_to(src.parent)}:{lineno}: {mine} -> {theirs}"
+                             f" ({target})")
+    return found
+
+
+def main() -> int:
+    bad = violations()
+    for line in bad:
+        print(line)
+    if bad:
+        print(f"{len(bad)} import(s) against the layering (docs/architecture.md)",
+              file=sys.stderr)
+        return 1
+    print("import directions: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The import directions of docs/architecture.md hold (scripts/check_imports.py),
+and the checker catches a violation."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def checker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("check_imports",
+                                                  ROOT / "scripts/check_imports.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["check_imports"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_violations_are_found(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for rel, text in {
+        "pykata/__init__.py": "",
+        "pykata/guest/__init__.py": "",
+        "pykata/guest/bad.py": "from pykata.runtime.sandbox import Sandbox\n",
+        "pykata/utils/__init__.py": "",
+        "pykata/utils/ok.py": "from pykata import errors\nfrom . import ok\n",
+        "pykata/runtime/__init__.py": "",
+        "pykata/runtime/types.py": "from pykata.runtime import sandbox\n",
+        "pykata/cli/__init__.py": "",
+        "pykata/cli/x.py": "import pykata.testing\n",
+        "pykata/newpkg/__init__.py": "import pykata.errors\n",
+    }.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    mod = checker()
+    found = "\n".join(mod.violations(src))
+    assert "guest -> runtime" in found
+    assert "runtime.types -> runtime" in found
+    assert "cli -> testing" in found
+    assert "'newpkg' has no rule" in found
+    assert "utils" not in found
