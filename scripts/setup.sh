@@ -71,6 +71,34 @@ if ! id -u pykata-qemu >/dev/null 2>&1; then
     echo "setup: need root to create the system user pykata-qemu" >&2; exit 1
   fi
 fi
+# ... and its subordinate uid and gid range: each VM's QEMU runs as its own uid
+# (and gid) leased from it, so one QEMU cannot open another's guest RAM through
+# /proc/<pid>/mem or /proc/<pid>/fd. 65536 ids, after every range and every
+# uid/gid >= 100000 already in use (so it overlaps nothing).
+QEMU_IDS=65536
+need_ids=()
+for f in /etc/subuid /etc/subgid; do
+  if ! grep -q "^pykata-qemu:" "$f" 2>/dev/null && \
+     ! grep -q "^$(id -u pykata-qemu):" "$f" 2>/dev/null; then need_ids+=("$f"); fi
+done
+if [ ${#need_ids[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: need root to give pykata-qemu a subordinate uid range" >&2; exit 1
+  fi
+  first=$( { cat /etc/subuid /etc/subgid 2>/dev/null | awk -F: 'NF == 3 { print $2 + $3 }'
+             getent passwd | awk -F: '{ print $3 + 1 }'
+             getent group | awk -F: '{ print $3 + 1 }'; } |
+           awk -v min=100000 'BEGIN { m = min } $1 > m && $1 < 4000000000 { m = $1 } END { print m }')
+  # start on a multiple of the range size, like useradd does
+  first=$(( (first + QEMU_IDS - 1) / QEMU_IDS * QEMU_IDS ))
+  last=$(( first + QEMU_IDS - 1 ))
+  step "giving pykata-qemu the subordinate uid/gid range $first-$last"
+  for f in "${need_ids[@]}"; do
+    [ -e "$f" ] || install -m 0644 /dev/null "$f"
+    if [ "$f" = /etc/subuid ]; then usermod --add-subuids "$first-$last" pykata-qemu
+    else usermod --add-subgids "$first-$last" pykata-qemu; fi
+  done
+fi
 
 # 5. Guest image (cached by a hash of its inputs: a second run does nothing).
 step "guest image"

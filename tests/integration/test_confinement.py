@@ -1,5 +1,6 @@
 """Issue 12, confinement (real VMs): QEMU runs unprivileged in its seccomp
-filter and names no host path of the sandbox; virtiofsd is sandboxed; a guest
+filter, each VM as its own uid (one sandbox's QEMU cannot open another's
+memory), and names no host path of the sandbox; virtiofsd is sandboxed; a guest
 flooding its console cannot grow host storage past the log cap nor stall the
 shim; a VM template still round-trips from a root-only directory; a wrong
 user or template directory is one clear error that leaves nothing."""
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
+import json
 import os
 import pwd
 import stat
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 
 from pykata import config, errors
+from pykata.hypervisor.qemu.uids import IdRange, id_range
 from pykata.runtime import factory
 from pykata.runtime.sandbox import Sandbox
 from pykata.testing import default_spec, leftovers, make_bundle
@@ -43,15 +47,35 @@ def argv_of(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
+def qemu_ids() -> IdRange:
+    """The QEMU user's subordinate range (make setup adds it)."""
+    pw = pwd.getpwnam(QEMU_USER)
+    ids = id_range(QEMU_USER, pw.pw_uid)
+    if ids is None:
+        pytest.fail(f"{QEMU_USER} has no subordinate uid/gid range: run 'make setup'")
+    return ids
+
+
+def qemu_uid_gid(sb: Sandbox) -> tuple[int, int]:
+    assert sb.vm is not None and sb.vm.pid is not None
+    st = status(sb.vm.pid)
+    return int(st["Uid"].split()[0]), int(st["Gid"].split()[0])
+
+
 def assert_confined(sb: Sandbox, cfg: config.Config) -> None:
     assert sb.vm is not None and sb.vm.pid is not None
     st = status(sb.vm.pid)
-    uid = pwd.getpwnam(QEMU_USER).pw_uid
-    assert uid != 0
+    uid, gid = qemu_uid_gid(sb)
+    # Its own uid and gid, a pair of the QEMU user's subordinate range.
+    assert uid != 0 and gid != 0 and (uid, gid) in qemu_ids(), st
+    assert uid != pwd.getpwnam(QEMU_USER).pw_uid
     assert st["Seccomp"] == "2", st  # a seccomp filter
     assert st["Uid"].split() == [str(uid)] * 4, st
-    assert st["Gid"].split() == [str(pwd.getpwnam(QEMU_USER).pw_gid)] * 4, st
+    assert st["Gid"].split() == [str(gid)] * 4, st
     assert st["Groups"] == "", st  # none of root's groups
+    lease = Path(cfg.runtime.state_dir) / "uids" / str(uid)
+    assert lease.is_file() and stat.S_IMODE(lease.stat().st_mode) == 0o600
+    assert stat.S_IMODE(lease.parent.stat().st_mode) == 0o700
     argv = argv_of(sb.vm.pid)
     assert "-sandbox" in argv
     for a in argv:
@@ -109,6 +133,89 @@ async def test_qemu_and_virtiofsd_are_confined(pykata_config: config.Config) -> 
         await sb.stop()
     assert not leftovers(pykata_config.runtime.state_dir, sb.id)
     assert open_fds() == fds, "the host side leaked fds"
+
+
+async def test_each_sandbox_runs_its_qemu_as_its_own_uid(pykata_config: config.Config) -> None:
+    """Two sandboxes at once: two uids (and gids) of the range, none shared; a
+    process running as A's QEMU uid cannot open B's memory or fds, though it can
+    open A's own (so the uid is what keeps them apart). The leases go at stop."""
+    a = await Sandbox.create(f"uida-{uuid.uuid4().hex[:6]}", pykata_config)
+    try:
+        b = await Sandbox.create(f"uidb-{uuid.uuid4().hex[:6]}", pykata_config)
+        try:
+            for sb in (a, b):
+                assert_confined(sb, pykata_config)
+            (uid_a, gid_a), (uid_b, gid_b) = qemu_uid_gid(a), qemu_uid_gid(b)
+            assert uid_a != uid_b and gid_a != gid_b
+            assert a.vm is not None and b.vm is not None
+            pid_a, pid_b = a.vm.pid, b.vm.pid
+            assert pid_a is not None and pid_b is not None
+            fds_b = os.listdir(f"/proc/{pid_b}/fd")
+            fds_a = os.listdir(f"/proc/{pid_a}/fd")
+            attack = as_uid(uid_a, gid_a, {
+                "b_mem": f"/proc/{pid_b}/mem",
+                "b_fd_dir": f"/proc/{pid_b}/fd",
+                "b_map_files_dir": f"/proc/{pid_b}/map_files",
+                **{f"b_fd_{fd}": f"/proc/{pid_b}/fd/{fd}" for fd in fds_b},
+                "a_status": f"/proc/{pid_a}/status",
+                "a_mem": f"/proc/{pid_a}/mem",
+                **{f"a_fd_{fd}": f"/proc/{pid_a}/fd/{fd}" for fd in fds_a[:4]},
+            })
+            errs = {k: v for k, v in attack.items() if "_fd_" not in k or k.endswith("_dir")}
+            b_fds = sorted({v for k, v in attack.items() if k.startswith("b_fd_")
+                            and not k.endswith("_dir")})
+            print(f"QEMU uids/gids {uid_a}/{gid_a} and {uid_b}/{gid_b}; as {uid_a}: {errs},"
+                  f" errnos of B's {len(fds_b)} fds: {b_fds}")
+            refused = (errno.EACCES, errno.EPERM)
+            for what, err in attack.items():
+                if what.startswith("b_"):
+                    assert err in refused, (what, err)
+            assert attack["a_status"] == 0 and attack["a_mem"] == 0, attack
+        finally:
+            await b.stop()
+        assert not (Path(pykata_config.runtime.state_dir) / "uids" / str(uid_b)).exists()
+    finally:
+        await a.stop()
+    assert not leftovers(pykata_config.runtime.state_dir, a.id)
+    assert not leftovers(pykata_config.runtime.state_dir, b.id)
+
+
+def as_uid(uid: int, gid: int, paths: dict[str, str]) -> dict[str, int]:
+    """Open each path from a child that dropped to ``uid``:``gid`` (no
+    supplementary groups, so no capability either): 0 or the errno."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            out = {}
+            for what, path in paths.items():
+                try:
+                    if what.endswith("_dir"):
+                        os.listdir(path)
+                    else:
+                        os.close(os.open(path, os.O_RDONLY))
+                    out[what] = 0
+                except OSError as exc:
+                    out[what] = exc.errno or -1
+            os.write(w, json.dumps(out).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        os.close(r)
+        _, code = os.waitpid(pid, 0)
+    assert code == 0 and data, "the child could not drop to the QEMU uid"
+    return {k: int(v) for k, v in json.loads(data).items()}
 
 
 async def test_console_flood_stays_under_the_cap(pykata_config: config.Config,

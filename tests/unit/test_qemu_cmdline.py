@@ -227,6 +227,34 @@ def test_check_reports_the_qemu_user_and_seccomp() -> None:
     assert rows["QEMU user"][0] and "root" in rows["QEMU user"][1]
 
 
+def test_check_warns_when_qemu_processes_share_one_uid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pykata import config
+    from pykata.cli.admin import WARNING, _confinement_checks
+    from pykata.hypervisor.qemu import uids
+
+    monkeypatch.setattr(uids, "SUBUID", tmp_path / "subuid")
+    monkeypatch.setattr(uids, "SUBGID", tmp_path / "subgid")
+    cfg = config.Config()
+    cfg.qemu.run_as_user = "nobody"
+    cfg.qemu.seccomp_sandbox = ""
+    rows = {what: (ok, detail, fix) for what, ok, detail, fix in _confinement_checks(cfg, "tcg")}
+    ok, detail, fix = rows["QEMU uids"]
+    assert ok and detail.startswith(WARNING) and "share one uid" in detail
+    assert fix == "run make setup (adds a subordinate uid range to nobody)"
+    (tmp_path / "subuid").write_text("nobody:200000:65536\n")
+    (tmp_path / "subgid").write_text("nobody:300000:65536\n")
+    rows = {what: (ok, detail, fix) for what, ok, detail, fix in _confinement_checks(cfg, "tcg")}
+    ok, detail, fix = rows["QEMU uids"]
+    assert ok and not detail.startswith(WARNING) and "200000-265535" in detail, detail
+
+
+def test_uid_lease_dir_is_an_option_not_on_the_command_line() -> None:
+    argv = build("q", spec(), opts(run_as_user="u", uid_lease_dir=Path("/run/pykata/uids")))
+    assert not [a for a in argv if "uids" in a]
+    assert QemuOptions().uid_lease_dir is None
+
+
 def test_qmp_client_keeps_no_unbounded_event_queue() -> None:
     import asyncio
 

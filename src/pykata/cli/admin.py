@@ -123,6 +123,7 @@ def _confinement_checks(cfg: config.Config, accel: str) -> list[tuple[str, bool,
                     f"{q.run_as_user}: no such user", add_user))
         if cred is not None:
             uid, gid = cred.uid, cred.gid
+            out.append(_uid_range_check(q.run_as_user, cred.uid))
             if accel == "kvm":
                 kvm = Path("/dev/kvm")
                 ok = kvm.exists() and permits(kvm.stat(), cred, 6)
@@ -139,14 +140,33 @@ def _confinement_checks(cfg: config.Config, accel: str) -> list[tuple[str, bool,
     return out
 
 
+def _uid_range_check(user: str, uid: int) -> tuple[str, bool, str, str]:
+    """One uid per VM needs the user's subordinate uid and gid ranges; without
+    them every QEMU shares one uid (a warning: it still runs)."""
+    from pykata.hypervisor.qemu.uids import SUBGID, SUBUID, id_range
+
+    ids = id_range(user, uid)
+    if ids is None:
+        return ("QEMU uids", True, f"{WARNING}QEMU processes share one uid ({user} has no"
+                f" subordinate uid and gid range in {SUBUID} and {SUBGID})",
+                f"run make setup (adds a subordinate uid range to {user})")
+    return ("QEMU uids", True, f"one per VM from {user}'s subordinate range {ids.describe()}"
+            f" ({ids.size} ids)", "")
+
+
+WARNING = "warning: "  # a check that passes with this detail is printed as a warning
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     failed = 0
     for what, ok, detail, fix in host_checks(cfg):
-        mark = "ok  " if ok else "FAIL"
-        line = f"[{mark}] {what:16} {detail}"
-        if not ok and fix:
+        warn = ok and detail.startswith(WARNING)
+        mark = "warn" if warn else "ok  " if ok else "FAIL"
+        line = f"[{mark}] {what:16} {detail.removeprefix(WARNING) if warn else detail}"
+        if (warn or not ok) and fix:
             line += f"\n       fix: {fix}"
+        if not ok and fix:
             failed += 1
         print(line)
     if failed:

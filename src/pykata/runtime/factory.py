@@ -27,8 +27,9 @@ root's and writable by nobody else unless sticky): ``[factory] template_path``
 holds ``lock``, the template in ``current/`` and, while one is built,
 ``build/``; each clone's RAM is ``<state dir>/vm/<sandbox>.mem``. Files are
 created ``O_EXCL|O_NOFOLLOW``, 0600. QEMU (unprivileged) never opens them by
-path: the driver hands it fds (RAM files are given to QEMU's user while it
-runs; the template's goes back to root once saved).
+path: the driver hands it fds (RAM files are given to the uid the VM leased
+while it runs: the template build and each clone lease their own; the
+template's goes back to root once saved, before any clone copies it).
 """
 
 from __future__ import annotations

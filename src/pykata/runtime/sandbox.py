@@ -169,6 +169,7 @@ class Sandbox:
             else 0, pcie_root_ports=PCIE_ROOT_PORTS, extra_args=tuple(q.extra_args),
             seccomp_sandbox=q.seccomp_sandbox, run_as_user=q.run_as_user,
             log_max_bytes=self.config.runtime.log_max_bytes,
+            uid_lease_dir=Path(self.config.runtime.state_dir) / "uids",
         )
 
     def _vm_spec(self, vcpus: int | None, memory_mib: int | None,

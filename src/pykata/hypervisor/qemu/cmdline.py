@@ -12,6 +12,7 @@ set).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pykata.hypervisor.base import VMSpec
 
@@ -35,6 +36,9 @@ class QemuOptions:
     # unprivileged user it runs as ("" = stay root). See docs/security.md.
     seccomp_sandbox: str = ""
     run_as_user: str = ""
+    # Where each VM leases its own uid/gid from run_as_user's subordinate range
+    # (None: every QEMU runs as run_as_user's own uid). See qemu/uids.py.
+    uid_lease_dir: Path | None = None
     log_max_bytes: int = 1 << 20  # cap of qemu.log and console.log (each, plus one .1)
 
 

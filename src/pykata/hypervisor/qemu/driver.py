@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import grp
 import logging
@@ -39,6 +40,7 @@ from pykata.hypervisor.qemu.cmdline import (
     nic_device,
     tap_netdev,
 )
+from pykata.hypervisor.qemu.uids import UidLease, lease_for
 from pykata.utils.logfile import CappedLog, drain
 from pykata.utils.process import stop_child, tail
 
@@ -82,12 +84,17 @@ class _Listener(EventListener):
 
 @dataclass(frozen=True)
 class Credentials:
-    """Who QEMU runs as."""
+    """Who QEMU runs as: ``user``'s own uid and gid, or (``leased``) one pair
+    of its subordinate range."""
 
     user: str
     uid: int
     gid: int
     groups: tuple[int, ...] = ()
+    leased: bool = False
+
+    def __str__(self) -> str:
+        return f"uid {self.uid} of {self.user}'s range" if self.leased else self.user
 
 
 def qemu_credentials(user: str, accel: str) -> Credentials | None:
@@ -173,6 +180,7 @@ class QemuHypervisor(Hypervisor):
         self.options = options
         self.argv: list[str] = []
         self.credentials: Credentials | None = None
+        self._lease: UidLease | None = None  # held from prepare() until stop()
         self._prepared = False
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: _QMP | None = None
@@ -187,7 +195,8 @@ class QemuHypervisor(Hypervisor):
     # -- lifecycle -----------------------------------------------------------------
     async def prepare(self) -> None:
         """Check the binary, the guest assets (readable by QEMU's user), /dev/kvm
-        and the user itself; make the run directory. Opens nothing."""
+        and the user itself; lease QEMU's uid (held until stop()); make the run
+        directory."""
         if not os.path.isfile(self.binary) or not os.access(self.binary, os.X_OK):
             raise errors.NotFound(
                 f"QEMU binary {self.binary} not found: install qemu-system-x86"
@@ -199,7 +208,38 @@ class QemuHypervisor(Hypervisor):
                 raise errors.NotFound(
                     f"{what} {p} not found: build it with 'pykata image build'"
                 )
-        cred = qemu_credentials(self.options.run_as_user, self.options.accel)
+        cred = await self._credentials()
+        try:
+            self._check_access(cred)
+        except BaseException:
+            self._release_uid()
+            raise
+        self.credentials = cred
+        self.spec.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prepared = True
+
+    async def _credentials(self) -> Credentials | None:
+        """Who QEMU will run as: a uid and gid leased for this VM (kept across
+        repeated prepare() calls), else the user's own (no subordinate range)."""
+        base = qemu_credentials(self.options.run_as_user, self.options.accel)
+        if base is None:
+            return None
+        if self._lease is None:
+            self._lease = await asyncio.to_thread(
+                lease_for, base.user, base.uid, self.options.uid_lease_dir)
+        if self._lease is None:
+            return base
+        return dataclasses.replace(base, uid=self._lease.uid, gid=self._lease.gid, leased=True)
+
+    def _release_uid(self) -> None:
+        """Give the leased uid back (QEMU is gone, or never started)."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
+        self._prepared = False
+
+    def _check_access(self, cred: Credentials | None) -> None:
+        """Whether ``cred`` may read the kernel and initrd (and use /dev/kvm)."""
         if cred is not None:
             # QEMU reopens -kernel and -initrd through /proc/self/fd: the files
             # themselves must be readable by its user (not the directories).
@@ -207,7 +247,7 @@ class QemuHypervisor(Hypervisor):
                             ("guest initrd", self.spec.initrd)):
                 if p is not None and not permits(os.stat(p), cred, 4):
                     raise errors.FailedPrecondition(
-                        f"QEMU runs as {cred.user} and cannot read the {what} {p}: make it"
+                        f"QEMU runs as {cred} and cannot read the {what} {p}: make it"
                         " readable by others (chmod o+r), or set [hypervisor.qemu]"
                         " run_as_user = \"\"")
             if self.options.accel == "kvm":
@@ -217,12 +257,9 @@ class QemuHypervisor(Hypervisor):
                     ok = True  # the accelerator probe reports a missing /dev/kvm
                 if not ok:
                     raise errors.FailedPrecondition(
-                        f"QEMU runs as {cred.user}, who cannot use /dev/kvm: give /dev/kvm"
+                        f"QEMU runs as {cred}, who cannot use /dev/kvm: give /dev/kvm"
                         " to group kvm with mode 0660 (udev does on most distributions),"
                         " or set [hypervisor.qemu] run_as_user = \"\"")
-        self.credentials = cred
-        self.spec.run_dir.mkdir(parents=True, exist_ok=True)
-        self._prepared = True
 
     def _open_memory(self, fds: _Fds) -> int:
         """The guest RAM file, opened by us (no symlink, a single-link regular file)
@@ -289,7 +326,7 @@ class QemuHypervisor(Hypervisor):
             if cred is not None:
                 ids = {"user": cred.uid, "group": cred.gid, "extra_groups": list(cred.groups)}
             log.debug("starting VM %s%s: %s", self.spec.id,
-                      f" as {cred.user}" if cred else "", " ".join(self.argv))
+                      f" as {cred}" if cred else "", " ".join(self.argv))
             try:
                 self._proc = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=out_w,
@@ -379,6 +416,7 @@ class QemuHypervisor(Hypervisor):
         if proc is not None:
             await stop_child(proc, grace=2.0)
         await self._release()
+        self._release_uid()  # QEMU is reaped: nothing runs as that uid any more
 
     async def _release(self) -> None:
         if self._qmp is not None:
