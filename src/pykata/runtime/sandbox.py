@@ -104,11 +104,20 @@ class Sandbox:
 
     async def _start(self, hostname: str, dns: list[str], hosts: str, vcpus: int | None,
                      memory_mib: int | None) -> None:
-        self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            os.mkdir(self.dir, 0o700)
-        except FileExistsError:
-            raise errors.AlreadyExists(f"sandbox {self.id} already exists ({self.dir})") from None
+        for attempt in range(3):
+            # The namespace's directory goes when its last sandbox does: make it
+            # again if that happened between the two mkdirs.
+            self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                os.mkdir(self.dir, 0o700)
+                break
+            except FileExistsError:
+                raise errors.AlreadyExists(
+                    f"sandbox {self.id} already exists ({self.dir})") from None
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise errors.Unavailable(f"cannot create {self.dir}: its parent"
+                                             " keeps disappearing") from None
         self._owned = True
         self.record.owner = _ref_json(ProcRef.of(os.getpid()))
         self.persist()
