@@ -12,20 +12,12 @@ from pathlib import Path
 import pytest
 
 from pykata import errors
-from pykata.image import builder
-from pykata.image.builder import (
-    apt_error_package,
-    compute_digest,
-    elf_complete,
-    elf_info,
-    extract_vmlinux,
-    find_image,
-    find_lz4_vmlinux,
-    module_load_order,
-    parse_kernel_depends,
-    parse_modules_dep,
-    parse_policy,
-)
+from pykata.guest.sysutil import parse_modules_dep
+from pykata.image import agent, apt, builder, cache, rootfs, tools
+from pykata.image.apt import apt_error_package, parse_kernel_depends, parse_policy
+from pykata.image.cache import compute_digest, find_image
+from pykata.image.elf import elf_complete, elf_info
+from pykata.image.kernel import KERNEL_META, extract_vmlinux, find_lz4_vmlinux, module_load_order
 
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio_ring.ko:
@@ -48,16 +40,16 @@ kernel/net/vmw_vsock/vsock.ko:
 """
 
 
-def _deps() -> dict[str, tuple[str, list[str]]]:
+def _deps() -> dict[str, list[str]]:
     return parse_modules_dep(MODULES_DEP.replace("\\\n", ""))
 
 
-# -- modules ---------------------------------------------------------------------------
+# -- modules (modules.dep read by the guest agent's own parser) -------------------------
 def test_parse_modules_dep_names_and_deps() -> None:
     deps = _deps()
     assert deps["virtiofs"][0] == "kernel/fs/fuse/virtiofs.ko"
     assert deps["ext4"][0] == "kernel/fs/ext4/ext4.ko.xz"
-    assert "kernel/fs/fuse/fuse.ko" in deps["virtiofs"][1]
+    assert "kernel/fs/fuse/fuse.ko" in deps["virtiofs"][1:]
     assert "vmw_vsock_virtio_transport" in deps  # dashes in file names become underscores
 
 
@@ -129,7 +121,7 @@ def test_apt_error_names_the_package() -> None:
     assert apt_error_package("E: Failed to fetch http://x/libpython3.11-minimal_3.11_amd64.deb",
                              pkgs) != "crun"
     assert apt_error_package("E: network down", ["a", "b"]) == "a, b"
-    msg = str(builder._unavailable("crun", "E: Unable to locate package crun"))
+    msg = str(apt.unavailable("crun", "E: Unable to locate package crun"))
     assert msg == ("cannot download Debian package 'crun': E: Unable to locate package crun"
                    " (run 'apt-get update' first?)")
 
@@ -139,7 +131,8 @@ def test_resolution_is_cached_until_apt_state_changes(tmp_path: Path,
     calls: list[str] = []
     state = {"fp": "one"}
 
-    def fake_kernel() -> str:
+    def fake_kernel(meta: str) -> str:
+        assert meta == KERNEL_META
         calls.append("depends")
         return "linux-image-6.1.0-1-cloud-amd64"
 
@@ -147,18 +140,41 @@ def test_resolution_is_cached_until_apt_state_changes(tmp_path: Path,
         calls.append("policy")
         return {p: "1.0" for p in pkgs}
 
-    monkeypatch.setattr(builder, "kernel_package", fake_kernel)
-    monkeypatch.setattr(builder, "candidate_versions", fake_versions)
-    monkeypatch.setattr(builder, "apt_state_fingerprint", lambda: state["fp"])
-    first = builder.resolve_packages(tmp_path)
+    monkeypatch.setattr(apt, "kernel_package", fake_kernel)
+    monkeypatch.setattr(apt, "candidate_versions", fake_versions)
+    monkeypatch.setattr(apt, "apt_state_fingerprint", lambda: state["fp"])
+
+    def resolve() -> tuple[str, dict[str, str]]:
+        return apt.resolve_packages(tmp_path, KERNEL_META, rootfs.ROOTFS_PACKAGES)
+
+    first = resolve()
     assert calls == ["depends", "policy"]
     assert first[0] == "linux-image-6.1.0-1-cloud-amd64"
-    assert set(first[1]) == {*builder.ROOTFS_PACKAGES, first[0]}
-    assert builder.resolve_packages(tmp_path) == first
+    assert set(first[1]) == {*rootfs.ROOTFS_PACKAGES, first[0]}
+    assert resolve() == first
     assert calls == ["depends", "policy"]  # no apt the second time
     state["fp"] = "two"
-    builder.resolve_packages(tmp_path)
+    resolve()
     assert calls == ["depends", "policy"] * 2
+
+
+def test_image_digest_resolves_through_the_cache(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def fake_versions(pkgs: list[str]) -> dict[str, str]:
+        calls.append("policy")
+        return {p: "1.0" for p in pkgs}
+
+    monkeypatch.setattr(apt, "kernel_package", lambda meta: "linux-image-6.1.0-1-cloud-amd64")
+    monkeypatch.setattr(apt, "candidate_versions", fake_versions)
+    monkeypatch.setattr(apt, "apt_state_fingerprint", lambda: "fp")
+    digest, kpkg, versions = builder.image_digest(tmp_path)
+    assert (tmp_path / "cache/apt-resolution.json").is_file()
+    assert kpkg == "linux-image-6.1.0-1-cloud-amd64" and versions[kpkg] == "1.0"
+    assert digest == compute_digest(versions, agent.agent_sources(), agent.protobuf_version())
+    assert builder.image_digest(tmp_path) == (digest, kpkg, versions)
+    assert calls == ["policy"]
 
 
 # -- digest ----------------------------------------------------------------------------
@@ -176,6 +192,21 @@ def test_digest_changes_with_each_input() -> None:
     assert base != compute_digest({"crun": "1.8.1-1"}, src, "7.0", modules=["fuse"])
 
 
+def test_digest_covers_every_stage_of_the_builder() -> None:
+    names = {p.name for p in cache.recipe_sources()}
+    assert {"builder.py", "apt.py", "kernel.py", "rootfs.py", "agent.py", "initrd.py",
+            "cache.py", "elf.py", "tools.py"} <= names
+
+
+def test_digest_follows_the_recipe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    stage = tmp_path / "kernel.py"
+    stage.write_text("# one recipe\n")
+    monkeypatch.setattr(cache, "recipe_sources", lambda: [stage])
+    one = compute_digest({}, [], "7.0")
+    stage.write_text("# another recipe\n")
+    assert compute_digest({}, [], "7.0") != one
+
+
 def test_digest_follows_file_contents(tmp_path: Path) -> None:
     f = tmp_path / "agent.py"
     f.write_text("print(1)\n")
@@ -185,8 +216,8 @@ def test_digest_follows_file_contents(tmp_path: Path) -> None:
 
 
 def test_agent_sources_cover_the_agent() -> None:
-    root = builder._pykata_root()
-    rel = {p.relative_to(root).as_posix() for p in builder.agent_sources()}
+    root = agent.pykata_root()
+    rel = {p.relative_to(root).as_posix() for p in agent.agent_sources()}
     assert {"__init__.py", "errors.py", "ttrpc/__init__.py", "protos/agent_pb2.py",
             "guest/agent.py"} <= rel
     assert not any("__pycache__" in n or n.endswith(".pyi") for n in rel)
@@ -245,7 +276,7 @@ def test_resolve_in_keeps_absolute_links_inside(tmp_path: Path) -> None:
     (tmp_path / "usr/lib64").mkdir()
     (tmp_path / "usr/lib64/ld-linux-x86-64.so.2").symlink_to("/lib/x86_64-linux-gnu/ld.so")
     (tmp_path / "lib64").symlink_to("usr/lib64")
-    got = builder._resolve_in(tmp_path, "/lib64/ld-linux-x86-64.so.2")
+    got = rootfs.resolve_in(tmp_path, "/lib64/ld-linux-x86-64.so.2")
     assert got == tmp_path / "usr/lib/x86_64-linux-gnu/ld.so"
 
 
@@ -256,7 +287,7 @@ def test_merge_usr(tmp_path: Path) -> None:
     (tmp_path / "lib/x86_64-linux-gnu/libc.so.6").write_text("c")
     (tmp_path / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
     (tmp_path / "usr/lib/x86_64-linux-gnu/libz.so.1").write_text("z")
-    builder._merge_usr(tmp_path)
+    rootfs.merge_usr(tmp_path)
     for top in ("bin", "sbin", "lib", "lib64"):
         assert (tmp_path / top).is_symlink()
     assert (tmp_path / "usr/bin/busybox").read_text() == "bb"
@@ -292,18 +323,54 @@ def test_install_switches_current_atomically(tmp_path: Path) -> None:
             (out / name).write_text(digest)
         (out / "manifest.json").write_text(json.dumps(
             {"digest": digest, "kernel_release": "r", "initrd_bytes": 3}))
-        builder._install(tmp_path, out, digest)
+        cache.install(tmp_path, out, digest)
         art = find_image(tmp_path)
         assert art is not None and art.digest == digest
         assert art.initrd.read_text() == digest
     assert (tmp_path / "current").readlink() == Path("images/two")
-    builder._prune(tmp_path, "two", {})
+    cache.prune(tmp_path, "two", {})
     assert [p.name for p in images.iterdir()] == ["two"]
 
 
 def test_errors_are_pykata_errors() -> None:
     with pytest.raises(errors.FailedPrecondition, match="not installed"):
-        builder._run(["/nonexistent/apt-cache", "policy"], "apt-cache policy")
+        tools.run(["/nonexistent/apt-cache", "policy"], "apt-cache policy")
     with pytest.raises(errors.Unavailable, match="apt-cache policy: E: boom"):
-        builder._run([sys.executable, "-c", "import sys; print('E: boom', file=sys.stderr);"
+        tools.run([sys.executable, "-c", "import sys; print('E: boom', file=sys.stderr);"
                       "sys.exit(100)"], "apt-cache policy")
+
+
+def test_install_modules_ships_the_closure_in_load_order(tmp_path: Path) -> None:
+    from pykata.image.kernel import install_modules
+
+    release = "6.1.0-1-cloud-amd64"
+    mdir = tmp_path / "kernel/lib/modules" / release
+    text = MODULES_DEP.replace("\\\n", "")
+    for line in text.splitlines():
+        rel = line.partition(":")[0]
+        (mdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        data = f"module {rel}".encode()
+        if rel.endswith(".xz"):
+            import lzma
+
+            data = lzma.compress(data)
+        (mdir / rel).write_bytes(data)
+    (mdir / "modules.dep").write_text(text)
+    (mdir / "modules.builtin").write_text("kernel/fs/mbcache.ko\n")
+    root = tmp_path / "root"
+    steps: list[str] = []
+    loads = install_modules(tmp_path / "kernel", root, release, steps.append)
+    base = f"lib/modules/{release}"
+    assert loads[:2] == [f"{base}/kernel/drivers/virtio/virtio_ring.ko",
+                         f"{base}/kernel/drivers/virtio/virtio.ko"]
+    assert f"{base}/kernel/fs/mbcache.ko" not in loads  # built in
+    assert loads.index(f"{base}/kernel/fs/jbd2/jbd2.ko") < loads.index(
+        f"{base}/kernel/fs/ext4/ext4.ko")  # decompressed
+    assert (root / "usr" / base / "kernel/fs/ext4/ext4.ko").read_bytes() == (
+        b"module kernel/fs/ext4/ext4.ko.xz")
+    assert (root / "etc/pykata/modules").read_text().splitlines() == loads
+    shipped = parse_modules_dep((root / "usr" / base / "modules.dep").read_text())
+    assert shipped["ext4"] == ["kernel/fs/ext4/ext4.ko", "kernel/fs/jbd2/jbd2.ko",
+                               "kernel/fs/mbcache.ko"]
+    assert (root / "usr" / base / "modules.builtin").read_text() == "kernel/fs/mbcache.ko\n"
+    assert steps == [f"{len(loads)} kernel modules"]
