@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,3 +73,15 @@ def test_spec_annotations() -> None:
     assert spec_annotations({"annotations": None}) == {}
     assert spec_annotations({"annotations": ["a"]}) == {}
     assert spec_annotations({"annotations": {"a": "1", "b": 2}}) == {"a": "1"}
+
+
+def test_default_spec_matches_the_test_bundles() -> None:
+    from pykata.runtime.bundle import default_spec
+    from pykata.testing import bundles
+
+    cases: list[dict[str, Any]] = [
+        {}, {"terminal": True}, {"memory_limit": 1 << 28, "cwd": "/tmp", "env": ["A=1"]}]
+    for kw in cases:
+        assert default_spec(["sh"], **kw) == bundles.default_spec(["sh"], **kw)
+    spec = default_spec(["sh"], hostname="pykata", terminal=True)
+    assert spec["process"]["terminal"] and spec["root"] == {"path": "rootfs", "readonly": False}

@@ -12,6 +12,8 @@ Rules:
   without a spec (the shim's ``start``/``delete`` of a bundle already gone): ``{}``.
 - ``spec_annotations(spec)`` is the spec's string-valued annotations (``{}`` when
   there are none, or when ``annotations`` is not an object).
+- ``default_spec(args, ...)`` is a spec shaped like ``runc spec`` output (what
+  ``pykata-runtime spec`` writes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 from pykata import errors
 
 CONFIG = "config.json"
+OCI_VERSION = "1.0.2"
+DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"]
 
 
 def _one_line(text: object) -> str:
@@ -66,3 +70,50 @@ def spec_annotations(spec: dict[str, Any]) -> dict[str, str]:
     if not isinstance(ann, dict):
         return {}
     return {str(k): v for k, v in ann.items() if isinstance(v, str)}
+
+
+def default_spec(args: list[str], *, hostname: str = "pykata", terminal: bool = False,
+                 env: list[str] | None = None, cwd: str = "/",
+                 memory_limit: int | None = None) -> dict[str, Any]:
+    """An OCI runtime spec shaped like `runc spec` output (root: ``rootfs``)."""
+    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN", "CAP_SETUID",
+            "CAP_SETGID", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_SETPCAP",
+            "CAP_MKNOD", "CAP_NET_RAW", "CAP_SYS_CHROOT"]
+    spec: dict[str, Any] = {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args,
+            "env": env if env is not None else list(DEFAULT_ENV), "cwd": cwd,
+            "capabilities": {k: list(caps) for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount",
+                                                                    "cgroup")],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                              "/proc/sysrq-trigger"],
+        },
+    }
+    if memory_limit is not None:
+        spec["linux"]["resources"]["memory"] = {"limit": memory_limit, "swap": memory_limit}
+    return spec

@@ -98,3 +98,13 @@ def tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
     """The last lines of a log file ("" if unreadable), control characters
     replaced (see :func:`pykata.utils.logfile.tail`)."""
     return logfile.tail(path, lines, max_bytes)
+
+
+def reap(pid: int) -> int | None:
+    """Collect ``pid``'s exit if it is our child and has exited: its wait status;
+    None if it is not our child or still runs. Never blocks."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return status if done == pid else None
