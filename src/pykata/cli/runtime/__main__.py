@@ -1,0 +1,5 @@
+import sys
+
+from pykata.cli.runtime.entry import main
+
+sys.exit(main())

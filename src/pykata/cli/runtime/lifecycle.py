@@ -1,0 +1,200 @@
+"""The commands that change a container: create, start, run, kill, delete,
+pause, resume, update. Each is a call to the container's keeper; create and
+delete also start and tear down the keeper and the stand-in."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import any_pb2, empty_pb2
+
+from pykata import errors
+from pykata.cli.rtclient import call
+from pykata.cli.runtime.args import parse_signal
+from pykata.cli.runtime.base import CREATE_TIMEOUT, LOG, CLIError, now_rfc3339
+from pykata.cli.runtime.keeper import destroy, make_fifos, spawn_keeper, spawn_standin
+from pykata.cli.runtime.state import (
+    STANDIN,
+    existing,
+    load_meta,
+    ref_of,
+    save_meta,
+    save_ref,
+    state_dir,
+    task_status,
+    write_pid_file,
+)
+from pykata.protos import containerd_shim_pb2 as pb
+from pykata.runtime.bundle import load_spec, spec_annotations
+
+
+def read_bundle(bundle: Path) -> dict[str, Any]:
+    """The bundle's spec, checked before any VM starts: it has a command and a
+    root filesystem that exists."""
+    spec = load_spec(bundle)
+    proc = spec.get("process")
+    if not isinstance(proc, dict) or not proc.get("args"):
+        raise CLIError(f"bundle {bundle}: config.json has no process.args")
+    root = spec.get("root")
+    if not isinstance(root, dict) or not root.get("path"):
+        raise CLIError(f"bundle {bundle}: config.json has no root.path")
+    rootfs = Path(root["path"])
+    if not rootfs.is_absolute():
+        rootfs = bundle / rootfs
+    if not rootfs.is_dir():
+        raise CLIError(f"bundle {bundle}: root filesystem {rootfs} does not exist")
+    return spec
+
+
+def do_create(a: argparse.Namespace) -> int:
+    bundle = Path(a.bundle or os.getcwd()).resolve()
+    spec = read_bundle(bundle)
+    d = state_dir(a.root, a.id)
+    if d.exists():
+        raise CLIError(f"container with id exists: {a.id}")
+    terminal = bool(spec["process"].get("terminal"))
+    if terminal and not a.console_socket:
+        raise CLIError("cannot allocate tty if runc will detach without setting console socket")
+    Path(a.root).mkdir(parents=True, exist_ok=True, mode=0o711)
+    try:
+        d.mkdir(mode=0o711)
+    except FileExistsError:
+        raise CLIError(f"container with id exists: {a.id}") from None
+    standin: subprocess.Popen[bytes] | None = None
+    try:
+        keeper = spawn_keeper(d, a.id, a.debug)
+        fdir = d / "io"
+        make_fifos(fdir)
+        standin = spawn_standin(d, a.id, "", fdir, terminal, a.console_socket)
+        standin_ref = ref_of(standin.pid)
+        save_ref(d, STANDIN, standin_ref)
+        LOG.debug(f"create {a.id}: keeper {keeper.pid}, stand-in {standin.pid}")
+        req = pb.CreateTaskRequest(id=a.id, bundle=str(bundle), terminal=terminal,
+                                   stdin=str(fdir / "stdin"), stdout=str(fdir / "stdout"),
+                                   stderr="" if terminal else str(fdir / "stderr"))
+        call(d, "Create", req, pb.CreateTaskResponse, timeout=CREATE_TIMEOUT)
+        root = Path(spec["root"]["path"])
+        save_meta(d, {"id": a.id, "bundle": str(bundle), "pid": standin.pid,
+                      "standin": standin_ref.to_json(), "keeper": keeper.to_json(),
+                      "rootfs": str(root if root.is_absolute() else bundle / root),
+                      "created": now_rfc3339(), "annotations": spec_annotations(spec),
+                      "terminal": terminal})
+        write_pid_file(a.pid_file, standin.pid)
+    except BaseException:
+        if standin is not None:
+            with contextlib.suppress(ProcessLookupError):
+                standin.kill()
+            with contextlib.suppress(Exception):
+                standin.wait(5)
+        destroy(d, a.id)
+        raise
+    return 0
+
+
+def do_start(a: argparse.Namespace) -> int:
+    d = existing(a.root, a.id)
+    status = task_status(d, a.id)
+    if status != "created":
+        raise CLIError(f"cannot start a container that has {status}" if status == "stopped"
+                       else f"cannot start an already {status} container")
+    call(d, "Start", pb.StartRequest(id=a.id), pb.StartResponse, timeout=60)
+    return 0
+
+
+def do_run(a: argparse.Namespace) -> int:
+    do_create(a)
+    d = state_dir(a.root, a.id)
+    try:
+        do_start(a)
+    except BaseException:
+        destroy(d, a.id)
+        raise
+    if a.detach:
+        return 0
+    pid = int(load_meta(d)["pid"])
+    code = 255
+    with contextlib.suppress(ChildProcessError):
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            code = 128 - code
+    if not a.keep:
+        destroy(d, a.id)
+    return code
+
+
+def do_kill(a: argparse.Namespace) -> int:
+    sig = parse_signal(a.signal)
+    d = existing(a.root, a.id)
+    status = task_status(d, a.id)
+    if status == "stopped" and not a.all and sig != signal.SIGKILL:
+        raise CLIError("container not running")
+    try:
+        call(d, "Kill", pb.KillRequest(id=a.id, signal=sig, all=a.all), empty_pb2.Empty,
+             timeout=30)
+    except errors.NotFound as exc:
+        if sig != signal.SIGKILL:
+            raise CLIError(f"container not running: {exc}") from exc
+    except errors.Unavailable:
+        if sig != signal.SIGKILL:
+            raise CLIError("container not running") from None
+    return 0
+
+
+def do_delete(a: argparse.Namespace) -> int:
+    d = state_dir(a.root, a.id)
+    if not d.exists():
+        if a.force:
+            return 0
+        raise CLIError(f"container \"{a.id}\" does not exist")
+    status = task_status(d, a.id)
+    if status in ("running", "paused") and not a.force:
+        raise CLIError(f"cannot delete container {a.id} that is not stopped: {status}")
+    if status in ("running", "paused"):
+        with contextlib.suppress(errors.PykataError):
+            call(d, "Kill", pb.KillRequest(id=a.id, signal=signal.SIGKILL, all=True),
+                 empty_pb2.Empty, timeout=30)
+        deadline = time.monotonic() + 20
+        while task_status(d, a.id) != "stopped" and time.monotonic() < deadline:
+            time.sleep(0.1)
+    with contextlib.suppress(errors.PykataError):
+        call(d, "Delete", pb.DeleteRequest(id=a.id), pb.DeleteResponse, timeout=60)
+    destroy(d, a.id)
+    return 0
+
+
+def do_pause(a: argparse.Namespace) -> int:
+    d = existing(a.root, a.id)
+    call(d, "Pause", pb.PauseRequest(id=a.id), empty_pb2.Empty, timeout=30)
+    return 0
+
+
+def do_resume(a: argparse.Namespace) -> int:
+    d = existing(a.root, a.id)
+    call(d, "Resume", pb.ResumeRequest(id=a.id), empty_pb2.Empty, timeout=30)
+    return 0
+
+
+def do_update(a: argparse.Namespace) -> int:
+    d = existing(a.root, a.id)
+    if not a.resources:
+        raise CLIError("update: --resources FILE|- is required")
+    try:
+        text = sys.stdin.read() if a.resources == "-" else Path(a.resources).read_text()
+        json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"invalid resources {a.resources}: {exc}") from exc
+    req = pb.UpdateTaskRequest(id=a.id, resources=any_pb2.Any(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+        value=text.encode()))
+    call(d, "Update", req, empty_pb2.Empty, timeout=30)
+    return 0
