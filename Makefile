@@ -23,6 +23,7 @@ lint:
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict bench/*.py
+	$(VENV)/bin/python scripts/check_imports.py
 
 demo: setup
 	scripts/demo.sh

@@ -9,6 +9,7 @@ run() { echo "==> $*"; "$@"; local rc=$?; [ $rc -eq 0 ] || { echo "FAILED ($rc):
 run $V/ruff check src tests bench
 run $V/mypy
 run $V/mypy --strict --python-version 3.11 bench/*.py
+run $V/python scripts/check_imports.py
 echo "==> pytest"
 $V/pytest -p no:cacheprovider --timeout=600 "$@"
 rc=$?

@@ -44,3 +44,7 @@ def test_violations_are_found(tmp_path: Path) -> None:
     assert "cli -> testing" in found
     assert "'newpkg' has no rule" in found
     assert "utils" not in found
+
+
+def test_tree_follows_the_layering() -> None:
+    assert checker().violations() == []
