@@ -74,14 +74,3 @@ def test_write_etc(tmp_path: Path) -> None:
     assert (tmp_path / "resolv.conf").read_text() == "nameserver 10.0.0.1\nsearch svc.local\n"
     assert (tmp_path / "hosts").read_text() == "127.0.0.1 localhost\n"
 
-
-def test_storage_local_and_unknown(tmp_path: Path) -> None:
-    d = tmp_path / "vol"
-    assert guestops.mount_storage("local", "", str(d), "", ["mode=0750"]) is False
-    assert d.is_dir() and d.stat().st_mode & 0o777 == 0o750
-    with pytest.raises(errors.InvalidArgument, match="unknown storage driver"):
-        guestops.mount_storage("nfs", "x", str(tmp_path / "n"), "", [])
-    with pytest.raises(errors.InvalidArgument, match="not absolute"):
-        guestops.mount_storage("local", "", "rel", "", [])
-    with pytest.raises(errors.InvalidArgument, match="guest device path"):
-        guestops.mount_storage("blk", "0000:00:05.0", str(tmp_path / "b"), "ext4", [])

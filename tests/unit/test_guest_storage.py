@@ -1,128 +1,113 @@
-"""Guest side of hot-plugged disks: finding them by serial, ejecting them, and
-giving the container the guest's major/minor (fake sysfs, no VM)."""
+"""Guest storages: the drivers' checks (no root) and who owns what (Storages,
+with mounting faked)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pykata import errors
+from pykata import errors, wire
 from pykata.guest import storage
+from pykata.protos import agent_pb2 as pb
 
 
-def fake_disk(sysfs: Path, name: str, serial: str, dev: str, pci: str = "0000:01:00.0",
-              slot: str = "0") -> None:
-    pcidev = sysfs / "devices/pci0000:00/0000:00:03.0" / pci / "virtio2"
-    pcidev.mkdir(parents=True)
-    block = sysfs / "block" / name
-    block.mkdir(parents=True)
-    (block / "serial").write_text(serial + "\n")
-    (block / "dev").write_text(dev + "\n")
-    (block / "device").symlink_to(pcidev)
-    s = sysfs / "bus/pci/slots" / slot
-    s.mkdir(parents=True)
-    (s / "address").write_text(pci.rsplit(".", 1)[0] + "\n")
-    (s / "power").write_text("1\n")
+def test_storage_local_and_unknown(tmp_path: Path) -> None:
+    d = tmp_path / "vol"
+    assert storage.mount_storage("local", "", str(d), "", ["mode=0750"]) is False
+    assert d.is_dir() and d.stat().st_mode & 0o777 == 0o750
+    with pytest.raises(errors.InvalidArgument, match="unknown storage driver"):
+        storage.mount_storage("nfs", "x", str(tmp_path / "n"), "", [])
+    with pytest.raises(errors.InvalidArgument, match="not absolute"):
+        storage.mount_storage("local", "", "rel", "", [])
+    with pytest.raises(errors.InvalidArgument, match="guest device path"):
+        storage.mount_storage("blk", "0000:00:05.0", str(tmp_path / "b"), "ext4", [])
 
 
-def test_find_disk_by_serial(tmp_path: Path) -> None:
-    fake_disk(tmp_path, "vda", "pkblk0", "254:0")
-    fake_disk(tmp_path, "vdb", "pkblk1", "254:16", pci="0000:02:00.0", slot="0-2")
-    d = storage.find_disk("pkblk1", str(tmp_path))
-    assert d == storage.Disk("pkblk1", "vdb", 254, 16, "0000:02:00.0")
-    assert d.path == "/dev/vdb"
-    assert storage.find_disk("pkblk9", str(tmp_path)) is None
-    assert storage.find_disk("", str(tmp_path)) is None
-    assert storage.find_disk("pkblk0", str(tmp_path / "nosysfs")) is None
+class FakeMounts:
+    """mount_storage/unmount replaced: records calls, fails on a chosen mount point."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: str = "") -> None:
+        self.mounted: list[str] = []
+        self.unmounted: list[str] = []
+        self.fail = fail
+        monkeypatch.setattr(storage, "mount_storage", self.mount)
+        monkeypatch.setattr(storage, "unmount", self.unmount)
+
+    def mount(self, driver: str, source: str, mount_point: str, fstype: str,
+              options: Sequence[str], wait_device: float = 5.0) -> bool:
+        if mount_point == self.fail:
+            raise errors.Internal(f"cannot mount {mount_point}")
+        self.mounted.append(mount_point)
+        return driver != "local"
+
+    def unmount(self, mount_point: str) -> None:
+        self.unmounted.append(mount_point)
 
 
-def test_eject_powers_off_the_disks_slot(tmp_path: Path) -> None:
-    fake_disk(tmp_path, "vda", "pkblk0", "254:0")
-    fake_disk(tmp_path, "vdb", "pkblk1", "254:16", pci="0000:02:00.0", slot="0-2")
-    d = storage.find_disk("pkblk1", str(tmp_path))
-    assert d is not None and storage.eject(d, str(tmp_path)) is True
-    assert (tmp_path / "bus/pci/slots/0-2/power").read_text() == "0"
-    assert (tmp_path / "bus/pci/slots/0/power").read_text() == "1\n"
-    assert storage.eject(storage.Disk("x", "vdz", 254, 32, ""), str(tmp_path)) is False
+def st(mount_point: str, driver: str = "tmpfs", pod: bool = False) -> pb.Storage:
+    return pb.Storage(driver=driver, source="x", mount_point=mount_point,
+                      driver_options=[wire.SANDBOX_SCOPE] if pod else [])
 
 
-def test_wait_disk_is_bounded(tmp_path: Path) -> None:
-    with pytest.raises(errors.NotFound, match=r"disk pkblk4 did not appear.*within 0.2s"):
-        asyncio.run(storage.wait_disk("pkblk4", timeout=0.2, sysfs=str(tmp_path),
-                                      dev=str(tmp_path)))
+def test_sandbox_storages_all_or_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeMounts(monkeypatch, fail="/c")
+    s = storage.Storages()
+    with pytest.raises(errors.Internal):
+        s.mount_sandbox([st("/a"), st("/b"), st("/c")])
+    assert fake.unmounted == ["/b", "/a"] and s.sandbox == []
+    fake.fail = ""
+    s.mount_sandbox([st("/a"), st("/l", driver="local"), st("/b")])
+    assert s.sandbox == ["/a", "/b"]  # a local directory is nothing to unmount
 
 
-def test_wait_disk_needs_the_device_node(tmp_path: Path) -> None:
-    # The disk is in sysfs but /dev has no block node for it (yet): keep waiting.
-    fake_disk(tmp_path, "vda", "pkblk0", "254:0")
-    (tmp_path / "dev").mkdir()
-    (tmp_path / "dev/vda").write_text("")
-    with pytest.raises(errors.NotFound, match="waiting for its device node"):
-        asyncio.run(storage.wait_disk("pkblk0", timeout=0.2, sysfs=str(tmp_path),
-                                      dev=str(tmp_path / "dev")))
+def test_pod_scoped_storages_are_mounted_once_and_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeMounts(monkeypatch)
+    s = storage.Storages()
+    s.mount_sandbox([st("/shared", driver="virtiofs")])
+    mine: list[str] = []
+    disks: list[str] = []
+    asyncio.run(s.mount_container("c1", {}, [st("/shm", pod=True), st("/own")], [], mine,
+                                  disks))
+    assert mine == ["/own"] and s.sandbox == ["/shared", "/shm"]
+    theirs: list[str] = []
+    asyncio.run(s.mount_container("c2", {}, [st("/shm", pod=True)], [], theirs, disks))
+    assert theirs == [] and fake.mounted.count("/shm") == 1
+    asyncio.run(s.release_container("c1", mine, disks))
+    assert fake.unmounted == ["/own"]
+    assert s.release_sandbox() == []
+    assert fake.unmounted == ["/own", "/shm", "/shared"]
+    assert s.sandbox == [] and not s.pod_scoped
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a block device needs root")
-def test_wait_disk_finds_a_late_disk(tmp_path: Path) -> None:
-    async def main() -> storage.Disk:
-        async def plug() -> None:
-            await asyncio.sleep(0.1)
-            fake_disk(tmp_path, "vda", "pkblk0", "254:0")
-            os.mknod(tmp_path / "dev/vda", 0o600 | 0o060000, os.makedev(254, 0))
-
-        (tmp_path / "dev").mkdir()
-        task = asyncio.ensure_future(plug())
-        d = await storage.wait_disk("pkblk0", timeout=10, sysfs=str(tmp_path),
-                                    dev=str(tmp_path / "dev"))
-        await task
-        return d
-
-    assert asyncio.run(main()).name == "vda"
+def test_container_storages_report_what_was_done_before_a_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeMounts(monkeypatch, fail="/bad")
+    s = storage.Storages()
+    mine: list[str] = []
+    with pytest.raises(errors.Internal):
+        asyncio.run(s.mount_container("c1", {}, [st("/a"), st("/bad")], [], mine, []))
+    assert mine == ["/a"]
 
 
-def spec_with_device() -> dict[str, Any]:
-    return {"linux": {
-        "devices": [{"path": "/dev/mydisk", "type": "b", "major": 7, "minor": 3},
-                    {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
-        "resources": {"devices": [
-            {"allow": False, "access": "rwm"},
-            {"allow": True, "type": "b", "major": 7, "minor": 3, "access": "rw"},
-            {"allow": True, "type": "c", "major": 7, "minor": 3, "access": "rw"},
-            {"allow": True, "type": "b", "major": 7, "minor": 4, "access": "rw"},
-        ]}}}
+def test_unknown_device_type_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeMounts(monkeypatch)
+    dev = pb.Device(id="x", type="c", container_path="/dev/x")
+    with pytest.raises(errors.InvalidArgument, match="unsupported type"):
+        asyncio.run(storage.Storages().mount_container("c1", {}, [], [dev], [], []))
 
 
-def test_use_guest_device_rewrites_entry_and_cgroup_rules() -> None:
-    spec = spec_with_device()
-    storage.use_guest_device(spec, "/dev/mydisk", 254, 16)
-    assert spec["linux"]["devices"][0] == {"path": "/dev/mydisk", "type": "b", "major": 254,
-                                           "minor": 16}
-    rules = spec["linux"]["resources"]["devices"]
-    assert rules[1] == {"allow": True, "type": "b", "major": 254, "minor": 16, "access": "rw"}
-    assert rules[2]["major"] == 7  # a char device with the same numbers is another device
-    assert rules[3]["minor"] == 4
-    assert rules[0] == {"allow": False, "access": "rwm"}
+def test_release_sandbox_reports_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeMounts(monkeypatch)
+    s = storage.Storages()
+    s.mount_sandbox([st("/a"), st("/b")])
 
+    def busy(mount_point: str) -> None:
+        raise errors.Internal(f"cannot unmount {mount_point}: busy")
 
-def test_use_guest_device_needs_the_entry() -> None:
-    with pytest.raises(errors.InvalidArgument, match="/dev/other is not in the spec"):
-        storage.use_guest_device(spec_with_device(), "/dev/other", 254, 0)
-
-
-def test_last_user_ejects(tmp_path: Path) -> None:
-    fake_disk(tmp_path, "vda", "pkblk0", "254:0")
-    disks = storage.Disks(str(tmp_path))
-    d = storage.find_disk("pkblk0", str(tmp_path))
-    assert d is not None
-    disks.use(d, "c1")
-    disks.use(d, "c2")
-    power = tmp_path / "bus/pci/slots/0/power"
-    asyncio.run(disks.release("pkblk0", "c1"))
-    assert power.read_text() == "1\n" and disks.users("pkblk0") == {"c2"}
-    asyncio.run(disks.release("pkblk0", "c2"))
-    assert power.read_text() == "0" and disks.users("pkblk0") == set()
-    asyncio.run(disks.release("pkblk0", "c2"))  # twice: nothing happens
+    monkeypatch.setattr(storage, "unmount", busy)
+    assert s.release_sandbox() == ["cannot unmount /b: busy", "cannot unmount /a: busy"]
+    assert s.sandbox == []

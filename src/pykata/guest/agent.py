@@ -23,86 +23,22 @@ from __future__ import annotations
 import os
 import sys
 
-from pykata import __version__
+from pykata import __version__, wire
 from pykata.guest import sysutil
+from pykata.guest.channel import SERIAL, VSOCK, Channel, parse_channel
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     import logging
 
-    from pykata.guest.container import Settings
-
-DEFAULT_SERIAL = "agent.channel.0"
-DEFAULT_VSOCK_PORT = 1024
-VIRTIO_PORTS = "/sys/class/virtio-ports"
+    from pykata.guest.settings import Settings
 
 
 def _log() -> logging.Logger:
     import logging
 
     return logging.getLogger("pykata.guest.agent")
-
-
-class Channel:
-    """Where the agent listens: kind "unix", "vsock", "serial" or "auto"."""
-
-    __slots__ = ("address", "kind")
-
-    def __init__(self, kind: str, address: str = "") -> None:
-        self.kind = kind
-        self.address = address
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Channel) and (self.kind, self.address) == (
-            other.kind, other.address)
-
-    def __hash__(self) -> int:
-        return hash((self.kind, self.address))
-
-    def __repr__(self) -> str:
-        return f"Channel({self.kind!r}, {self.address!r})"
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.address}" if self.address else self.kind
-
-
-def parse_channel(text: str) -> Channel:
-    """``unix:/path``, ``vsock:PORT``, ``serial:NAME`` or ``auto``."""
-    if text == "auto":
-        return Channel("auto")
-    kind, sep, addr = text.partition(":")
-    if not sep or not addr:
-        raise ValueError(f"invalid channel {text!r}: expected unix:PATH, vsock:PORT or "
-                         "serial:NAME")
-    if kind == "unix":
-        return Channel("unix", addr)
-    if kind == "vsock":
-        port = addr.rpartition(":")[2]  # accept vsock:CID:PORT too; the CID is ignored
-        if not port.isdigit() or not 0 < int(port) < 2**32:
-            raise ValueError(f"invalid vsock port {addr!r}")
-        return Channel("vsock", port)
-    if kind == "serial":
-        return Channel("serial", addr)
-    raise ValueError(f"unknown channel kind {kind!r} (unix, vsock or serial)")
-
-
-def find_serial_port(name: str, ports_dir: str = VIRTIO_PORTS) -> str | None:
-    """/dev/vportNpM of the virtio-serial port called ``name``, if present."""
-    try:
-        entries = sorted(os.listdir(ports_dir))
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            with open(os.path.join(ports_dir, entry, "name")) as f:
-                port_name = f.read().strip()
-        except OSError:
-            continue
-        if port_name == name:
-            dev = f"/dev/{entry}"
-            return dev if os.path.exists(dev) else None
-    return None
 
 
 # -- options ------------------------------------------------------------------------------
@@ -113,7 +49,7 @@ class Options:
 
     def __init__(self) -> None:
         self.listen: str | None = None
-        self.state_dir = "/run/pykata"
+        self.state_dir = wire.GUEST_STATE_DIR
         self.crun: str | None = None
         self.crun_root: str | None = None
         self.cgroup_parent = "pykata"
@@ -131,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pykata-agent", description="pykata in-guest agent")
     p.add_argument("--listen", metavar="CHANNEL",
                    help="unix:PATH, vsock:PORT or serial:NAME (PID 1 default: the serial"
-                        f" port {DEFAULT_SERIAL} if present, else vsock:{DEFAULT_VSOCK_PORT})")
+                        f" port {SERIAL.address} if present, else {VSOCK})")
     p.add_argument("--state-dir", default=d.state_dir,
                    help="bundles, console sockets (default %(default)s)")
     p.add_argument("--crun", default=None, help="crun binary (default /usr/bin/crun)")
@@ -218,10 +154,10 @@ def _main(argv: list[str] | None) -> None:
 
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     params = sysutil.kernel_params() if init_mode else {}
-    level_name = opts.log_level or params.get("pykata.agent.log") or "info"
+    level_name = opts.log_level or params.get(wire.AGENT_LOG_PARAM) or "info"
     logs.setup(getattr(logging, level_name.upper(), logging.INFO), guest=init_mode)
     log = _log()
-    channel_text = opts.listen or params.get("pykata.agent.channel") or ""
+    channel_text = opts.listen or params.get(wire.AGENT_CHANNEL_PARAM) or ""
     try:
         channel = parse_channel(channel_text) if channel_text else Channel("auto")
     except ValueError as exc:
@@ -248,7 +184,7 @@ def _main(argv: list[str] | None) -> None:
 
     from pathlib import Path
 
-    from pykata.guest.container import Settings
+    from pykata.guest.settings import Settings
 
     no_pivot = opts.no_pivot
     if no_pivot is None:
@@ -258,18 +194,19 @@ def _main(argv: list[str] | None) -> None:
         crun_root=Path(opts.crun_root) if opts.crun_root else None,
         cgroup_parent=opts.cgroup_parent, cgroup_root=Path(opts.cgroup_root),
         no_pivot=no_pivot, crun_timeout=opts.crun_timeout, init_mode=init_mode,
+        manage_network=init_mode or opts.manage_network,
     )
     settings.containers_dir.mkdir(parents=True, exist_ok=True)
 
     if init_mode:
         _run_forever(settings, channel)
     else:
-        sys.exit(_run_dev(settings, channel, opts.manage_network))
+        sys.exit(_run_dev(settings, channel))
 
 
 def _import_serving_code() -> None:
     try:
-        import pykata.guest.channel  # noqa: F401
+        import pykata.guest.server  # noqa: F401
     except Exception:
         _log().exception("cannot import the agent's serving code")
 
@@ -282,20 +219,18 @@ def _default_crun() -> str:
     return shutil.which("crun") or "/usr/bin/crun"
 
 
-def _run_dev(settings: Settings, channel: Channel, manage_network: bool) -> int:
+def _run_dev(settings: Settings, channel: Channel) -> int:
     import asyncio
     import signal
 
-    from pykata.guest.channel import Agent
+    from pykata.guest.server import AgentServer
 
     async def go() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        agent = Agent(settings, channel)
-        agent.service.manage_network = manage_network
-        await agent.run(stop)
+        await AgentServer(settings, channel).run(stop)
 
     log = _log()
     try:
@@ -315,11 +250,10 @@ def _run_forever(settings: Settings, channel: Channel) -> None:
         try:
             import asyncio
 
-            from pykata.guest.channel import Agent
+            from pykata.guest.server import AgentServer
 
             async def go() -> None:
-                agent = Agent(settings, channel)
-                await agent.run(asyncio.Event())
+                await AgentServer(settings, channel).run(asyncio.Event())
 
             asyncio.run(go())
             _log().error("serve loop ended; restarting it")

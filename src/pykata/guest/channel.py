@@ -1,32 +1,85 @@
-"""Serving the agent protocol on its channel: one event loop's worth of agent.
+"""Where the agent listens: ``unix:PATH`` (development), ``vsock:PORT`` (any
+CID), ``serial:NAME`` (the virtio-serial port named NAME) or ``auto`` (PID 1
+without a channel: the port ``wire.SERIAL_PORT_NAME`` if the VM has one, else
+vsock port ``wire.VSOCK_PORT``).
 
-``Agent`` owns the reaper, the services and the ttRPC server, and serves on a
-unix socket (development), a vsock port, or a virtio-serial port that is
-re-opened whenever the host disconnects (bounded backoff, forever).
+Cheap to import (the agent parses its channel before the serving code is
+loaded); serving on a channel is :mod:`pykata.guest.server`'s job.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import os
-import socket
-import time
-from pathlib import Path
 
-from pykata import __version__
-from pykata.guest.agent import DEFAULT_SERIAL, DEFAULT_VSOCK_PORT, Channel, find_serial_port
-from pykata.guest.container import Settings
-from pykata.guest.reaper import Reaper
-from pykata.guest.service import AGENT_SERVICE, HEALTH_SERVICE, AgentService, HealthService
-from pykata.ttrpc import Server
-from pykata.ttrpc.streams import open_char_device
+from pykata import wire
 
-log = logging.getLogger(__name__)
+VIRTIO_PORTS = "/sys/class/virtio-ports"
+
+
+class Channel:
+    """Where the agent listens: kind "unix", "vsock", "serial" or "auto"."""
+
+    __slots__ = ("address", "kind")
+
+    def __init__(self, kind: str, address: str = "") -> None:
+        self.kind = kind
+        self.address = address
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Channel) and (self.kind, self.address) == (
+            other.kind, other.address)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.address))
+
+    def __repr__(self) -> str:
+        return f"Channel({self.kind!r}, {self.address!r})"
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.address}" if self.address else self.kind
+
+
+def parse_channel(text: str) -> Channel:
+    """``unix:/path``, ``vsock:PORT``, ``serial:NAME`` or ``auto``."""
+    if text == "auto":
+        return Channel("auto")
+    kind, sep, addr = text.partition(":")
+    if not sep or not addr:
+        raise ValueError(f"invalid channel {text!r}: expected unix:PATH, vsock:PORT or "
+                         "serial:NAME")
+    if kind == "unix":
+        return Channel("unix", addr)
+    if kind == "vsock":
+        port = addr.rpartition(":")[2]  # accept vsock:CID:PORT too; the CID is ignored
+        if not port.isdigit() or not 0 < int(port) < 2**32:
+            raise ValueError(f"invalid vsock port {addr!r}")
+        return Channel("vsock", port)
+    if kind == "serial":
+        return Channel("serial", addr)
+    raise ValueError(f"unknown channel kind {kind!r} (unix, vsock or serial)")
+
+
+def find_serial_port(name: str, ports_dir: str = VIRTIO_PORTS) -> str | None:
+    """/dev/vportNpM of the virtio-serial port called ``name``, if present."""
+    try:
+        entries = sorted(os.listdir(ports_dir))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(ports_dir, entry, "name")) as f:
+                port_name = f.read().strip()
+        except OSError:
+            continue
+        if port_name == name:
+            dev = f"/dev/{entry}"
+            return dev if os.path.exists(dev) else None
+    return None
 
 
 def vsock_available() -> bool:
+    import socket
+
     family = getattr(socket, "AF_VSOCK", None)
     if family is None:
         return False
@@ -37,101 +90,15 @@ def vsock_available() -> bool:
     return True
 
 
-async def resolve_auto(wait: float = 3.0) -> Channel:
-    """PID 1 without a channel: the serial port if it shows up, else vsock."""
-    deadline = time.monotonic() + wait
-    delay = 0.01
-    while True:
-        if find_serial_port(DEFAULT_SERIAL):
-            return Channel("serial", DEFAULT_SERIAL)
-        if time.monotonic() >= deadline:
-            if vsock_available():
-                return Channel("vsock", str(DEFAULT_VSOCK_PORT))
-            log.warning("neither virtio-serial port %s nor vsock found yet; still looking",
-                        DEFAULT_SERIAL)
-            deadline = time.monotonic() + 10 * wait
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.25)
+SERIAL = Channel("serial", wire.SERIAL_PORT_NAME)
+VSOCK = Channel("vsock", str(wire.VSOCK_PORT))
 
 
-class Agent:
-    """One event loop's worth of agent: reaper, services, ttRPC server, channel."""
-
-    def __init__(self, settings: Settings, channel: Channel) -> None:
-        self.settings = settings
-        self.channel = channel
-        self.reaper = Reaper()
-        self.service = AgentService(settings, self.reaper)
-        self.server = Server()
-        self.server.register_service(AGENT_SERVICE, self.service)
-        self.server.register_service(HEALTH_SERVICE, HealthService())
-
-    async def run(self, stop: asyncio.Event) -> None:
-        self.reaper.install()
-        serving = asyncio.ensure_future(self._serve())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if serving.done():
-                serving.result()  # raises what broke the channel
-        finally:
-            serving.cancel()
-            stopping.cancel()
-            with contextlib.suppress(BaseException):
-                await serving
-            await self.server.close()
-            if not self.settings.init_mode:
-                await self.service.shutdown()
-            self.reaper.uninstall()
-
-    async def _serve(self) -> None:
-        channel = self.channel
-        if channel.kind == "auto":
-            channel = await resolve_auto()
-        log.info("pykata-agent %s serving on %s (pid %d%s)", __version__, channel, os.getpid(),
-                 ", init" if self.settings.init_mode else "")
-        if channel.kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(channel.address)
-            Path(channel.address).parent.mkdir(parents=True, exist_ok=True)
-            await self.server.serve_unix(channel.address)
-            os.chmod(channel.address, 0o600)
-            await asyncio.Event().wait()
-        elif channel.kind == "vsock":
-            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            sock.bind((socket.VMADDR_CID_ANY, int(channel.address)))
-            sock.listen(16)
-            sock.setblocking(False)
-            await self.server.serve_socket(sock)
-            await asyncio.Event().wait()
-        else:
-            await self._serve_serial(channel.address)
-
-    async def _serve_serial(self, name: str) -> None:
-        """Serve the port; when the host goes away, re-open it (bounded backoff)."""
-        delay = 0.02
-        while True:
-            dev = find_serial_port(name)
-            if dev is None:
-                log.debug("virtio-serial port %s not present yet", name)
-            else:
-                try:
-                    reader, writer = await open_char_device(dev)
-                except OSError as exc:
-                    log.warning("cannot open %s (%s): %s", dev, name, exc)
-                else:
-                    started = time.monotonic()
-                    try:
-                        await self.server.serve_stream(reader, writer)
-                    except Exception as exc:
-                        log.warning("channel %s broke: %s", dev, exc)
-                        with contextlib.suppress(Exception):
-                            writer.close()
-                    if time.monotonic() - started > 1.0:
-                        # A real session ended (not an unconnected host): reopen quickly.
-                        log.info("host disconnected from %s; reopening", dev)
-                        delay = 0.02
-                    else:
-                        log.debug("no host on %s yet", dev)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+def probe_auto(vsock: bool) -> Channel | None:
+    """One look for the ``auto`` channel: the serial port if present, else vsock
+    when ``vsock`` (the serial port had its time to show up) and available."""
+    if find_serial_port(SERIAL.address):
+        return SERIAL
+    if vsock and vsock_available():
+        return VSOCK
+    return None

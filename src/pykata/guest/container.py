@@ -32,14 +32,14 @@ import struct
 import termios
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pykata import errors
 from pykata.guest import cgroups, logs
 from pykata.guest import spec as specmod
-from pykata.guest.reaper import Reaper, RunResult
+from pykata.guest.crun import Crun, crun_error, read_log
+from pykata.guest.settings import Settings
 from pykata.guest.stdio import FdReader, FdWriter
 
 log = logging.getLogger(__name__)
@@ -52,90 +52,6 @@ class State(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
     STOPPED = "stopped"
-
-
-@dataclass
-class Settings:
-    """Where the agent keeps things, and how it calls crun."""
-
-    state_dir: Path = Path("/run/pykata")
-    crun: str = "/usr/bin/crun"
-    crun_root: Path | None = None
-    cgroup_parent: str = "pykata"
-    cgroup_root: Path = Path("/sys/fs/cgroup")
-    no_pivot: bool = False
-    crun_timeout: float = 60.0
-    init_mode: bool = False
-
-    @property
-    def containers_dir(self) -> Path:
-        return self.state_dir / "containers"
-
-    @property
-    def crun_state(self) -> Path:
-        return self.crun_root or self.state_dir / "crun"
-
-
-def crun_error(log_text: str, stderr: bytes, status: int) -> str:
-    """One clean line out of crun's json log and stderr."""
-    msgs = []
-    for line in log_text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            msgs.append(line)
-            continue
-        if isinstance(entry, dict) and entry.get("level", "error") in ("error", "fatal"):
-            msgs.append(str(entry.get("msg", "")).strip())
-    msgs = [m for m in msgs if m]
-    if msgs:
-        return msgs[-1]
-    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
-    if lines:
-        return lines[-1]
-    return f"crun exited with status {status}"
-
-
-class Crun:
-    """Calls to the crun binary, each reaped through the agent's reaper."""
-
-    def __init__(self, reaper: Reaper, settings: Settings) -> None:
-        self.reaper = reaper
-        self.settings = settings
-        self._seq = itertools.count(1)
-
-    def argv(self, *args: str, log_file: Path | None = None) -> list[str]:
-        out = [self.settings.crun, "--root", str(self.settings.crun_state)]
-        if log_file is not None:
-            out += [f"--log=file:{log_file}", "--log-format=json"]
-        return [*out, *args]
-
-    async def run(self, *args: str, timeout: float | None = None) -> RunResult:
-        return await self.reaper.run(self.argv(*args),
-                                     timeout=timeout or self.settings.crun_timeout)
-
-    async def check(self, what: str, *args: str, timeout: float | None = None,
-                    kind: type[errors.PykataError] = errors.Internal) -> RunResult:
-        res = await self.run(*args, timeout=timeout)
-        if not res.ok:
-            raise kind(f"{what}: {crun_error('', res.stderr, res.status)}")
-        return res
-
-    def log_file(self, bundle: Path, op: str) -> Path:
-        return bundle / f"crun-{op}-{next(self._seq)}.log"
-
-
-def _read_log(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def _recv_console(sock: socket.socket, what: str) -> int:
@@ -398,7 +314,7 @@ class Container:
         n = next(self._seq)
         pid_file = self.bundle / f"{op}-{n}.pid"
         log_file = self.crun.log_file(self.bundle, op)
-        sock_dir = self.settings.state_dir / "cs"
+        sock_dir = self.settings.console_sockets_dir
         if proc.terminal:
             sock_dir.mkdir(parents=True, exist_ok=True)
         stdio = _Stdio(proc.terminal, sock_dir, str(next(_SOCKETS)))
@@ -423,9 +339,9 @@ class Container:
                     ) from None
                 raise
             if status != 0:
-                msg = crun_error(_read_log(log_file), stdio.error_output(), status)
+                msg = crun_error(read_log(log_file), stdio.error_output(), status)
                 raise errors.InvalidArgument(f"cannot {what}: {msg}")
-            _read_log(log_file)
+            read_log(log_file)
             master = -1
             if proc.terminal:
                 assert stdio.sock is not None

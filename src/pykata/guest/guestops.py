@@ -1,87 +1,15 @@
-"""Less frequent guest operations: storages, files, CPU and memory hotplug,
-guest details and metrics. Imported lazily by the service."""
+"""Less frequent guest operations: /etc files, CopyFile, CPU and memory
+hotplug, guest details and metrics."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from pykata import errors
-from pykata.guest import cgroups, sysutil
-
-STORAGE_DRIVERS = ("virtiofs", "tmpfs", "local", "blk", "bind")
-
-
-def mount_storage(driver: str, source: str, mount_point: str, fstype: str,
-                  options: Sequence[str], wait_device: float = 5.0) -> bool:
-    """Make one storage available at ``mount_point``; False if nothing was mounted."""
-    if not mount_point.startswith("/"):
-        raise errors.InvalidArgument(f"storage mount point {mount_point!r} is not absolute")
-    driver = driver or fstype
-    try:
-        if driver == "local":
-            mode = 0o777
-            for opt in options:
-                if opt.startswith("mode="):
-                    mode = int(opt[5:], 8)
-            os.makedirs(mount_point, exist_ok=True)
-            os.chmod(mount_point, mode)
-            return False
-        os.makedirs(mount_point, exist_ok=True)
-        if driver == "virtiofs":
-            if not source:
-                raise errors.InvalidArgument("virtiofs storage needs a source tag")
-            # A hot-plugged device (a VM cloned from a template) may still be probing.
-            deadline = time.monotonic() + wait_device
-            while True:
-                try:
-                    sysutil.mount_with_options(source, mount_point, "virtiofs", options)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EINVAL, errno.ENOENT, errno.ENODEV) or \
-                            time.monotonic() >= deadline:
-                        raise
-                time.sleep(0.02)
-        elif driver == "tmpfs":
-            sysutil.mount_with_options(source or "tmpfs", mount_point, "tmpfs", options)
-        elif driver == "blk":
-            if not source.startswith("/dev/"):
-                raise errors.InvalidArgument(
-                    f"blk storage source {source!r} must be a guest device path")
-            deadline = time.monotonic() + wait_device
-            while not os.path.exists(source) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if not os.path.exists(source):
-                raise errors.NotFound(f"block device {source} did not appear in the guest")
-            sysutil.mount_with_options(source, mount_point, fstype or "ext4", options)
-        elif driver == "bind":
-            opts = list(options)
-            if "bind" not in opts and "rbind" not in opts:
-                opts.append("rbind")
-            sysutil.mount_with_options(source, mount_point, None, opts)
-        else:
-            raise errors.InvalidArgument(
-                f"unknown storage driver {driver!r} (known: {', '.join(STORAGE_DRIVERS)})")
-    except OSError as exc:
-        raise errors.Internal(f"cannot mount {driver} storage {source} at {mount_point}:"
-                              f" {exc.strerror or exc}") from None
-    return True
-
-
-def unmount(mount_point: str) -> None:
-    try:
-        sysutil.umount(mount_point)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOENT):
-            return
-        try:
-            sysutil.umount(mount_point, detach=True)
-        except OSError as exc2:
-            raise errors.Internal(f"cannot unmount {mount_point}: {exc2.strerror}") from None
+from pykata.guest import cgroups
 
 
 def write_etc(resolv_lines: Sequence[str], hosts: str, etc: str = "/etc") -> None:

@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+from pykata import wire
 from pykata.errors import FailedPrecondition, InvalidArgument
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
@@ -78,9 +79,8 @@ def terminal(proc: dict[str, Any]) -> bool:
     return bool(proc.get("terminal", False))
 
 
-# The host's marker for "the pod sandbox container's namespace" (see
-# pykata.runtime.specconv, which cannot be imported in the guest).
-SANDBOX_NS_MARKER = "pykata:sandbox"
+# The host's marker for "the pod sandbox container's namespace" (pykata.wire).
+SANDBOX_NS_MARKER = wire.SANDBOX_NS_MARKER
 
 
 def guest_spec(

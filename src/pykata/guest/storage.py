@@ -1,192 +1,205 @@
-"""Hot-plugged disks and pod-wide volumes in the guest.
+"""Storages in the guest: the drivers that mount one, and what the sandbox and
+each container hold.
 
-The host hot-plugs a virtio-blk disk with a serial (its drive id) and names the
-disk by that serial in a Storage (``driver="blk"``, ``source=<serial>``) or a
-Device (``id=<serial>``). The agent waits (bounded) until a disk with that
-serial shows up in ``/sys/block/*/serial`` and its node in ``/dev``, then
-mounts it or gives it to the container with the guest's major/minor.
+A Storage (``driver``, ``source``, ``mount_point``, ``fstype``, ``options``)
+is made available at its mount point by one of the drivers in
+``wire.STORAGE_DRIVERS``: ``virtiofs`` (tag in ``source``; waited for a little,
+a cloned VM's device may still be probing), ``tmpfs``, ``local`` (a directory
+with ``mode=``), ``blk`` (a guest device path, or a hot-plugged disk's serial:
+see disks.py) and ``bind``.
 
-When the last container using a disk is removed, the agent ejects it: it powers
-off the disk's PCIe slot (``/sys/bus/pci/slots/*/power``). QEMU then detaches
-the device at once; an eject requested by the host (``device_del``) waits for
-the guest's hotplug driver, which does not act on it under TCG.
+Who owns what (:class:`Storages`):
 
-Storages with the option ``pykata.scope=sandbox`` in ``driver_options``
-(emptyDir, pod ``/dev/shm``) belong to the pod: the first container mounts
-them, later ones reuse them, and they stay until the sandbox is destroyed.
+- the sandbox's own storages (CreateSandbox: the virtio-fs share) stay until
+  the sandbox is destroyed;
+- storages with ``wire.SANDBOX_SCOPE`` in ``driver_options`` (emptyDir, the
+  pod's ``/dev/shm``) belong to the pod: the first container mounts them,
+  later ones reuse them, and they stay until the sandbox is destroyed;
+- the others belong to their container: unmounted when it is removed (or its
+  creation fails), after which the disks it used are released (the last user
+  ejects a disk).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import errno
 import logging
 import os
-import stat
-from dataclasses import dataclass
-from pathlib import Path
+import time
+from collections.abc import Sequence
 from typing import Any
 
-from pykata import errors
+from pykata import errors, wire
+from pykata.guest import disks as disksmod
+from pykata.guest import sysutil
+from pykata.protos import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-SANDBOX_SCOPE = "pykata.scope=sandbox"
-DISK_WAIT_SECONDS = 20.0  # a hot-plugged disk under TCG shows up within a second or two
-EJECT_SECONDS = 10.0
+STORAGE_DRIVERS = wire.STORAGE_DRIVERS
 
 
-@dataclass(frozen=True)
-class Disk:
-    """A virtio-blk disk found in the guest."""
-
-    serial: str
-    name: str  # "vda"
-    major: int
-    minor: int
-    pci: str  # "0000:01:00.0" ("" if not on PCI)
-
-    @property
-    def path(self) -> str:
-        return f"/dev/{self.name}"
-
-
-def _read(path: Path) -> str:
+def mount_storage(driver: str, source: str, mount_point: str, fstype: str,
+                  options: Sequence[str], wait_device: float = 5.0) -> bool:
+    """Make one storage available at ``mount_point``; False if nothing was mounted."""
+    if not mount_point.startswith("/"):
+        raise errors.InvalidArgument(f"storage mount point {mount_point!r} is not absolute")
+    driver = driver or fstype
     try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
-def find_disk(serial: str, sysfs: str = "/sys") -> Disk | None:
-    """The disk whose virtio serial is ``serial``, if the guest has it."""
-    if not serial:
-        return None
-    block = Path(sysfs, "block")
-    try:
-        names = sorted(os.listdir(block))
-    except OSError:
-        return None
-    for name in names:
-        if _read(block / name / "serial") != serial:
-            continue
-        major, _, minor = _read(block / name / "dev").partition(":")
-        if not major.isdigit() or not minor.isdigit():
-            continue
-        pci = ""
-        with contextlib.suppress(OSError):
-            # .../0000:00:03.0/0000:01:00.0/virtio2: the PCI function holds virtioN.
-            pci = Path(os.path.realpath(block / name / "device")).parent.name
-        return Disk(serial, name, int(major), int(minor), pci if ":" in pci else "")
-    return None
-
-
-async def wait_disk(serial: str, timeout: float = DISK_WAIT_SECONDS, sysfs: str = "/sys",
-                    dev: str = "/dev") -> Disk:
-    """Poll (bounded) until the disk and its device node are there."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.01
-    while True:
-        disk = find_disk(serial, sysfs)
-        if disk is not None:
-            node = os.path.join(dev, disk.name)
-            with contextlib.suppress(OSError):
-                st = os.stat(node)
-                if stat.S_ISBLK(st.st_mode):
-                    return disk
-        if loop.time() >= deadline:
-            what = "its device node" if disk is not None else "it"
-            raise errors.NotFound(
-                f"hot-plugged disk {serial} did not appear in the guest within {timeout:g}s"
-                f" (waiting for {what}); see the guest console for virtio-blk errors")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
-def slot_of(pci: str, sysfs: str = "/sys") -> Path | None:
-    """The hotplug slot (``/sys/bus/pci/slots/<name>``) that holds PCI function ``pci``."""
-    if not pci:
-        return None
-    address = pci.rsplit(".", 1)[0]  # domain:bus:device
-    slots = Path(sysfs, "bus/pci/slots")
-    try:
-        names = sorted(os.listdir(slots))
-    except OSError:
-        return None
-    for name in names:
-        if _read(slots / name / "address") == address:
-            return slots / name
-    return None
-
-
-def eject(disk: Disk, sysfs: str = "/sys") -> bool:
-    """Power off the disk's slot (blocks until the guest has let go); False if the
-    disk has no hotplug slot."""
-    slot = slot_of(disk.pci, sysfs)
-    if slot is None:
-        return False
-    (slot / "power").write_text("0")
+        if driver == "local":
+            mode = 0o777
+            for opt in options:
+                if opt.startswith("mode="):
+                    mode = int(opt[5:], 8)
+            os.makedirs(mount_point, exist_ok=True)
+            os.chmod(mount_point, mode)
+            return False
+        os.makedirs(mount_point, exist_ok=True)
+        if driver == "virtiofs":
+            if not source:
+                raise errors.InvalidArgument("virtiofs storage needs a source tag")
+            # A hot-plugged device (a VM cloned from a template) may still be probing.
+            deadline = time.monotonic() + wait_device
+            while True:
+                try:
+                    sysutil.mount_with_options(source, mount_point, "virtiofs", options)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.ENOENT, errno.ENODEV) or \
+                            time.monotonic() >= deadline:
+                        raise
+                time.sleep(0.02)
+        elif driver == "tmpfs":
+            sysutil.mount_with_options(source or "tmpfs", mount_point, "tmpfs", options)
+        elif driver == "blk":
+            if not source.startswith("/dev/"):
+                raise errors.InvalidArgument(
+                    f"blk storage source {source!r} must be a guest device path")
+            deadline = time.monotonic() + wait_device
+            while not os.path.exists(source) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not os.path.exists(source):
+                raise errors.NotFound(f"block device {source} did not appear in the guest")
+            sysutil.mount_with_options(source, mount_point, fstype or "ext4", options)
+        elif driver == "bind":
+            opts = list(options)
+            if "bind" not in opts and "rbind" not in opts:
+                opts.append("rbind")
+            sysutil.mount_with_options(source, mount_point, None, opts)
+        else:
+            raise errors.InvalidArgument(
+                f"unknown storage driver {driver!r} (known: {', '.join(STORAGE_DRIVERS)})")
+    except OSError as exc:
+        raise errors.Internal(f"cannot mount {driver} storage {source} at {mount_point}:"
+                              f" {exc.strerror or exc}") from None
     return True
 
 
-def device_entry(spec: dict[str, Any], container_path: str) -> dict[str, Any]:
-    """The spec's ``linux.devices`` entry for ``container_path``."""
-    for d in (spec.get("linux") or {}).get("devices") or []:
-        if isinstance(d, dict) and d.get("path") == container_path:
-            return d
-    raise errors.InvalidArgument(
-        f"device {container_path} is not in the spec's linux.devices")
-
-
-def use_guest_device(spec: dict[str, Any], container_path: str, major: int, minor: int) -> None:
-    """Point the ``linux.devices`` entry at ``container_path`` to the guest's
-    major/minor, and every device cgroup rule that named the host's numbers too.
-    ``spec`` is changed in place."""
-    entry = device_entry(spec, container_path)
-    kind = entry.get("type", "b")
-    host = (entry.get("major"), entry.get("minor"))
-    entry["major"], entry["minor"] = major, minor
-    resources = (spec.get("linux") or {}).get("resources") or {}
-    for rule in resources.get("devices") or []:
-        if not isinstance(rule, dict) or rule.get("type", "a") not in (kind, "a"):
-            continue
-        if (rule.get("major"), rule.get("minor")) == host and host != (None, None):
-            rule["major"], rule["minor"] = major, minor
-
-
-class Disks:
-    """Which containers use which hot-plugged disk; the last one out ejects it."""
-
-    def __init__(self, sysfs: str = "/sys") -> None:
-        self.sysfs = sysfs
-        self._users: dict[str, set[str]] = {}
-        self._disks: dict[str, Disk] = {}
-
-    def use(self, disk: Disk, container_id: str) -> None:
-        self._disks[disk.serial] = disk
-        self._users.setdefault(disk.serial, set()).add(container_id)
-
-    def users(self, serial: str) -> set[str]:
-        return set(self._users.get(serial, ()))
-
-    async def release(self, serial: str, container_id: str) -> None:
-        """Forget one user; eject the disk when it was the last (bounded, best effort)."""
-        users = self._users.get(serial)
-        if users is None:
+def unmount(mount_point: str) -> None:
+    try:
+        sysutil.umount(mount_point)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT):
             return
-        users.discard(container_id)
-        if users:
-            return
-        del self._users[serial]
-        disk = self._disks.pop(serial)
         try:
-            ejected = await asyncio.wait_for(asyncio.to_thread(eject, disk, self.sysfs),
-                                             EJECT_SECONDS)
-        except (OSError, TimeoutError) as exc:
-            log.warning("cannot eject disk %s (%s): %s", serial, disk.name, exc)
-            return
-        if ejected:
-            log.info("disk %s (%s) ejected", serial, disk.name)
-        else:
-            log.info("disk %s (%s) has no hotplug slot; left to the host", serial, disk.name)
+            sysutil.umount(mount_point, detach=True)
+        except OSError as exc2:
+            raise errors.Internal(f"cannot unmount {mount_point}: {exc2.strerror}") from None
+
+
+def _mount(st: pb.Storage, source: str | None = None) -> bool:
+    return mount_storage(st.driver, st.source if source is None else source, st.mount_point,
+                         st.fstype, list(st.options))
+
+
+class Storages:
+    """The mounts the sandbox owns (its own and the pod-scoped ones) and the
+    hot-plugged disks in use. A container's own mounts and disks are kept by
+    the caller (``Container.storages``/``.disks``) and handed back to
+    :meth:`release_container`."""
+
+    def __init__(self, disks: disksmod.Disks | None = None) -> None:
+        self.sandbox: list[str] = []  # guest mount points the sandbox owns
+        self.pod_scoped: set[str] = set()  # pod-scoped storages made so far
+        self.disks = disks if disks is not None else disksmod.Disks()
+
+    def mount_sandbox(self, storages: Sequence[pb.Storage]) -> None:
+        """The sandbox's own storages, all or none."""
+        mounted: list[str] = []
+        try:
+            for st in storages:
+                if _mount(st):
+                    mounted.append(st.mount_point)
+        except BaseException:
+            for mp in reversed(mounted):
+                with contextlib.suppress(errors.PykataError):
+                    unmount(mp)
+            raise
+        self.sandbox = mounted
+
+    async def mount_container(self, cid: str, oci: dict[str, Any],
+                              storages: Sequence[pb.Storage], devices: Sequence[pb.Device],
+                              mounted: list[str], disks: list[str]) -> None:
+        """Mount the container's storages and find its disks (pointing ``oci``'s
+        device entries at them). What was done is appended to ``mounted`` and
+        ``disks`` as it happens, for :meth:`release_container` to undo.
+        Pod-scoped storages are mounted once and kept until the sandbox goes."""
+
+        async def disk(serial: str) -> disksmod.Disk:
+            started = time.monotonic()
+            d = await disksmod.wait_disk(serial)
+            log.info("container %s: disk %s is %s (%d:%d), found in %.3fs", cid, serial,
+                     d.path, d.major, d.minor, time.monotonic() - started)
+            self.disks.use(d, cid)
+            if serial not in disks:
+                disks.append(serial)
+            return d
+
+        for st in storages:
+            source = st.source
+            if st.driver == "blk" and source and not source.startswith("/"):
+                source = (await disk(source)).path
+            pod_scoped = wire.SANDBOX_SCOPE in st.driver_options
+            if pod_scoped and st.mount_point in self.pod_scoped:
+                continue
+            done = _mount(st, source)
+            if pod_scoped:
+                self.pod_scoped.add(st.mount_point)
+                if done:
+                    self.sandbox.append(st.mount_point)
+            elif done:
+                mounted.append(st.mount_point)
+        for dev in devices:
+            if dev.type not in ("blk", "b"):
+                raise errors.InvalidArgument(
+                    f"device {dev.container_path}: unsupported type {dev.type!r} (known: blk)")
+            d = await disk(dev.id)
+            disksmod.use_guest_device(oci, dev.container_path, d.major, d.minor)
+
+    async def release_container(self, cid: str, mounted: Sequence[str],
+                                disks: Sequence[str]) -> None:
+        """Unmount a container's own storages, then let go of its disks (the last
+        user ejects a disk). Failures are logged, never raised."""
+        for mp in reversed(mounted):
+            try:
+                unmount(mp)
+            except errors.PykataError as exc:
+                log.warning("%s", exc)
+        for serial in disks:
+            try:
+                await self.disks.release(serial, cid)
+            except Exception as exc:  # removal goes on regardless
+                log.warning("container %s: cannot release disk %s: %s", cid, serial, exc)
+
+    def release_sandbox(self) -> list[str]:
+        """Unmount what the sandbox owns (last mounted first); the failures."""
+        failures: list[str] = []
+        for mp in reversed(self.sandbox):
+            try:
+                unmount(mp)
+            except errors.PykataError as exc:
+                failures.append(str(exc))
+        self.sandbox = []
+        self.pod_scoped.clear()
+        return failures

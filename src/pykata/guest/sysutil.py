@@ -13,6 +13,8 @@ import os
 import threading
 import time
 
+from pykata import wire
+
 # Imported lazily: this module runs first in a booting guest, where every
 # import is slow (TCG), so only what mounting and module loading need is loaded.
 TYPE_CHECKING = False
@@ -250,7 +252,7 @@ def parse_module_list(text: str) -> list[str]:
     return out
 
 
-def load_modules_file(path: str = "/etc/pykata/modules") -> tuple[int, list[str]]:
+def load_modules_file(path: str = wire.GUEST_MODULES_FILE) -> tuple[int, list[str]]:
     """Load every module listed in ``path`` in order: (loaded, error lines)."""
     try:
         listed = parse_module_list(_read(path))
@@ -273,7 +275,7 @@ class ModuleLoader(threading.Thread):
     """Loads the listed modules while the main thread goes on importing (finit_module
     runs in the kernel with the GIL released)."""
 
-    def __init__(self, path: str = "/etc/pykata/modules") -> None:
+    def __init__(self, path: str = wire.GUEST_MODULES_FILE) -> None:
         super().__init__(name="modules", daemon=True)
         self.path = path
         self.loaded = 0
@@ -493,5 +495,5 @@ def init_system() -> None:
         link_up("lo")
     except OSError as exc:
         _log().warning("cannot bring lo up: %s", exc)
-    for d in ("/run/pykata", "/etc"):
+    for d in (wire.GUEST_STATE_DIR, "/etc"):
         os.makedirs(d, exist_ok=True)

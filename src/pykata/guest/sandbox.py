@@ -1,0 +1,197 @@
+"""The one sandbox an agent serves: its id, its containers, what it mounted.
+
+CreateSandbox prepares the guest (clock, hostname, /etc, kernel modules,
+entropy: only as PID 1, apart from entropy) and mounts the sandbox's own
+storages; containers are created, looked up and removed here; DestroySandbox
+removes every container, then unmounts what the sandbox owns.
+
+Pod namespaces: the first container created with a sandbox pid namespace (the
+pod's sandbox container) owns it; later containers join its pid namespace
+(when asked) and, for entries the host marked ``wire.SANDBOX_NS_MARKER``, its
+``wire.POD_SHARED_NAMESPACES`` (ipc, uts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from pykata import errors, wire
+from pykata.guest import guestops, logs, sysutil
+from pykata.guest import spec as specmod
+from pykata.guest.container import Container, Process
+from pykata.guest.crun import Crun
+from pykata.guest.oom import OomWatcher
+from pykata.guest.settings import Settings
+from pykata.guest.storage import Storages
+from pykata.protos import agent_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Sandbox:
+    def __init__(self, settings: Settings, crun: Crun) -> None:
+        self.settings = settings
+        self.crun = crun
+        self.id = ""  # "" until CreateSandbox
+        self.pidns = False  # every container joins the sandbox pid namespace
+        self.pidns_owner: Container | None = None
+        self.containers: dict[str, Container] = {}
+        self._creating: set[str] = set()
+        self.storages = Storages()
+        self.oom = OomWatcher(self.containers)
+
+    # -- lookups --------------------------------------------------------------------------
+
+    def container(self, container_id: str) -> Container:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise errors.NotFound(f"container {container_id} not found") from None
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        return self.container(container_id).process(exec_id)
+
+    # -- the sandbox ----------------------------------------------------------------------
+
+    async def create(self, req: pb.CreateSandboxRequest) -> None:
+        if self.id:
+            raise errors.AlreadyExists(f"sandbox {self.id} is already created")
+        if self.settings.init_mode:
+            self._prepare_guest(req)
+        else:
+            log.info("development mode: hostname, clock, /etc and modules left alone")
+        if req.random_seed:
+            sysutil.add_entropy(req.random_seed)
+        self.storages.mount_sandbox(req.storages)
+        self.pidns = req.sandbox_pidns
+        self.id = req.sandbox_id or "sandbox"
+        log.info("sandbox %s created", self.id)
+
+    @staticmethod
+    def _prepare_guest(req: pb.CreateSandboxRequest) -> None:
+        """Clock, hostname, /etc and kernel modules (PID 1 only)."""
+        if req.host_time_unix_nano:
+            try:
+                sysutil.set_clock(req.host_time_unix_nano)
+            except OSError as exc:
+                log.warning("cannot set the clock: %s", exc)
+        if req.hostname:
+            sysutil.set_hostname(req.hostname)
+        guestops.write_etc(req.dns, req.hosts)
+        for mod in req.kernel_modules:
+            try:
+                sysutil.load_module_by_name(mod.name, mod.parameters)
+            except OSError as exc:
+                raise errors.InvalidArgument(f"cannot load kernel module {mod.name}: "
+                                             f"{exc.strerror or exc}") from None
+
+    async def destroy(self) -> None:
+        """Remove every container, unmount what the sandbox owns; all is tried,
+        the first failure is raised (Internal) with the count of the others."""
+        failures: list[str] = []
+        results = await asyncio.gather(
+            *(self.remove_container(c, 10.0) for c in list(self.containers.values())),
+            return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                failures.append(str(r))
+        failures += self.storages.release_sandbox()
+        if self.settings.init_mode:
+            os.sync()
+        log.info("sandbox %s destroyed", self.id)
+        self.id = ""
+        self.pidns_owner = None
+        logs.set_sandbox("")
+        if failures:
+            raise errors.Internal(f"destroy sandbox: {failures[0]}"
+                                  + (f" (and {len(failures) - 1} more)" if len(failures) > 1
+                                     else ""))
+
+    async def shutdown(self) -> None:
+        """Remove every container (the agent is stopping in development mode)."""
+        if not self.containers:
+            return
+        log.info("removing %d containers before exiting", len(self.containers))
+        await asyncio.gather(
+            *(self.remove_container(c, 5.0) for c in list(self.containers.values())),
+            return_exceptions=True)
+
+    # -- pod namespaces -------------------------------------------------------------------
+
+    def _sandbox_namespaces(self) -> dict[str, str]:
+        """The pod sandbox container's IPC and UTS namespaces (the pod's), if it runs."""
+        owner = self.pidns_owner
+        if owner is None or owner.init.exited or owner.init.pid <= 0:
+            return {}
+        return {kind: f"/proc/{owner.init.pid}/ns/{kind}" for kind in wire.POD_SHARED_NAMESPACES}
+
+    def _pidns_path(self, wanted: bool) -> str | None:
+        if not (wanted or self.pidns):
+            return None
+        owner = self.pidns_owner
+        if owner is None:
+            return None
+        if owner.init.exited or owner.init.pid <= 0:
+            raise errors.FailedPrecondition(
+                f"sandbox pid namespace is gone: container {owner.id} has stopped")
+        return f"/proc/{owner.init.pid}/ns/pid"
+
+    # -- containers -----------------------------------------------------------------------
+
+    async def create_container(self, req: pb.CreateContainerRequest) -> Container:
+        """Storages, guest spec, ``crun create``; on any error nothing is left behind."""
+        cid = specmod.check_id("container", req.container_id)
+        if cid in self.containers or cid in self._creating:
+            raise errors.AlreadyExists(f"container {cid} already exists")
+        oci = specmod.load_json(req.oci_spec_json, "OCI spec")
+        specmod.validate(oci)
+        self._creating.add(cid)
+        mounted: list[str] = []
+        disks: list[str] = []
+        try:
+            await self.storages.mount_container(cid, oci, req.storages, req.devices, mounted,
+                                                disks)
+            rootfs = oci["root"]["path"]
+            if not os.path.isdir(rootfs):
+                raise errors.InvalidArgument(
+                    f"container root filesystem {rootfs} does not exist in the guest")
+            pidns = self._pidns_path(req.sandbox_pidns)
+            guest = specmod.guest_spec(oci, cid, self.settings.cgroup_parent, pidns,
+                                       self._sandbox_namespaces())
+            if os.getpid() == 1:  # the VM's network namespace is the pod's
+                _set_sysctls(specmod.network_sysctls(oci))
+            c = Container(cid, guest, self.settings, self.crun, on_exit=self.oom.check)
+            c.storages = mounted
+            c.disks = disks
+            await c.create(guest)
+        except BaseException:
+            await self.storages.release_container(cid, mounted, disks)
+            raise
+        finally:
+            self._creating.discard(cid)
+        self.containers[cid] = c
+        if (req.sandbox_pidns or self.pidns) and self.pidns_owner is None:
+            self.pidns_owner = c
+        return c
+
+    async def remove_container(self, c: Container, timeout: float) -> None:
+        async with c.lock:
+            if self.containers.get(c.id) is not c:
+                raise errors.NotFound(f"container {c.id} not found")
+            await c.remove(timeout)
+            del self.containers[c.id]
+            if self.pidns_owner is c:
+                self.pidns_owner = None
+            await self.storages.release_container(c.id, c.storages, c.disks)
+
+
+def _set_sysctls(sysctls: dict[str, str]) -> None:
+    for key, value in sysctls.items():
+        try:
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise errors.InvalidArgument(
+                f"cannot set sysctl {key}={value}: {exc.strerror}") from exc

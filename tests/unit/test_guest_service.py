@@ -1,0 +1,136 @@
+"""The agent's RPC surface and its handler decorator, driven without crun, VM or
+root (development mode: the handlers that need none of them)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from pykata import errors, wire
+from pykata.guest import logs, service
+from pykata.guest.reaper import Reaper
+from pykata.guest.settings import Settings
+from pykata.protos import agent_pb2 as pb
+from pykata.ttrpc import Server
+
+T = TypeVar("T")
+
+AGENT_METHODS = {
+    "CreateSandbox", "DestroySandbox", "CreateContainer", "StartContainer",
+    "RemoveContainer", "ExecProcess", "SignalProcess", "WaitProcess", "WriteStdin",
+    "ReadStdout", "ReadStderr", "CloseStdin", "TtyWinResize", "StatsContainer",
+    "PauseContainer", "ResumeContainer", "UpdateContainer", "ListProcesses", "OnlineCPUMem",
+    "GetGuestDetails", "GetMetrics", "GetOOMEvent", "SetGuestDateTime", "ReseedRandomDev",
+    "CopyFile", "UpdateInterface", "UpdateRoutes", "AddARPNeighbors", "ListInterfaces",
+    "ListRoutes",
+}
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def go() -> T:
+        return await coro
+
+    return asyncio.run(go())
+
+
+def make(tmp_path: Path, **kw: Any) -> service.AgentService:
+    return service.AgentService(Settings(state_dir=tmp_path, **kw), Reaper())
+
+
+def test_service_names_are_the_wire_names() -> None:
+    assert service.AGENT_SERVICE.full_name == wire.AGENT_SERVICE
+    assert service.HEALTH_SERVICE.full_name == wire.HEALTH_SERVICE
+
+
+def test_every_rpc_is_served_and_decorated(tmp_path: Path) -> None:
+    server = Server()
+    server.register_service(service.AGENT_SERVICE, make(tmp_path))
+    server.register_service(service.HEALTH_SERVICE, service.HealthService())
+    served = set(server._methods)
+    assert served == {(wire.AGENT_SERVICE, m) for m in AGENT_METHODS} | {
+        (wire.HEALTH_SERVICE, "Check"), (wire.HEALTH_SERVICE, "Version")}
+    assert {m.name for m in service.AGENT_SERVICE.methods} == AGENT_METHODS
+    for name in AGENT_METHODS:
+        assert getattr(getattr(service.AgentService, name), "rpc", None) == name, name
+
+
+class Thing:
+    @service.rpc(lambda r: f"{r.container_id} exec={r.exec_id}")
+    async def CloseStdin(self, req: pb.CloseStdinRequest) -> pb.Empty:
+        assert logs.container_id.get() == (req.container_id or "-")
+        raise FileNotFoundError(2, "No such file or directory", "/x/y")
+
+    @service.rpc()
+    async def GetMetrics(self, req: pb.GetMetricsRequest) -> pb.Metrics:
+        assert logs.container_id.get() == "-"
+        raise errors.NotFound("kept as it is")
+
+
+def test_rpc_decorator_logs_and_maps_os_errors(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="pykata.guest.service")
+    with pytest.raises(errors.Internal) as exc:
+        run(Thing().CloseStdin(pb.CloseStdinRequest(container_id="c1", exec_id="e1")))
+    assert str(exc.value) == "CloseStdin: /x/y No such file or directory"
+    assert "CloseStdin c1 exec=e1" in caplog.messages
+    logs.container_id.set("c1")
+    with pytest.raises(errors.NotFound, match="kept as it is"):
+        run(Thing().GetMetrics(pb.GetMetricsRequest()))
+    assert "GetMetrics" in caplog.messages
+
+
+def test_sandbox_lifecycle_in_development_mode(tmp_path: Path) -> None:
+    async def go() -> None:
+        svc = make(tmp_path)
+        await svc.CreateSandbox(pb.CreateSandboxRequest(sandbox_id="sb1", hostname="h"))
+        assert svc.sandbox.id == "sb1"
+        with pytest.raises(errors.AlreadyExists, match="sandbox sb1 is already created"):
+            await svc.CreateSandbox(pb.CreateSandboxRequest(sandbox_id="sb2"))
+        await svc.DestroySandbox(pb.DestroySandboxRequest())
+        assert svc.sandbox.id == ""
+        await svc.CreateSandbox(pb.CreateSandboxRequest())
+        assert svc.sandbox.id == "sandbox"
+        logs.set_sandbox("")
+
+    asyncio.run(go())
+
+
+def test_wrong_requests_are_refused(tmp_path: Path) -> None:
+    async def go() -> None:
+        svc = make(tmp_path)
+        with pytest.raises(errors.NotFound, match="container c9 not found"):
+            await svc.StartContainer(pb.StartContainerRequest(container_id="c9"))
+        with pytest.raises(errors.NotFound, match="container c9 not found"):
+            await svc.ReadStdout(pb.ReadStreamRequest(container_id="c9"))
+        with pytest.raises(errors.InvalidArgument, match="exec id must not be empty"):
+            await svc.ExecProcess(pb.ExecProcessRequest(container_id="c9"))
+        with pytest.raises(errors.InvalidArgument, match="invalid signal 999"):
+            await svc.SignalProcess(pb.SignalProcessRequest(container_id="c9", signal=999))
+        with pytest.raises(errors.FailedPrecondition, match="not setting the clock"):
+            await svc.SetGuestDateTime(pb.SetGuestDateTimeRequest(sec=1))
+        with pytest.raises(errors.FailedPrecondition, match="--manage-network"):
+            await svc.UpdateRoutes(pb.UpdateRoutesRequest())
+        with pytest.raises(errors.InvalidArgument):
+            await svc.CreateContainer(pb.CreateContainerRequest(container_id="c1",
+                                                                oci_spec_json=b"{"))
+        assert svc.sandbox.containers == {}
+
+    asyncio.run(go())
+
+
+def test_guest_details_and_metrics(tmp_path: Path) -> None:
+    svc = make(tmp_path)
+    details = run(svc.GetGuestDetails(pb.GetGuestDetailsRequest()))
+    assert list(details.agent_details.storage_handlers) == list(wire.STORAGE_DRIVERS)
+    assert not details.agent_details.init_daemon and details.online_cpus >= 1
+    assert "pykata_agent_containers 0" in run(svc.GetMetrics(pb.GetMetricsRequest())).metrics
+
+
+def test_health(tmp_path: Path) -> None:
+    h = service.HealthService()
+    assert run(h.Check(pb.CheckRequest())).status == pb.HealthCheckResponse.SERVING
+    assert run(h.Version(pb.CheckRequest())).grpc_version == "ttrpc"
