@@ -16,7 +16,7 @@ from pykata import errors
 log = logging.getLogger(__name__)
 
 # Our code in the guest: only what the agent imports.
-AGENT_PARTS = ("__init__.py", "errors.py", "ttrpc", "protos", "guest")
+AGENT_PARTS = ("__init__.py", "errors.py", "wire.py", "ttrpc", "protos", "guest")
 
 INIT = """#!/usr/bin/python3.11 -SB
 import sys
