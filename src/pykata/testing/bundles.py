@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import NotFound
+from pykata.runtime.bundle import DEFAULT_ENV, default_spec
+
+__all__ = ["DEFAULT_ENV", "busybox_rootfs", "default_spec", "make_bundle"]
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
-DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"]
 
 
 def _busybox() -> Path:
@@ -53,53 +55,6 @@ def busybox_rootfs(dest: Path) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
-
-
-def default_spec(args: list[str], *, hostname: str = "pykata", terminal: bool = False,
-                 env: list[str] | None = None, cwd: str = "/",
-                 memory_limit: int | None = None) -> dict[str, Any]:
-    """An OCI runtime spec shaped like `runc spec` output."""
-    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN", "CAP_SETUID",
-            "CAP_SETGID", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_SETPCAP",
-            "CAP_MKNOD", "CAP_NET_RAW", "CAP_SYS_CHROOT"]
-    spec: dict[str, Any] = {
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args,
-            "env": env if env is not None else list(DEFAULT_ENV), "cwd": cwd,
-            "capabilities": {k: list(caps) for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": True,
-        },
-        "root": {"path": "rootfs", "readonly": False},
-        "hostname": hostname,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-        ],
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount",
-                                                                    "cgroup")],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
-                              "/proc/sysrq-trigger"],
-        },
-    }
-    if memory_limit is not None:
-        spec["linux"]["resources"]["memory"] = {"limit": memory_limit, "swap": memory_limit}
-    return spec
 
 
 def make_bundle(bundle: Path, rootfs_source: Path, spec: dict[str, Any]) -> Path:
