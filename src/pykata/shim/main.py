@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import logging.handlers
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata import config, errors
+from pykata.runtime.bundle import load_spec_or_empty, spec_annotations
 from pykata.runtime.specconv import CRI_SANDBOX, CRI_TYPE, CRIO_SANDBOX, CRIO_TYPE
 
 log = logging.getLogger("pykata.shim")
@@ -53,7 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def pod_of(spec: dict[str, Any], container_id: str) -> tuple[str, bool]:
     """(sandbox id, this container is the sandbox) from the spec's annotations."""
-    ann = spec.get("annotations") or {}
+    ann = spec_annotations(spec)
     for type_key, sb_key in ((CRI_TYPE, CRI_SANDBOX), (CRIO_TYPE, CRIO_SANDBOX)):
         kind = ann.get(type_key)
         if kind == "container" and ann.get(sb_key):
@@ -66,14 +66,6 @@ def pod_of(spec: dict[str, Any], container_id: str) -> tuple[str, bool]:
 def socket_path(address: str, namespace: str, sandbox_id: str) -> Path:
     digest = hashlib.sha256(f"{address}/{namespace}/{sandbox_id}".encode()).hexdigest()
     return SOCKET_DIR / digest[:32]
-
-
-def _spec(bundle: Path) -> dict[str, Any]:
-    try:
-        data: dict[str, Any] = json.loads((bundle / "config.json").read_text())
-        return data
-    except (OSError, ValueError):
-        return {}
 
 
 def _alive(path: Path) -> bool:
@@ -171,7 +163,7 @@ def spawn_server(path: Path, *, cwd: Path, namespace: str, address: str,
 
 def cmd_start(args: argparse.Namespace) -> int:
     bundle = Path.cwd()
-    sandbox_id, is_sandbox = pod_of(_spec(bundle), args.id)
+    sandbox_id, is_sandbox = pod_of(load_spec_or_empty(bundle), args.id)
     path = socket_path(args.address, args.namespace, sandbox_id)
     address = f"unix://{path}"
     # Before anything connects: nobody but root can have put a socket there.
@@ -218,7 +210,7 @@ def cmd_delete(args: argparse.Namespace, cfg: config.Config) -> int:
 
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
     namespace = namespace_of(args)
-    sandbox_id, is_sandbox = pod_of(_spec(bundle), args.id)
+    sandbox_id, is_sandbox = pod_of(load_spec_or_empty(bundle), args.id)
     for kind, value in (("namespace", namespace), ("container", args.id),
                         ("sandbox", sandbox_id)):
         try:
