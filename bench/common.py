@@ -315,7 +315,7 @@ def reap_shims(address: Path, ids: list[str]) -> None:
             os.kill(pid, signal.SIGKILL)
     if left:
         from pykata import config
-        from pykata.runtime.sandbox import cleanup
+        from pykata.runtime.cleanup import cleanup
 
         state = config.load().runtime.state_dir
         for cid in left:
@@ -367,7 +367,8 @@ async def private_sandbox(prefix: str) -> AsyncIterator[Sandbox]:
     """A sandbox made in-process under a state directory of its own; stopped,
     cleaned up and its state removed afterwards, also after a failure."""
     from pykata import config
-    from pykata.runtime.sandbox import Sandbox, cleanup
+    from pykata.runtime.cleanup import cleanup
+    from pykata.runtime.sandbox import Sandbox
 
     cfg = config.load()
     tag = uuid.uuid4().hex[:6]

@@ -33,7 +33,8 @@ from common import (
 )
 
 from pykata import config
-from pykata.runtime.sandbox import Sandbox, cleanup
+from pykata.runtime.cleanup import cleanup
+from pykata.runtime.sandbox import Sandbox
 
 CHECKS = 50
 

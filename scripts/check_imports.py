@@ -41,6 +41,12 @@ ALLOWED: dict[str, set[str]] = {
                        "runtime.types", "shim", "guest", "image"},
 }
 
+# Driver packages behind the hypervisor contract: only these layers may import
+# them (the runtime and the shim reach a driver through pykata.hypervisor).
+PRIVATE: dict[str, set[str]] = {
+    "pykata.hypervisor.qemu": {"hypervisor", "cli", "testing"},
+}
+
 
 def layer(module: str) -> str:
     """``pykata.runtime.types`` -> runtime.types, ``pykata.shim.main`` -> shim."""
@@ -94,6 +100,11 @@ def violations(src: Path = SRC) -> list[str]:
         allowed = ALLOWED.get(mine)
         for lineno, target in imports(path, module):
             theirs = layer(target)
+            private = [p for p in PRIVATE if target == p or target.startswith(p + ".")]
+            if private and mine not in PRIVATE[private[0]]:
+                found.append(f"{path.relative_to(src.parent)}:{lineno}: {mine} -> {target}"
+                             f" (a driver: use pykata.hypervisor.make_driver)")
+                continue
             if theirs == mine:
                 continue
             if allowed is None:

@@ -223,7 +223,7 @@ def test_destroy_removes_the_state_dir_without_a_keeper(
         cleaned.append(f"{cid} {ns} {force}")
         return True
 
-    import pykata.runtime.sandbox as sandbox
+    import pykata.runtime.cleanup as sandbox
 
     monkeypatch.setattr(sandbox, "cleanup", fake_cleanup)
     proc = subprocess.Popen(["sleep", "30"])

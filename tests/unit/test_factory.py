@@ -12,6 +12,7 @@ import pytest
 from pykata import config, errors
 from pykata.hypervisor.base import NicSpec, VMSpec
 from pykata.hypervisor.qemu.cmdline import QemuOptions
+from pykata.hypervisor.qemu.setup import QemuDriver
 from pykata.runtime import factory
 
 
@@ -25,16 +26,18 @@ def spec(tmp_path: Path) -> VMSpec:
 
 def test_key_ignores_per_sandbox_parts_but_not_the_shape(spec: VMSpec, tmp_path: Path) -> None:
     qemu = str(tmp_path / "initrd")  # any existing file stands in for the binary
-    opts = QemuOptions(pcie_root_ports=6)
-    key = factory.template_key(spec, qemu, opts)
+    driver = QemuDriver(qemu, QemuOptions(pcie_root_ports=6))
+    key = factory.template_key(spec, driver.identity())
     other = dataclasses.replace(spec, id="b", run_dir=tmp_path / "b", nics=[NicSpec([3])],
                                 shared_fs_socket=tmp_path / "vfs.sock")
-    assert factory.template_key(other, qemu, opts) == key
-    assert factory.template_key(dataclasses.replace(spec, memory_mib=1024), qemu, opts) != key
-    assert factory.template_key(spec, qemu, QemuOptions(pcie_root_ports=2)) != key
+    assert factory.template_key(other, driver.identity()) == key
+    assert factory.template_key(dataclasses.replace(spec, memory_mib=1024),
+                                driver.identity()) != key
+    fewer_ports = QemuDriver(qemu, QemuOptions(pcie_root_ports=2))
+    assert factory.template_key(spec, fewer_ports.identity()) != key
     # A rebuilt initrd (new size or mtime) makes a new template.
     (tmp_path / "initrd").write_bytes(b"i" * 101)
-    assert factory.template_key(spec, qemu, opts) != key
+    assert factory.template_key(spec, driver.identity()) != key
 
 
 def test_eligible(spec: VMSpec) -> None:

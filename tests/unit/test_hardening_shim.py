@@ -301,7 +301,7 @@ class Recorder:
 
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    from pykata.runtime import sandbox
+    from pykata.runtime import cleanup as sandbox
 
     r = Recorder()
     monkeypatch.setattr(sandbox, "cleanup_container_mounts", r.mounts)

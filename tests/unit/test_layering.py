@@ -34,6 +34,8 @@ def test_violations_are_found(tmp_path: Path) -> None:
         "pykata/cli/__init__.py": "",
         "pykata/cli/x.py": "import pykata.testing\n",
         "pykata/newpkg/__init__.py": "import pykata.errors\n",
+        "pykata/runtime/boots.py": "from pykata.hypervisor.qemu.driver import QemuHypervisor\n",
+        "pykata/runtime/ok.py": "from pykata.hypervisor import make_driver\n",
     }.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(text)
@@ -43,6 +45,8 @@ def test_violations_are_found(tmp_path: Path) -> None:
     assert "runtime.types -> runtime" in found
     assert "cli -> testing" in found
     assert "'newpkg' has no rule" in found
+    assert "runtime -> pykata.hypervisor.qemu.driver (a driver" in found
+    assert "runtime/ok.py" not in found
     assert "utils" not in found
 
 

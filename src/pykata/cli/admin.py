@@ -25,11 +25,20 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     out = Path(args.output or cfg.image.output_dir)
-    art = build_image(out, force=args.force, progress=not args.quiet)
+    images: tuple[str, ...] | None = None  # default: erofs if mkfs.erofs is there
+    if args.rootfs == "initrd":
+        images = ()
+    elif args.rootfs == "both" or args.image_fs:
+        images = tuple(f for f in (args.image_fs or "erofs").split(",") if f)
+    art = build_image(out, force=args.force, progress=not args.quiet, root_images=images)
     print(f"kernel  {art.kernel} ({art.kernel_release})")
     if art.vmlinux:
         print(f"vmlinux {art.vmlinux}")
     print(f"initrd  {art.initrd} ({art.size_bytes / 2**20:.1f} MiB)")
+    for fs, path in sorted(art.root_images.items()):
+        print(f"{fs:7} {path} ({path.stat().st_size / 2**20:.0f} MiB, read-only root image)")
+    if art.early_initrd:
+        print(f"early   {art.early_initrd}")
     print(f"digest  {art.digest}")
     return 0
 
@@ -244,8 +253,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from pykata.runtime.sandbox import check_id, cleanup
-    from pykata.runtime.state import all_sandboxes
+    from pykata.runtime.cleanup import cleanup
+    from pykata.runtime.state import all_sandboxes, check_id
 
     cfg = _load_config(args)
     if args.id:
@@ -317,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", help="output directory (default: [image] output_dir)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--quiet", action="store_true", help="no progress display")
+    b.add_argument("--rootfs", choices=["initrd", "both"], default=None,
+                   help="initrd: the initrd only; both: also the read-only root image and its"
+                        " early initrd (default: both if mkfs.erofs is installed)")
+    b.add_argument("--image-fs", metavar="FS[,FS]", default="",
+                   help="file systems of the root image: erofs, ext4 (default erofs)")
     b.set_defaults(func=cmd_image_build)
     s = isub.add_parser("show", help="show the built image")
     s.add_argument("--output")

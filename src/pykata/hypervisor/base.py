@@ -7,6 +7,7 @@ import abc
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pykata.errors import Unimplemented
 
@@ -144,3 +145,26 @@ class Hypervisor(abc.ABC):
         """Load device state from ``path`` into a VM started with ``incoming``
         (RAM from ``spec.memory_file``), then run it."""
         raise self._unsupported("restore")
+
+
+class Driver(abc.ABC):
+    """A hypervisor as configured on this host, probed once (accelerator,
+    capabilities): it makes the VMs. The runtime sees only this and
+    :class:`Hypervisor`; ``pykata.hypervisor.make_driver`` picks the driver."""
+
+    name = "hypervisor"
+    accel = ""  # how its VMs run, e.g. "kvm" or "tcg"
+    binary = ""  # the VMM executable
+
+    @abc.abstractmethod
+    def vm(self, spec: VMSpec) -> Hypervisor:
+        """A VM for ``spec``, not started yet."""
+
+    def identity(self) -> dict[str, Any]:
+        """What besides the VMSpec shapes a VM's saved state (binary, machine,
+        accelerator...): a VM saved under another identity cannot be restored."""
+        return {"driver": self.name, "accel": self.accel}
+
+    def agent_channel(self, requested: str) -> str:
+        """The agent channel kind a VM uses for ``requested`` (auto | vsock | serial)."""
+        return "serial" if requested == "auto" else requested

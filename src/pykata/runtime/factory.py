@@ -52,12 +52,9 @@ from pathlib import Path
 from typing import Any
 
 from pykata import errors
-from pykata.agent import AgentClient
 from pykata.config import Config
-from pykata.hypervisor.base import VMSpec
-from pykata.hypervisor.qemu import QemuHypervisor
-from pykata.hypervisor.qemu.cmdline import QemuOptions
-from pykata.ttrpc import Client
+from pykata.hypervisor.base import Driver, VMSpec
+from pykata.runtime.dial import dial_agent
 from pykata.utils.process import tail
 
 log = logging.getLogger(__name__)
@@ -136,20 +133,18 @@ def _file_id(path: Path) -> list[Any]:
     return [str(real), st.st_size, st.st_mtime_ns]
 
 
-def template_key(spec: VMSpec, binary: str, options: QemuOptions) -> str:
-    """A digest of everything that shapes a template's saved state."""
+def template_key(spec: VMSpec, identity: dict[str, Any]) -> str:
+    """A digest of everything that shapes a template's saved state: the VM's
+    shape and the driver's ``identity()`` (binary, machine, accelerator...)."""
     shape = {
         "kernel": _file_id(spec.kernel),
         "initrd": _file_id(spec.initrd) if spec.initrd else None,
-        "qemu": _file_id(Path(binary)),
         "vcpus": spec.vcpus, "max_vcpus": spec.max_vcpus, "memory": spec.memory_mib,
         "max_memory": spec.max_memory_mib, "slots": spec.memory_slots,
         "params": spec.kernel_params, "channel": spec.agent_channel, "debug": spec.debug,
-        "accel": options.accel, "cpu": options.cpu_model, "machine": options.machine_type,
-        "machine_options": options.machine_options, "tb_size": options.tb_size_mib,
-        "root_ports": options.pcie_root_ports, "extra": list(options.extra_args),
         "free_page_reporting": spec.free_page_reporting,
-        "format": 2,  # 2: RAM and state passed to QEMU as fds
+        "driver": identity,
+        "format": 3,  # 3: the driver's identity; 2: RAM and state passed to QEMU as fds
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -280,9 +275,9 @@ class Factory:
         finally:
             os.close(fd)
 
-    async def ensure(self, spec: VMSpec, binary: str, options: QemuOptions) -> Template:
+    async def ensure(self, spec: VMSpec, driver: Driver) -> Template:
         """The template for ``spec``'s shape, built now if there is none (or a stale one)."""
-        key = template_key(spec, binary, options)
+        key = template_key(spec, driver.identity())
         t = self.current()
         if t is not None and t.key == key:
             return t
@@ -294,12 +289,11 @@ class Factory:
             t = self.current()
             if t is not None and t.key == key:
                 return t
-            return await self._build(root, spec, binary, options, key)
+            return await self._build(root, spec, driver, key)
         finally:
             lock.__exit__(None, None, None)
 
-    async def _build(self, root: Path, spec: VMSpec, binary: str, options: QemuOptions,
-                     key: str) -> Template:
+    async def _build(self, root: Path, spec: VMSpec, driver: Driver, key: str) -> Template:
         """Boot, wait for the agent, save. Replaces any older template."""
         work = root / BUILD
         _rmtree(work)
@@ -308,16 +302,13 @@ class Factory:
         tspec = dataclasses.replace(
             spec, id="template", run_dir=work / "run", shared_fs_socket=None, nics=[],
             memory_file=work / MEMORY, incoming=False)
-        vm = QemuHypervisor(tspec, binary, options)
+        vm = driver.vm(tspec)
         t0 = time.monotonic()
         try:
             await vm.prepare()
             await vm.start()
-            reader, writer = await vm.agent_channel().connect(
-                float(self.config.agent.dial_timeout))
-            agent = AgentClient(Client(reader, writer))
+            agent = await dial_agent(vm, float(self.config.agent.dial_timeout))
             try:
-                await agent.check(timeout=float(self.config.agent.dial_timeout))
                 # The guest is idle once the agent answers; let its boot-time
                 # work (module loading) finish so clones don't redo it.
                 await agent.guest_details()

@@ -9,14 +9,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pykata.errors import NotFound
+from pykata.errors import InvalidArgument, NotFound
 
 STATE_FILE = "state.json"
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_id(kind: str, value: str) -> None:
+    """Sandbox, container and namespace ids name directories: 1-128 of a safe set."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise InvalidArgument(
+            f"invalid {kind} id {value!r}: use 1-128 letters, digits, '_', '.', '-'"
+        )
 
 
 @dataclass

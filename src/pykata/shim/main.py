@@ -205,7 +205,8 @@ def cmd_delete(args: argparse.Namespace, cfg: config.Config) -> int:
     The sandbox id comes from the bundle's annotations: untrusted, like the
     container id and the namespace; all are checked before any path is built."""
     from pykata.protos import containerd_shim_pb2 as pb
-    from pykata.runtime.sandbox import check_id, cleanup, cleanup_container_mounts
+    from pykata.runtime.cleanup import cleanup, cleanup_container_mounts
+    from pykata.runtime.state import check_id
     from pykata.shim.rootfs import unmount_rootfs
 
     bundle = Path(args.bundle) if args.bundle else Path.cwd()

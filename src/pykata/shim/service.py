@@ -31,8 +31,9 @@ from pykata.config import Config
 from pykata.hypervisor.base import Hypervisor
 from pykata.protos import containerd_events_pb2 as ev
 from pykata.protos import containerd_shim_pb2 as pb
+from pykata.runtime.bundle import load_spec
 from pykata.runtime.container import Container, PodSettings, Process
-from pykata.runtime.sandbox import Sandbox, load_spec
+from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.state import DEFAULT_NAMESPACE
 from pykata.runtime.types import ExitStatus
 from pykata.shim import convert, rootfs

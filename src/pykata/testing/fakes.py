@@ -38,9 +38,9 @@ from pykata import errors
 from pykata.config import Config
 from pykata.hypervisor.base import AgentChannel, Hypervisor, VMSpec
 from pykata.resources.blockdev import BlockDevices
+from pykata.runtime.bundle import load_spec
 from pykata.runtime.container import Container
-from pykata.runtime.sandbox import check_id, load_spec
-from pykata.runtime.state import DEFAULT_NAMESPACE
+from pykata.runtime.state import DEFAULT_NAMESPACE, check_id
 from pykata.runtime.types import (
     ContainerStats,
     Device,

@@ -85,7 +85,7 @@ def destroy(d: Path, cid: str) -> None:
         terminate(standin, 1.0)
     # Whatever the keeper could not stop (it was killed): VMM, virtiofsd, mounts.
     from pykata import config
-    from pykata.runtime.sandbox import cleanup
+    from pykata.runtime.cleanup import cleanup
 
     with contextlib.suppress(Exception):
         asyncio.run(cleanup(config.load().runtime.state_dir, cid, NAMESPACE, force=True))

@@ -1,0 +1,81 @@
+"""The QEMU driver as configured by ``[hypervisor.qemu]``: the accelerator
+probed once per host (cached in the state directory), the host-side options
+every VM of this host shares, the DAX capability checked when asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from pykata.config import Config
+from pykata.hypervisor.base import Driver, Hypervisor, VMSpec
+from pykata.hypervisor.channels import vhost_vsock_available
+from pykata.hypervisor.qemu.accel import AccelProbe, probe
+from pykata.hypervisor.qemu.caps import check_dax
+from pykata.hypervisor.qemu.cmdline import QemuOptions
+from pykata.hypervisor.qemu.driver import QemuHypervisor
+
+# PCIe root ports on q35 for what is hot-plugged: disks, NICs, and (in a
+# template clone) the virtio-fs device.
+PCIE_ROOT_PORTS = 6
+
+
+class QemuDriver(Driver):
+    name = "qemu"
+
+    def __init__(self, binary: str, options: QemuOptions, reason: str = "") -> None:
+        self.binary = binary
+        self.options = options
+        self.accel = options.accel
+        self.reason = reason  # why this accelerator
+
+    @classmethod
+    async def probe(cls, config: Config) -> QemuDriver:
+        q = config.qemu
+        if q.shared_fs == "virtio-fs":
+            await asyncio.to_thread(check_dax, q.path, q.virtio_fs_cache_size)
+        accel: AccelProbe = await asyncio.to_thread(
+            probe, q.path, q.accelerator, Path(config.runtime.state_dir) / "accel.json")
+        return cls(q.path, options(config, accel.accel), accel.reason)
+
+    def vm(self, spec: VMSpec) -> Hypervisor:
+        return QemuHypervisor(spec, self.binary, self.options)
+
+    def identity(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "driver": self.name, "qemu": _file_id(self.binary), "accel": o.accel,
+            "cpu": o.cpu_model, "machine": o.machine_type,
+            "machine_options": o.machine_options, "tb_size": o.tb_size_mib,
+            "root_ports": o.pcie_root_ports, "extra": list(o.extra_args),
+        }
+
+    def agent_channel(self, requested: str) -> str:
+        if requested == "auto":
+            return "vsock" if vhost_vsock_available() else "serial"
+        return requested
+
+
+def options(config: Config, accel: str) -> QemuOptions:
+    """The host-side QEMU options of ``config`` for VMs on ``accel``."""
+    q = config.qemu
+    return QemuOptions(
+        accel=accel, cpu_model=q.cpu_model, machine_type=q.machine_type,
+        machine_options=q.machine_options,
+        tb_size_mib=q.tb_size if accel == "tcg" else 0,
+        pcie_root_ports=PCIE_ROOT_PORTS, extra_args=tuple(q.extra_args),
+        seccomp_sandbox=q.seccomp_sandbox, run_as_user=q.run_as_user,
+        log_max_bytes=config.runtime.log_max_bytes,
+        uid_lease_dir=Path(config.runtime.state_dir) / "uids",
+    )
+
+
+def _file_id(path: str) -> list[Any]:
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return [real, -1, -1]
+    return [real, st.st_size, st.st_mtime_ns]
