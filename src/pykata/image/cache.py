@@ -2,8 +2,9 @@
 layout builds are kept in under ``output_dir``::
 
     images/<digest>/{vmlinuz,vmlinux,initrd.img,manifest.json}   one build
+    images/<digest>/{rootfs.erofs,rootfs.ext4,initrd-early.img}  the image root, if built
     current -> images/<digest>                                   switched atomically
-    vmlinuz, vmlinux, initrd.img, manifest.json -> current/...   stable paths
+    vmlinuz, vmlinux, initrd.img, manifest.json, ... -> current/...  stable paths
     cache/debs/*.deb                                             downloaded packages
     cache/apt-resolution.json                                    resolved versions
 
@@ -21,17 +22,20 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykata.image.agent import INIT, pykata_root
 from pykata.image.kernel import GUEST_MODULES
 from pykata.image.tools import rm
 
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 
 MANIFEST = "manifest.json"
+EARLY_INITRD = "initrd-early.img"
 ARTIFACTS = ("vmlinuz", "vmlinux", "initrd.img", MANIFEST)
+# Made only when asked (or when the tool is there): linked when present.
+OPTIONAL_ARTIFACTS = ("rootfs.erofs", "rootfs.ext4", EARLY_INITRD)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ class ImageArtifacts:
     kernel_release: str  # e.g. "6.1.0-56-cloud-amd64"
     digest: str  # content hash of the inputs (the cache key)
     size_bytes: int  # initrd size
+    # The image root (see rootimage.py): file system -> image file, and the early
+    # initrd that mounts it. Empty / None when the build made none.
+    root_images: dict[str, Path] = field(default_factory=dict)
+    early_initrd: Path | None = None
+    root_data_offset: int = 0  # where the file system starts in each image file
 
 
 # -- the cache key -------------------------------------------------------------------
@@ -85,9 +94,23 @@ def find_image(output_dir: Path) -> ImageArtifacts | None:
     kernel, vmlinux, initrd = (output_dir / n for n in ("vmlinuz", "vmlinux", "initrd.img"))
     if not kernel.is_file() or not initrd.is_file():
         return None
+    images: dict[str, Path] = {}
+    offset = 0
+    entries = m.get("root_images")
+    for fstype, entry in (entries.items() if isinstance(entries, dict) else ()):
+        try:
+            path = output_dir / str(entry["file"])
+            offset = int(entry["data_offset"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if path.is_file():
+            images[str(fstype)] = path
+    early = output_dir / EARLY_INITRD
     return ImageArtifacts(kernel=kernel, vmlinux=vmlinux if vmlinux.is_file() else None,
                           initrd=initrd, kernel_release=release, digest=digest,
-                          size_bytes=size)
+                          size_bytes=size, root_images=images,
+                          early_initrd=early if images and early.is_file() else None,
+                          root_data_offset=offset if images else 0)
 
 
 @contextmanager
@@ -126,6 +149,11 @@ def install(output_dir: Path, out: Path, digest: str) -> None:
     link(output_dir / "current", f"images/{digest}")
     for name in ARTIFACTS:
         link(output_dir / name, f"current/{name}")
+    for name in OPTIONAL_ARTIFACTS:
+        if (final / name).exists():
+            link(output_dir / name, f"current/{name}")
+        elif (output_dir / name).is_symlink():
+            (output_dir / name).unlink()
 
 
 def prune(output_dir: Path, digest: str, debs: Mapping[str, Path]) -> None:

@@ -128,10 +128,9 @@ def install_module(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def install_modules(kroot: Path, root: Path, release: str,
-                    step: Callable[[str], None]) -> list[str]:
-    """Copy the closure of GUEST_MODULES; write /etc/pykata/modules (load order,
-    paths relative to /) and a modules.dep of the shipped modules."""
+def module_index(kroot: Path, release: str) -> tuple[dict[str, list[str]], set[str]]:
+    """(modules.dep as parsed by the guest, names built into the kernel) of the
+    unpacked kernel package in ``kroot``; runs depmod when the .deb has no index."""
     mdir = kroot / "lib/modules" / release
     if not (mdir / "modules.dep").exists():  # depmod runs at install time, not in the .deb
         run(["depmod", "-b", str(kroot), release], f"cannot index the modules of {release}")
@@ -139,6 +138,16 @@ def install_modules(kroot: Path, root: Path, release: str,
     builtin_file = mdir / "modules.builtin"
     builtin = ({module_name(x) for x in builtin_file.read_text().split()}
                if builtin_file.exists() else set())
+    return deps, builtin
+
+
+def install_modules(kroot: Path, root: Path, release: str,
+                    step: Callable[[str], None]) -> list[str]:
+    """Copy the closure of GUEST_MODULES; write /etc/pykata/modules (load order,
+    paths relative to /) and a modules.dep of the shipped modules."""
+    mdir = kroot / "lib/modules" / release
+    deps, builtin = module_index(kroot, release)
+    builtin_file = mdir / "modules.builtin"
     order = module_load_order(GUEST_MODULES, deps, builtin)
     absent = [m for m in GUEST_MODULES if m.replace("-", "_") not in deps
               and m.replace("-", "_") not in builtin]
