@@ -27,13 +27,13 @@ def make_bundle(tmp_path: Path, args: list[str] | None = None, name: str = "b",
 
 
 @pytest.fixture
-def sandbox() -> FakeSandbox:
-    return FakeSandbox("pod")
+async def sandbox(tmp_path: Path) -> FakeSandbox:
+    return await FakeSandbox.running("pod", state_dir=tmp_path / "state")
 
 
 @pytest.fixture
 def agent(sandbox: FakeSandbox) -> FakeAgent:
-    return sandbox.agent
+    return sandbox.fake_agent
 
 
 async def created(sandbox: FakeSandbox, tmp_path: Path, cid: str = "c1") -> Container:

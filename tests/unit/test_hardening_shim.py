@@ -37,7 +37,7 @@ def _bundle_dir(tmp_path: Path) -> Path:
 
 async def _running(tmp_path: Path) -> tuple[svc.TaskService, FakePublisher, FakeAgent]:
     pub = FakePublisher()
-    make = FakeSandboxFactory()
+    make = FakeSandboxFactory(tmp_path / "state")
     service = svc.TaskService("c1", "default", config.Config(), pub, asyncio.Event(),
                               make_sandbox=make)
     await service.Create(pb.CreateTaskRequest(id="c1", bundle=str(_bundle_dir(tmp_path))))

@@ -37,7 +37,7 @@ class Shim:
     def __init__(self, tmp_path: Path, sandbox_id: str = "c1") -> None:
         self.tmp = tmp_path
         self.pub = FakePublisher()
-        self.factory = FakeSandboxFactory()
+        self.factory = FakeSandboxFactory(tmp_path / "state")
         self.shutdown = asyncio.Event()
         self.svc = TaskService(sandbox_id, "k8s.io", config.Config(), self.pub,
                                self.shutdown, make_sandbox=self.factory)
@@ -124,7 +124,7 @@ async def test_create_start_exit_wait_delete(shim: Shim) -> None:
     assert isinstance(delete_ev, ev.TaskDelete) and delete_ev.exit_status == 3
     # The last container took the VM with it; Shutdown may end the shim.
     assert shim.svc.sandbox is None and shim.sandbox.state is State.STOPPED
-    assert not shim.sandbox.vm.running
+    assert not shim.sandbox.fake_vm.running
     with pytest.raises(errors.NotFound, match="task c1 not found"):
         await shim.state()
     await shim.svc.Shutdown(pb.ShutdownRequest(id="c1"))
@@ -188,7 +188,7 @@ async def test_pod_vm_lives_until_its_sandbox_container_is_deleted(tmp_path: Pat
     shim.agent.exit("app", code=0)
     await shim.wait("app")
     await shim.delete("app")
-    assert shim.svc.sandbox is shim.sandbox and shim.sandbox.vm.running
+    assert shim.svc.sandbox is shim.sandbox and shim.sandbox.fake_vm.running
     await shim.svc.Shutdown(pb.ShutdownRequest(id="pod"))
     assert not shim.shutdown.is_set()  # a task is left
     # The sandbox container goes, and the VM with it (and whatever is left in it).
@@ -196,7 +196,7 @@ async def test_pod_vm_lives_until_its_sandbox_container_is_deleted(tmp_path: Pat
     await shim.kill("pod", signal.SIGKILL)
     await shim.wait("pod")
     await shim.delete("pod")
-    assert shim.svc.sandbox is None and not shim.sandbox.vm.running
+    assert shim.svc.sandbox is None and not shim.sandbox.fake_vm.running
     assert shim.sandbox.containers == {}
     with pytest.raises(errors.NotFound):
         await shim.state("late")
@@ -258,7 +258,7 @@ async def test_wrong_state_calls_are_clear_errors(shim: Shim) -> None:
                        " running"):
         await shim.delete()
     assert (await shim.state()).status == tt.RUNNING  # refused: nothing undone
-    assert shim.svc.sandbox is not None and shim.sandbox.vm.running
+    assert shim.svc.sandbox is not None and shim.sandbox.fake_vm.running
 
     await shim.exec("c1", "e1")
     with pytest.raises(errors.AlreadyExists, match="exec e1 already exists"):
@@ -354,7 +354,7 @@ async def test_failed_second_container_keeps_the_pod(tmp_path: Path) -> None:
     shim.agent.fail("create_container", errors.InvalidArgument("bad spec"))
     with pytest.raises(errors.InvalidArgument):
         await shim.create("app", spec={"annotations": CRI})
-    assert shim.svc.sandbox is shim.sandbox and shim.sandbox.vm.running
+    assert shim.svc.sandbox is shim.sandbox and shim.sandbox.fake_vm.running
     assert list(shim.sandbox.containers) == ["pod"]
 
 

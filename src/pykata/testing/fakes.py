@@ -3,17 +3,19 @@
     FakeAgent           an in-memory guest agent: containers, processes, their
                         output and exits, driven by the test (``exit``, ``output``)
     FakeHypervisor      the Hypervisor contract (hypervisor/base.py) with no VMM
+    FakeDriver          the Driver contract: its VMs are FakeHypervisors
     FakeTree            the sandbox's shared tree, recording instead of mounting
-    FakeSandbox         what a Container needs of its sandbox (runtime.container.
-                        PodSandbox) and what the shim needs of it, around the
-                        two fakes above
+    fake_parts          runtime.sandbox.Parts from the fakes above (and FakeAgent)
+    FakeSandbox         the real runtime.sandbox.Sandbox built from fake_parts,
+                        counting persists and resource fits
     FakeSandboxFactory  stands in for ``Sandbox.create`` in the shim's TaskService
     FakeIO              a process's host-side stdio (runtime.types.ProcessIO)
                         whose drain the test holds back (``hold_drain``)
     FakePublisher       the shim's event publisher, as a list of (topic, event)
 
-``runtime.sandbox.Sandbox`` itself boots its VM and dials its agent in one
-piece, so unit tests drive ``Container`` and the shim through FakeSandbox.
+Unit tests drive the real ``Sandbox``, ``Container`` and the shim's Task
+service; only the VM, the agent and the mounts are fakes. Sandbox state goes
+to the ``state_dir`` a test gives (its tmp_path), never /run/pykata.
 
 Every fake records the calls it got (``calls``: (method, args) in order) and can
 be told to fail a call (``fail``), so tests check both the happy path and the
@@ -23,7 +25,7 @@ rollback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import copy
 import itertools
 import signal
 import time
@@ -36,17 +38,14 @@ from google.protobuf.message import Message
 
 from pykata import errors
 from pykata.config import Config
-from pykata.hypervisor.base import AgentChannel, Hypervisor, VMSpec
-from pykata.resources.blockdev import BlockDevices
-from pykata.runtime.bundle import load_spec
-from pykata.runtime.container import Container
-from pykata.runtime.state import DEFAULT_NAMESPACE, check_id
+from pykata.hypervisor.base import AgentChannel, Driver, Hypervisor, VMSpec
+from pykata.runtime.sandbox import Parts, Sandbox
+from pykata.runtime.state import DEFAULT_NAMESPACE
 from pykata.runtime.types import (
     ContainerStats,
     Device,
     ExitStatus,
     ProcessInfo,
-    State,
     Stdio,
     Storage,
 )
@@ -127,6 +126,7 @@ class FakeAgent(_Recorder):
         self.stats_result = ContainerStats()
         self.sandbox: dict[str, Any] | None = None
         self.online = (1, 512 << 20)  # (CPUs, memory bytes) online_cpu_mem reports
+        self.vm: FakeHypervisor | None = None  # if set, online is what this VM has
         self.closed = False
         self._pids = itertools.count(100)
 
@@ -176,6 +176,9 @@ class FakeAgent(_Recorder):
 
     async def online_cpu_mem(self, nb_cpus: int = 0, cpu_only: bool = False) -> tuple[int, int]:
         self._call("online_cpu_mem", nb_cpus, cpu_only)
+        if self.vm is not None:
+            spec = self.vm.spec
+            return spec.vcpus, (spec.memory_mib + self.vm.memory_added_mib) << 20
         return self.online
 
     async def update_interface(self, name: str, mac: str, mtu: int,
@@ -320,6 +323,7 @@ class FakeHypervisor(Hypervisor):
         self._pid = pid
         self._exited = asyncio.Event()
         self.blocks: dict[str, Path] = {}
+        self.memory_added_mib = 0
 
     @property
     def pid(self) -> int | None:
@@ -358,6 +362,7 @@ class FakeHypervisor(Hypervisor):
 
     async def hotplug_memory(self, size_mib: int) -> int:
         self.calls.append(("hotplug_memory", (size_mib,)))
+        self.memory_added_mib += size_mib
         return size_mib
 
     async def hotplug_block(self, drive_id: str, path: Path, readonly: bool = False,
@@ -403,91 +408,115 @@ class FakeTree(_Recorder):
             del self.shared[p]
         return []
 
+    def setup(self) -> None:
+        self._call("setup")
 
-class FakeSandbox:
-    """A running sandbox around a FakeAgent and a FakeHypervisor: what
-    ``Container`` needs of ``Sandbox`` (runtime.container.PodSandbox) and what
-    the shim's TaskService uses (create_container, container, containers, vm, stop)."""
+    def teardown(self) -> list[str]:
+        self._call("teardown")
+        self.shared.clear()
+        return []
 
-    def __init__(self, sandbox_id: str = "sb", config: Config | None = None, *,
-                 agent: FakeAgent | None = None, vm: FakeHypervisor | None = None,
-                 root: Path = Path("/nonexistent/fake-sandbox"),
-                 namespace: str = DEFAULT_NAMESPACE) -> None:
-        self.id = sandbox_id
-        self.namespace = namespace
-        self.config = config or Config()
-        self.agent = agent or FakeAgent()
-        self.vm = vm or FakeHypervisor()
-        self.tree = FakeTree(root)
-        self.shared_dir = root / "shared"
-        self.containers: dict[str, Container] = {}
-        self.state = State.RUNNING
+
+class FakeDriver(Driver):
+    """A hypervisor driver whose VMs are FakeHypervisors (``made``, in order)."""
+
+    name = "fake"
+    accel = "fake"
+
+    def __init__(self) -> None:
+        self.made: list[FakeHypervisor] = []
+
+    def vm(self, spec: VMSpec) -> Hypervisor:
+        vm = FakeHypervisor(spec, pid=4242)
+        self.made.append(vm)
+        return vm
+
+
+def fake_parts(agent: FakeAgent, driver: FakeDriver | None = None) -> Parts:
+    """What a real ``Sandbox`` is built from, faked: VMs from a FakeDriver, the
+    agent ``agent`` (whatever VM dials it), a FakeTree, no virtiofsd."""
+
+    async def connect(vm: Hypervisor, timeout: float, call_timeout: float) -> FakeAgent:
+        await agent.check(timeout=timeout)
+        if isinstance(vm, FakeHypervisor):
+            agent.vm = vm  # the guest sees what is plugged into this VM
+        return agent
+
+    return Parts(driver=driver or FakeDriver(), connect=connect, tree=FakeTree,
+                 virtiofsd=False)
+
+
+def fake_config(state_dir: Path, config: Config | None = None, *,
+                in_place: bool = False) -> Config:
+    """``config`` (default: the built-in one) with its state under ``state_dir``
+    and no pod network: a copy, or ``config`` itself changed if ``in_place``."""
+    cfg = Config() if config is None else config if in_place else copy.deepcopy(config)
+    cfg.runtime.state_dir = str(state_dir)
+    cfg.runtime.internetworking_model = "none"
+    return cfg
+
+
+class FakeSandbox(Sandbox):
+    """The real ``Sandbox`` built from fakes (``fake_parts``), counting its
+    persists and resource fits; ``fake_agent`` and ``fake_vm`` are its fakes."""
+
+    def __init__(self, sandbox_id: str, config: Config, namespace: str = DEFAULT_NAMESPACE,
+                 parts: Parts | None = None) -> None:
+        super().__init__(sandbox_id, config, namespace, parts)
         self.persisted = 0
         self.fitted = 0
-        self._blockdevs: BlockDevices | None = None
+        self.booted: list[tuple[str, tuple[Any, ...]]] = []  # the agent calls of create()
+
+    @classmethod
+    async def running(cls, sandbox_id: str = "sb", *, state_dir: Path,
+                      agent: FakeAgent | None = None, config: Config | None = None,
+                      namespace: str = DEFAULT_NAMESPACE, hostname: str = "",
+                      netns: str = "", in_place: bool = False) -> FakeSandbox:
+        """``Sandbox.create`` over fakes, state under ``state_dir`` (``config``
+        copied, or changed itself if ``in_place``). The calls that brought it up
+        are cleared from the fakes' records."""
+        sb = await cls.create(sandbox_id, fake_config(state_dir, config, in_place=in_place),
+                              hostname=hostname, netns=netns, namespace=namespace,
+                              parts=fake_parts(agent or FakeAgent()))
+        assert isinstance(sb, FakeSandbox)
+        sb.booted = list(sb.fake_agent.calls)
+        sb.fake_agent.calls.clear()
+        sb.fake_vm.calls.clear()
+        sb.fake_tree.calls.clear()
+        return sb
+
+    @property
+    def fake_agent(self) -> FakeAgent:
+        assert isinstance(self._agent, FakeAgent)
+        return self._agent
+
+    @property
+    def fake_tree(self) -> FakeTree:
+        assert isinstance(self.tree, FakeTree)
+        return self.tree
+
+    @property
+    def fake_vm(self) -> FakeHypervisor:
+        assert isinstance(self.vm, FakeHypervisor)
+        return self.vm
 
     def persist(self) -> None:
         self.persisted += 1
-
-    def check_resources(self, res: dict[str, Any]) -> None:
-        limit = (res.get("memory") or {}).get("limit") or 0
-        if limit > self.vm.spec.max_memory_mib << 20:
-            raise errors.InvalidArgument(f"a memory limit of {limit >> 20} MiB is impossible")
+        super().persist()
 
     async def fit_resources(self) -> None:
         self.fitted += 1
-
-    def block_devices(self) -> BlockDevices:
-        if self._blockdevs is None:
-            self._blockdevs = BlockDevices(self.id, self.vm)
-        return self._blockdevs
-
-    def forget(self, c: Container) -> None:
-        self.containers.pop(c.id, None)
-
-    def container(self, container_id: str) -> Container:
-        try:
-            return self.containers[container_id]
-        except KeyError:
-            raise errors.NotFound(f"container {container_id} not found") from None
-
-    async def create_container(self, container_id: str, bundle: Path,
-                               spec: dict[str, Any] | None = None) -> Container:
-        """As Sandbox.create_container: checked, created, forgotten again on error."""
-        check_id("container", container_id)
-        if self.state is not State.RUNNING:
-            raise errors.FailedPrecondition(
-                f"cannot create a container: sandbox {self.id} is {self.state.value}")
-        if container_id in self.containers:
-            raise errors.AlreadyExists(f"container {container_id} already exists")
-        c = Container(self, container_id, bundle, load_spec(bundle) if spec is None else spec)
-        self.containers[container_id] = c
-        try:
-            await c.create()
-        except BaseException:
-            self.containers.pop(container_id, None)
-            raise
-        return c
-
-    async def stop(self) -> None:
-        """As Sandbox.stop: every container deleted, the agent closed, the VM stopped."""
-        for c in list(self.containers.values()):
-            with contextlib.suppress(Exception):
-                await c.delete(force=True)
-        self.containers.clear()
-        if self.state is State.RUNNING:
-            await self.agent.destroy_sandbox()
-            await self.agent.close()
-        await self.vm.stop()
-        self.state = State.STOPPED
+        await super().fit_resources()
 
 
 class FakeSandboxFactory(_Recorder):
-    """``Sandbox.create`` for the shim: each call makes a FakeSandbox (all share
-    ``agent``); ``fail("create", exc)`` makes the next one fail to boot."""
+    """``Sandbox.create`` for the shim: each call makes a real Sandbox over fakes
+    (a FakeSandbox; all share ``agent``), its state under ``state_dir``;
+    ``fail("create", exc)`` makes the next one fail to boot."""
 
-    def __init__(self, agent: FakeAgent | None = None) -> None:
+    def __init__(self, state_dir: Path, agent: FakeAgent | None = None) -> None:
         super().__init__()
+        self.state_dir = state_dir
         self.agent = agent or FakeAgent()
         self.made: list[FakeSandbox] = []
 
@@ -495,9 +524,9 @@ class FakeSandboxFactory(_Recorder):
                        netns: str = "", namespace: str = DEFAULT_NAMESPACE) -> FakeSandbox:
         self._call("create", sandbox_id, {"hostname": hostname, "netns": netns,
                                           "namespace": namespace})
-        sb = FakeSandbox(sandbox_id, config, agent=self.agent, namespace=namespace)
-        await sb.vm.start()
-        await self.agent.create_sandbox(sandbox_id, hostname or sandbox_id[:63], [])
+        sb = await FakeSandbox.running(sandbox_id, state_dir=self.state_dir, agent=self.agent,
+                                       config=config, namespace=namespace, hostname=hostname,
+                                       netns=netns, in_place=True)
         self.made.append(sb)
         return sb
 

@@ -1,0 +1,160 @@
+"""The real Sandbox over the shipped fakes (pykata.testing.fakes): lifecycle,
+rollback of a failed create, wrong-state calls, resource fitting, and the one
+"dial + check" of a booting VM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from pykata import errors
+from pykata.hypervisor.base import AgentChannel, VMSpec
+from pykata.runtime.dial import dial_agent
+from pykata.runtime.sandbox import Sandbox
+from pykata.runtime.state import SandboxRecord
+from pykata.runtime.types import State
+from pykata.testing import default_spec
+from pykata.testing.fakes import (
+    FakeAgent,
+    FakeDriver,
+    FakeHypervisor,
+    FakeSandbox,
+    fake_config,
+    fake_parts,
+)
+
+
+def bundle(tmp_path: Path, name: str = "b", **resources: object) -> Path:
+    b = tmp_path / name
+    (b / "rootfs").mkdir(parents=True)
+    spec = default_spec(["sh"])
+    if resources:
+        spec["linux"] = {"resources": resources}
+    (b / "config.json").write_text(json.dumps(spec))
+    return b
+
+
+async def test_create_runs_and_stop_removes_everything(tmp_path: Path) -> None:
+    agent = FakeAgent()
+    driver = FakeDriver()
+    cfg = fake_config(tmp_path / "state")
+    sb = await Sandbox.create("pod", cfg, hostname="web", parts=fake_parts(agent, driver))
+    assert sb.state is State.RUNNING
+    vm = driver.made[0]
+    assert vm.running and vm.spec.id == "pod" and vm.spec.vcpus == cfg.qemu.default_vcpus
+    assert [c[0] for c in agent.calls] == ["check", "create_sandbox"]
+    assert agent.sandbox is not None and agent.sandbox["hostname"] == "web"
+    assert [s.driver for s in agent.sandbox["storages"]] == ["virtiofs"]
+    rec = SandboxRecord.load(sb.dir)
+    assert rec.state == "running" and rec.owner is not None
+
+    await sb.stop()
+    assert sb.state is State.STOPPED and not vm.running and not sb.dir.exists()
+    assert [c[0] for c in agent.calls][-2:] == ["destroy_sandbox", "close"]
+    await sb.stop()  # idempotent
+    assert [c[0] for c in vm.calls].count("stop") >= 1
+
+
+async def test_a_failed_create_leaves_nothing_behind(tmp_path: Path) -> None:
+    agent = FakeAgent()
+    agent.fail("create_sandbox", errors.Unavailable("guest said no"))
+    driver = FakeDriver()
+    cfg = fake_config(tmp_path / "state")
+    with pytest.raises(errors.Unavailable, match="guest said no"):
+        await Sandbox.create("pod", cfg, parts=fake_parts(agent, driver))
+    assert not driver.made[0].running
+    assert not (tmp_path / "state" / "sbs" / "default").exists()
+    assert agent.closed
+
+
+async def test_an_existing_sandbox_is_left_alone(tmp_path: Path) -> None:
+    first = await FakeSandbox.running("pod", state_dir=tmp_path / "state")
+    cfg = fake_config(tmp_path / "state")
+    driver = FakeDriver()
+    with pytest.raises(errors.AlreadyExists, match="sandbox pod already exists"):
+        await Sandbox.create("pod", cfg, parts=fake_parts(FakeAgent(), driver))
+    assert driver.made == []  # refused before any VM
+    assert first.dir.is_dir() and first.fake_vm.running
+    c = await first.create_container("c1", bundle(tmp_path))
+    assert c.id in first.containers
+    await first.stop()
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "-x", "x" * 129])
+async def test_bad_ids_are_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match="invalid sandbox id"):
+        await FakeSandbox.running(bad, state_dir=tmp_path / "state")
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").rglob("*.json"))
+
+
+async def test_wrong_state_calls(tmp_path: Path) -> None:
+    sb = await FakeSandbox.running("pod", state_dir=tmp_path / "state")
+    b = bundle(tmp_path)
+    await sb.create_container("c1", b)
+    with pytest.raises(errors.AlreadyExists):
+        await sb.create_container("c1", b)
+    with pytest.raises(errors.NotFound):
+        sb.container("nope")
+    await sb.pause()
+    assert sb.state is State.PAUSED and sb.fake_vm.paused
+    with pytest.raises(errors.FailedPrecondition, match="sandbox pod is paused"):
+        await sb.create_container("c2", bundle(tmp_path, "b2"))
+    await sb.resume()
+    assert sb.state is State.RUNNING
+    await sb.stop()
+    with pytest.raises(errors.FailedPrecondition, match="sandbox pod is stopped"):
+        await sb.create_container("c3", bundle(tmp_path, "b3"))
+    assert sb.containers == {}
+
+
+async def test_containers_grow_the_vm_and_impossible_limits_are_refused(
+        tmp_path: Path) -> None:
+    cfg = fake_config(tmp_path / "state")
+    cfg.qemu.default_maxvcpus = 8
+    sb = await FakeSandbox.running("pod", state_dir=tmp_path / "state", config=cfg)
+    vm = sb.fake_vm
+    base_cpus, base_mem = vm.spec.vcpus, vm.spec.memory_mib
+    await sb.create_container("c1", bundle(tmp_path, cpu={"quota": 150000, "period": 100000},
+                                            memory={"limit": 300 << 20}))
+    assert ("hotplug_vcpus", (base_cpus + 2,)) in vm.calls
+    assert ("hotplug_memory", (256,)) in vm.calls  # whole 128 MiB blocks below 300
+    assert sb.vcpus == base_cpus + 2 and sb.memory_mib == base_mem + 256
+    assert sb.wanted_resources() == (base_cpus + 2, base_mem + 300)
+    too_big = {"limit": (vm.spec.max_memory_mib + 1) << 20}
+    with pytest.raises(errors.InvalidArgument, match="memory limit of .* is impossible"):
+        await sb.create_container("c2", bundle(tmp_path, "b2", memory=too_big))
+    assert "c2" not in sb.containers and "c2" not in sb.fake_agent.containers
+    await sb.stop()
+
+
+class _Silent(AgentChannel):
+    async def connect(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        await asyncio.sleep(timeout)
+        raise errors.DeadlineExceeded("no agent")
+
+
+class _DyingVM(FakeHypervisor):
+    def agent_channel(self) -> AgentChannel:
+        return _Silent()
+
+
+async def test_dial_reports_a_vm_that_exits_while_booting(tmp_path: Path) -> None:
+    spec = VMSpec(id="pod", run_dir=tmp_path, kernel=tmp_path / "k")
+    (tmp_path / "console.log").write_text("Kernel panic - not syncing: VFS\n")
+    vm = _DyingVM(spec)
+    vm.exit_code = 1
+    await vm.start()
+    asyncio.get_running_loop().call_later(0.05, vm._exited.set)
+    with pytest.raises(errors.VMLaunchError, match="exited while booting") as info:
+        await dial_agent(vm, timeout=5.0)
+    assert "Kernel panic" in str(info.value.console_tail)
+
+
+async def test_dial_reports_a_channel_that_fails(tmp_path: Path) -> None:
+    vm = FakeHypervisor(VMSpec(id="pod", run_dir=tmp_path, kernel=tmp_path / "k"))
+    await vm.start()
+    with pytest.raises(errors.Unavailable, match="no agent channel"):
+        await dial_agent(vm, timeout=1.0)
