@@ -21,9 +21,7 @@ from pykata.runtime.types import (
     Storage,
 )
 from pykata.ttrpc import Client
-
-AGENT_SERVICE = "pykata.agent.v1.AgentService"
-HEALTH_SERVICE = "pykata.agent.v1.Health"
+from pykata.wire import AGENT_SERVICE, HEALTH_SERVICE
 
 M = TypeVar("M", bound=Message)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import Unimplemented
+from pykata.wire import SHARED_FS_TAG
 
 
 @dataclass
@@ -42,7 +43,7 @@ class VMSpec:
     max_memory_mib: int = 512
     memory_slots: int = 0
     shared_fs_socket: Path | None = None  # vhost-user-fs socket of virtiofsd (we connect)
-    shared_fs_tag: str = "pykatashared"
+    shared_fs_tag: str = SHARED_FS_TAG
     shared_fs_cache_size_mib: int = 0  # DAX window
     agent_channel: str = "serial"  # serial | vsock
     vsock_cid: int = 0

@@ -2,7 +2,7 @@
 
 The host mounts container root filesystems and bind-mount sources below the
 shared directory (``<sandbox>/shared/<container>/...``); the guest mounts the
-whole tree once (tag ``pykatashared``) at GUEST_SHARED_DIR.
+whole tree once (tag ``pykata.wire.SHARED_FS_TAG``) at ``pykata.wire.GUEST_SHARED_DIR``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from pykata.utils.logfile import CappedLog, drain
 from pykata.utils.process import ProcRef, stop_child, tail
 
 log = logging.getLogger(__name__)
-
-SHARED_TAG = "pykatashared"
-GUEST_SHARED_DIR = "/run/pykata/shared"
 
 
 @functools.lru_cache(maxsize=8)

@@ -37,17 +37,25 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import InvalidArgument
-from pykata.resources.sharedfs import GUEST_SHARED_DIR
 from pykata.runtime.types import Storage
 
-# Per-container mounts of hot-plugged disks: <dir>/<container>/<n>.
-GUEST_STORAGE_DIR = "/run/pykata/storage"
-# Pod-wide guest volumes: local/<name> (emptyDir), ephemeral/<name> (memory
-# emptyDir), shm (the pod's /dev/shm).
-GUEST_SANDBOX_DIR = "/run/pykata/sandbox"
-# Marks a storage the agent mounts once per pod and keeps until the sandbox goes
-# (pykata.guest.storage.SANDBOX_SCOPE).
-SANDBOX_SCOPE = "pykata.scope=sandbox"
+# The guest's side of the contract (pykata.wire): where the shared tree is
+# mounted (GUEST_SHARED_DIR/<container>/...), per-container mounts of hot-plugged
+# disks (GUEST_STORAGE_DIR/<container>/<n>), pod-wide guest volumes
+# (GUEST_SANDBOX_DIR: local/<name> emptyDir, ephemeral/<name> memory emptyDir,
+# shm the pod's /dev/shm), the option marking a storage the agent mounts once per
+# pod and keeps until the sandbox goes (SANDBOX_SCOPE), the namespaces a pod's
+# containers share with its sandbox container (POD_SHARED_NAMESPACES) and the
+# path that says "the pod sandbox container's" (SANDBOX_NS_MARKER).
+from pykata.wire import (
+    GUEST_SANDBOX_DIR,
+    GUEST_SHARED_DIR,
+    GUEST_STORAGE_DIR,
+    POD_SHARED_NAMESPACES,
+    SANDBOX_NS_MARKER,
+    SANDBOX_SCOPE,
+)
+
 EMPTY_DIR = re.compile(r"/kubernetes\.io~empty-dir/([^/]+)/*$")
 TMPFS_MAGIC = 0x01021994
 
@@ -67,11 +75,6 @@ CRI_SANDBOX = "io.kubernetes.cri.sandbox-id"
 CRIO_TYPE = "io.kubernetes.cri-o.ContainerType"
 CRIO_SANDBOX = "io.kubernetes.cri-o.SandboxID"
 
-
-# Namespaces a pod's containers share with its sandbox container, and the path
-# that tells the agent "the pod sandbox container's" (pykata.guest.spec knows it too).
-POD_SHARED_NAMESPACES = ("ipc", "uts")
-SANDBOX_NS_MARKER = "pykata:sandbox"
 
 
 def is_pod_sandbox(spec: dict[str, Any]) -> bool:

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykata.hypervisor.base import VMSpec
+from pykata.wire import AGENT_LOG_PARAM, SERIAL_PORT_NAME
 
-AGENT_PORT_NAME = "agent.channel.0"
 MEMORY_BACKEND_ID = "pykata-mem"
-VSOCK_PORT = 1024
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def kernel_command_line(spec: VMSpec) -> str:
     if spec.debug:
         parts = [p for p in " ".join(parts).split() if p not in ("quiet",) and
                  not p.startswith("loglevel=")]
-        parts.append("pykata.agent.log=debug")
+        parts.append(f"{AGENT_LOG_PARAM}=debug")
     return " ".join(parts)
 
 
@@ -145,7 +144,7 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
         argv += [
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=agent,fd={fds.agent}",
-            "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+            "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={SERIAL_PORT_NAME}",
         ]
     if spec.shared_fs_socket is not None:
         _need(fds.shared_fs, "the virtio-fs socket")

@@ -33,7 +33,6 @@ from pykata import errors
 from pykata.hypervisor.base import AgentChannel, Hypervisor, VMSpec
 from pykata.hypervisor.channels import SerialChannel, VsockChannel
 from pykata.hypervisor.qemu.cmdline import (
-    VSOCK_PORT,
     QemuFds,
     QemuOptions,
     build_argv,
@@ -43,6 +42,7 @@ from pykata.hypervisor.qemu.cmdline import (
 from pykata.hypervisor.qemu.uids import UidLease, lease_for
 from pykata.utils.logfile import CappedLog, drain
 from pykata.utils.process import stop_child, tail
+from pykata.wire import VSOCK_PORT
 
 log = logging.getLogger(__name__)
 
