@@ -40,6 +40,8 @@ VSOCK_PORT = 1024
 SERIAL_PORT_NAME = "agent.channel.0"
 AGENT_LOG_PARAM = "pykata.agent.log"
 AGENT_CHANNEL_PARAM = "pykata.agent.channel"
+# Kernel parameter naming the guest container engine: "native" (default) or "crun".
+AGENT_ENGINE_PARAM = "pykata.agent.engine"
 
 # -- ttRPC services ----------------------------------------------------------------------
 AGENT_PROTO_PACKAGE = "pykata.agent.v1"

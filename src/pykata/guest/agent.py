@@ -41,6 +41,22 @@ def _log() -> logging.Logger:
     return logging.getLogger("pykata.guest.agent")
 
 
+ENGINES = ("native", "crun")
+
+
+def choose_engine(option: str | None, params: dict[str, str], init_mode: bool) -> str:
+    """--engine, else the kernel parameter, else native as PID 1 (the VM) and crun in
+    development mode on a host (whose cgroups may be v1, which the engine does not do)."""
+    if option:
+        return option
+    value = params.get(wire.AGENT_ENGINE_PARAM, "")
+    if value in ENGINES:
+        return value
+    if value:
+        _log().error("unknown %s=%s; using the native engine", wire.AGENT_ENGINE_PARAM, value)
+    return "native" if init_mode else "crun"
+
+
 # -- options ------------------------------------------------------------------------------
 
 
@@ -50,6 +66,7 @@ class Options:
     def __init__(self) -> None:
         self.listen: str | None = None
         self.state_dir = wire.GUEST_STATE_DIR
+        self.engine: str | None = None
         self.crun: str | None = None
         self.crun_root: str | None = None
         self.cgroup_parent = "pykata"
@@ -70,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f" port {SERIAL.address} if present, else {VSOCK})")
     p.add_argument("--state-dir", default=d.state_dir,
                    help="bundles, console sockets (default %(default)s)")
+    p.add_argument("--engine", choices=list(ENGINES), default=None,
+                   help="who runs containers: the agent itself (native) or crun (default:"
+                        f" native as PID 1, crun otherwise; kernel parameter"
+                        f" {wire.AGENT_ENGINE_PARAM}=)")
     p.add_argument("--crun", default=None, help="crun binary (default /usr/bin/crun)")
     p.add_argument("--crun-root", default=None, help="crun --root (default STATE_DIR/crun)")
     p.add_argument("--cgroup-parent", default=d.cgroup_parent,
@@ -189,8 +210,10 @@ def _main(argv: list[str] | None) -> None:
     no_pivot = opts.no_pivot
     if no_pivot is None:
         no_pivot = sysutil.root_fstype() in ("rootfs", "ramfs")
+    engine = choose_engine(opts.engine, params, init_mode)
+    log.info("container engine: %s", engine)
     settings = Settings(
-        state_dir=Path(opts.state_dir), crun=opts.crun or _default_crun(),
+        state_dir=Path(opts.state_dir), engine=engine, crun=opts.crun or _default_crun(),
         crun_root=Path(opts.crun_root) if opts.crun_root else None,
         cgroup_parent=opts.cgroup_parent, cgroup_root=Path(opts.cgroup_root),
         no_pivot=no_pivot, crun_timeout=opts.crun_timeout, init_mode=init_mode,

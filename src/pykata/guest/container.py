@@ -1,4 +1,5 @@
-"""Containers and their processes in the guest, run with crun.
+"""Containers and their processes in the guest, run by the in-agent engine
+(``pykata.guest.engine``, the default) or by crun (``settings.engine``).
 
 State machines (an operation invalid in a state raises FailedPrecondition
 naming the state):
@@ -12,7 +13,9 @@ Stdio: without a terminal, crun gets pipes as its fds 0/1/2 and the container
 process inherits them; the agent keeps the other ends. With a terminal, crun
 sends the pty master over a console socket and the agent relays it. The agent
 reaps every container process itself (see reaper.py); ``crun exec`` runs with
-``--detach`` so the exit status is the process's own.
+``--detach`` so the exit status is the process's own. The native engine forks
+the processes itself (they are the agent's children) and hands the agent the
+other ends of their pipes, or the pty master over a socket pair.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import termios
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pykata import errors
 from pykata.guest import cgroups, logs
@@ -41,6 +44,9 @@ from pykata.guest import spec as specmod
 from pykata.guest.crun import Crun, crun_error, read_log
 from pykata.guest.settings import Settings
 from pykata.guest.stdio import FdReader, FdWriter
+
+if TYPE_CHECKING:
+    from pykata.guest.engine.runner import Engine, NativeContainer, Spawned
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +172,16 @@ class Process:
             return f"exec {self.exec_id} of container {self.container.id}"
         return f"container {self.container.id}"
 
-    def _take_stdio(self, stdio: _Stdio, master: int = -1) -> None:
+    def _take_stdio(self, parent: list[int], master: int = -1) -> None:
+        """The agent's ends: the pty master, or [stdin w, stdout r, stderr r] (taken:
+        ``parent`` is emptied)."""
         if self.terminal:
             self.tty_fd = master
             self.stdout = FdReader(os.dup(master), pty=True)
             self.stdin = FdWriter(os.dup(master))
         else:
-            in_w, out_r, err_r = stdio.parent
-            stdio.parent = []
+            in_w, out_r, err_r = parent
+            parent.clear()
             self.stdin = FdWriter(in_w)
             self.stdout = FdReader(out_r)
             self.stderr = FdReader(err_r)
@@ -265,6 +273,11 @@ class Container:
         self.oom_seen = 0  # last count reported as an OOM event
         self._on_exit = on_exit
         self._seq = itertools.count(1)
+        self.native: NativeContainer | None = None  # the engine's state (engine "native")
+
+    @property
+    def uses_native(self) -> bool:
+        return self.settings.engine == "native"
 
     @property
     def cgroup(self) -> Path:
@@ -291,7 +304,11 @@ class Container:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def create(self, guest_spec: dict[str, Any]) -> None:
-        """Write the bundle and ``crun create``; on any error nothing is left behind."""
+        """Create the init process, stopped before execve until start; on any error
+        nothing is left behind."""
+        if self.uses_native:
+            await self._native_create(guest_spec)
+            return
         settings = self.settings
         shutil.rmtree(self.bundle, ignore_errors=True)
         self.bundle.mkdir(parents=True, mode=0o700)
@@ -308,6 +325,26 @@ class Container:
             raise
         self.oom_baseline = self.oom_seen = cgroups.oom_kill_count(self.cgroup)
         log.info("container %s created (init pid %d)", self.id, pid)
+
+    async def _native_create(self, guest_spec: dict[str, Any]) -> None:
+        from pykata.guest.engine.runner import NativeContainer
+
+        started = time.monotonic()
+        nc = NativeContainer(native_engine(self.crun), self.id, guest_spec)
+        sp = await nc.create()
+        self.native = nc
+        self._attach_native(self.init, nc, sp)
+        self.oom_baseline = self.oom_seen = cgroups.oom_kill_count(self.cgroup)
+        log.info("container %s created (init pid %d) in %.1f ms (prepare %.1f, fork to ready"
+                 " %.1f)", self.id, sp.pid, (time.monotonic() - started) * 1000,
+                 nc.timings.get("prepare_ms", 0.0), nc.timings.get("fork_to_ready_ms", 0.0))
+
+    def _attach_native(self, proc: Process, nc: NativeContainer, sp: Spawned,
+                       master: int = -1) -> None:
+        if proc.terminal and master < 0:
+            master = nc.take_master(sp, f"create container {self.id}")
+        proc.attach(sp.pid, sp.exited)
+        proc._take_stdio(sp.parent_stdio, master)
 
     async def _crun_spawn(self, proc: Process, op: str, args: Sequence[str], what: str) -> int:
         """``crun create``/``crun exec --detach``: the process gets its stdio, we its pid."""
@@ -354,7 +391,7 @@ class Container:
                 raise errors.Internal(f"{what}: no pid from crun: {exc}") from None
             # No await between reading the pid and watching it (see Reaper.watch).
             proc.attach(pid, self.crun.reaper.watch(pid, since=started))
-            proc._take_stdio(stdio, master)
+            proc._take_stdio(stdio.parent, master)
             return pid
         finally:
             stdio.close_all()
@@ -363,13 +400,16 @@ class Container:
 
     async def start(self) -> int:
         self.require("start", State.CREATED)
-        res = await self.crun.run("start", self.id)
-        if not res.ok:
+        if self.native is not None:
+            started = time.monotonic()
             if self.init.exited:
                 raise errors.FailedPrecondition(
                     f"cannot start container {self.id}: its process already exited")
-            raise errors.Internal(
-                f"cannot start container {self.id}: {crun_error('', res.stderr, res.status)}")
+            await self.native.start()
+            log.debug("container %s: start took %.1f ms", self.id,
+                      (time.monotonic() - started) * 1000)
+        else:
+            await self._crun_start()
         if self.init.state is State.CREATED:
             self.init.state = State.RUNNING
         if self.state is State.CREATED:
@@ -377,12 +417,33 @@ class Container:
         log.info("container %s started (pid %d)", self.id, self.init.pid)
         return self.init.pid
 
+    async def _crun_start(self) -> None:
+        res = await self.crun.run("start", self.id)
+        if not res.ok:
+            if self.init.exited:
+                raise errors.FailedPrecondition(
+                    f"cannot start container {self.id}: its process already exited")
+            raise errors.Internal(
+                f"cannot start container {self.id}: {crun_error('', res.stderr, res.status)}")
+
     async def exec(self, exec_id: str, proc_spec: dict[str, Any]) -> Process:
         self.require("exec in", State.RUNNING)
         if exec_id in self.execs:
             raise errors.AlreadyExists(f"exec {exec_id} already exists in container {self.id}")
         proc = Process(self, exec_id, proc_spec)
         self.execs[exec_id] = proc
+        if self.native is not None:
+            started = time.monotonic()
+            try:
+                sp, master = await self.native.exec(exec_id, proc_spec)
+            except BaseException:
+                del self.execs[exec_id]
+                raise
+            self._attach_native(proc, self.native, sp, master)
+            proc.state = State.RUNNING
+            log.info("exec %s started in container %s (pid %d) in %.1f ms", exec_id, self.id,
+                     proc.pid, (time.monotonic() - started) * 1000)
+            return proc
         n = next(self._seq)
         proc_file = self.bundle / f"exec-{n}.json"
         try:
@@ -414,6 +475,10 @@ class Container:
                 pids = cgroups.procs(self.cgroup)
                 if not pids:
                     raise errors.NotFound(f"container {self.id}: process already finished")
+            if self.native is not None:
+                if self.native.signal_all(sig) == 0 and self.init.exited:
+                    raise errors.NotFound(f"container {self.id}: process already finished")
+                return
             res = await self.crun.run("kill", "--all", self.id, str(sig))
             if not res.ok:
                 if self.init.exited:
@@ -426,18 +491,27 @@ class Container:
 
     async def pause(self) -> None:
         self.require("pause", State.RUNNING)
-        await self.crun.check(f"cannot pause container {self.id}", "pause", self.id)
+        if self.native is not None:
+            await self.native.freeze(True)
+        else:
+            await self.crun.check(f"cannot pause container {self.id}", "pause", self.id)
         if self.state is State.RUNNING:
             self.state = State.PAUSED
 
     async def resume(self) -> None:
         self.require("resume", State.PAUSED)
-        await self.crun.check(f"cannot resume container {self.id}", "resume", self.id)
+        if self.native is not None:
+            await self.native.freeze(False)
+        else:
+            await self.crun.check(f"cannot resume container {self.id}", "resume", self.id)
         if self.state is State.PAUSED:
             self.state = State.RUNNING
 
     async def update(self, resources: dict[str, Any]) -> None:
         self.require("update", State.CREATED, State.RUNNING, State.PAUSED)
+        if self.native is not None:
+            self.native.update(resources)
+            return
         f = self.bundle / f"resources-{next(self._seq)}.json"
         f.write_text(json.dumps(resources))
         try:
@@ -464,6 +538,9 @@ class Container:
 
     async def remove(self, timeout: float) -> None:
         """Kill whatever still runs, ``crun delete``, drop the bundle and stdio."""
+        if self.native is not None:
+            await self._native_remove(timeout)
+            return
         if self.state is State.PAUSED:
             with contextlib.suppress(Exception):
                 await self.crun.run("resume", self.id, timeout=10)
@@ -493,5 +570,40 @@ class Container:
         self.state = State.STOPPED
         log.info("container %s removed", self.id)
 
+    async def _native_remove(self, timeout: float) -> None:
+        assert self.native is not None
+        live = [p for p in self.processes() if p.pid > 0 and not p.exited]
+        with contextlib.suppress(OSError):
+            if self.state is State.PAUSED:
+                await self.native.freeze(False)
+        self.native.signal_all(signal.SIGKILL)
+        for p in live:
+            with contextlib.suppress(OSError):
+                os.kill(p.pid, signal.SIGKILL)
+        if live:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*(p.wait() for p in live))
+            except TimeoutError:
+                left = ", ".join(str(p.pid) for p in live if not p.exited)
+                log.warning("container %s: pids %s still alive after SIGKILL", self.id, left)
+        await self.native.remove()
+        for p in self.processes():
+            p.close_stdio()
+            p.abandon()
+        shutil.rmtree(self.bundle, ignore_errors=True)
+        self.state = State.STOPPED
+        log.info("container %s removed", self.id)
+
     def log_context(self) -> None:
         logs.container_id.set(self.id)
+
+
+def native_engine(crun: Crun) -> Engine:
+    """The agent's one engine (made on the first native create: imported lazily)."""
+    if crun.engine is None:
+        from pykata.guest.engine.runner import Engine
+
+        crun.engine = Engine(crun.settings, crun.reaper)
+    engine: Engine = crun.engine
+    return engine

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 from pykata import errors
 from pykata.guest.reaper import Reaper, RunResult
@@ -54,6 +55,9 @@ class Crun:
         self.reaper = reaper
         self.settings = settings
         self._seq = itertools.count(1)
+        # The native engine's per-agent state (pykata.guest.engine.runner.Engine), made on
+        # the first native create; kept here because every container is given this object.
+        self.engine: Any = None
 
     def argv(self, *args: str, log_file: Path | None = None) -> list[str]:
         out = [self.settings.crun, "--root", str(self.settings.crun_state)]

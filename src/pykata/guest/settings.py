@@ -1,5 +1,6 @@
-"""The agent's settings: where it keeps things, how it calls crun, what it may
-change in the guest. Made once by ``agent.main`` from the command line."""
+"""The agent's settings: where it keeps things, which container engine runs
+containers, how it calls crun, what it may change in the guest. Made once by
+``agent.main`` from the command line."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pykata import wire
 
 @dataclass
 class Settings:
-    """Where the agent keeps things, how it calls crun, what it may change."""
+    """Where the agent keeps things, which engine runs containers (and how crun is
+    called), what it may change."""
 
     state_dir: Path = Path(wire.GUEST_STATE_DIR)
+    engine: str = "native"  # "native" (pykata.guest.engine) or "crun"
     crun: str = "/usr/bin/crun"
     crun_root: Path | None = None
     cgroup_parent: str = "pykata"
