@@ -277,7 +277,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 # -- factory (VM templating) ---------------------------------------------------------
 def cmd_factory_init(args: argparse.Namespace) -> int:
-    from pykata.runtime.sandbox import init_template
+    from pykata.runtime.factory import init_template
 
     cfg = _load_config(args)
     t = asyncio.run(init_template(cfg))

@@ -53,8 +53,11 @@ from typing import Any
 
 from pykata import errors
 from pykata.config import Config
+from pykata.hypervisor import make_driver
 from pykata.hypervisor.base import Driver, VMSpec
 from pykata.runtime.dial import dial_agent
+from pykata.runtime.sizing import vm_spec
+from pykata.runtime.state import DEFAULT_NAMESPACE
 from pykata.utils.process import tail
 
 log = logging.getLogger(__name__)
@@ -390,3 +393,15 @@ async def _settle_reporting(memory: Path, timeout: float = 8.0) -> None:
             last, stable_since = now, loop.time()
         elif loop.time() - stable_since >= 3.0:
             break
+
+
+async def init_template(config: Config) -> Template:
+    """Build (or find) the VM template a default-sized sandbox starts from."""
+    driver = await make_driver(config)
+    state = Path(config.runtime.state_dir)
+    spec = vm_spec(config, "template-init", DEFAULT_NAMESPACE, state / "template-init",
+                   channel=driver.agent_channel(config.qemu.agent_channel))
+    why = eligible(spec)
+    if why:
+        raise errors.FailedPrecondition(f"cannot build a VM template: {why}")
+    return await Factory(config).ensure(spec, driver)

@@ -31,7 +31,7 @@ from pykata.hypervisor.base import Driver, Hypervisor
 from pykata.resources import network
 from pykata.resources.blockdev import BlockDevices
 from pykata.resources.sharedfs import VirtioFsDaemon
-from pykata.runtime import boot, factory, sizing
+from pykata.runtime import boot, sizing
 from pykata.runtime.bundle import load_spec
 from pykata.runtime.cleanup import remove_memory_file, remove_sandbox_dir
 from pykata.runtime.container import Container, Tree
@@ -39,14 +39,20 @@ from pykata.runtime.dial import Connector, dial_agent
 from pykata.runtime.netwatch import NetworkWatch, configure_guest
 from pykata.runtime.resize import Resizer
 from pykata.runtime.sharedtree import SharedTree
-from pykata.runtime.state import DEFAULT_NAMESPACE, SandboxRecord, check_id, sandbox_dir
+from pykata.runtime.state import (
+    DEFAULT_NAMESPACE,
+    SandboxRecord,
+    check_id,
+    make_sandbox_dir,
+    sandbox_dir,
+)
 from pykata.runtime.types import SandboxAgent, State, Storage
 from pykata.utils.process import ProcRef
 from pykata.wire import GUEST_SHARED_DIR, SHARED_FS_TAG
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Parts", "Sandbox", "check_id", "init_template"]
+__all__ = ["Parts", "Sandbox", "check_id"]
 
 
 class SandboxTree(Tree, Protocol):
@@ -116,20 +122,7 @@ class Sandbox:
         return sb
 
     def _make_dir(self) -> None:
-        for attempt in range(3):
-            # The namespace's directory goes when its last sandbox does: make it
-            # again if that happened between the two mkdirs.
-            self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            try:
-                os.mkdir(self.dir, 0o700)
-                break
-            except FileExistsError:
-                raise errors.AlreadyExists(
-                    f"sandbox {self.id} already exists ({self.dir})") from None
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise errors.Unavailable(f"cannot create {self.dir}: its parent"
-                                             " keeps disappearing") from None
+        make_sandbox_dir(self.dir, self.id)
         self._owned = True
         self.record.owner = _ref_json(ProcRef.of(os.getpid()))
         self.persist()
@@ -319,18 +312,6 @@ class Sandbox:
         remove_sandbox_dir(self.dir)
         self._owned = False
         log.info("sandbox %s stopped and removed", self.id)
-
-
-async def init_template(config: Config) -> factory.Template:
-    """Build (or find) the VM template a default-sized sandbox starts from."""
-    driver = await make_driver(config)
-    state = Path(config.runtime.state_dir)
-    spec = sizing.vm_spec(config, "template-init", DEFAULT_NAMESPACE, state / "template-init",
-                          channel=driver.agent_channel(config.qemu.agent_channel))
-    why = factory.eligible(spec)
-    if why:
-        raise errors.FailedPrecondition(f"cannot build a VM template: {why}")
-    return await factory.Factory(config).ensure(spec, driver)
 
 
 def _ref_json(ref: ProcRef | None) -> dict[str, int] | None:

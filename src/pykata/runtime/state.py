@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pykata.errors import InvalidArgument, NotFound
+from pykata.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 
 STATE_FILE = "state.json"
 
@@ -92,3 +92,19 @@ def all_sandboxes(state_dir: str | Path) -> list[tuple[str, str]]:
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 found += [(ns, sid) for sid in sorted(os.listdir(root / ns))]
     return found
+
+
+def make_sandbox_dir(d: Path, sandbox_id: str) -> None:
+    """Make a sandbox's directory (0700), AlreadyExists if it is there. Its
+    namespace's directory goes when its last sandbox does: made again if that
+    happens between the two mkdirs."""
+    for attempt in range(3):
+        d.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            os.mkdir(d, 0o700)
+            return
+        except FileExistsError:
+            raise AlreadyExists(f"sandbox {sandbox_id} already exists ({d})") from None
+        except FileNotFoundError:
+            if attempt == 2:
+                raise Unavailable(f"cannot create {d}: its parent keeps disappearing") from None
