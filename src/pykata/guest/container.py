@@ -335,9 +335,10 @@ class Container:
         self.native = nc
         self._attach_native(self.init, nc, sp)
         self.oom_baseline = self.oom_seen = cgroups.oom_kill_count(self.cgroup)
-        log.info("container %s created (init pid %d) in %.1f ms (prepare %.1f, fork to ready"
-                 " %.1f)", self.id, sp.pid, (time.monotonic() - started) * 1000,
-                 nc.timings.get("prepare_ms", 0.0), nc.timings.get("fork_to_ready_ms", 0.0))
+        log.info("container %s created (init pid %d) in %.1f ms (prepare %.1f, fork %.1f,"
+                 " fork to ready %.1f)", self.id, sp.pid, (time.monotonic() - started) * 1000,
+                 nc.timings.get("prepare_ms", 0.0), nc.timings.get("fork_ms", 0.0),
+                 nc.timings.get("fork_to_ready_ms", 0.0))
 
     def _attach_native(self, proc: Process, nc: NativeContainer, sp: Spawned,
                        master: int = -1) -> None:

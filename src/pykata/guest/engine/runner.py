@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -273,6 +274,7 @@ class NativeContainer:
         except OSError as exc:
             cgmod.remove(self.cgroup_dir)
             raise errors.InvalidArgument(f"cannot {what}: {exc.strerror or exc}") from None
+        t2 = time.monotonic()
         try:
             data = await read_report(sp.report_r, until_eof=False, timeout=self.timeout)
             if data[:1] != b"R":
@@ -286,7 +288,7 @@ class NativeContainer:
                 raise errors.DeadlineExceeded(
                     f"cannot {what}: no answer in {self.timeout:g} s") from None
             raise
-        self.timings = {"prepare_ms": (t1 - t0) * 1000,
+        self.timings = {"prepare_ms": (t1 - t0) * 1000, "fork_ms": (t2 - t1) * 1000,
                         "fork_to_ready_ms": (time.monotonic() - t1) * 1000}
         self.init = sp
         return sp
@@ -387,8 +389,19 @@ class NativeContainer:
 
     def update(self, resources: dict[str, Any]) -> None:
         if resources.get("devices"):
-            raise errors.InvalidArgument(
-                "unsupported update: linux.resources.devices cannot be changed after create")
+            # CRI sends the whole resources object back: the same rules are no change.
+            wanted = devmod.effective_rules(devmod.parse_rules(resources["devices"]),
+                                            [n for n in self.plan.nodes
+                                             if n not in devmod.DEFAULT_NODES])
+            if tuple(wanted) != self.plan.device_rules:
+                # Without BPF_F_ALLOW_MULTI a second attach replaces the program.
+                try:
+                    devmod.attach(self.cgroup_dir, devmod.program(wanted) if wanted
+                                  else devmod.program([devmod.Rule(True, 0, -1, -1, 7)]))
+                except OSError as exc:
+                    raise errors.InvalidArgument(
+                        f"cannot update container {self.id}: {exc.strerror or exc}") from None
+                self.plan = dataclasses.replace(self.plan, device_rules=tuple(wanted))
         writes = cgmod.resource_writes(resources)
         try:
             cgmod.apply(self.cgroup_dir, writes)
