@@ -89,6 +89,10 @@ class AgentConfig:
     dial_timeout: int = 45  # seconds to wait for the agent after VM start
     enable_debug: bool = False
     kernel_modules: list[str] = field(default_factory=list)
+    # Who runs containers in the guest: the agent itself ("native") or crun. The guest
+    # defaults to native; crun is asked for with the kernel parameter
+    # pykata.wire.AGENT_ENGINE_PARAM.
+    container_engine: str = "native"
 
 
 @dataclass
@@ -160,6 +164,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("hypervisor.qemu", "agent_channel"): ("auto", "vsock", "serial"),
     ("runtime", "internetworking_model"): ("tcfilter", "macvtap", "none"),
     ("hypervisor.qemu", "virtio_fs_sandbox"): ("auto", "namespace", "chroot"),
+    ("agent", "container_engine"): ("native", "crun"),
 }
 _MINIMUM: dict[tuple[str, str], int] = {
     ("hypervisor.qemu", "default_vcpus"): 1,

@@ -70,3 +70,11 @@ def test_kernel_defaults_to_built_image(tmp_path: Path) -> None:
     (tmp_path / "vmlinux").write_bytes(b"")
     assert cfg.kernel_path() == tmp_path / "vmlinux"
     assert cfg.initrd_path() == tmp_path / "initrd.img"
+
+
+def test_agent_container_engine() -> None:
+    assert config.parse("").agent.container_engine == "native"
+    assert config.parse('[agent]\ncontainer_engine = "crun"\n').agent.container_engine == "crun"
+    with pytest.raises(InvalidArgument, match=r"\[agent\] container_engine = 'runc' is not one"
+                                              r" of native, crun"):
+        config.parse('[agent]\ncontainer_engine = "runc"\n')
