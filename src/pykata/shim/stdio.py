@@ -19,25 +19,12 @@ from collections.abc import Awaitable, Callable
 from pykata import errors
 from pykata.runtime.container import Process
 from pykata.runtime.types import Stdio
+from pykata.utils.aio import readable
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 EOF_GRACE = (0.02, 0.04, 0.06, 0.08)  # seconds to wait for a writer to come back
-
-
-async def _readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
 
 
 async def open_fifo(path: str, flags: int) -> int:
@@ -132,7 +119,7 @@ class StdioRelay:
                 try:
                     data = os.read(fd, CHUNK)
                 except BlockingIOError:  # a writer is there, no data yet
-                    await _readable(fd)
+                    await readable(fd)
                     continue
                 if data:
                     quiet_eofs = 0

@@ -19,6 +19,8 @@ import stat
 import unicodedata
 from pathlib import Path
 
+from pykata.utils.aio import readable
+
 CHUNK = 64 * 1024  # one read from the source; one write at most this big
 # After a short read, wait this long before reading again: a writer that sends a
 # byte at a time (QEMU's serial port does) then costs us one read per interval
@@ -108,7 +110,6 @@ async def drain(fd: int, log: CappedLog, chunk: int = CHUNK,
     and after a short one the next waits ``coalesce`` seconds: a flood neither
     grows memory nor keeps the loop busy (the writer blocks on a full buffer).
     Cancelling stops it (the fd is closed all the same)."""
-    loop = asyncio.get_running_loop()
     total = 0
     try:
         os.set_blocking(fd, False)
@@ -116,7 +117,7 @@ async def drain(fd: int, log: CappedLog, chunk: int = CHUNK,
             try:
                 data = os.read(fd, chunk)
             except BlockingIOError:
-                await _readable(loop, fd)
+                await readable(fd)
                 continue
             except ConnectionResetError:
                 break
@@ -134,22 +135,6 @@ async def drain(fd: int, log: CappedLog, chunk: int = CHUNK,
         os.close(fd)
         log.close()
     return total
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    """Until ``fd`` can be read (watched only while we wait: the loop's readers
-    are level-triggered, and data we leave for later must not wake it)."""
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
 
 
 def _clean(text: str) -> str:
