@@ -158,3 +158,15 @@ async def test_dial_reports_a_channel_that_fails(tmp_path: Path) -> None:
     await vm.start()
     with pytest.raises(errors.Unavailable, match="no agent channel"):
         await dial_agent(vm, timeout=1.0)
+
+
+def test_the_engine_choice_reaches_the_guest_kernel_command_line(tmp_path: Path) -> None:
+    from pykata.runtime import sizing
+    from pykata.wire import AGENT_ENGINE_PARAM
+
+    cfg = fake_config(tmp_path)
+    spec = sizing.vm_spec(cfg, "pod", "default", tmp_path, channel="serial")
+    assert AGENT_ENGINE_PARAM not in spec.kernel_params  # native: the guest's default
+    cfg.agent.container_engine = "crun"
+    spec = sizing.vm_spec(cfg, "pod", "default", tmp_path, channel="serial")
+    assert f"{AGENT_ENGINE_PARAM}=crun" in spec.kernel_params.split()

@@ -11,6 +11,7 @@ from typing import Any
 from pykata import errors
 from pykata.config import LEAN_KERNEL_PARAMS, Config
 from pykata.hypervisor.base import VMSpec
+from pykata.wire import AGENT_ENGINE_PARAM
 
 MAX_NIC_QUEUES = 4
 MEMORY_BLOCK_MIB = 128  # the guest's memory hotplug block on x86_64
@@ -29,6 +30,8 @@ def vm_spec(config: Config, sandbox_id: str, namespace: str, run_dir: Path, *,
     max_mem = max(mem, q.default_maxmemory or host_mem)
     # Hot-plugged memory comes up online by itself (the agent still checks).
     params = (q.kernel_params or LEAN_KERNEL_PARAMS) + " memhp_default_state=online"
+    if config.agent.container_engine != "native":  # the guest's default
+        params += f" {AGENT_ENGINE_PARAM}={config.agent.container_engine}"
     return VMSpec(
         id=sandbox_id, run_dir=run_dir, kernel=config.kernel_path(),
         initrd=config.initrd_path(), kernel_params=params, vcpus=n,
