@@ -39,6 +39,11 @@ class QemuConfig:
     path: str = "/usr/bin/qemu-system-x86_64"
     kernel: str = ""  # "" = the built image: vmlinux if present, else vmlinuz
     initrd: str = ""  # "" = the built initrd
+    # The guest's root: "initrd" unpacks the whole image into each VM's RAM;
+    # "image" maps the read-only root image (erofs) from the host's page cache
+    # with DAX through an early initrd, so VMs share one copy (docs/rootfs.md).
+    rootfs: str = "initrd"  # initrd | image
+    rootfs_device: str = "nvdimm"  # image: nvdimm | virtio-pmem (DAX) | virtio-blk
     machine_type: str = "q35"
     machine_options: str = "sata=off,smbus=off,vmport=off,smm=off,usb=off"
     accelerator: str = "auto"  # auto | kvm | tcg
@@ -152,9 +157,18 @@ class Config:
         return vmlinux if vmlinux.exists() else out / "vmlinuz"
 
     def initrd_path(self) -> Path:
+        """The initrd QEMU boots: the whole root, or (rootfs = "image") the early
+        initrd that mounts the root image."""
         if self.qemu.initrd:
             return Path(self.qemu.initrd)
-        return Path(self.image.output_dir) / "initrd.img"
+        name = "initrd-early.img" if self.qemu.rootfs == "image" else "initrd.img"
+        return Path(self.image.output_dir) / name
+
+    def root_image_path(self) -> Path | None:
+        """The read-only root image (rootfs = "image"), else None."""
+        if self.qemu.rootfs != "image":
+            return None
+        return Path(self.image.output_dir) / "rootfs.erofs"
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -165,6 +179,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("runtime", "internetworking_model"): ("tcfilter", "macvtap", "none"),
     ("hypervisor.qemu", "virtio_fs_sandbox"): ("auto", "namespace", "chroot"),
     ("agent", "container_engine"): ("native", "crun"),
+    ("hypervisor.qemu", "rootfs"): ("initrd", "image"),
+    ("hypervisor.qemu", "rootfs_device"): ("nvdimm", "virtio-pmem", "virtio-blk"),
 }
 _MINIMUM: dict[tuple[str, str], int] = {
     ("hypervisor.qemu", "default_vcpus"): 1,

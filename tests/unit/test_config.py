@@ -78,3 +78,15 @@ def test_agent_container_engine() -> None:
     with pytest.raises(InvalidArgument, match=r"\[agent\] container_engine = 'runc' is not one"
                                               r" of native, crun"):
         config.parse('[agent]\ncontainer_engine = "runc"\n')
+
+
+def test_rootfs_mode_picks_the_boot_files(tmp_path: Path) -> None:
+    cfg = config.parse(f'[image]\noutput_dir = "{tmp_path}"\n')
+    assert cfg.qemu.rootfs == "initrd" and cfg.root_image_path() is None
+    assert cfg.initrd_path() == tmp_path / "initrd.img"
+    cfg = config.parse(f'[image]\noutput_dir = "{tmp_path}"\n'
+                       '[hypervisor.qemu]\nrootfs = "image"\nrootfs_device = "virtio-pmem"\n')
+    assert cfg.initrd_path() == tmp_path / "initrd-early.img"
+    assert cfg.root_image_path() == tmp_path / "rootfs.erofs"
+    with pytest.raises(InvalidArgument, match=r"rootfs_device = 'scsi' is not one of"):
+        config.parse('[hypervisor.qemu]\nrootfs_device = "scsi"\n')
