@@ -442,3 +442,16 @@ def test_report_error_format() -> None:
     assert report_error(b"E" + struct.pack("<i", 2) + b"mount /x: gone") == (2, "mount /x: gone")
     assert report_error(b"") is None
     assert report_error(b"R") is None
+
+
+def test_engine_choice() -> None:
+    from pykata import wire
+    from pykata.guest.agent import choose_engine, parse_args
+
+    assert choose_engine(None, {}, init_mode=True) == "native"
+    assert choose_engine(None, {}, init_mode=False) == "crun"
+    assert choose_engine(None, {wire.AGENT_ENGINE_PARAM: "crun"}, init_mode=True) == "crun"
+    assert choose_engine("native", {wire.AGENT_ENGINE_PARAM: "crun"}, init_mode=True) == "native"
+    assert choose_engine(None, {wire.AGENT_ENGINE_PARAM: "bogus"}, init_mode=True) == "native"
+    assert parse_args(["--engine", "native"]).engine == "native"
+    assert wire.AGENT_ENGINE_PARAM == "pykata.agent.engine"

@@ -53,7 +53,7 @@ def choose_engine(option: str | None, params: dict[str, str], init_mode: bool) -
     if value in ENGINES:
         return value
     if value:
-        _log().error("unknown %s=%s; using the native engine", wire.AGENT_ENGINE_PARAM, value)
+        _log().error("unknown %s=%s (native or crun); ignored", wire.AGENT_ENGINE_PARAM, value)
     return "native" if init_mode else "crun"
 
 
