@@ -11,11 +11,11 @@ export DEBIAN_FRONTEND=noninteractive
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # 1. Debian packages. qemu + virtiofsd run VMs; busybox/cpio/lz4/kmod build the guest
-#    image; crun/runc/containerd/podman/... are the container tools pykata plugs into
-#    and is measured against.
+#    image, erofs-utils its read-only root image; crun/runc/containerd/podman/... are
+#    the container tools pykata plugs into and is measured against.
 PKGS=(qemu-system-x86 qemu-utils busybox-static cpio lz4 zstd xz-utils kmod binutils e2fsprogs
-      iproute2 psmisc util-linux crun runc containerd containernetworking-plugins podman conmon
-      skopeo docker-registry docker.io runsc ca-certificates)
+      erofs-utils iproute2 psmisc util-linux crun runc containerd containernetworking-plugins
+      podman conmon skopeo docker-registry docker.io runsc ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -15,6 +15,16 @@ $V/pytest -p no:cacheprovider --timeout=600 "$@"
 rc=$?
 if [ $rc -eq 5 ]; then echo "FAILED: pytest collected no tests"; status=1
 elif [ $rc -ne 0 ]; then status=1; fi
+# The whole suite boots guests from the initrd (the default); a smoke set runs
+# again with the guest root as the read-only DAX image ([hypervisor.qemu] rootfs).
+if [ $# -eq 0 ]; then
+  echo "==> pytest smoke set, rootfs = image (PYKATA_TEST_ROOTFS=image)"
+  PYKATA_TEST_ROOTFS=image $V/pytest -p no:cacheprovider --timeout=600 \
+    tests/integration/test_sandbox.py tests/integration/test_containerd.py
+  rc=$?
+  if [ $rc -eq 5 ]; then echo "FAILED: the smoke set collected no tests"; status=1
+  elif [ $rc -ne 0 ]; then status=1; fi
+fi
 # Nothing of pykata may be left running or mounted after the suite.
 left=$(pgrep -a -f 'qemu-system|virtiofsd|containerd-shim-pykata|pykata-agent' | grep -v pgrep || true)
 if [ -n "$left" ]; then echo "FAILED: processes left behind:"; echo "$left"; status=1; fi

@@ -65,3 +65,9 @@ STORAGE_DRIVERS = ("virtiofs", "tmpfs", "local", "blk", "bind")
 
 # -- guest image --------------------------------------------------------------------------
 GUEST_MODULES_FILE = "/etc/pykata/modules"
+# The read-only root image (rootfs = "image"): the file system starts this far
+# into the file (before it, the pmem PFN info block), on the device the guest
+# finds by these names; the early initrd mounts it (DAX on pmem).
+ROOT_IMAGE_DATA_OFFSET = 2 << 20
+ROOT_PMEM_DEVICE = "/dev/pmem0"  # nvdimm or virtio-pmem
+ROOT_BLK_DEVICE = "/dev/vda"  # virtio-blk (the first disk: the root comes first)

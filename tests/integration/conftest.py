@@ -3,6 +3,11 @@
 Layered: ``pykata_config`` (a private state dir) -> ``rootfs`` (busybox, built
 offline) -> ``sandbox`` (a booted VM, module-scoped). When a test fails, the
 guest console log of the sandbox is printed.
+
+``PYKATA_TEST_ROOTFS=image[:DEVICE]`` runs the tests with the guest root as
+the read-only image (`make test` runs a smoke set that way): the session's
+configuration says so, and so does the file ``PYKATA_CONFIG`` names for every
+shim containerd starts.
 """
 
 from __future__ import annotations
@@ -20,6 +25,30 @@ from pykata import config
 from pykata.testing import busybox_rootfs, leftovers
 
 CACHE = Path("/var/tmp/pykata-test")
+ROOTFS_MODE = os.environ.get("PYKATA_TEST_ROOTFS", "")  # "" | initrd | image[:device]
+
+
+def _with_rootfs_mode(cfg: config.Config) -> config.Config:
+    if ROOTFS_MODE:
+        mode, _, device = ROOTFS_MODE.partition(":")
+        cfg.qemu.rootfs = mode
+        cfg.qemu.rootfs_device = device or cfg.qemu.rootfs_device
+    return cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rootfs_mode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Shims started by containerd read the same rootfs mode (PYKATA_CONFIG)."""
+    if not ROOTFS_MODE or os.environ.get(config.ENV_VAR):
+        yield
+        return
+    path = tmp_path_factory.mktemp("rootfs-mode") / "configuration.toml"
+    path.write_text(config.to_toml(_with_rootfs_mode(config.load())))
+    os.environ[config.ENV_VAR] = str(path)
+    try:
+        yield
+    finally:
+        os.environ.pop(config.ENV_VAR, None)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -46,10 +75,12 @@ def state_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def pykata_config(state_dir: Path) -> config.Config:
-    cfg = config.load()
+    cfg = _with_rootfs_mode(config.load())
     cfg.runtime.state_dir = str(state_dir)
-    if not cfg.kernel_path().exists() or not cfg.initrd_path().exists():
-        pytest.fail(f"guest image missing ({cfg.kernel_path()}): run 'make setup'")
+    image = cfg.root_image_path()
+    for need in (cfg.kernel_path(), cfg.initrd_path(), *([image] if image else [])):
+        if not need.exists():
+            pytest.fail(f"guest image missing ({need}): run 'make setup'")
     return cfg
 
 

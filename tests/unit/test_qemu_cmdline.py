@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,40 @@ def test_qmp_client_keeps_no_unbounded_event_queue() -> None:
         assert qmp._listeners == []
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("device", ["nvdimm", "virtio-pmem"])
+def test_root_image_on_pmem_is_a_shared_read_only_mapping(device: str) -> None:
+    s = spec(initrd=Path("/k/initrd-early.img"), image=Path("/k/rootfs.erofs"),
+             image_device=device, memory_mib=512, max_memory_mib=2048, memory_slots=4)
+    fds = dataclasses.replace(FDS, image_bytes=32 << 20)
+    argv = build("qemu", s, opts(), fds)
+    objs = arg_after(argv, "-object")
+    assert ("memory-backend-file,id=rootimg,mem-path=/proc/self/fd/8,size=33554432,"
+            "share=on,readonly=on") in objs
+    devices = arg_after(argv, "-device")
+    want = ("nvdimm,id=rootnv,memdev=rootimg,unarmed=on" if device == "nvdimm"
+            else "virtio-pmem-pci,id=rootpmem,memdev=rootimg")
+    assert want in devices
+    assert ("nvdimm=on" in arg_after(argv, "-machine")[0].split(",")) == (device == "nvdimm")
+    # One more slot and room for the image above what memory hotplug may add.
+    assert arg_after(argv, "-m") == ["512M,slots=5,maxmem=2080M"]
+    assert not any(a.startswith("if=none,id=rootdisk") for a in arg_after(argv, "-drive"))
+
+
+def test_root_image_on_pmem_needs_slots_even_without_memory_hotplug() -> None:
+    s = spec(image=Path("/k/rootfs.erofs"), image_device="nvdimm", memory_mib=512,
+             max_memory_mib=512, memory_slots=0)
+    argv = build("qemu", s, opts(), dataclasses.replace(FDS, image_bytes=30 << 20))
+    assert arg_after(argv, "-m") == ["512M,slots=1,maxmem=542M"]
+    with pytest.raises(ValueError, match="size is unknown"):
+        build("qemu", s, opts(), FDS)
+
+
+def test_root_image_on_virtio_blk_skips_the_pmem_header() -> None:
+    s = spec(image=Path("/k/rootfs.erofs"), image_device="virtio-blk", image_offset=2 << 20)
+    argv = build("qemu", s, opts())
+    assert ("if=none,id=rootdisk,file=/dev/fdset/1,format=raw,readonly=on,offset=2097152"
+            in arg_after(argv, "-drive"))
+    assert "fd=8,set=1,opaque=rootdisk" in arg_after(argv, "-add-fd")
+    assert not any("rootimg" in a for a in arg_after(argv, "-object"))

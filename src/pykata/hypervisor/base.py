@@ -35,7 +35,12 @@ class VMSpec:
     run_dir: Path
     kernel: Path
     initrd: Path | None = None
-    image: Path | None = None  # a disk image root filesystem instead of an initrd
+    # A read-only root file system image (with an early initrd that mounts it):
+    # on an NVDIMM or virtio-pmem (mapped from the host file, DAX in the guest)
+    # or a virtio-blk disk reading from image_offset on.
+    image: Path | None = None
+    image_device: str = "virtio-blk"  # nvdimm | virtio-pmem | virtio-blk
+    image_offset: int = 0  # virtio-blk: where the file system starts in the file
     kernel_params: str = ""
     vcpus: int = 1
     max_vcpus: int = 1

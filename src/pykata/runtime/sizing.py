@@ -11,7 +11,12 @@ from typing import Any
 from pykata import errors
 from pykata.config import LEAN_KERNEL_PARAMS, Config
 from pykata.hypervisor.base import VMSpec
-from pykata.wire import AGENT_ENGINE_PARAM
+from pykata.wire import (
+    AGENT_ENGINE_PARAM,
+    ROOT_BLK_DEVICE,
+    ROOT_IMAGE_DATA_OFFSET,
+    ROOT_PMEM_DEVICE,
+)
 
 MAX_NIC_QUEUES = 4
 MEMORY_BLOCK_MIB = 128  # the guest's memory hotplug block on x86_64
@@ -32,16 +37,30 @@ def vm_spec(config: Config, sandbox_id: str, namespace: str, run_dir: Path, *,
     params = (q.kernel_params or LEAN_KERNEL_PARAMS) + " memhp_default_state=online"
     if config.agent.container_engine != "native":  # the guest's default
         params += f" {AGENT_ENGINE_PARAM}={config.agent.container_engine}"
+    image = config.root_image_path()
+    device = q.rootfs_device
+    if image is not None:
+        params += " " + root_params(device)
     return VMSpec(
         id=sandbox_id, run_dir=run_dir, kernel=config.kernel_path(),
         initrd=config.initrd_path(), kernel_params=params, vcpus=n,
         max_vcpus=max_cpus, memory_mib=mem, max_memory_mib=max_mem,
+        image=image, image_device=device,
+        image_offset=ROOT_IMAGE_DATA_OFFSET if device == "virtio-blk" else 0,
         memory_slots=q.memory_slots, shared_fs_socket=shared_fs_socket,
         shared_fs_cache_size_mib=q.virtio_fs_cache_size, agent_channel=channel,
         vsock_cid=vsock_cid(namespace, sandbox_id),
         debug=q.enable_debug or config.agent.enable_debug,
         free_page_reporting=q.reclaim_guest_freed_memory,
     )
+
+
+def root_params(device: str, fstype: str = "erofs") -> str:
+    """Kernel parameters that tell the early initrd where the root image is:
+    pmem devices are mounted with DAX (the guest reads the host's page cache)."""
+    if device == "virtio-blk":
+        return f"root={ROOT_BLK_DEVICE} rootfstype={fstype}"
+    return f"root={ROOT_PMEM_DEVICE} rootfstype={fstype} rootflags=dax"
 
 
 def vsock_cid(namespace: str, sandbox_id: str) -> int:

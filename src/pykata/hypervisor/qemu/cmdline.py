@@ -58,6 +58,7 @@ class QemuFds:
     shared_fs: int = -1  # connected to virtiofsd's vhost-user socket
     memory: int = -1  # spec.memory_file, opened read-write
     image: int = -1  # spec.image, opened read-only
+    image_bytes: int = 0  # its size (a pmem device maps the whole file)
     kernel: int = -1  # spec.kernel and spec.initrd, opened read-only (-1: by path)
     initrd: int = -1
 
@@ -89,13 +90,23 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
     machine = [opts.machine_type, f"memory-backend={MEMORY_BACKEND_ID}"]
     if opts.machine_options:
         machine.append(opts.machine_options)
+    pmem = spec.image is not None and spec.image_device in ("nvdimm", "virtio-pmem")
+    if pmem and spec.image_device == "nvdimm":
+        machine.append("nvdimm=on")
     accel = opts.accel
     if opts.accel == "tcg" and opts.tb_size_mib:
         accel += f",tb-size={opts.tb_size_mib}"
 
     mem = f"{spec.memory_mib}M"
+    slots, maxmem = 0, spec.max_memory_mib
     if spec.memory_slots and spec.max_memory_mib > spec.memory_mib:
-        mem += f",slots={spec.memory_slots},maxmem={spec.max_memory_mib}M"
+        slots = spec.memory_slots
+    if pmem:
+        # The root image is a memory device too: one more slot, and room above
+        # what memory hotplug may add (so hotplug keeps its whole range).
+        slots, maxmem = slots + 1, max(maxmem, spec.memory_mib) + -(-fds.image_bytes >> 20)
+    if slots:
+        mem += f",slots={slots},maxmem={maxmem}M"
 
     argv = [
         binary,
@@ -116,13 +127,7 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
     if spec.initrd is not None:
         argv += ["-initrd", _by_fd(fds.initrd, spec.initrd)]
     if spec.image is not None:
-        _need(fds.image, "the root disk image")
-        argv += [
-            "-add-fd", f"fd={fds.image},set={ROOT_DISK_FDSET},opaque=rootdisk",
-            "-drive", f"if=none,id=rootdisk,file=/dev/fdset/{ROOT_DISK_FDSET},format=raw,"
-                      "readonly=on",
-            "-device", "virtio-blk-pci,drive=rootdisk",
-        ]
+        argv += root_image(spec, fds)
     argv += ["-append", kernel_command_line(spec)]
     argv += [
         # The console goes into a pipe the host drains into a capped log. A pipe
@@ -169,6 +174,27 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
         argv += ["-incoming", "defer"]
     argv += list(opts.extra_args)
     return argv
+
+
+def root_image(spec: VMSpec, fds: QemuFds) -> list[str]:
+    """The read-only root image: on a pmem device, the host file mapped into the
+    guest (read-only, shared: every VM maps the same page cache; unarmed, as an
+    NVDIMM over a read-only backend must be), or a read-only virtio-blk disk."""
+    _need(fds.image, "the root image")
+    if spec.image_device in ("nvdimm", "virtio-pmem"):
+        if fds.image_bytes <= 0:
+            raise ValueError("the root image's size is unknown")
+        backend = (f"memory-backend-file,id=rootimg,mem-path=/proc/self/fd/{fds.image},"
+                   f"size={fds.image_bytes},share=on,readonly=on")
+        device = ("nvdimm,id=rootnv,memdev=rootimg,unarmed=on"
+                  if spec.image_device == "nvdimm" else
+                  "virtio-pmem-pci,id=rootpmem,memdev=rootimg")
+        return ["-object", backend, "-device", device]
+    drive = f"if=none,id=rootdisk,file=/dev/fdset/{ROOT_DISK_FDSET},format=raw,readonly=on"
+    if spec.image_offset:
+        drive += f",offset={spec.image_offset}"
+    return ["-add-fd", f"fd={fds.image},set={ROOT_DISK_FDSET},opaque=rootdisk",
+            "-drive", drive, "-device", "virtio-blk-pci,drive=rootdisk"]
 
 
 def _need(fd: int, what: str) -> None:

@@ -243,8 +243,11 @@ class QemuHypervisor(Hypervisor):
         if cred is not None:
             # QEMU reopens -kernel and -initrd through /proc/self/fd: the files
             # themselves must be readable by its user (not the directories).
+            # A pmem root image is reopened the same way (memory-backend-file).
             for what, p in (("guest kernel", self.spec.kernel),
-                            ("guest initrd", self.spec.initrd)):
+                            ("guest initrd", self.spec.initrd),
+                            ("guest root image", self.spec.image
+                             if self.spec.image_device != "virtio-blk" else None)):
                 if p is not None and not permits(os.stat(p), cred, 4):
                     raise errors.FailedPrecondition(
                         f"QEMU runs as {cred} and cannot read the {what} {p}: make it"
@@ -307,7 +310,8 @@ class QemuHypervisor(Hypervisor):
                             ("guest initrd", self.spec.initrd)))
         return (QemuFds(qmp=qmp_vm, console=console_vm, agent=agent_vm,
                         vhost_vsock=vsock_fd, shared_fs=vfs_fd, memory=mem_fd,
-                        image=image_fd, kernel=kernel_fd, initrd=initrd_fd),
+                        image=image_fd, image_bytes=os.fstat(image_fd).st_size
+                        if image_fd >= 0 else 0, kernel=kernel_fd, initrd=initrd_fd),
                 qmp, console, agent)
 
     async def start(self) -> None:

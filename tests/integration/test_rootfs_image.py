@@ -1,0 +1,59 @@
+"""The guest root as a read-only image (rootfs = "image"): booted from the
+early initrd on each device, the root mounted read-only (with DAX on pmem),
+containers and exec working, nothing left behind; and through containerd."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pykata import config
+from pykata.runtime.sandbox import Sandbox
+from pykata.testing import default_spec, leftovers, make_bundle
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MOUNTED = {
+    "nvdimm": "pykata-early: root /dev/pmem0 (erofs, ro,dax) mounted",
+    "virtio-pmem": "pykata-early: root /dev/pmem0 (erofs, ro,dax) mounted",
+    "virtio-blk": "pykata-early: root /dev/vda (erofs, ro) mounted",
+}
+
+
+async def read_all(read: object, limit: float = 60.0) -> bytes:
+    out = b""
+    async with asyncio.timeout(limit):
+        while chunk := await read():  # type: ignore[operator]
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("device", list(MOUNTED))
+async def test_each_root_device_boots_and_runs_containers(
+        pykata_config: config.Config, rootfs: Path, tmp_path: Path, device: str) -> None:
+    cfg = copy.deepcopy(pykata_config)
+    cfg.qemu.rootfs, cfg.qemu.rootfs_device = "image", device
+    image = cfg.root_image_path()
+    assert image is not None and image.exists(), f"{image} missing: run 'make setup'"
+    sb = await Sandbox.create(f"img-{uuid.uuid4().hex[:6]}", cfg)
+    try:
+        assert sb.vm is not None and sb.vm.spec.image == image
+        console = (sb.dir / "console.log").read_text(errors="replace")
+        assert MOUNTED[device] in console, console[-3000:]
+        assert "mounting it without" not in console  # DAX was not refused
+        b = make_bundle(tmp_path / "b", rootfs, default_spec(
+            ["sh", "-c", "cat /proc/version; echo written > /tmp/x && cat /tmp/x; exit 3"]))
+        c = await sb.create_container("c1", b)
+        await c.start()
+        out = await read_all(c.init.read_stdout)
+        status = await asyncio.wait_for(c.wait(), 60)
+        assert status.code == 3 and out.decode().splitlines()[1:] == ["written"], out
+        assert out.startswith(b"Linux version ")
+        await c.delete()
+    finally:
+        await sb.stop()
+    assert leftovers(cfg.runtime.state_dir, sb.id) == []
