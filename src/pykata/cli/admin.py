@@ -58,6 +58,23 @@ def cmd_image_show(args: argparse.Namespace) -> int:
 
 
 # -- check --------------------------------------------------------------------------
+def _rootfs_check(cfg: config.Config) -> tuple[str, bool, str, str]:
+    """Which guest root is in use, and whether its files are there."""
+    q = cfg.qemu
+    image = cfg.root_image_path()
+    if image is None:
+        erofs = Path(cfg.image.output_dir) / "rootfs.erofs"
+        hint = (f"; {erofs.name} is built: rootfs = \"image\" shares it between VMs"
+                if erofs.is_file() else "")
+        return ("guest root", True, f"initrd (unpacked into each VM's RAM){hint}", "")
+    how = ("DAX: VMs share the host's page cache" if q.rootfs_device != "virtio-blk"
+           else "read-only disk, no DAX")
+    return ("guest root", image.is_file(),
+            f"image {image} on {q.rootfs_device} ({how})",
+            "apt-get install erofs-utils, then 'pykata image build'"
+            " (or set [hypervisor.qemu] rootfs = \"initrd\")")
+
+
 def host_checks(cfg: config.Config) -> list[tuple[str, bool, str, str]]:
     """(what, ok, detail, how to fix) for everything pykata needs on this host."""
     from pykata.hypervisor.channels import vhost_vsock_available
@@ -91,6 +108,7 @@ def host_checks(cfg: config.Config) -> list[tuple[str, bool, str, str]]:
     kernel, initrd = cfg.kernel_path(), cfg.initrd_path()
     out.append(("guest kernel", kernel.is_file(), str(kernel), "run 'pykata image build'"))
     out.append(("guest initrd", initrd.is_file(), str(initrd), "run 'pykata image build'"))
+    out.append(_rootfs_check(cfg))
     vsock = vhost_vsock_available()
     out.append(("agent channel", True,
                 "vsock (/dev/vhost-vsock)" if vsock else "virtio-serial (no /dev/vhost-vsock)", ""))
