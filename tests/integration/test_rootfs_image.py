@@ -57,3 +57,34 @@ async def test_each_root_device_boots_and_runs_containers(
     finally:
         await sb.stop()
     assert leftovers(cfg.runtime.state_dir, sb.id) == []
+
+
+async def test_template_clones_share_the_root_image(
+        pykata_config: config.Config, rootfs: Path, tmp_path: Path) -> None:
+    """A template of an image-root guest: the root image is a shared, read-only
+    mapping QEMU does not migrate; each clone maps the same file again."""
+    from pykata.runtime import factory
+
+    cfg = copy.deepcopy(pykata_config)
+    cfg.qemu.rootfs, cfg.qemu.rootfs_device = "image", "nvdimm"
+    cfg.factory.enable_template = True
+    cfg.factory.template_path = str(tmp_path / "tpl" / "template")
+    try:
+        for i in range(2):
+            sb = await Sandbox.create(f"imgtpl-{uuid.uuid4().hex[:6]}", cfg)
+            try:
+                assert "memory_file" in sb.record.extra, "not started from the template"
+                assert sb.vm is not None and sb.vm.spec.image == cfg.root_image_path()
+                b = make_bundle(tmp_path / f"b{i}", rootfs, default_spec(["sh", "-c", "echo ok"]))
+                c = await sb.create_container("c1", b)
+                await c.start()
+                out = await read_all(c.init.read_stdout)
+                assert (await asyncio.wait_for(c.wait(), 60)).code == 0 and out == b"ok\n"
+                await c.delete()
+            finally:
+                await sb.stop()
+            assert leftovers(cfg.runtime.state_dir, sb.id) == []
+        t = factory.Factory(cfg).current()
+        assert t is not None and t.memory_bytes > 0
+    finally:
+        factory.Factory(cfg).destroy()

@@ -44,6 +44,21 @@ def test_eligible(spec: VMSpec) -> None:
     assert factory.eligible(spec) == ""
     assert "serial" in factory.eligible(dataclasses.replace(spec, agent_channel="vsock"))
     assert "initrd" in factory.eligible(dataclasses.replace(spec, initrd=None))
+    pmem = dataclasses.replace(spec, image=spec.initrd, image_device="nvdimm")
+    assert factory.eligible(pmem) == ""
+    assert "virtio-blk" in factory.eligible(dataclasses.replace(pmem, image_device="virtio-blk"))
+
+
+def test_key_follows_the_root_image(spec: VMSpec, tmp_path: Path) -> None:
+    driver = QemuDriver(str(tmp_path / "initrd"), QemuOptions())
+    (tmp_path / "rootfs.erofs").write_bytes(b"e" * 100)
+    image = dataclasses.replace(spec, image=tmp_path / "rootfs.erofs", image_device="nvdimm")
+    key = factory.template_key(image, driver.identity())
+    assert key != factory.template_key(spec, driver.identity())
+    assert key != factory.template_key(dataclasses.replace(image, image_device="virtio-pmem"),
+                                       driver.identity())
+    (tmp_path / "rootfs.erofs").write_bytes(b"e" * 101)
+    assert factory.template_key(image, driver.identity()) != key
 
 
 def test_sparse_copy_copies_data_and_keeps_holes(tmp_path: Path) -> None:

@@ -142,6 +142,8 @@ def template_key(spec: VMSpec, identity: dict[str, Any]) -> str:
     shape = {
         "kernel": _file_id(spec.kernel),
         "initrd": _file_id(spec.initrd) if spec.initrd else None,
+        "image": _file_id(spec.image) if spec.image else None,
+        "image_device": spec.image_device if spec.image else None,
         "vcpus": spec.vcpus, "max_vcpus": spec.max_vcpus, "memory": spec.memory_mib,
         "max_memory": spec.max_memory_mib, "slots": spec.memory_slots,
         "params": spec.kernel_params, "channel": spec.agent_channel, "debug": spec.debug,
@@ -154,8 +156,10 @@ def template_key(spec: VMSpec, identity: dict[str, Any]) -> str:
 
 def eligible(spec: VMSpec) -> str:
     """Why ``spec`` cannot start from a template ("" = it can)."""
-    if spec.initrd is None or spec.image is not None:
-        return "templating needs an initrd guest image"
+    if spec.initrd is None:
+        return "templating needs an initrd (the guest root, or the early one of a root image)"
+    if spec.image is not None and spec.image_device == "virtio-blk":
+        return "templating cannot carry a virtio-blk root disk (use rootfs_device = nvdimm)"
     if spec.agent_channel != "serial":
         return "templating needs the virtio-serial agent channel (clones would share a vsock CID)"
     return ""
