@@ -208,4 +208,9 @@ class SandboxAgent(ContainerAgent, Protocol):
 
     async def update_routes(self, routes: Sequence[tuple[str, str, str, int]]) -> None: ...
 
+    async def guest_details(self) -> GuestDetails: ...
+
+    async def metrics(self) -> str:
+        """The guest's Prometheus text."""
+
     async def close(self) -> None: ...

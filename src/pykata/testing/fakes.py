@@ -45,6 +45,7 @@ from pykata.runtime.types import (
     ContainerStats,
     Device,
     ExitStatus,
+    GuestDetails,
     ProcessInfo,
     Stdio,
     Storage,
@@ -128,6 +129,7 @@ class FakeAgent(_Recorder):
         self.online = (1, 512 << 20)  # (CPUs, memory bytes) online_cpu_mem reports
         self.vm: FakeHypervisor | None = None  # if set, online is what this VM has
         self.closed = False
+        self.metrics_text = "# fake guest metrics\n"
         self._pids = itertools.count(100)
 
     # -- what tests drive ------------------------------------------------------------
@@ -187,6 +189,17 @@ class FakeAgent(_Recorder):
 
     async def update_routes(self, routes: Sequence[tuple[str, str, str, int]]) -> None:
         self._call("update_routes", list(routes))
+
+    async def guest_details(self) -> GuestDetails:
+        self._call("guest_details")
+        cpus, mem = await self.online_cpu_mem()
+        return GuestDetails(kernel_release="6.1.0-fake", kernel_version="#1 fake",
+                            online_cpus=cpus, mem_total_bytes=mem,
+                            mem_block_size_bytes=128 << 20, agent_version="fake")
+
+    async def metrics(self) -> str:
+        self._call("metrics")
+        return self.metrics_text
 
     async def close(self) -> None:
         self._call("close")
