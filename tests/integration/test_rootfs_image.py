@@ -13,7 +13,7 @@ import pytest
 
 from pykata import config
 from pykata.runtime.sandbox import Sandbox
-from pykata.testing import default_spec, leftovers, make_bundle
+from pykata.testing import default_spec, leftovers, make_bundle, read_all
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -22,14 +22,6 @@ MOUNTED = {
     "virtio-pmem": "pykata-early: root /dev/pmem0 (erofs, ro,dax) mounted",
     "virtio-blk": "pykata-early: root /dev/vda (erofs, ro) mounted",
 }
-
-
-async def read_all(read: object, limit: float = 60.0) -> bytes:
-    out = b""
-    async with asyncio.timeout(limit):
-        while chunk := await read():  # type: ignore[operator]
-            out += chunk
-    return out
 
 
 @pytest.mark.parametrize("device", list(MOUNTED))

@@ -13,17 +13,9 @@ import pytest
 
 from pykata import config, errors
 from pykata.runtime.sandbox import Sandbox
-from pykata.testing import default_spec, leftovers, make_bundle
+from pykata.testing import default_spec, leftovers, make_bundle, read_all
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-async def read_all(read: Any, limit: float = 60.0) -> bytes:
-    out = b""
-    async with asyncio.timeout(limit):
-        while chunk := await read():
-            out += chunk
-    return out
 
 
 def bundle(tmp_path: Path, rootfs: Path, args: list[str], **kw: Any) -> Path:
