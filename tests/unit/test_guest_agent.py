@@ -35,7 +35,8 @@ def test_find_serial_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     for entry, name in (("vport0p0", "other"), ("vport1p1", "agent.channel.0")):
         (tmp_path / entry).mkdir()
         (tmp_path / entry / "name").write_text(name + "\n")
-    monkeypatch.setattr(channel.os.path, "exists", lambda p: p == "/dev/vport1p1")
+    monkeypatch.setattr(channel.os.path, "exists",  # type: ignore[attr-defined]
+                        lambda p: p == "/dev/vport1p1")
     assert channel.find_serial_port("agent.channel.0", str(tmp_path)) == "/dev/vport1p1"
     assert channel.find_serial_port("missing", str(tmp_path)) is None
     assert channel.find_serial_port("x", str(tmp_path / "nope")) is None
@@ -64,8 +65,102 @@ def test_guest_boot_imports_are_few() -> None:
     )
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          check=True, env={"PYTHONPATH": ":".join(sys.path)}).stdout.split()
-    for heavy in ("asyncio", "logging", "argparse", "pathlib", "google.protobuf", "typing"):
+    for heavy in ("asyncio", "logging", "argparse", "pathlib", "google.protobuf", "typing",
+                  "threading", "signal", "enum", "functools"):
         assert heavy not in out, f"pykata.guest.agent imports {heavy} at the top"
+
+
+def _frame(stream: int, service: str, method: str, type_: int = 1) -> bytes:
+    from pykata.protos import ttrpc_pb2
+    from pykata.ttrpc import frames
+
+    req = ttrpc_pb2.Request(service=service, method=method, payload=b"\x0a\x00",
+                            timeout_nano=5_000_000_000,
+                            metadata=[ttrpc_pb2.KeyValue(key="k", value="v")])
+    return frames.encode(stream, type_, req.SerializeToString())
+
+
+def test_early_check_reply_matches_the_full_service() -> None:
+    from pykata import wire
+    from pykata.protos import agent_pb2, ttrpc_pb2
+    from pykata.ttrpc import frames
+
+    check = _frame(7, wire.HEALTH_SERVICE, "Check")
+    assert channel.request_method(check[10:]) == (wire.HEALTH_SERVICE, "Check")
+    reply = channel.check_reply(check + b"\x00\x00")
+    assert reply is not None and reply[1] == len(check)
+    length, stream, type_, flags = frames.HEADER.unpack(reply[0][:10])
+    assert (length, stream, type_, flags) == (len(reply[0]) - 10, 7, frames.TYPE_RESPONSE, 0)
+    full = ttrpc_pb2.Response(payload=agent_pb2.HealthCheckResponse(
+        status=agent_pb2.HealthCheckResponse.SERVING).SerializeToString())
+    assert reply[0][10:] == full.SerializeToString() == channel.CHECK_RESPONSE
+    # anything else is the full server's: other methods, services, types, partial frames
+    assert channel.check_reply(_frame(7, wire.HEALTH_SERVICE, "Version")) is None
+    assert channel.check_reply(_frame(7, wire.AGENT_SERVICE, "Check")) is None
+    assert channel.check_reply(_frame(7, wire.HEALTH_SERVICE, "Check", type_=3)) is None
+    assert channel.check_reply(_frame(8, wire.HEALTH_SERVICE, "Check")) is None
+    assert channel.check_reply(check[:-1]) is None and channel.check_reply(b"") is None
+    with pytest.raises(ValueError):
+        channel.request_method(b"\x0a\x05ab")
+
+
+def test_early_health_answers_checks_then_hands_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a raw pty standing for the virtio-serial port: Checks are answered; the
+    first other request and everything after it are left for the full server."""
+    import os
+    import select
+    import tty
+
+    from pykata import wire
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    monkeypatch.setattr(channel, "find_serial_port", lambda name, d=None: os.ttyname(slave))
+    early = channel.EarlyHealth("agent.channel.0")
+    early.start()
+    try:
+        def read_reply() -> bytes:
+            got = b""
+            while len(got) < 14:
+                assert select.select([master], [], [], 10.0)[0], "no early answer"
+                got += os.read(master, 64)
+            return got
+
+        os.write(master, _frame(1, wire.HEALTH_SERVICE, "Check"))
+        assert read_reply()[:10] == b"\x00\x00\x00\x04\x00\x00\x00\x01\x02\x00"
+        rest = _frame(3, wire.AGENT_SERVICE, "CreateSandbox") + _frame(5, wire.HEALTH_SERVICE,
+                                                                        "Check")
+        os.write(master, rest)
+        deadline = 100
+        while early._blocked is False and deadline:
+            select.select([], [], [], 0.02)
+            deadline -= 1
+        handed = early.handover()
+        assert handed is not None and early.answered == 1 and not early.error
+        dev, fd, pending = handed
+        assert dev == os.ttyname(slave) and pending == rest
+        assert not select.select([master], [], [], 0.1)[0]  # the later Check: not answered
+        os.close(fd)
+    finally:
+        early.handover()
+        os.close(master)
+        os.close(slave)
+
+
+def test_early_health_without_a_port_hands_over_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "find_serial_port", lambda name, d=None: None)
+    early = channel.EarlyHealth("agent.channel.0")
+    early.start()
+    assert early.handover() is None and not early.error
+
+
+def test_boot_stamps_are_kept_once() -> None:
+    first = channel.stamp("test-step")
+    assert channel.stamp("test-step") == first == channel.BOOT_STAMPS["test-step"]
+    from pykata.guest import logs
+
+    assert "test-step=" in logs.boot_summary()
 
 
 def test_crun_error_prefers_json_log() -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+from pykata.guest import sysutil
 from pykata.guest import sysutil as su
 
 
@@ -61,3 +66,30 @@ def test_modules_dep() -> None:
 
 def test_root_fstype_is_a_string() -> None:
     assert isinstance(su.root_fstype(), str)
+
+
+def test_module_loader_skips_loaded_modules_and_reports(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    sysmod = tmp_path / "sys"
+    (sysmod / "virtio_ring").mkdir(parents=True)
+    (sysmod / "virtio_ring" / "initstate").write_text("live\n")
+    (sysmod / "ext4").mkdir()  # built in: a directory without initstate
+    assert sysutil.module_loaded("/lib/modules/x/kernel/virtio_ring.ko", str(sysmod))
+    assert not sysutil.module_loaded("/lib/modules/x/kernel/ext4.ko", str(sysmod))
+    listing = tmp_path / "modules"
+    listing.write_text("lib/a/virtio_ring.ko\nlib/a/virtio-console.ko\n")
+    tried: list[str] = []
+    real = sysutil.module_loaded
+    monkeypatch.setattr(sysutil, "module_loaded", lambda p: real(p, str(sysmod)))
+
+    def fake_load(path: str, params: str = "") -> bool:
+        tried.append(path)
+        raise OSError(2, f"load module {path}: No such file or directory")
+
+    monkeypatch.setattr(sysutil, "load_module", fake_load)
+    loader = sysutil.ModuleLoader(str(listing))
+    loader.start()
+    assert loader.join(10.0)
+    assert tried == ["/lib/a/virtio-console.ko"] and loader.loaded == 0
+    assert len(loader.errors) == 1 and "virtio-console.ko" in loader.errors[0]
+    assert loader.join(0)  # joining again returns at once

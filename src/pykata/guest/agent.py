@@ -13,9 +13,12 @@ host disconnects). Kernel parameters (PID 1 only): ``pykata.agent.log=debug``
 and ``pykata.agent.channel=CHANNEL``.
 
 Boot time matters (the guest may run under TCG, where every import is slow):
-this module imports little at the top, the kernel modules load in a thread
-while the serving code (asyncio, protobuf, services) is imported, and
-argparse is only loaded when there are arguments to parse.
+this module imports little at the top; as PID 1 it mounts /proc, /sys and /dev,
+starts loading the kernel modules in a thread and answers the host's first
+Health/Check from another (:class:`~pykata.guest.channel.EarlyHealth`, builtins
+only), and only then imports logging and the serving code (asyncio, protobuf,
+services), mounts the rest and hands the channel to the full server. argparse
+is only loaded when there are arguments to parse. docs/boot.md has the profile.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import sys
 
 from pykata import __version__, wire
 from pykata.guest import sysutil
-from pykata.guest.channel import SERIAL, VSOCK, Channel, parse_channel
+from pykata.guest.channel import SERIAL, VSOCK, Channel, EarlyHealth, parse_channel, stamp
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -123,6 +126,7 @@ def parse_args(argv: list[str]) -> Options:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stamp("main")
     if os.getpid() != 1:
         _main(argv)
         return
@@ -155,26 +159,45 @@ def _last_resort() -> None:
             pass
 
 
+def _early_channel(params: dict[str, str]) -> Channel | None:
+    """The channel named by the kernel parameter (None: the default, or invalid:
+    logged once logging is set up)."""
+    text = params.get(wire.AGENT_CHANNEL_PARAM) or ""
+    try:
+        return parse_channel(text) if text else None
+    except ValueError:
+        return None
+
+
 def _main(argv: list[str] | None) -> None:
     init_mode = os.getpid() == 1
     loader: sysutil.ModuleLoader | None = None
+    early: EarlyHealth | None = None
+    params: dict[str, str] = {}
     if init_mode:
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # The kernel starts init without PATH.
         os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
                                       "/sbin:/bin")
-        sysutil.init_filesystems()
+        # What the channel needs first: /proc, /sys, /dev, the virtio modules (the
+        # channel's come first in the list), then the early Check responder.
+        sysutil.init_early_filesystems()
         loader = sysutil.ModuleLoader()
         loader.start()
+        params = sysutil.kernel_params()
+        chosen = _early_channel(params)
+        if argv is None and len(sys.argv) <= 1 and (chosen is None or chosen.kind == "serial"):
+            early = EarlyHealth(chosen.address if chosen else SERIAL.address)
+            early.start()
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sysutil.init_late_filesystems()
 
     import logging
 
     from pykata.guest import logs
 
     opts = parse_args(sys.argv[1:] if argv is None else argv)
-    params = sysutil.kernel_params() if init_mode else {}
     level_name = opts.log_level or params.get(wire.AGENT_LOG_PARAM) or "info"
     logs.setup(getattr(logging, level_name.upper(), logging.INFO), guest=init_mode)
     log = _log()
@@ -191,7 +214,9 @@ def _main(argv: list[str] | None) -> None:
 
     if loader is not None:
         log.debug("python up, file systems mounted")
+        stamp("imports")
         _import_serving_code()
+        stamp("imported")
         loader.join()
         for err in loader.errors:
             log.warning("%s", err)
@@ -222,7 +247,7 @@ def _main(argv: list[str] | None) -> None:
     settings.containers_dir.mkdir(parents=True, exist_ok=True)
 
     if init_mode:
-        _run_forever(settings, channel)
+        _run_forever(settings, channel, early)
     else:
         sys.exit(_run_dev(settings, channel))
 
@@ -264,8 +289,10 @@ def _run_dev(settings: Settings, channel: Channel) -> int:
     return 0
 
 
-def _run_forever(settings: Settings, channel: Channel) -> None:
-    """PID 1 never returns: a broken loop is logged and started again."""
+def _run_forever(settings: Settings, channel: Channel, early: EarlyHealth | None = None
+                 ) -> None:
+    """PID 1 never returns: a broken loop is logged and started again (the early
+    responder's port is handed to the first loop only)."""
     import time
 
     delay = 0.1
@@ -275,8 +302,10 @@ def _run_forever(settings: Settings, channel: Channel) -> None:
 
             from pykata.guest.server import AgentServer
 
-            async def go() -> None:
-                await AgentServer(settings, channel).run(asyncio.Event())
+            handed, early = early, None
+
+            async def go(handed: EarlyHealth | None = handed) -> None:
+                await AgentServer(settings, channel, handed).run(asyncio.Event())
 
             asyncio.run(go())
             _log().error("serve loop ended; restarting it")

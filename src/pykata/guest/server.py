@@ -17,14 +17,53 @@ import time
 from pathlib import Path
 
 from pykata import __version__
-from pykata.guest.channel import SERIAL, Channel, find_serial_port, probe_auto
+from pykata.guest import logs
+from pykata.guest.channel import (
+    SERIAL,
+    Channel,
+    EarlyHealth,
+    find_serial_port,
+    probe_auto,
+    stamp,
+)
 from pykata.guest.reaper import Reaper
 from pykata.guest.service import AGENT_SERVICE, HEALTH_SERVICE, AgentService, HealthService
 from pykata.guest.settings import Settings
-from pykata.ttrpc import Server
+from pykata.protos import agent_pb2 as pb
+from pykata.ttrpc import Server, frames
 from pykata.ttrpc.streams import open_char_device
 
 log = logging.getLogger(__name__)
+
+
+async def fd_streams(fd: int, pending: bytes = b""
+                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Reader and writer over an open character device fd (non-blocking), the
+    reader starting with ``pending`` (bytes read from it already)."""
+    loop = asyncio.get_running_loop()
+    rfile = os.fdopen(fd, "rb", buffering=0)
+    wfile = os.fdopen(os.dup(fd), "wb", buffering=0)
+    reader = asyncio.StreamReader(limit=frames.MAX_DATA + frames.HEADER_SIZE)
+    if pending:
+        reader.feed_data(pending)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), rfile)
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, wfile
+    )
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+class _StampedHealth(HealthService):
+    """Health that notes the guest uptime of the first Check it answers."""
+
+    def __init__(self, first_check: asyncio.Event) -> None:
+        self.first_check = first_check
+
+    async def Check(self, req: pb.CheckRequest) -> pb.HealthCheckResponse:
+        if not self.first_check.is_set():
+            stamp("check")
+            self.first_check.set()
+        return await super().Check(req)
 
 
 async def resolve_auto(wait: float = 3.0) -> Channel:
@@ -47,14 +86,18 @@ async def resolve_auto(wait: float = 3.0) -> Channel:
 class AgentServer:
     """One event loop's worth of agent: reaper, services, ttRPC server, channel."""
 
-    def __init__(self, settings: Settings, channel: Channel) -> None:
+    def __init__(self, settings: Settings, channel: Channel,
+                 early: EarlyHealth | None = None) -> None:
         self.settings = settings
         self.channel = channel
+        self.early = early
         self.reaper = Reaper()
         self.service = AgentService(settings, self.reaper)
         self.server = Server()
         self.server.register_service(AGENT_SERVICE, self.service)
-        self.server.register_service(HEALTH_SERVICE, HealthService())
+        self.first_check = asyncio.Event()
+        self._boot_task: asyncio.Future[None] | None = None
+        self.server.register_service(HEALTH_SERVICE, _StampedHealth(self.first_check))
 
     async def run(self, stop: asyncio.Event) -> None:
         self.reaper.install()
@@ -76,10 +119,26 @@ class AgentServer:
 
     async def _serve(self) -> None:
         channel = self.channel
+        handed: tuple[str, int, bytes] | None = None
+        if self.early is not None:
+            early, self.early = self.early, None  # one handover per boot
+            handed = early.handover()
+            if early.error:
+                log.warning("early Check responder: %s", early.error)
+            if early.answered:
+                self.first_check.set()
+            if handed is not None and channel.kind == "auto":
+                channel = SERIAL
+            if handed is not None and channel.kind != "serial":
+                os.close(handed[1])
+                handed = None
         if channel.kind == "auto":
             channel = await resolve_auto()
+        stamp("serving")
         log.info("pykata-agent %s serving on %s (pid %d%s)", __version__, channel, os.getpid(),
                  ", init" if self.settings.init_mode else "")
+        if self.settings.init_mode:
+            self._boot_task = asyncio.ensure_future(self._boot_line())
         if channel.kind == "unix":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(channel.address)
@@ -95,18 +154,29 @@ class AgentServer:
             await self.server.serve_socket(sock)
             await asyncio.Event().wait()
         else:
-            await self._serve_serial(channel.address)
+            await self._serve_serial(channel.address, handed)
 
-    async def _serve_serial(self, name: str) -> None:
-        """Serve the port; when the host goes away, re-open it (bounded backoff)."""
+    async def _boot_line(self) -> None:
+        """One info line with the guest uptime of each boot step, once the first
+        Check was answered (by the early responder or the service)."""
+        await self.first_check.wait()
+        log.info("boot: %s", logs.boot_summary())
+
+    async def _serve_serial(self, name: str,
+                            handed: tuple[str, int, bytes] | None = None) -> None:
+        """Serve the port (first the one the early responder opened, if any);
+        when the host goes away, re-open it (bounded backoff)."""
         delay = 0.02
         while True:
-            dev = find_serial_port(name)
+            dev = handed[0] if handed else find_serial_port(name)
             if dev is None:
                 log.debug("virtio-serial port %s not present yet", name)
             else:
                 try:
-                    reader, writer = await open_char_device(dev)
+                    if handed:
+                        reader, writer = await fd_streams(handed[1], handed[2])
+                    else:
+                        reader, writer = await open_char_device(dev)
                 except OSError as exc:
                     log.warning("cannot open %s (%s): %s", dev, name, exc)
                 else:
@@ -123,5 +193,6 @@ class AgentServer:
                         delay = 0.02
                     else:
                         log.debug("no host on %s yet", dev)
+            handed = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)

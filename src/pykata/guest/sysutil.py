@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import threading
 import time
 
 from pykata import wire
@@ -252,8 +251,15 @@ def parse_module_list(text: str) -> list[str]:
     return out
 
 
+def module_loaded(path: str, sys_module: str = "/sys/module") -> bool:
+    """Whether the module of ``path`` is in the kernel already (the early initrd of
+    the image root loads some): no need to read and hand it to the kernel again."""
+    return os.path.exists(os.path.join(sys_module, module_name(path), "initstate"))
+
+
 def load_modules_file(path: str = wire.GUEST_MODULES_FILE) -> tuple[int, list[str]]:
-    """Load every module listed in ``path`` in order: (loaded, error lines)."""
+    """Load every module listed in ``path`` in order, skipping the loaded ones:
+    (loaded, error lines)."""
     try:
         listed = parse_module_list(_read(path))
     except FileNotFoundError:
@@ -263,6 +269,8 @@ def load_modules_file(path: str = wire.GUEST_MODULES_FILE) -> tuple[int, list[st
     loaded = 0
     failed = []
     for mod in listed:
+        if module_loaded(mod):
+            continue
         try:
             if load_module(mod):
                 loaded += 1
@@ -271,21 +279,42 @@ def load_modules_file(path: str = wire.GUEST_MODULES_FILE) -> tuple[int, list[st
     return loaded, failed
 
 
-class ModuleLoader(threading.Thread):
-    """Loads the listed modules while the main thread goes on importing (finit_module
-    runs in the kernel with the GIL released)."""
+class ModuleLoader:
+    """Loads the listed modules in a thread while the main thread goes on importing
+    (finit_module runs in the kernel with the GIL released). A bare ``_thread``:
+    the threading module (and what it imports) is not needed this early."""
 
     def __init__(self, path: str = wire.GUEST_MODULES_FILE) -> None:
-        super().__init__(name="modules", daemon=True)
+        import _thread
+
         self.path = path
         self.loaded = 0
         self.errors: list[str] = []
         self.seconds = 0.0
+        self._done = _thread.allocate_lock()
+
+    def start(self) -> None:
+        import _thread
+
+        self._done.acquire()
+        _thread.start_new_thread(self.run, ())
 
     def run(self) -> None:
         t0 = time.monotonic()
-        self.loaded, self.errors = load_modules_file(self.path)
-        self.seconds = time.monotonic() - t0
+        try:
+            self.loaded, self.errors = load_modules_file(self.path)
+        except BaseException as exc:
+            self.errors.append(f"module loading failed: {exc}")
+        finally:
+            self.seconds = time.monotonic() - t0
+            self._done.release()
+
+    def join(self, timeout: float = -1) -> bool:
+        """Wait until the modules are loaded (``timeout`` seconds, -1: no limit)."""
+        if not self._done.acquire(timeout=timeout):
+            return False
+        self._done.release()
+        return True
 
 
 def module_name(path: str) -> str:
@@ -431,6 +460,13 @@ def _console_stdio() -> None:
 
 def init_filesystems() -> None:
     """Mount what a booted Linux needs; each failure is logged, none is fatal."""
+    init_early_filesystems()
+    init_late_filesystems()
+
+
+def init_early_filesystems() -> None:
+    """/proc, /sys, /dev (what module loading and the agent channel need) and
+    fds 0-2. The early init of the image root mounts and moves these already."""
     steps: list[tuple[str, str, str, list[str], int]] = [
         ("proc", "/proc", "proc", ["nosuid", "nodev", "noexec"], 0o555),
         ("sysfs", "/sys", "sysfs", ["nosuid", "nodev", "noexec"], 0o555),
@@ -442,7 +478,11 @@ def init_filesystems() -> None:
         except OSError as exc:
             _log().error("%s", exc)
     _console_stdio()
-    steps = [
+
+
+def init_late_filesystems() -> None:
+    """The rest: devpts, /dev/shm, /run, /tmp, cgroup2 and its controllers, /dev links."""
+    steps: list[tuple[str, str, str, list[str], int]] = [
         ("devpts", "/dev/pts", "devpts",
          ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"], 0o755),
         ("shm", "/dev/shm", "tmpfs", ["nosuid", "nodev", "mode=1777"], 0o1777),
