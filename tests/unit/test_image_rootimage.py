@@ -180,10 +180,39 @@ def test_early_file_names_sort_in_load_order() -> None:
     assert names == ["01-zz.ko", "02-aa.ko"] == sorted(names)
 
 
+def test_early_module_groups_per_device() -> None:
+    deps = _deps()
+    order = early.early_module_order(deps, builtin={"ext4"})
+    groups = early.module_groups(order, deps, builtin={"ext4"})
+    names = {g: [Path(p).name.removesuffix(".ko") for p in rels] for g, rels in groups.items()}
+    assert set(groups) == {"nvdimm", "virtio-pmem", "virtio-blk", "erofs", "ext4"}
+    # an NVDIMM needs no virtio at all; each list keeps the load order
+    assert "nfit" in names["nvdimm"] and not any(n.startswith("virtio") for n in names["nvdimm"])
+    assert "virtio_blk" in names["virtio-blk"] and "libnvdimm" not in names["virtio-blk"]
+    assert {"virtio_pmem", "nd_pmem", "virtio_pci"} <= set(names["virtio-pmem"])
+    assert "nfit" not in names["virtio-pmem"]
+    assert "libcrc32c" in names["erofs"] and names["ext4"] == []  # built in
+    for rels in groups.values():
+        assert rels == [r for r in order if r in rels]
+
+
+def test_init_script_loads_what_the_device_needs() -> None:
+    groups = {"nvdimm": ["02-b.ko"], "virtio-pmem": ["01-a.ko", "02-b.ko"],
+              "virtio-blk": ["01-a.ko"], "erofs": ["03-c.ko"], "ext4": []}
+    text = early.init_script(["01-a.ko", "02-b.ko", "03-c.ko"], groups=groups)
+    assert 'M_NVDIMM="02-b.ko"' in text and 'ALL="01-a.ko 02-b.ko 03-c.ko"' in text
+    assert "/sys/firmware/acpi/tables/NFIT" in text and "/dev/vd*)" in text
+    assert "sort -u" in text and "sort" in early.APPLETS
+    # without groups: everything, as before
+    assert 'mods="$ALL"' in early.init_script(["01-a.ko"])
+
+
 def test_init_script() -> None:
     text = early.init_script(["01-a.ko", "02-b.ko"], wait_s=3)
     assert text.startswith("#!/bin/sh\n")
-    assert "for m in 01-a.ko 02-b.ko; do" in text
+    assert 'ALL="01-a.ko 02-b.ko"' in text and "for m in $mods; do" in text
+    assert "t_start=$up" in text and "t_root=$up" in text
+    assert "mount -o move /sys /newroot/sys" in text and "mount -o move /proc /newroot/proc" in text
     assert "wait=300" in text
     for needle in ("root=*)", "rootfstype=*)", "rootflags=*)", "mount -o move /dev /newroot/dev",
                    "exec switch_root /newroot /init", "/newroot/etc", "/newroot/var/tmp"):
@@ -199,7 +228,8 @@ def test_init_script() -> None:
 def test_init_script_parses(tmp_path: Path) -> None:
     bb = shutil.which("busybox") or "/bin/busybox"
     script = tmp_path / "init"
-    script.write_text(early.init_script(["01-a.ko"]))
+    script.write_text(early.init_script(["01-a.ko"], groups={
+        "nvdimm": ["01-a.ko"], "virtio-pmem": [], "virtio-blk": [], "erofs": [], "ext4": []}))
     r = subprocess.run([bb, "sh", "-n", str(script)], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
 

@@ -171,7 +171,8 @@ def _build(output_dir: Path, digest: str, kpkg: str, versions: dict[str, str], p
                 order = early.early_module_order(deps, builtin)
                 esize = early.build_early_initrd(
                     root / "usr/bin/busybox", kroot / "lib/modules" / release, order,
-                    out / EARLY_INITRD, stage, prog.step)
+                    out / EARLY_INITRD, stage, prog.step,
+                    early.module_groups(order, deps, builtin))
                 early_info = {"file": EARLY_INITRD, "bytes": esize, "modules": order}
             shutil.rmtree(kroot)
             rootfs.trim(root, prog.step)
