@@ -186,6 +186,9 @@ class QemuHypervisor(Hypervisor):
         self._qmp: _QMP | None = None
         self._channel: AgentChannel | None = None
         self._drains: list[asyncio.Task[int]] = []
+        # Read ends of QEMU's output and console pipes while they are drained
+        # (a VM handed to another process passes them on: qemu/adopt.py).
+        self.log_fds: tuple[int, int] = (-1, -1)
         self._vcpus = spec.vcpus
         self._dimms = 0
         self._ports: dict[str, str] = {}  # hot-plugged device id -> PCIe root port
@@ -346,6 +349,7 @@ class QemuHypervisor(Hypervisor):
             fds.host_fds.remove(console_r)
             self._drains = [asyncio.ensure_future(drain(out_r, logs[0])),
                             asyncio.ensure_future(drain(console_r, logs[1]))]
+            self.log_fds = (out_r, console_r)
             logs = []
             if agent_sock is not None:
                 fds.host.remove(agent_sock)
