@@ -515,6 +515,41 @@ def tcg_part(trials: int, sizes: list[int], extra_sizes: list[int]) -> dict[str,
     return {"trials": rows, "summary": tcg_summary(rows)}
 
 
+def sweep_part(sizes: list[int], max_runs: int, thread: str = "") -> list[dict[str, Any]]:
+    """Hot-plug at different fill levels of the cache: boot, k Python starts (each
+    translates new code), then device_add. QEMU 7.2 aborts exactly when the boot
+    vCPU already holds the last region (region.current == n), whatever the size."""
+    rows: list[dict[str, Any]] = []
+    for tb in sizes:
+        n = n_regions(tb, 2, mttcg=not thread)
+        for k in range(max_runs + 1):
+            vm = VM(tb_size=tb, maxcpus=2, tcg_thread=thread)
+            r: dict[str, Any] = {"tb_size": tb, "thread": thread or "multi", "regions": n,
+                                 "region_mib": tb / n, "python_runs": k}
+            try:
+                vm.start()
+                time.sleep(1)
+                if k:
+                    vm.sh(f"for j in $(seq {k}); do python3.11 -S -c 'import json, asyncio';"
+                          " done", timeout=120)
+                hp = hotplug_cpu(vm)
+                jit = hp.get("jit_before", {})
+                level = jit.get("gen_code_mib", 0.0)
+                r.update(code_mib=level, flushes=jit.get("flushes"), ok=hp.get("ok"),
+                         aborted=hp.get("aborted", False),
+                         region_index=int(level // (tb / n)),
+                         error=hp.get("error", "")[-200:])
+            except RuntimeError as exc:
+                r.update(aborted=not vm.alive(), error=str(exc)[-200:])
+            finally:
+                vm.kill()
+            log(f"sweep tb={tb} {thread or 'multi'} k={k}: code "
+                f"{r.get('code_mib', 0):.1f} MiB region "
+                f"{r.get('region_index')}/{n} {'ABORT' if r.get('aborted') else 'ok'}")
+            rows.append(r)
+    return rows
+
+
 def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -535,6 +570,13 @@ def tcg_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "aborts": sum(1 for r in rs if r["hotplug"].get("aborted")),
             "idle_pss_mib": _med([r["idle"]["Pss"] for r in rs if "idle" in r]),
             "idle_rss_mib": _med([r["idle"]["Rss"] for r in rs if "idle" in r]),
+            # the VM's own memory: PSS of the QEMU binary and libraries (Pss_File)
+            # depends on how many other QEMUs run on the host
+            "idle_own_mib": _med([r["idle"]["Pss_Anon"] + r["idle"]["Pss_Shmem"]
+                                  for r in rs if "idle" in r]),
+            "after_work_own_mib": _med([r["after_work"]["Pss_Anon"]
+                                        + r["after_work"]["Pss_Shmem"]
+                                        for r in rs if "after_work" in r]),
             "idle_jit_rss_mib": _med([r["idle_jit_rss_mib"] for r in rs
                                       if "idle_jit_rss_mib" in r]),
             "after_work_pss_mib": _med([r["after_work"]["Pss"] for r in rs
@@ -561,17 +603,19 @@ def guest_meminfo(vm: VM) -> dict[str, float]:
     return {k: int(v) / 1024 for k, v in vals.items()}
 
 
-def mem_trial(kind: str, plug_mib: int = 512, touch_mib: int = 256) -> dict[str, Any]:
+def mem_trial(kind: str, online: str = "online_movable", plug_mib: int = 512,
+              touch_mib: int = 256) -> dict[str, Any]:
     extra: list[str] = []
     if kind == "virtio-mem":
         extra = ["-object", "memory-backend-memfd,id=vmem0,size=1024M,share=on",
                  "-device", "virtio-mem-pci,id=vmem0dev,memdev=vmem0,requested-size=0"]
-    vm = VM(maxcpus=2, maxmem_mib=2560, slots=4 if kind == "pc-dimm" else 0, extra=extra)
-    r: dict[str, Any] = {"kind": kind, "steps": []}
+    vm = VM(maxcpus=2, maxmem_mib=2560, slots=4 if kind == "pc-dimm" else 0, extra=extra,
+            kernel_extra=f"memhp_default_state={online}")
+    r: dict[str, Any] = {"kind": kind, "memhp_default_state": online, "steps": []}
 
     def step(name: str) -> None:
         r["steps"].append({"step": name, "host": rollup(vm.pid), "guest": guest_meminfo(vm)})
-        log(f"mem {kind} {name}: pss {r['steps'][-1]['host'].get('Pss', 0):.0f} MiB, "
+        log(f"mem {kind} ({online}) {name}: pss {r['steps'][-1]['host'].get('Pss', 0):.0f} MiB, "
             f"guest {r['steps'][-1]['guest']}")
 
     try:
@@ -635,7 +679,10 @@ def mem_trial(kind: str, plug_mib: int = 512, touch_mib: int = 256) -> dict[str,
 
 
 def mem_part(trials: int) -> dict[str, Any]:
-    rows = [mem_trial(kind) for _ in range(trials) for kind in ("virtio-mem", "pc-dimm")]
+    # online_movable: hot-plugged memory can be unplugged again; online: what the
+    # driver asks for today (memhp_default_state=online, runtime/sizing.py).
+    rows = [mem_trial(kind, online) for _ in range(trials)
+            for online in ("online_movable", "online") for kind in ("virtio-mem", "pc-dimm")]
     return {"guest_kernel": guest_kernel_config(
         ("CONFIG_VIRTIO_MEM", "CONFIG_MEMORY_HOTPLUG", "CONFIG_MEMORY_HOTREMOVE",
          "CONFIG_MHP_MEMMAP_ON_MEMORY", "CONFIG_PAGE_REPORTING", "CONFIG_VIRTIO_BALLOON",
@@ -768,11 +815,81 @@ def merge_save(path: Path, data: dict[str, Any], part: str) -> None:
     old: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         old = json.loads(path.read_text())
-    old.update({k: v for k, v in data.items() if k not in ("tcg", "mem", "ksm")})
+    parts = ("tcg", "sweep", "sweep-single", "mem", "ksm")
+    old.update({k: v for k, v in data.items() if k not in parts})
     old[part] = data[part]
     old.setdefault("when_" + part, data["when"])
     old["when_" + part] = data["when"]
     save("memory", old)
+
+
+def _f(x: Any, fmt: str = "{:.0f}") -> str:
+    return "-" if not isinstance(x, (int, float)) or x != x else fmt.format(x)
+
+
+def render(data: dict[str, Any]) -> str:
+    """Markdown tables of a results file (docs/memory.md quotes them)."""
+    out: list[str] = []
+    tcg = tcg_summary(data.get("tcg", {}).get("trials", []))
+    if tcg:
+        out += ["| tb-size MiB | maxcpus | TCG threads | regions | idle PSS | idle own "
+                "(anon+shmem) | JIT RSS idle | own after work | code at hot-plug (MiB) | "
+                "hot-plug ok / aborts / trials | shell loop s | python x3 s | "
+                "2-vCPU loop s |",
+                "|" + "---|" * 13]
+        for r in tcg:
+            out.append(
+                f"| {r['tb_size'] or 'default (1024)'} | {r['maxcpus']} | {r['thread']} | "
+                f"{r['regions']} | {_f(r['idle_pss_mib'])} | {_f(r['idle_own_mib'])} | "
+                f"{_f(r['idle_jit_rss_mib'])} | {_f(r['after_work_own_mib'])} | "
+                f"{_f(r['gen_code_at_hotplug_mib'], '{:.1f}')} | {r['hotplug_ok']} / "
+                f"{r['aborts']} / {r['trials']} | {_f(r['shell_loop_s'], '{:.2f}')} | "
+                f"{_f(r['py_start_x3_s'], '{:.2f}')} | {_f(r['smp2_parallel_s'], '{:.2f}')} |")
+    mem = data.get("mem", {}).get("trials", [])
+    if mem:
+        out += ["", "| device | memhp_default_state | step | QEMU PSS MiB | of it shmem | "
+                "guest MemTotal | guest MemFree |", "|" + "---|" * 7]
+        for t in mem:
+            for st in t["steps"]:
+                out.append(f"| {t['kind']} | {t['memhp_default_state']} | {st['step']} | "
+                           f"{_f(st['host'].get('Pss'))} | {_f(st['host'].get('Pss_Shmem'))} | "
+                           f"{_f(st['guest'].get('MemTotal'))} | "
+                           f"{_f(st['guest'].get('MemFree'))} |")
+            if "error" in t:
+                out.append(f"| {t['kind']} | {t['memhp_default_state']} | error: "
+                           f"{t['error'][:80]} | | | | |")
+        out += ["", "| device | memhp_default_state | plug s | unplugged | unplug s |",
+                "|---|---|---|---|---|"]
+        for t in mem:
+            out.append(f"| {t['kind']} | {t['memhp_default_state']} | "
+                       f"{_f(t.get('plug_s'), '{:.2f}')} | {t.get('unplugged')} | "
+                       f"{_f(t.get('unplug_s'), '{:.2f}')} |")
+    sw = data.get("sweep", []) + data.get("sweep-single", [])
+    if sw:
+        out += ["", "| tb-size MiB | TCG threads | regions x MiB | Python starts before | "
+                "code in cache MiB |"
+                " region in use | flushes | hot-plug |", "|" + "---|" * 8]
+        for r in sw:
+            out.append(f"| {r['tb_size']} | {r.get('thread', 'multi')} | "
+                       f"{r['regions']} x {r['region_mib']:g} | "
+                       f"{r['python_runs']} | {_f(r.get('code_mib'), '{:.1f}')} | "
+                       f"{r.get('region_index', '-')} | {_f(r.get('flushes'))} | "
+                       f"{'ABORT' if r.get('aborted') else 'ok' if r.get('ok') else 'fail'} |")
+    ksm = data.get("ksm", {})
+    cfgs = ksm.get("configs", []) + ([ksm["default_rate"]] if "default_rate" in ksm else [])
+    if cfgs:
+        out += ["", "| guest RAM / QEMU | VMs | pages_to_scan | mem-merge | PSS before MiB | "
+                "PSS after MiB | saved MiB | pages_shared | pages_sharing | full scans | "
+                "ksmd CPU % |", "|" + "---|" * 11]
+        for c in cfgs:
+            st = c.get("stats", {})
+            out.append(f"| {c['config']} | {c['vms']} | {c['pages_to_scan']} | "
+                       f"{c.get('mem_merge')} | {_f(c['pss_before_mib'])} | "
+                       f"{_f(c['pss_after_mib'])} | "
+                       f"{_f(c['pss_before_mib'] - c['pss_after_mib'])} | "
+                       f"{st.get('pages_shared')} | {st.get('pages_sharing')} | "
+                       f"{st.get('full_scans')} | {_f(c['ksmd_cpu_pct'], '{:.1f}')} |")
+    return "\n".join(out) + "\n"
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -780,19 +897,25 @@ def merge_save(path: Path, data: dict[str, Any], part: str) -> None:
 
 def main() -> int:
     ap = arg_parser(__doc__)
-    ap.add_argument("--only", default="tcg,mem,ksm")
+    ap.add_argument("--only", default="tcg,sweep,mem,ksm")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--sizes", default="0,256,128,64,32,16,8,4")
     ap.add_argument("--extra-sizes", default="8,16,32",
                     help="tb sizes also tried with maxcpus=4 and with thread=single")
+    ap.add_argument("--sweep-sizes", default="8,16,32")
+    ap.add_argument("--sweep-runs", type=int, default=5)
     ap.add_argument("--ksm-vms", type=int, default=3)
     ap.add_argument("--ksm-window", type=float, default=60.0)
+    ap.add_argument("--render", action="store_true", help="print the tables and exit")
     args = ap.parse_args()
+    out_path = Path(__file__).parent / "results" / "memory.json"
+    if args.render:
+        print(render(json.loads(out_path.read_text())), end="")
+        return 0
     sigterm_as_interrupt()
     parts = args.only.split(",")
     trials = 2 if args.quick else args.trials
     WORK.mkdir(parents=True, exist_ok=True)
-    out_path = Path(__file__).parent / "results" / "memory.json"
     data: dict[str, Any] = {}
     data["when"] = time.strftime("%Y-%m-%d %H:%M")
     data["qemu"] = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
@@ -802,6 +925,14 @@ def main() -> int:
         sizes = [int(s) for s in args.sizes.split(",")]
         data["tcg"] = tcg_part(trials, sizes, [int(s) for s in args.extra_sizes.split(",")])
         merge_save(out_path, data, "tcg")
+    if "sweep" in parts:
+        data["sweep"] = sweep_part([int(x) for x in args.sweep_sizes.split(",")],
+                                   args.sweep_runs)
+        merge_save(out_path, data, "sweep")
+    if "sweep-single" in parts:
+        data["sweep-single"] = sweep_part([int(x) for x in args.sweep_sizes.split(",")],
+                                          args.sweep_runs, "single")
+        merge_save(out_path, data, "sweep-single")
     if "mem" in parts:
         data["mem"] = mem_part(1 if args.quick else 2)
         merge_save(out_path, data, "mem")
