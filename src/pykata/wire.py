@@ -42,6 +42,10 @@ AGENT_LOG_PARAM = "pykata.agent.log"
 AGENT_CHANNEL_PARAM = "pykata.agent.channel"
 # Kernel parameter naming the guest container engine: "native" (default) or "crun".
 AGENT_ENGINE_PARAM = "pykata.agent.engine"
+# Port forwarding (CRI PortForward) has a channel of its own, framed by
+# pykata.ttrpc.mux: this virtio-serial port, else this vsock port.
+PORTFWD_SERIAL_PORT_NAME = "pykata.portfwd.0"
+PORTFWD_VSOCK_PORT = 1026
 
 # -- ttRPC services ----------------------------------------------------------------------
 AGENT_PROTO_PACKAGE = "pykata.agent.v1"

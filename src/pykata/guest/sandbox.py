@@ -67,6 +67,10 @@ class Sandbox:
         self.storages.mount_sandbox(req.storages)
         self.pidns = req.sandbox_pidns
         self.id = req.sandbox_id or "sandbox"
+        if self.settings.init_mode:
+            from pykata.guest import portfwd  # lazy: not on the agent's start path
+
+            portfwd.start()  # the host's port-forward channel (CRI PortForward)
         log.info("sandbox %s created", self.id)
 
     @staticmethod

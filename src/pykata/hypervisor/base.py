@@ -109,6 +109,10 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def agent_channel(self) -> AgentChannel: ...
 
+    def portfwd_channel(self) -> AgentChannel:
+        """The port-forward channel to the guest (``pykata.ttrpc.mux`` runs on it)."""
+        raise self._unsupported("port forwarding")
+
     async def pause(self) -> None:
         raise self._unsupported("pause")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykata.hypervisor.base import VMSpec
-from pykata.wire import AGENT_LOG_PARAM, SERIAL_PORT_NAME
+from pykata.wire import AGENT_LOG_PARAM, PORTFWD_SERIAL_PORT_NAME, SERIAL_PORT_NAME
 
 MEMORY_BACKEND_ID = "pykata-mem"
 
@@ -61,11 +61,12 @@ class QemuFds:
     image_bytes: int = 0  # its size (a pmem device maps the whole file)
     kernel: int = -1  # spec.kernel and spec.initrd, opened read-only (-1: by path)
     initrd: int = -1
+    portfwd: int = -1  # virtio-serial port-forward channel (serial agent channel only)
 
     def all(self) -> tuple[int, ...]:
         return tuple(fd for fd in (self.qmp, self.console, self.agent, self.vhost_vsock,
                                    self.shared_fs, self.memory, self.image, self.kernel,
-                                   self.initrd) if fd >= 0)
+                                   self.initrd, self.portfwd) if fd >= 0)
 
 
 def _by_fd(fd: int, path: object) -> str:
@@ -151,6 +152,10 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
             "-chardev", f"socket,id=agent,fd={fds.agent}",
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={SERIAL_PORT_NAME}",
         ]
+        if fds.portfwd >= 0:
+            argv += ["-chardev", f"socket,id=portfwd,fd={fds.portfwd}",
+                     "-device", "virtserialport,bus=vser0.0,chardev=portfwd,"
+                                f"name={PORTFWD_SERIAL_PORT_NAME}"]
     if spec.shared_fs_socket is not None:
         _need(fds.shared_fs, "the virtio-fs socket")
         fs = f"vhost-user-fs-pci,chardev=vfs,tag={spec.shared_fs_tag},queue-size=1024"

@@ -42,7 +42,7 @@ from pykata.hypervisor.qemu.cmdline import (
 from pykata.hypervisor.qemu.uids import UidLease, lease_for
 from pykata.utils.logfile import CappedLog, drain
 from pykata.utils.process import stop_child, tail
-from pykata.wire import VSOCK_PORT
+from pykata.wire import PORTFWD_VSOCK_PORT, VSOCK_PORT
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,8 @@ class QemuHypervisor(Hypervisor):
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: _QMP | None = None
         self._channel: AgentChannel | None = None
+        self._portfwd: AgentChannel | None = None
+        self._portfwd_sock: socket.socket | None = None
         self._drains: list[asyncio.Task[int]] = []
         # Read ends of QEMU's output and console pipes while they are drained
         # (a VM handed to another process passes them on: qemu/adopt.py).
@@ -293,7 +295,8 @@ class QemuHypervisor(Hypervisor):
         qmp, qmp_vm = fds.pair()
         console, console_vm = fds.pipe(CONSOLE_PIPE_SIZE)
         agent: socket.socket | None = None
-        agent_vm = vsock_fd = vfs_fd = mem_fd = image_fd = -1
+        agent_vm = vsock_fd = vfs_fd = mem_fd = image_fd = portfwd_vm = -1
+        self._portfwd_sock = None
         if self.spec.agent_channel == "vsock":
             try:
                 vsock_fd = fds.give(os.open("/dev/vhost-vsock", os.O_RDWR | os.O_CLOEXEC))
@@ -303,6 +306,7 @@ class QemuHypervisor(Hypervisor):
                     " \"serial\")") from exc
         else:
             agent, agent_vm = fds.pair()
+            self._portfwd_sock, portfwd_vm = fds.pair()
         if self.spec.shared_fs_socket is not None:
             vfs_fd = fds.give((await _connect_unix(self.spec.shared_fs_socket)).detach())
         if self.spec.memory_file is not None:
@@ -314,7 +318,8 @@ class QemuHypervisor(Hypervisor):
         return (QemuFds(qmp=qmp_vm, console=console_vm, agent=agent_vm,
                         vhost_vsock=vsock_fd, shared_fs=vfs_fd, memory=mem_fd,
                         image=image_fd, image_bytes=os.fstat(image_fd).st_size
-                        if image_fd >= 0 else 0, kernel=kernel_fd, initrd=initrd_fd),
+                        if image_fd >= 0 else 0, kernel=kernel_fd, initrd=initrd_fd,
+                        portfwd=portfwd_vm),
                 qmp, console, agent)
 
     async def start(self) -> None:
@@ -356,6 +361,11 @@ class QemuHypervisor(Hypervisor):
                 self._channel = SerialChannel(agent_sock)
             else:
                 self._channel = VsockChannel(self.spec.vsock_cid, VSOCK_PORT)
+            if self._portfwd_sock is not None:
+                fds.host.remove(self._portfwd_sock)
+                self._portfwd = SerialChannel(self._portfwd_sock)
+            else:
+                self._portfwd = VsockChannel(self.spec.vsock_cid, PORTFWD_VSOCK_PORT)
             fds.host.remove(qmp_sock)
             self._qmp = _QMP(f"pykata-{self.spec.id}")
             await self._greet(self._qmp, qmp_sock)
@@ -434,6 +444,9 @@ class QemuHypervisor(Hypervisor):
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        if self._portfwd is not None:
+            await self._portfwd.close()
+            self._portfwd = None
         drains, self._drains = self._drains, []
         if drains:
             # QEMU is gone: its ends are closed, so the drains see EOF (unless
@@ -451,6 +464,11 @@ class QemuHypervisor(Hypervisor):
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def portfwd_channel(self) -> AgentChannel:
+        if self._portfwd is None:
+            raise errors.FailedPrecondition(f"VM {self.spec.id} is not running")
+        return self._portfwd
 
     def agent_channel(self) -> AgentChannel:
         if self._channel is None:

@@ -50,6 +50,7 @@ class QemuDriver(Driver):
             "cpu": o.cpu_model, "machine": o.machine_type,
             "machine_options": o.machine_options, "tb_size": o.tb_size_mib,
             "root_ports": o.pcie_root_ports, "extra": list(o.extra_args),
+            "portfwd_port": True,  # the virtio-serial port-forward channel is in the state
         }
 
     def agent_channel(self, requested: str) -> str:
