@@ -127,6 +127,13 @@ class FactoryConfig:
     # Where the template's memory and device state live: on tmpfs, in a
     # root-only directory (created 0700, its owner and mode checked before use).
     template_path: str = "/run/pykata/template"
+    # The VM cache (Kata's vm_cache_number): `pykata factory serve` keeps this
+    # many VMs booted and idle (each its own boot, or a template clone when
+    # enable_template is on) and hands one to each new sandbox of the default
+    # shape; 0 turns it off. Sandboxes fall back to booting when it is empty or gone.
+    vm_cache_number: int = 0
+    # The cache server's unix socket (0600, root only; its directory must be root's).
+    vm_cache_endpoint: str = "/run/pykata/vmcache.sock"
 
 
 @dataclass
@@ -193,6 +200,11 @@ _MINIMUM: dict[tuple[str, str], int] = {
     ("agent", "dial_timeout"): 1,
     ("runtime", "create_container_timeout"): 1,
     ("runtime", "log_max_bytes"): 4096,
+    ("factory", "vm_cache_number"): 0,
+}
+_MAXIMUM: dict[tuple[str, str], int] = {
+    # Each cached VM is a whole idle guest (hundreds of MiB under TCG).
+    ("factory", "vm_cache_number"): 64,
 }
 
 
@@ -222,6 +234,9 @@ def _check_value(where: str, section: str, key: str, tp: Any, value: Any) -> Any
     minimum = _MINIMUM.get((section, key))
     if minimum is not None and value < minimum:
         raise InvalidArgument(f"{where}: [{section}] {key} = {value} is below {minimum}")
+    maximum = _MAXIMUM.get((section, key))
+    if maximum is not None and value > maximum:
+        raise InvalidArgument(f"{where}: [{section}] {key} = {value} is above {maximum}")
     return value
 
 
@@ -268,6 +283,10 @@ def _cross_check(cfg: Config, where: str) -> None:
         raise InvalidArgument(
             f"{where}: [factory] template_path must be an absolute path,"
             f" not {cfg.factory.template_path!r}")
+    if not os.path.isabs(cfg.factory.vm_cache_endpoint):
+        raise InvalidArgument(
+            f"{where}: [factory] vm_cache_endpoint must be an absolute path,"
+            f" not {cfg.factory.vm_cache_endpoint!r}")
     if q.default_maxmemory and q.default_maxmemory < q.default_memory:
         raise InvalidArgument(
             f"{where}: [hypervisor.qemu] default_maxmemory ({q.default_maxmemory}) is below"

@@ -90,3 +90,23 @@ def test_rootfs_mode_picks_the_boot_files(tmp_path: Path) -> None:
     assert cfg.root_image_path() == tmp_path / "rootfs.erofs"
     with pytest.raises(InvalidArgument, match=r"rootfs_device = 'scsi' is not one of"):
         config.parse('[hypervisor.qemu]\nrootfs_device = "scsi"\n')
+
+
+def test_vm_cache_keys() -> None:
+    cfg = config.parse("")
+    assert cfg.factory.vm_cache_number == 0  # off by default
+    assert cfg.factory.vm_cache_endpoint == "/run/pykata/vmcache.sock"
+    cfg = config.parse('[factory]\nvm_cache_number = 2\nvm_cache_endpoint = "/run/x/c.sock"\n')
+    assert (cfg.factory.vm_cache_number, cfg.factory.vm_cache_endpoint) == (2, "/run/x/c.sock")
+    assert config.parse(config.to_toml(cfg)).factory.vm_cache_number == 2
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[factory]\nvm_cache_number = -1", r"\[factory\] vm_cache_number = -1 is below 0"),
+    ("[factory]\nvm_cache_number = 65", r"\[factory\] vm_cache_number = 65 is above 64"),
+    ("[factory]\nvm_cache_number = true", r"vm_cache_number must be an integer"),
+    ('[factory]\nvm_cache_endpoint = "rel.sock"', r"vm_cache_endpoint must be an absolute"),
+])
+def test_vm_cache_keys_validated(text: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        config.parse(text, "c.toml")

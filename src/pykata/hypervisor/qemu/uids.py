@@ -177,6 +177,22 @@ class UidLease:
             os.close(fd)
             os.close(dfd)
 
+    def fds(self) -> tuple[int, int]:
+        """(directory fd, lease fd): what a process taking the VM over receives
+        (SCM_RIGHTS). The lock belongs to the open file, so it stays held by
+        whoever keeps a copy of the lease fd."""
+        return self._dir_fd, self._fd
+
+    def drop(self) -> None:
+        """Close our fds without giving the uid back (no unlink): another process
+        received them and holds the lease now. Idempotent."""
+        fd, dfd = self._fd, self._dir_fd
+        self._fd = self._dir_fd = -1
+        for f in (fd, dfd):
+            if f >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(f)
+
     def __repr__(self) -> str:
         return f"UidLease(uid={self.uid}, gid={self.gid}, held={self.held})"
 
