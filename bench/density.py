@@ -5,7 +5,11 @@
    batches up to 1, 2, 4, 8, 10 pods; after each step the PSS of every pod's
    shim + QEMU + virtiofsd is summed (per pod and total).
 2. Density: N pods started all at once from zero within a time budget: how
-   many come up, how many fail, the time until all are running.
+   many come up, how many fail, the time until all are running, and how many
+   of them, all held at once, answer an exec (`ctr task exec ... true`).
+
+`--fast-only --pods 50` is the density target of issue 14: 50 idle pods from
+the VM template held at once, each answering an exec.
 """
 
 from __future__ import annotations
@@ -65,6 +69,26 @@ def start_pods(ctd: PrivateContainerd, ids: list[str], budget: float, extra: lis
     return ok, bad, total, [dt for _, good, dt in results if good]
 
 
+def exec_all(ctd: PrivateContainerd, ids: list[str], budget: float) -> tuple[int, list[float]]:
+    """``ctr task exec ... true`` in every pod at once: (answered, seconds each)."""
+
+    def one(cid: str) -> tuple[bool, float]:
+        s = time.perf_counter()
+        try:
+            r = ctd.ctr("task", "exec", "--exec-id", "x", cid, "true", check=False,
+                        timeout=budget)
+        except Exception as exc:
+            log(f"  exec in {cid}: {exc}")
+            return False, time.perf_counter() - s
+        if r.returncode != 0:
+            log(f"  exec in {cid}: {r.stderr.decode(errors='replace').strip()[-200:]}")
+        return r.returncode == 0, time.perf_counter() - s
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(ids), 16))) as ex:
+        results = list(ex.map(one, ids))
+    return sum(ok for ok, _ in results), [dt for ok, dt in results if ok]
+
+
 def settle(seconds: float) -> None:
     """Idle pods: give the guests a moment to finish booting work before PSS."""
     time.sleep(seconds)
@@ -107,11 +131,14 @@ def burst(ctd: PrivateContainerd, n: int, budget: float, idle: float,
     settle(idle)
     mem = pod_memory(ctd.socket, ok)
     alive = int(mem["pods_found"])
+    answered, exec_s = exec_all(ctd, ok, budget)
+    log(f"density: {len(ok)} of {n} pods up, {answered} answered an exec")
     remove_containers(ctd, ids)
     ids.clear()
     return {"requested": n, "started": len(ok), "failed": len(bad), "budget_s": budget,
             "all_ready_s": secs if not bad else None, "per_pod_s": per,
-            "still_running_after_settle": alive,
+            "still_running_after_settle": alive, "exec_answered": answered,
+            "exec_s": exec_s,
             "kib_per_pod": {k: v / len(ok) for k, v in mem.items()
                             if k in MEMORY_PARTS} if ok else {},
             "command": RUN_CMD}
@@ -121,6 +148,8 @@ def main() -> int:
     ap = arg_parser(__doc__)
     ap.add_argument("--pods", type=int, default=0, help="pods for the burst (default 10)")
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the burst")
+    ap.add_argument("--fast-only", action="store_true",
+                    help="only the VM template path (no cold pods), burst only")
     args = ap.parse_args()
     sigterm_as_interrupt()
     pods = args.pods or (3 if args.quick else 10)
@@ -131,14 +160,19 @@ def main() -> int:
     ids: list[str] = []
     ctd = start_containerd("density")
     template: dict[str, object] = {}
+    mem: list[dict[str, object]] = []
+    b: dict[str, object] = {}
     try:
-        mem = memory_steps(ctd, steps, args.budget, idle, ids, [])
-        b = burst(ctd, pods, args.budget, idle, ids, [])
+        if not args.fast_only:
+            mem = memory_steps(ctd, steps, args.budget, idle, ids, [])
+            b = burst(ctd, pods, args.budget, idle, ids, [])
         log("density: the same from a VM template")
         try:
             built = build_template()
             extra = ["--runtime-config-path", str(template_config())]
-            template = {"memory_steps": memory_steps(ctd, steps, args.budget, idle, ids, extra),
+            tsteps = [] if args.fast_only else memory_steps(ctd, steps, args.budget, idle, ids,
+                                                            extra)
+            template = {"memory_steps": tsteps,
                         "burst": burst(ctd, pods, args.budget, idle, ids, extra),
                         "template_build_s": built,
                         "command": RUN_CMD.replace(" IMAGE", " --runtime-config-path "
@@ -149,8 +183,9 @@ def main() -> int:
     finally:
         remove_containers(ctd, ids)
         ctd.stop()
-    save("density", {"memory_steps": mem, "burst": b, "command": RUN_CMD,
-                     "settle_s": idle, "template": template})
+    save("density-fast" if args.fast_only else "density",
+         {"memory_steps": mem, "burst": b, "command": RUN_CMD, "settle_s": idle,
+          "template": template})
     for m in mem:
         print(m)
     print(b)
