@@ -37,6 +37,7 @@ from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.state import DEFAULT_NAMESPACE
 from pykata.runtime.types import ExitStatus
 from pykata.shim import convert, rootfs
+from pykata.shim.portforward import PortForward
 from pykata.shim.stdio import StdioRelay
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class TaskService:
         self._rootfs: set[str] = set()  # containers whose rootfs this shim mounted
         self._lock = asyncio.Lock()
         self._on_shutdown = on_shutdown
+        self._portfwd: PortForward | None = None  # CRI PortForward into the VM
 
     # -- lookups -------------------------------------------------------------------
     def _container(self, tid: str) -> Container:
@@ -127,12 +129,15 @@ class TaskService:
                     self.sandbox = await self._make_sandbox(
                         self.sandbox_id, self.config, hostname=pod.hostname, netns=pod.netns,
                         namespace=self.namespace)
+                    self._portfwd = await PortForward.start(self.sandbox_id, pod.netns,
+                                                            self.sandbox.vm)
                 container = await self.sandbox.create_container(req.id, bundle, spec)
             except BaseException:
                 if mounted:
                     rootfs.unmount_rootfs(bundle)
                 if self.sandbox is not None and not self.sandbox.containers:
                     sb, self.sandbox = self.sandbox, None
+                    await self._stop_portfwd()
                     await sb.stop()
                 raise
             if mounted:
@@ -194,8 +199,14 @@ class TaskService:
             self._rootfs.discard(c.id)
             rootfs.unmount_rootfs(c.bundle)
 
+    async def _stop_portfwd(self) -> None:
+        pf, self._portfwd = self._portfwd, None
+        if pf is not None:
+            await pf.stop()
+
     async def _stop_sandbox(self) -> None:
         sb, self.sandbox = self.sandbox, None
+        await self._stop_portfwd()
         if sb is None:
             return
         for c in list(sb.containers.values()):
