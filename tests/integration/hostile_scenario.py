@@ -32,13 +32,13 @@ try ln -s / /m/$A.evil
 try mkdir /m/new
 try rm -rf /m/$A/mounts
 try ln -s /etc /m/$A/mounts/planted
-try sh -c "echo x > /m/$A/mounts/7-ro/pwned"
-try sh -c "echo x > /m/$A/mounts/7-ro/secret"
+try sh -c "echo x > /m/$A/mounts/7/ro/pwned"
+try sh -c "echo x > /m/$A/mounts/7/ro/secret"
 try mv /m/$A/rootfs /m/$A/rootfs2
-try ln /m/$A/mounts/7-ro/secret /m/$A/mounts/8-rw/hardlink
-try ln -s / /m/$A/mounts/8-rw/up
+try ln /m/$A/mounts/7/ro/secret /m/$A/mounts/8/rw/hardlink
+try ln -s / /m/$A/mounts/8/rw/up
 try sh -c "rm -rf /m/$A/rootfs/tmp && ln -s / /m/$A/rootfs/tmp"
-try sh -c "echo y > /m/$A/mounts/8-rw/written"
+try sh -c "echo y > /m/$A/mounts/8/rw/written"
 echo DONE
 """
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,13 +11,19 @@ import pytest
 from pykata.errors import InvalidArgument
 from pykata.runtime.specconv import (
     GUEST_SANDBOX_DIR,
+    GUEST_SPEC_VERSION,
     GUEST_STORAGE_DIR,
     SANDBOX_NS_MARKER,
     SANDBOX_SCOPE,
     BlockVolume,
     HostMount,
     HostProbe,
+    PodNamespaces,
+    check_namespaces,
+    check_spec,
     plan,
+    spec_version,
+    strip_resources,
     validate,
 )
 from pykata.runtime.types import Storage
@@ -55,11 +63,11 @@ def test_rootfs_and_binds_go_through_the_share() -> None:
     assert out["root"]["path"] == "/run/pykata/shared/c1/rootfs"
     assert host[0] == HostMount(Path("/b/rootfs"), "c1/rootfs")
     binds = {m["destination"]: m for m in out["mounts"]}
-    assert binds["/data"]["source"] == "/run/pykata/shared/c1/mounts/2-data"
-    assert binds["/cfg"]["source"] == "/run/pykata/shared/c1/mounts/3-app.conf"
+    assert binds["/data"]["source"] == "/run/pykata/shared/c1/mounts/2/data"
+    assert binds["/cfg"]["source"] == "/run/pykata/shared/c1/mounts/3/app.conf"
     assert binds["/proc"]["source"] == "proc"  # guest-local mounts stay
-    assert HostMount(Path("/srv/data"), "c1/mounts/2-data", False) in host
-    assert HostMount(Path("/etc/app.conf"), "c1/mounts/3-app.conf", True) in host
+    assert HostMount(Path("/srv/data"), "c1/mounts/2/data", False) in host
+    assert HostMount(Path("/etc/app.conf"), "c1/mounts/3/app.conf", True) in host
 
 
 def test_host_devices_hooks_and_netns_paths_dropped() -> None:
@@ -222,11 +230,14 @@ def test_linux_devices_block_entry_is_hot_plugged() -> None:
     assert plan(ro, "c1", Path("/b"), probe=probe).blocks[0].readonly is True
 
 
-def test_linux_devices_block_entry_missing_on_host() -> None:
-    spec = spec_with(devices=[{"path": "/dev/gone", "type": "b", "major": 7, "minor": 99}])
-    with pytest.raises(InvalidArgument, match=r"block device 7:99 for /dev/gone does not"
-                                              r" exist on the host"):
-        plan(spec, "c1", Path("/b"), probe=FakeProbe())
+def test_linux_devices_entry_not_on_the_host_is_made_as_given() -> None:
+    # runc makes the node as the spec says; so does the guest engine.
+    entry = {"path": "/dev/test2", "type": "b", "major": 8, "minor": 666, "fileMode": 0o640,
+             "uid": 5, "gid": 6}
+    char = {"path": "/dev/test3", "type": "c", "major": 1, "minor": 3, "fileMode": 0o600}
+    p = plan(spec_with(devices=[dict(entry), dict(char)]), "c1", Path("/b"), probe=FakeProbe())
+    assert p.blocks == []
+    assert p.spec["linux"]["devices"] == [entry, char]
 
 
 EMPTY = "/var/lib/kubelet/pods/0a1b/volumes/kubernetes.io~empty-dir"
@@ -252,7 +263,7 @@ def test_empty_dir_shared_through_virtio_fs_when_disabled() -> None:
                       "options": ["rbind", "rw"]})
     p = plan(spec, "c1", Path("/b"), guest_empty_dir=False, probe=FakeProbe())
     assert p.storages == []
-    assert HostMount(Path(f"{EMPTY}/cache"), "c1/mounts/1-cache", False) in p.host_mounts
+    assert HostMount(Path(f"{EMPTY}/cache"), "c1/mounts/1/cache", False) in p.host_mounts
 
 
 def test_memory_empty_dir_is_a_guest_tmpfs_of_the_same_size() -> None:
@@ -321,3 +332,178 @@ def test_proc_lookalike_is_still_shared() -> None:
                            "options": ["rbind"]})
     _, host = guest_spec(spec, "c1", Path("/b"))
     assert any(h.source == Path("/procfiles") for h in host)
+
+
+# -- spec versions ------------------------------------------------------------------------
+@pytest.mark.parametrize("version", ["1.0.0", "1.0.2", "1.0.2-dev", "1.1.0", "1.1.0-rc.1",
+                                     "1.2.0", "1.2.1", "1.3.0"])
+def test_every_1x_version_is_accepted_and_sent_as_the_guests(version: str) -> None:
+    spec = base_spec()
+    spec["ociVersion"] = version
+    assert spec_version(spec) == version
+    out = plan(spec, "c1", Path("/b"), probe=FakeProbe()).spec
+    assert out["ociVersion"] == GUEST_SPEC_VERSION == "1.0.2"
+    assert spec["ociVersion"] == version  # the input is not touched
+
+
+@pytest.mark.parametrize("version,message", [
+    ("2.0.0", "unsupported OCI spec version 2.0.0 (ociVersion)"),
+    ("1.4.0", "unsupported OCI spec version 1.4.0"),
+    ("0.6.0", "unsupported OCI spec version 0.6.0"),
+    ("one", "ociVersion 'one' is not a version"),
+])
+def test_unsupported_version_is_one_error_naming_it(version: str, message: str) -> None:
+    spec = ns_spec()
+    spec["ociVersion"] = version
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        check_spec(spec)
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        plan(spec, "c1", Path("/b"), probe=FakeProbe())
+
+
+def test_unknown_fields_are_ignored_known_new_ones_kept() -> None:
+    spec = base_spec()
+    spec["ociVersion"] = "1.3.0"
+    spec["futureThing"] = {"x": 1}
+    spec["process"]["futureProcessThing"] = True
+    spec["linux"]["netDevices"] = {"eth1": {}}
+    out = plan(spec, "c1", Path("/b"), probe=FakeProbe()).spec
+    assert "futureThing" not in out and "futureProcessThing" not in out["process"]
+    assert out["linux"]["netDevices"] == {"eth1": {}}  # the guest engine refuses it by name
+
+
+def test_fields_the_guest_crun_does_not_know_are_refused_for_crun() -> None:
+    spec = ns_spec()
+    spec["process"]["ioPriority"] = {"class": "IOPRIO_CLASS_IDLE"}
+    check_spec(spec, "native")  # the native engine names it itself
+    with pytest.raises(InvalidArgument, match=r"process\.ioPriority is not supported by the"
+                                              r" guest's crun"):
+        check_spec(spec, "crun")
+
+
+# -- resources the guest kernel cannot apply ----------------------------------------------
+def test_v1_only_resources_are_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    res = {"memory": {"limit": 1 << 26, "kernel": 1 << 20, "kernelTCP": 1 << 20,
+                      "swappiness": 60, "disableOOMKiller": False},
+           "cpu": {"shares": 512, "realtimeRuntime": 100, "realtimePeriod": 1000},
+           "blockIO": {"weight": 100, "leafWeight": 50,
+                       "weightDevice": [{"major": 8, "minor": 0, "weight": 10,
+                                         "leafWeight": 10}]},
+           "network": {"classID": 1048577, "priorities": [{"name": "eth0", "priority": 5}]},
+           "pids": {"limit": 10}}
+    with caplog.at_level(logging.WARNING):
+        out, dropped = strip_resources(res, "c1")
+    assert out == {"memory": {"limit": 1 << 26}, "cpu": {"shares": 512},
+                   "blockIO": {"weight": 100}, "pids": {"limit": 10}}
+    assert dropped == ["linux.resources.network", "linux.resources.memory.kernel",
+                       "linux.resources.memory.kernelTCP", "linux.resources.memory.swappiness",
+                       "linux.resources.cpu.realtimeRuntime",
+                       "linux.resources.cpu.realtimePeriod",
+                       "linux.resources.blockIO.leafWeight",
+                       "linux.resources.blockIO.weightDevice"]
+    assert "linux.resources.memory.kernel ignored" in caplog.text
+    assert res["memory"]["kernel"] == 1 << 20  # not modified
+    spec = base_spec()
+    spec["linux"]["resources"] = res
+    p = plan(spec, "c1", Path("/b"), probe=FakeProbe())
+    assert p.spec["linux"]["resources"] == out and p.ignored == dropped
+
+
+# -- namespaces ---------------------------------------------------------------------------
+class NsProbe(FakeProbe):
+    def __init__(self, types: dict[str, str], host: set[str] | None = None) -> None:
+        super().__init__()
+        self.types, self.host = types, host or set()
+
+    def ns_type(self, path: str) -> str | None:
+        if path not in self.types:
+            raise FileNotFoundError(path)
+        return self.types[path] or None
+
+    def is_host_ns(self, path: str, kind: str) -> bool:
+        return path in self.host
+
+
+def ns_spec(*namespaces: dict[str, str], cri: str = "") -> dict[str, Any]:
+    spec = base_spec()
+    spec["linux"]["namespaces"] = [{"type": t} for t in ("pid", "network", "ipc", "uts",
+                                                         "mount")]
+    for ns in namespaces:
+        spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"]
+                                       if n["type"] != ns["type"]] + [ns]
+    if cri:
+        spec["annotations"] = {"io.kubernetes.cri.container-type": cri}
+    return spec
+
+
+def test_namespace_path_of_the_wrong_type_is_refused() -> None:
+    probe = NsProbe({"/proc/9/ns/ipc": "ipc", "/tmp/file": ""})
+    with pytest.raises(InvalidArgument, match=r"linux\.namespaces\[5\]\.path /proc/9/ns/ipc"
+                                              r" is a ipc namespace, not cgroup"):
+        check_namespaces(ns_spec({"type": "cgroup", "path": "/proc/9/ns/ipc"}),
+                         PodNamespaces(), probe)
+    with pytest.raises(InvalidArgument, match="/tmp/file is not a namespace"):
+        check_namespaces(ns_spec({"type": "uts", "path": "/tmp/file"}), PodNamespaces(), probe)
+    with pytest.raises(InvalidArgument, match=r"/nope \(ipc namespace\) does not exist"):
+        check_namespaces(ns_spec({"type": "ipc", "path": "/nope"}), PodNamespaces(), probe)
+
+
+@pytest.mark.parametrize("kind", ["ipc", "uts", "pid", "cgroup", "mount"])
+def test_a_host_namespace_path_is_refused_naming_the_field(kind: str) -> None:
+    path = f"/proc/77/ns/{kind}"
+    with pytest.raises(InvalidArgument, match=r"joining a host namespace is not supported:"
+                                              r" linux\.namespaces\[\d\]\.path"):
+        check_namespaces(ns_spec({"type": kind, "path": path}), PodNamespaces(vm_pid=5),
+                         NsProbe({path: kind}))
+
+
+def test_pod_sharing_paths_are_accepted() -> None:
+    types = {"/proc/5/ns/ipc": "ipc", "/proc/5/ns/uts": "uts", "/proc/5/ns/pid": "pid",
+             "/proc/5/ns/net": "network", "/var/run/netns/cni-1": "network",
+             "/run/netns/other": "network", "/proc/1/ns/net": "network"}
+    probe = NsProbe(types, host={"/proc/1/ns/net", "/proc/5/ns/net"})
+    # A CRI container of the pod: containerd names the sandbox task's (the VM's) pid.
+    check_namespaces(ns_spec(*({"type": t, "path": f"/proc/5/ns/{n}"} for t, n in
+                               (("ipc", "ipc"), ("uts", "uts"), ("pid", "pid"),
+                                ("network", "net"))), cri="container"),
+                     PodNamespaces(vm_pid=5, netns="/var/run/netns/cni-1", first=False), probe)
+    # The pod's first container names the namespace the VM is connected to.
+    check_namespaces(ns_spec({"type": "network", "path": "/var/run/netns/cni-1"}),
+                     PodNamespaces(), probe)
+    # A later container of a plain OCI pod: only the pod's own network.
+    check_namespaces(ns_spec({"type": "network", "path": "/var/run/netns/cni-1"}),
+                     PodNamespaces(vm_pid=5, netns="/var/run/netns/cni-1", first=False), probe)
+    with pytest.raises(InvalidArgument, match="joining a host namespace"):
+        check_namespaces(ns_spec({"type": "network", "path": "/run/netns/other"}),
+                         PodNamespaces(vm_pid=5, netns="/var/run/netns/cni-1", first=False),
+                         probe)
+    # The host's own network is never the pod's.
+    with pytest.raises(InvalidArgument, match=r"/proc/1/ns/net \(network\)"):
+        check_namespaces(ns_spec({"type": "network", "path": "/proc/1/ns/net"}),
+                         PodNamespaces(), probe)
+
+
+@pytest.mark.parametrize("kind,field", [("network", "hostNetwork"), ("ipc", "hostIPC"),
+                                        ("pid", "hostPID")])
+def test_leaving_out_a_namespace_asks_for_the_hosts_and_is_refused(kind: str,
+                                                                   field: str) -> None:
+    spec = ns_spec(cri="sandbox")
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != kind]
+    with pytest.raises(InvalidArgument, match=rf"the host's {kind} namespace is not supported"
+                                              rf" \(the pod's {field}: true\): linux\.namespaces"
+                                              rf" has no {kind} entry"):
+        check_spec(spec)
+    del spec["annotations"]
+    with pytest.raises(InvalidArgument, match=rf"linux\.namespaces has no {kind} entry"):
+        check_spec(spec)
+
+
+def test_real_probe_reads_namespace_types() -> None:
+    probe = HostProbe()
+    assert probe.ns_type("/proc/self/ns/ipc") == "ipc"
+    assert probe.ns_type("/proc/self/ns/net") == "network"
+    assert probe.ns_type("/proc/self/ns/mnt") == "mount"
+    assert probe.ns_type("/proc/self/status") is None
+    assert probe.is_host_ns("/proc/self/ns/net", "network")
+    with pytest.raises(FileNotFoundError):
+        probe.ns_type("/nonexistent/ns")

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from pykata import errors
 from pykata.config import Config
+from pykata.hypervisor.base import Hypervisor
 from pykata.resources import blockdev, network
 from pykata.runtime import specconv
 from pykata.runtime.state import ContainerRecord
@@ -79,6 +80,12 @@ class PodSandbox(Protocol):
 
     @property
     def shared_dir(self) -> Path: ...
+
+    # The pod's VM (its pid names the pod's namespaces in CRI specs), the network
+    # namespace it is connected to, and its containers.
+    vm: Hypervisor | None
+    netns: str
+    containers: dict[str, Container]
 
     def persist(self) -> None: ...
 
@@ -329,6 +336,13 @@ class Container:
         res: dict[str, Any] = linux.get("resources") or {}
         return res
 
+    def pod_namespaces(self) -> specconv.PodNamespaces:
+        """What this container's namespace paths may name (specconv.check_namespaces)."""
+        vm = self.sandbox.vm
+        others = [c for c in self.sandbox.containers if c != self.id]
+        return specconv.PodNamespaces(vm_pid=(vm.pid or 0) if vm is not None else 0,
+                                      netns=self.sandbox.netns, first=not others)
+
     @property
     def shared_dir(self) -> Path:
         """The container's part of the (read-only) tree the guest sees."""
@@ -347,6 +361,8 @@ class Container:
         create it in the guest. On any error nothing is left behind."""
         _require(f"create container {self.id}", self.state, State.CREATING)
         specconv.validate(self.spec, self.bundle)
+        specconv.check_spec(self.spec, self.sandbox.config.agent.container_engine)
+        specconv.check_namespaces(self.spec, self.pod_namespaces())
         self.sandbox.check_resources(self.resources())
         plan = specconv.plan(
             self.spec, self.id, self.bundle,
@@ -514,6 +530,7 @@ class Container:
     async def update(self, resources: dict[str, Any]) -> None:
         _require(f"update container {self.id}", self.state, State.CREATED, State.RUNNING,
                  State.PAUSED)
+        resources, _ = specconv.strip_resources(resources, self.id)
         self.sandbox.check_resources(resources)
         linux = self.spec.setdefault("linux", {})
         merged = dict(linux.get("resources") or {})

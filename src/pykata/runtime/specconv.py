@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import fcntl
+import logging
 import os
 import re
 import stat
@@ -55,6 +58,13 @@ from pykata.wire import (
     SANDBOX_NS_MARKER,
     SANDBOX_SCOPE,
 )
+
+log = logging.getLogger(__name__)
+
+# ioctl(2) on a namespace file: its CLONE_NEW* type (linux/nsfs.h).
+NS_GET_NSTYPE = 0xB703
+NS_TYPES = {0x00020000: "mount", 0x02000000: "cgroup", 0x04000000: "uts", 0x08000000: "ipc",
+            0x10000000: "user", 0x20000000: "pid", 0x40000000: "network", 0x00000080: "time"}
 
 EMPTY_DIR = re.compile(r"/kubernetes\.io~empty-dir/([^/]+)/*$")
 TMPFS_MAGIC = 0x01021994
@@ -119,6 +129,7 @@ class GuestPlan:
     host_mounts: list[HostMount] = field(default_factory=list)
     blocks: list[BlockVolume] = field(default_factory=list)
     storages: list[Storage] = field(default_factory=list)  # guest-made, pod-scoped
+    ignored: list[str] = field(default_factory=list)  # spec fields dropped with a warning
 
 
 class HostProbe:
@@ -145,6 +156,35 @@ class HostProbe:
                     if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(major, minor):
                         return node
         return None
+
+    def ns_type(self, path: str) -> str | None:
+        """The OCI type of the namespace ``path`` names (``ipc``, ``network``, ...),
+        None if it is not a namespace; FileNotFoundError if it does not exist."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            flag = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTTY, errno.EINVAL):
+                return None
+            raise
+        finally:
+            os.close(fd)
+        return NS_TYPES.get(flag)
+
+    def is_host_ns(self, path: str, kind: str) -> bool:
+        """``path`` is the host's own namespace of ``kind`` (PID 1's, or this
+        process's)."""
+        name = _PROC_NS.get(kind, kind)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        for own in (f"/proc/1/ns/{name}", f"/proc/self/ns/{name}"):
+            with contextlib.suppress(OSError):
+                o = os.stat(own)
+                if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
+                    return True
+        return False
 
     def tmpfs_size(self, path: str) -> int | None:
         """Size in bytes of the tmpfs ``path`` is on; None if it is not a tmpfs
@@ -221,10 +261,21 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
     ``guest_empty_dir=False`` ([runtime] disable_guest_empty_dir) shares disk-backed
     emptyDir volumes from the host instead."""
     probe = probe or HostProbe()
+    spec_version(spec)
     out = copy.deepcopy(spec)
+    # The guest's engines read the spec as 1.0.2 (check_spec refused what they
+    # would not see); what the spec does not define is ignored, as it says.
+    out["ociVersion"] = GUEST_SPEC_VERSION
+    _drop_unknown_fields(out, container_id)
+    linux_in = out.get("linux")
+    if isinstance(linux_in, dict) and isinstance(linux_in.get("resources"), dict):
+        linux_in["resources"], dropped = strip_resources(linux_in["resources"], container_id)
+    else:
+        dropped = []
     base = f"{GUEST_SHARED_DIR}/{container_id}"
     out["root"]["path"] = f"{base}/rootfs"
-    p = GuestPlan(out, [HostMount(rootfs_path(spec, bundle), f"{container_id}/rootfs")])
+    p = GuestPlan(out, [HostMount(rootfs_path(spec, bundle), f"{container_id}/rootfs")],
+                  ignored=dropped)
     mounts = []
     for i, m in enumerate(out.get("mounts", []) or []):
         src = m.get("source", "") or ""
@@ -262,7 +313,9 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
             # through virtio-fs (that would hand the guest the host's kernel knobs).
             mounts.append(m)
             continue
-        name = f"{i}-{src_path.name or 'root'}"
+        # mounts/<n>/<source's name>: the guest's mountinfo shows a root that
+        # ends like the source, as runc's does.
+        name = f"{i}/{src_path.name or 'root'}"
         readonly = "ro" in opts
         p.host_mounts.append(HostMount(src_path, f"{container_id}/mounts/{name}", readonly))
         m = dict(m)
@@ -400,8 +453,9 @@ def _add_device(spec: dict[str, Any], path: str, major: int, minor: int,
 
 
 def _spec_devices(p: GuestPlan, probe: HostProbe) -> None:
-    """Block devices in ``linux.devices`` are hot-plugged (character devices stay
-    as they are: the guest kernel has its own)."""
+    """Block devices in ``linux.devices`` that are host disks are hot-plugged;
+    other entries (character devices, block numbers the host has no disk for)
+    stay as they are: the guest engine makes the node as given."""
     linux = p.spec.get("linux") or {}
     known = {b.container_path for b in p.blocks if b.container_path}
     for d in linux.get("devices") or []:
@@ -415,9 +469,11 @@ def _spec_devices(p: GuestPlan, probe: HostProbe) -> None:
                 f"invalid OCI spec: linux.devices entry {path} needs a major and a minor")
         host = probe.block_device(major, minor)
         if host is None:
-            raise InvalidArgument(
-                f"block device {major}:{minor} for {path} does not exist on the host:"
-                " check linux.devices (lsblk lists the host's block devices)")
+            # Not a host disk: the node is made in the container as given (type,
+            # major, minor, mode, uid, gid), as runc does; nothing is passed in.
+            log.info("%s: block device %d:%d is not a host disk: created as given",
+                     path, major, minor)
+            continue
         readonly = _device_readonly(linux.get("resources") or {}, major, minor)
         p.blocks.append(BlockVolume(host, readonly, container_path=path))
 
@@ -438,3 +494,245 @@ def _device_readonly(resources: dict[str, Any], major: int, minor: int) -> bool:
         else:
             allowed = "".join(c for c in allowed if c not in access)
     return "r" in allowed and "w" not in allowed
+
+
+# -- spec versions -----------------------------------------------------------------------
+# The OCI runtime spec versions pykata accepts (any patch of these minors; a
+# pre-release of one is accepted too), and the one it stamps on the spec it sends
+# to the guest: the guest's crun 1.8.1 refuses anything but 1.0.x ("unknown
+# version specified") and the native engine does not read ociVersion. Fields
+# added after 1.0.2 are checked on the host (check_spec) so that the stamp never
+# makes the guest silently skip one.
+SPEC_VERSION_MIN = "1.0.0"
+SPEC_VERSION_MAX = "1.3.0"
+GUEST_SPEC_VERSION = "1.0.2"
+_VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:[-+][0-9A-Za-z.+-]*)?$")
+
+# Every field of the spec (up to 1.3.0) at the levels pykata reads; the OCI
+# spec says a runtime MUST ignore properties it does not know, so others are
+# dropped before the guest (whose native engine refuses what it does not know).
+_SPEC_FIELDS: dict[str, set[str]] = {
+    "": {"ociVersion", "process", "root", "hostname", "domainname", "mounts", "hooks",
+         "annotations", "linux", "solaris", "windows", "vm", "zos", "freebsd"},
+    "process": {"terminal", "consoleSize", "cwd", "env", "args", "commandLine", "rlimits",
+                "apparmorProfile", "capabilities", "noNewPrivileges", "oomScoreAdj",
+                "scheduler", "selinuxLabel", "ioPriority", "execCPUAffinity", "user"},
+    "process.user": {"uid", "gid", "umask", "additionalGids", "username"},
+    "root": {"path", "readonly"},
+    "linux": {"namespaces", "uidMappings", "gidMappings", "timeOffsets", "devices",
+              "netDevices", "cgroupsPath", "rootfsPropagation", "resources", "seccomp",
+              "sysctl", "maskedPaths", "readonlyPaths", "mountLabel", "intelRdt",
+              "personality", "memoryPolicy"},
+}
+# Fields newer than the guest's crun 1.8.1 implements: with [agent]
+# container_engine = crun they would be skipped silently, so they are refused.
+CRUN_UNKNOWN_FIELDS = ("process.ioPriority", "process.scheduler", "process.execCPUAffinity",
+                       "linux.netDevices", "linux.memoryPolicy",
+                       "linux.resources.memory.checkBeforeUpdate",
+                       "linux.intelRdt.schemata", "linux.intelRdt.enableMonitoring")
+
+
+def spec_version(spec: dict[str, Any]) -> str:
+    """The spec's ``ociVersion`` if pykata supports it (InvalidArgument naming it
+    otherwise); a spec without one is taken as the oldest."""
+    value = spec.get("ociVersion")
+    if value is None or value == "":
+        return SPEC_VERSION_MIN
+    m = _VERSION_RE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise InvalidArgument(f"invalid OCI spec: ociVersion {value!r} is not a version"
+                              " (MAJOR.MINOR.PATCH)")
+    major, minor = int(m.group(1)), int(m.group(2))
+    top = tuple(int(x) for x in SPEC_VERSION_MAX.split(".")[:2])
+    if major != 1 or (major, minor) > top:
+        raise InvalidArgument(
+            f"unsupported OCI spec version {value} (ociVersion): pykata supports"
+            f" {SPEC_VERSION_MIN} to {SPEC_VERSION_MAX[:-1]}x")
+    return str(value)
+
+
+def _lookup(spec: dict[str, Any], dotted: str) -> Any:
+    obj: Any = spec
+    for part in dotted.split("."):
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(part)
+    return obj
+
+
+def check_spec(spec: dict[str, Any], engine: str = "native") -> None:
+    """What can be refused before a VM boots: the version, fields the guest's
+    engine would skip, hooks the guest cannot run, host namespaces asked for by
+    leaving them out (see check_namespaces for the ones given by path)."""
+    spec_version(spec)
+    if engine == "crun":
+        for name in CRUN_UNKNOWN_FIELDS:
+            if _lookup(spec, name) not in (None, "", [], {}):
+                raise InvalidArgument(f"unsupported OCI spec: {name} is not supported by the"
+                                      " guest's crun (use [agent] container_engine = native)")
+    from pykata.runtime import hooks  # (no cycle: hooks imports nothing of specconv)
+
+    hooks.parse(spec)
+    missing_host_namespaces(spec)
+
+
+def _drop_unknown_fields(spec: dict[str, Any], container_id: str) -> None:
+    for base, known in _SPEC_FIELDS.items():
+        obj = _lookup(spec, base) if base else spec
+        if not isinstance(obj, dict):
+            continue
+        for name in sorted(set(obj) - known):
+            log.warning("container %s: %s%s is not an OCI spec field: ignored", container_id,
+                        f"{base}." if base else "", name)
+            del obj[name]
+
+
+# -- resources the guest kernel cannot apply ---------------------------------------------
+# The guest runs cgroup v2. These v1-only (or, in a VM, meaningless) fields are
+# ignored with a warning, as runc does on a cgroup v2 host, never a failed create.
+UNAPPLIABLE_RESOURCES: dict[str, tuple[tuple[str, ...], str]] = {
+    "memory": (("kernel", "kernelTCP", "swappiness", "disableOOMKiller"),
+               "cgroup v1 only"),
+    "cpu": (("realtimeRuntime", "realtimePeriod"), "cgroup v2 has no real-time CPU control"),
+    "blockIO": (("leafWeight", "leafWeightDevice", "weightDevice"),
+                "cgroup v1 only (no per-device weight in the guest)"),
+}
+UNAPPLIABLE_SECTIONS = {"network": "net_cls/net_prio are cgroup v1 only",
+                        "rdma": "the VM has no RDMA devices"}
+
+
+def strip_resources(res: Any, container_id: str,
+                    base: str = "linux.resources") -> tuple[dict[str, Any], list[str]]:
+    """``res`` without what the guest kernel cannot apply, and the names of the
+    fields dropped (each one logged as a warning)."""
+    if not isinstance(res, dict):
+        return res, []
+    out = dict(res)
+    dropped: list[str] = []
+
+    def drop(name: str, why: str) -> None:
+        dropped.append(name)
+        log.warning("container %s: %s ignored: %s", container_id, name, why)
+
+    for section, why in UNAPPLIABLE_SECTIONS.items():
+        if out.get(section) not in (None, {}, []):
+            drop(f"{base}.{section}", why)
+        out.pop(section, None)
+    for section, (names, why) in UNAPPLIABLE_RESOURCES.items():
+        part = out.get(section)
+        if not isinstance(part, dict):
+            continue
+        part = dict(part)
+        for name in names:
+            if name in part:
+                if part[name] not in (None, 0, False, [], {}):
+                    drop(f"{base}.{section}.{name}", why)
+                del part[name]
+        if section == "memory" and part.get("useHierarchy") is not None:
+            if part["useHierarchy"] is False:
+                drop(f"{base}.memory.useHierarchy", "cgroup v2 is always hierarchical")
+            del part["useHierarchy"]
+        out[section] = part
+    return out, dropped
+
+
+# -- namespaces --------------------------------------------------------------------------
+# Namespaces a spec must not leave out: per the OCI spec a missing one is the
+# runtime's own (the host's), which a VM cannot share. containerd's CRI leaves
+# them out of a pod sandbox for hostNetwork, hostIPC and hostPID.
+HOST_NAMESPACE_FIELDS = {"network": "hostNetwork", "ipc": "hostIPC", "pid": "hostPID"}
+_WHY_VM = "a pod in a VM has its own kernel, which cannot share the host's"
+
+
+def missing_host_namespaces(spec: dict[str, Any]) -> None:
+    """InvalidArgument if ``linux.namespaces`` leaves out network, ipc or pid."""
+    linux = spec.get("linux")
+    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
+    if not isinstance(namespaces, list):
+        # No namespace list at all (hand-written specs): the container gets the
+        # VM's own namespaces; a list that leaves one out is what CRI writes for
+        # hostNetwork/hostIPC/hostPID, and is refused.
+        return
+    have = {ns.get("type") for ns in namespaces if isinstance(ns, dict)}
+    for kind, cri in HOST_NAMESPACE_FIELDS.items():
+        if kind not in have:
+            pod = " (the pod's " + cri + ": true)" if is_pod_sandbox(spec) else ""
+            raise InvalidArgument(
+                f"the host's {kind} namespace is not supported{pod}: linux.namespaces has no"
+                f" {kind} entry, which asks for the host's {kind} namespace, and {_WHY_VM}")
+
+
+@dataclass(frozen=True)
+class PodNamespaces:
+    """What a container's namespace paths may name: the pod's VM process (CRI gives
+    /proc/<sandbox task pid>/ns/*, and the task pid is the VM's) and the network
+    namespace the VM is connected to ("" until the pod's first container)."""
+
+    vm_pid: int = 0
+    netns: str = ""
+    first: bool = True  # this container makes the pod (its netns becomes the pod's)
+
+
+def _is_cri(spec: dict[str, Any]) -> bool:
+    ann = spec.get("annotations") or {}
+    return isinstance(ann, dict) and any(k in ann for k in (CRI_TYPE, CRIO_TYPE))
+
+
+def check_namespaces(spec: dict[str, Any], pod: PodNamespaces,
+                     probe: HostProbe | None = None) -> None:
+    """Every ``linux.namespaces[].path`` is a namespace of its type, and one the
+    pod maps onto its own namespaces in the guest:
+
+    - network: the namespace the VM is connected to (the first container's path
+      makes it so), or /proc/<VM pid>/ns/net;
+    - ipc, uts, pid: /proc/<VM pid>/ns/<type> (containerd's CRI: the pod's
+      sandbox), or any path in a CRI/CRI-O pod's spec (CRI-O pins them);
+    - nothing else: cgroup, mount, user, time or a host process's namespace
+      cannot be joined by a VM (InvalidArgument naming the field).
+    """
+    probe = probe or HostProbe()
+    linux = spec.get("linux")
+    if not isinstance(linux, dict):
+        return
+    for i, ns in enumerate(linux.get("namespaces") or []):
+        if not isinstance(ns, dict):
+            raise InvalidArgument(f"invalid OCI spec: linux.namespaces[{i}] must be an object")
+        kind, path = ns.get("type"), ns.get("path")
+        f = f"linux.namespaces[{i}].path"
+        if not path:
+            continue
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise InvalidArgument(f"invalid OCI spec: {f} must be an absolute path")
+        try:
+            actual = probe.ns_type(path)
+        except FileNotFoundError:
+            raise InvalidArgument(f"{f} {path} ({kind} namespace) does not exist") from None
+        except OSError as exc:
+            raise InvalidArgument(f"cannot open {f} {path}: {exc.strerror or exc}") from None
+        if actual is None:
+            raise InvalidArgument(f"{f} {path} is not a namespace (the {kind} namespace is"
+                                  " expected)")
+        if actual != kind:
+            raise InvalidArgument(f"{f} {path} is a {actual} namespace, not {kind}")
+        if _pod_path(spec, kind, os.path.normpath(path), pod, probe):
+            continue
+        raise InvalidArgument(
+            f"joining a host namespace is not supported: {f} {path} ({kind}): each"
+            f" container runs in a VM with its own kernel, which cannot enter the host's"
+            f" namespaces")
+
+
+def _pod_path(spec: dict[str, Any], kind: str, path: str, pod: PodNamespaces,
+              probe: HostProbe) -> bool:
+    if pod.vm_pid and path == f"/proc/{pod.vm_pid}/ns/{_PROC_NS.get(kind, kind)}" \
+            and kind in ("network", "ipc", "uts", "pid"):
+        return True
+    if kind == "network":
+        if probe.is_host_ns(path, kind):
+            return False  # the host's own network: never handed to a VM
+        return pod.first or (bool(pod.netns) and os.path.normpath(pod.netns) == path) \
+            or _is_cri(spec)
+    return kind in ("ipc", "uts", "pid") and _is_cri(spec)
+
+
+_PROC_NS = {"network": "net", "mount": "mnt"}

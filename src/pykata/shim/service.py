@@ -31,6 +31,7 @@ from pykata.config import Config
 from pykata.hypervisor.base import Hypervisor
 from pykata.protos import containerd_events_pb2 as ev
 from pykata.protos import containerd_shim_pb2 as pb
+from pykata.runtime import specconv
 from pykata.runtime.bundle import load_spec
 from pykata.runtime.container import Container, PodSettings, Process
 from pykata.runtime.sandbox import Sandbox
@@ -125,6 +126,9 @@ class TaskService:
             try:
                 if self.sandbox is None:
                     self.config = convert.runtime_config(req.options) or self.config
+                    # Refused before a VM boots: version, hooks, host namespaces.
+                    specconv.check_spec(spec, self.config.agent.container_engine)
+                    specconv.check_namespaces(spec, specconv.PodNamespaces())
                     pod = PodSettings.of(spec)
                     self.sandbox = await self._make_sandbox(
                         self.sandbox_id, self.config, hostname=pod.hostname, netns=pod.netns,
