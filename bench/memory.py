@@ -4,7 +4,7 @@ Bare QEMU with pykata's guest kernel and initrd (read-only; a small extra cpio i
 appended in a private directory: a shell init on the serial console and the
 cloud kernel's virtio_mem.ko), machine options as the driver sets them, guest
 RAM in a shared memfd as the driver does, virtio-balloon with free page
-reporting on. Three parts (``--only tcg,mem,ksm``):
+reporting on. Parts (``--only tcg,sweep,sweep-single,mem,ksm``):
 
 tcg  the TCG translation cache (``-accel tcg,tb-size=N``): idle QEMU PSS/RSS and
      the RSS of the JIT buffer itself, a CPU-bound shell loop and Python start
@@ -14,6 +14,8 @@ tcg  the TCG translation cache (``-accel tcg,tb-size=N``): idle QEMU PSS/RSS and
      guest bring the CPU online and run on it. ``info jit`` at the moment of the
      hot-plug shows how full the cache was. Also ``thread=single`` (one TCG
      thread for all vCPUs).
+sweep, sweep-single  hot-plug after 0..k Python starts (different fill levels of
+     the cache), with MTTCG and with ``thread=single``.
 mem  memory hot-plug of 512 MiB with virtio-mem vs pc-dimm: host PSS after the
      plug, after touching 256 MiB in the guest, after freeing it (free page
      reporting), after unplugging.
@@ -897,7 +899,7 @@ def render(data: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = arg_parser(__doc__)
-    ap.add_argument("--only", default="tcg,sweep,mem,ksm")
+    ap.add_argument("--only", default="tcg,sweep,sweep-single,mem,ksm")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--sizes", default="0,256,128,64,32,16,8,4")
     ap.add_argument("--extra-sizes", default="8,16,32",
