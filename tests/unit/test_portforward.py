@@ -238,7 +238,7 @@ async def _opened_conn(host: mux.Mux, gr: asyncio.StreamReader, gw: asyncio.Stre
 
 async def test_hostile_oversized_frame_closes_the_channel() -> None:
     async with hostile() as (host, gr, gw, task):
-        cid, reader, writer = await _opened_conn(host, gr, gw)
+        cid, reader, _writer = await _opened_conn(host, gr, gw)
         gw.write(HEADER.pack(Kind.DATA, cid, 1 << 30))
         await asyncio.wait_for(task, 5)
         assert host.closed and host.stats["violations"] == 1
@@ -247,7 +247,7 @@ async def test_hostile_oversized_frame_closes_the_channel() -> None:
 
 
 async def test_hostile_unknown_kind_closes_the_channel() -> None:
-    async with hostile() as (host, gr, gw, task):
+    async with hostile() as (host, _gr, gw, task):
         gw.write(HEADER.pack(99, 1, 0))
         await asyncio.wait_for(task, 5)
         assert host.closed
@@ -255,7 +255,7 @@ async def test_hostile_unknown_kind_closes_the_channel() -> None:
 
 async def test_hostile_data_beyond_window_resets_only_that_connection() -> None:
     async with hostile(window=4096) as (host, gr, gw, task):
-        cid, reader, writer = await _opened_conn(host, gr, gw)
+        cid, _reader, writer = await _opened_conn(host, gr, gw)
         cid2, reader2, writer2 = await _opened_conn(host, gr, gw)
         # the whole window and one byte more, in one write (before any WINDOW)
         gw.write(mux.encode(Kind.DATA, cid, b"z" * 4096) + mux.encode(Kind.DATA, cid, b"!"))
@@ -305,17 +305,17 @@ async def test_hostile_bad_control_frames_reset_the_connection(frame: tuple[Kind
 
 
 async def test_hostile_open_towards_the_host_is_refused() -> None:
-    async with hostile() as (host, gr, gw, task):
+    async with hostile() as (host, gr, gw, _task):
         gw.write(mux.encode(Kind.OPEN, 7, mux.OPEN_BODY.pack(22, 4)))
         assert await _frame(gr) == (Kind.RESET, 7, bytes([Reason.PROTOCOL]))
         assert host.conns == {}
 
 
 async def test_hostile_guest_never_answering_open_times_out() -> None:
-    (hr, hw), (gr, gw) = await _pair()
+    (hr, hw), (_gr, _gw) = await _pair()
     host = mux.Mux(hr, hw, open_timeout=0.2)
     task = asyncio.ensure_future(host.run())
-    a, b = await _pair()
+    a, _b = await _pair()
     with pytest.raises(mux.OpenFailed) as info:
         await host.forward(80, mux.FAMILY_V4, *a)
     assert info.value.reason is Reason.TIMEOUT and host.conns == {}
