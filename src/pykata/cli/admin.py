@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import platform
@@ -308,9 +309,29 @@ def cmd_factory_init(args: argparse.Namespace) -> int:
 
 def cmd_factory_status(args: argparse.Namespace) -> int:
     from pykata.runtime.factory import Factory
+    from pykata.runtime.vmcache import query_status
 
     cfg = _load_config(args)
     t = Factory(cfg).current()
+    endpoint = Path(cfg.factory.vm_cache_endpoint)
+    server: dict[str, Any] | None = None
+    error = ""
+    if cfg.factory.vm_cache_number > 0 or os.path.lexists(endpoint):
+        try:
+            server = query_status(endpoint)
+        except errors.PykataError as exc:
+            error = str(exc)
+    if getattr(args, "json", False):
+        out = {
+            "templating": cfg.factory.enable_template,
+            "template": None if t is None else {
+                "key": t.key, "dir": str(t.dir), "memory_bytes": t.memory_bytes,
+                "boot_seconds": t.boot_seconds, "created": t.created},
+            "vm_cache": {"number": cfg.factory.vm_cache_number, "endpoint": str(endpoint),
+                         "server": server, "error": error},
+        }
+        print(json.dumps(out, indent=2))
+        return 0
     print(f"templating: {'enabled' if cfg.factory.enable_template else 'disabled'}"
           f" ([factory] enable_template)")
     if t is None:
@@ -318,7 +339,64 @@ def cmd_factory_status(args: argparse.Namespace) -> int:
     else:
         print(f"template:   {t.key} in {t.dir} ({t.memory_bytes / 2**20:.0f} MiB of RAM,"
               f" booted in {t.boot_seconds:.2f}s)")
+    print(f"vm cache:   {cfg.factory.vm_cache_number} VM(s) ([factory] vm_cache_number),"
+          f" {endpoint}")
+    if server is None:
+        print(f"            no server: {error}" if error else "            off")
+        return 0
+    vms = server.get("vms") or []
+    mib = 2**20
+    print(f"            server pid {server.get('pid')} ({server.get('mode')}): {len(vms)} idle"
+          f" of {server.get('number')}{', one booting' if server.get('booting') else ''},"
+          f" {server.get('handed', 0)} handed out, {server.get('failures', 0)} failed boots,"
+          f" server PSS {server.get('server_memory', {}).get('pss_bytes', 0) / mib:.0f} MiB")
+    if vms:
+        print(f"  {'VM':14} {'PID':>8} {'AGE':>8} {'STATE':6} {'MODE':9} {'PSS':>9}"
+              f" {'RAM FILE':>9} {'TOTAL':>9}")
+    total = 0
+    for vm in vms:
+        m = vm.get("memory") or {}
+        total += m.get("total_bytes", 0)
+        print(f"  {vm.get('name', '?'):14} {vm.get('pid') or '-':>8}"
+              f" {vm.get('age_seconds', 0):>7.0f}s {vm.get('state', '?'):6}"
+              f" {vm.get('mode', '?'):9} {m.get('pss_bytes', 0) / mib:>5.0f} MiB"
+              f" {m.get('ram_file_unmapped_bytes', 0) / mib:>5.0f} MiB"
+              f" {m.get('total_bytes', 0) / mib:>5.0f} MiB")
+    if vms:
+        print(f"  cached VMs hold {total / mib:.0f} MiB (PSS, plus RAM-file pages no process"
+              " maps)")
     return 0
+
+
+def cmd_factory_serve(args: argparse.Namespace) -> int:
+    from pykata.runtime.vmcache import CacheServer
+
+    cfg = _load_config(args)
+    n = cfg.factory.vm_cache_number if args.number is None else args.number
+    if not 0 < n <= 64:
+        raise errors.InvalidArgument(
+            f"a VM cache of {n} VM(s): set [factory] vm_cache_number (1-64) or pass --number")
+    if not args.debug:
+        logging.getLogger().setLevel(logging.INFO)
+    for h in logging.getLogger().handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    async def serve() -> None:
+        code = 0
+        try:
+            await CacheServer(cfg, n, refill_delay=args.refill_delay).run()
+        except errors.PykataError as exc:
+            print(f"pykata: {exc}", file=sys.stderr)
+            code = 1
+        # Exit now, inside the loop: VMs handed to sandboxes are still our
+        # children, and asyncio's shutdown would finalise (kill) them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+
+    asyncio.run(serve())
+    return 1
 
 
 def cmd_factory_destroy(args: argparse.Namespace) -> int:
@@ -364,12 +442,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bundle", required=True)
     r.add_argument("id")
     r.set_defaults(func=cmd_run)
-    f = sub.add_parser("factory", help="VM templating: the template sandboxes start from")
+    f = sub.add_parser("factory", help="VM templating and the VM cache")
     fsub = f.add_subparsers(dest="factory_cmd", required=True)
     fsub.add_parser("init", help="boot and save the VM template").set_defaults(
         func=cmd_factory_init)
-    fsub.add_parser("status", help="show the VM template").set_defaults(
-        func=cmd_factory_status)
+    st = fsub.add_parser("status", help="show the VM template and the VM cache")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_factory_status)
+    sv = fsub.add_parser("serve", help="keep [factory] vm_cache_number VMs booted for new"
+                         " sandboxes (the VM cache)")
+    sv.add_argument("--number", type=int, default=None,
+                    help="VMs to keep (default: [factory] vm_cache_number)")
+    sv.add_argument("--refill-delay", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long after a handover before booting its replacement")
+    sv.set_defaults(func=cmd_factory_serve)
     fsub.add_parser("destroy", help="remove the VM template").set_defaults(
         func=cmd_factory_destroy)
     cl = sub.add_parser("cleanup", help="remove sandboxes whose owner is gone")

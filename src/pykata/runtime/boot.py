@@ -1,10 +1,12 @@
-"""Bringing a sandbox's VM up, cold or as a copy of the VM template (the
-agent is reached through ``dial``, shared with the template build).
+"""Bringing a sandbox's VM up: from the VM cache, as a copy of the VM
+template, or cold (the agent is reached through ``dial``, shared with the
+template build).
 
 Cold: the driver's VM boots the guest image with the pod's NICs and the
 virtio-fs device on its command line. Clone: QEMU starts ``incoming`` from a
-sparse copy of the template's RAM and its saved state; what a template cannot
-carry (virtio-fs, NICs) is hot-plugged once the agent answers.
+sparse copy of the template's RAM and its saved state. Cache: a VM the cache
+server (``vmcache``) booted is handed over and adopted. What a clone or a
+cached VM cannot carry (virtio-fs, NICs) is hot-plugged once the agent answers.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import TYPE_CHECKING
 
 from pykata import errors
 from pykata.hypervisor.base import Driver, Hypervisor, NicSpec, VMSpec
+from pykata.hypervisor.handoff import adopt_vm
 from pykata.resources import network
-from pykata.runtime import factory, sizing
+from pykata.runtime import factory, sizing, vmcache
 from pykata.utils.process import ProcRef
 from pykata.wire import SHARED_FS_TAG
 
@@ -25,6 +28,67 @@ if TYPE_CHECKING:
     from pykata.runtime.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
+
+COLD, TEMPLATE, CACHE = "cold", "template", "VM cache"
+
+
+async def start(sb: Sandbox, driver: Driver, spec: VMSpec) -> str:
+    """Bring the VM up, the fastest way available: a VM from the cache, a
+    template clone, else a cold boot. Which one (COLD, TEMPLATE or CACHE);
+    anything but COLD needs :func:`plug_clone_devices` once the agent answers."""
+    if await from_cache(sb, driver, spec):
+        return CACHE
+    template = await find_template(sb, driver, spec)
+    if template is not None:
+        await clone(sb, driver, spec, template)
+        return TEMPLATE
+    await cold(sb, driver, spec)
+    return COLD
+
+
+async def from_cache(sb: Sandbox, driver: Driver, spec: VMSpec) -> bool:
+    """Take a VM from the VM cache (``[factory] vm_cache_number``): False, and
+    nothing changed, when there is none to take or the handover fails (the
+    sandbox then boots by itself; the cache never fails a pod)."""
+    if sb.config.factory.vm_cache_number <= 0:
+        return False
+    taken = await vmcache.take(sb.config, spec, driver, sb.key)
+    if taken is None:
+        return False
+    shape = dataclasses.replace(spec, shared_fs_socket=None, nics=[])
+    try:
+        vm = adopt_vm(driver, shape, taken.handoff)
+    except errors.PykataError as exc:
+        taken.abort()
+        log.info("sandbox %s boots without the VM cache: cannot adopt %s: %s", sb.id,
+                 taken.name, exc)
+        return False
+    memory_file = taken.info.get("memory_file")
+    try:
+        await vm.start()
+        sb.vm = vm
+        sb.record.extra["vm_cache"] = taken.name
+        if isinstance(memory_file, str):  # a template clone's RAM: ours to remove now
+            sb.record.extra["memory_file"] = memory_file
+        _record_vm(sb, vm)
+        sb.persist()
+        await taken.accept()
+    except errors.PykataError as exc:
+        taken.abort()
+        await vm.stop(timeout=1.0)
+        sb.vm = None
+        sb.record.extra.pop("vm_cache", None)
+        if sb.record.extra.get("memory_file") == memory_file:
+            sb.record.extra.pop("memory_file", None)
+        sb.record.qemu = None
+        log.info("sandbox %s boots without the VM cache: the handover of %s failed: %s",
+                 sb.id, taken.name, exc)
+        return False
+    log.debug("sandbox %s: VM %s (pid %s) from the VM cache", sb.id, taken.name, vm.pid)
+    await _attach_network(sb, spec)
+    await _start_virtiofsd(sb)
+    return True
+
 
 async def find_template(sb: Sandbox, driver: Driver, spec: VMSpec) -> factory.Template | None:
     """The VM template ``sb`` starts from, or None to boot cold."""

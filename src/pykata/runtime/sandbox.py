@@ -148,17 +148,13 @@ class Sandbox:
                               memory_mib=memory_mib, shared_fs_socket=vfs_sock if share else None)
         self.size = Resizer(self.id, spec.vcpus, spec.memory_mib)
         self._base = (spec.vcpus, spec.memory_mib)
-        template = await boot.find_template(self, driver, spec)
-        if template is not None:
-            await boot.clone(self, driver, spec, template)
-        else:
-            await boot.cold(self, driver, spec)
+        how = await boot.start(self, driver, spec)
         self.persist()
         assert self.vm is not None
         self._agent = await self.parts.connect(
             self.vm, float(self.config.agent.dial_timeout),
             float(self.config.runtime.create_container_timeout))
-        if template is not None:
+        if how != boot.COLD:
             await boot.plug_clone_devices(self, spec)
         if self.network is not None:
             await configure_guest(self.agent, self.network)
@@ -177,7 +173,7 @@ class Sandbox:
                                           self.size.lock)
             self._netwatch.start()
         log.info("sandbox %s running (VM pid %s, %s%s)", self.id, self.vm.pid, self.accel,
-                 ", from a template" if template is not None else "")
+                 "" if how == boot.COLD else f", from the {how}")
 
     @property
     def agent(self) -> SandboxAgent:
