@@ -36,6 +36,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -74,10 +75,55 @@ class Job:
     seccomp: bytes | None = None
     seccomp_flags: int = 0
     last_cap: int = 40
+    trace: bool = False  # debug: step stamps (monotonic ns) to the agent before R and execve
+    marks: tuple[tuple[str, int], ...] = ()  # stamps taken before the fork (fork server)
+    drop_bounding: tuple[int, ...] = ()  # cap_steps()
+    raise_ambient: tuple[int, ...] = ()
+
+
+# The signals the forking process does not leave at their default (set by the
+# fork server once; the agent computes them at each fork): the child resets these.
+RESET_SIGNALS: tuple[int, ...] | None = None
+
+
+def changed_signals() -> tuple[int, ...]:
+    out = []
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP) or not 0 < sig < signal.NSIG:
+            continue
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        if handler is not signal.SIG_DFL:  # None: set outside Python, reset too
+            out.append(int(sig))
+    return tuple(out)
+
+
+def cap_steps(job: Job) -> None:
+    """The capability numbers to drop from the bounding set and to raise in the
+    ambient set, computed before the fork."""
+    caps = job.proc.caps
+    job.drop_bounding = tuple(c for c in range(job.last_cap + 1) if not caps.bounding >> c & 1)
+    job.raise_ambient = tuple(c for c in range(job.last_cap + 1) if caps.ambient >> c & 1)
 
 
 class _Step:
     name = "start"
+    marks: list[tuple[str, int]] | None = None
+
+    def mark(self, label: str) -> None:
+        if self.marks is not None:
+            self.marks.append((label, time.monotonic_ns()))
+
+
+def _send_marks(step: _Step) -> None:
+    """``T`` + length + ``label=ns;...``: the stamps so far (debug only)."""
+    if not step.marks:
+        return
+    text = ";".join(f"{label}={ns}" for label, ns in step.marks).encode()[:60000]
+    os.write(REPORT_FD, b"T" + struct.pack("<H", len(text)) + text)
+    step.marks = []
 
 
 def _report(step: str, err: int, msg: str) -> None:
@@ -92,10 +138,9 @@ def _report(step: str, err: int, msg: str) -> None:
 def run(job: Job) -> NoReturn:
     """The child's whole life: never returns."""
     step = _Step()
+    if job.trace:
+        step.marks = [*job.marks, ("forked", time.monotonic_ns())]
     try:
-        import gc
-
-        gc.disable()
         _setup(job, step)
     except OSError as exc:
         _report(step.name, exc.errno or errno.EIO, exc.strerror or str(exc))
@@ -160,18 +205,35 @@ def _mounts(job: Job, p: Plan, step: _Step) -> None:
                 sysutil.mount("", dest, None, m.remount_flags)
         if m.propagation:
             sysutil.mount("", dest, None, m.propagation)
+        step.mark(m.destination)
     old = os.umask(0)
+    dev = secure_join(root, "/dev") if p.dev_tmpfs else ""
     try:
         for node in p.nodes:
             step.name = f"create device {node.path}"
-            path = secure_join(root, node.path)
-            _mkdirs(os.path.dirname(path))
-            if os.path.lexists(path):
-                os.unlink(path)
+            path = ""
+            if dev and node.path.count("/") == 2 and node.path.startswith("/dev/"):
+                # Directly in the fresh /dev tmpfs: no parents to make; a link there
+                # (none is made before this step) would take the careful way.
+                path = dev + node.path[4:]
+                try:
+                    if stat.S_ISLNK(os.lstat(path).st_mode):
+                        path = ""
+                    else:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            if not path:
+                path = secure_join(root, node.path)
+                _mkdirs(os.path.dirname(path))
+                if os.path.lexists(path):
+                    os.unlink(path)
             os.mknod(path, node.kind | node.mode, os.makedev(node.major, node.minor))
-            os.chown(path, node.uid, node.gid)
+            if node.uid or node.gid:
+                os.chown(path, node.uid, node.gid)
     finally:
         os.umask(old)
+    step.mark("nodes")
     if p.dev_tmpfs:
         step.name = "create the /dev links"
         for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
@@ -291,17 +353,22 @@ def _setup(job: Job, step: _Step) -> None:
     proc, p = job.proc, job.plan
     step.name = "set up file descriptors"
     _fds(job)
+    step.mark("fds")
     step.name = "reset signals"
     signal.set_wakeup_fd(-1)
-    for sig in range(1, signal.NSIG):
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
+    reset = RESET_SIGNALS
+    if reset is None:
+        reset = tuple(s for s in range(1, signal.NSIG)
+                      if s not in (signal.SIGKILL, signal.SIGSTOP))
+    for sig in reset:
         try:
             signal.signal(sig, signal.SIG_DFL)
         except (OSError, ValueError, RuntimeError):
             pass
     step.name = "setsid"
-    os.setsid()
+    if os.getsid(0) != os.getpid():  # a fork server spare made its session already
+        os.setsid()
+    step.mark("signals+setsid")
     if job.cgroup_procs:
         step.name = f"join the cgroup {job.cgroup_dir}"
         fd = os.open(job.cgroup_procs, os.O_WRONLY | os.O_CLOEXEC)
@@ -309,6 +376,7 @@ def _setup(job: Job, step: _Step) -> None:
             os.write(fd, b"0")
         finally:
             os.close(fd)
+        step.mark("cgroup")
     fds = []
     for flag, path, name in job.join:
         step.name = f"open the {name} namespace {path}"
@@ -320,15 +388,20 @@ def _setup(job: Job, step: _Step) -> None:
     if job.unshare:
         step.name = "create namespaces"
         sc.unshare(job.unshare)
+    step.mark("namespaces")
     if p is not None:
         _mounts(job, p, step)
+        step.mark("mounts")
         _enter_root(job, p, step)
+        step.mark("root")
         _inside(p, step)
+        step.mark("inside")
     else:
         step.name = "enter the container's root"
         os.chdir("/")
     if proc.terminal:
         _terminal(job, step, console=p is not None)
+        step.mark("terminal")
     if proc.oom_score_adj is not None:
         step.name = f"set oom_score_adj {proc.oom_score_adj}"
         fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
@@ -339,19 +412,26 @@ def _setup(job: Job, step: _Step) -> None:
     for res, soft, hard in proc.rlimits:
         step.name = f"set rlimit {res} to {soft}:{hard}"
         sc.setrlimit(res, soft, hard)
+    step.mark("oom+rlimits")
     step.name = f"change to the working directory {proc.cwd} (process.cwd)"
     os.chdir(proc.cwd)
+    step.mark("cwd")
     step.name = "find the executable (process.args[0])"
     path = lookup(proc.args[0], proc.env)
     os.umask(proc.umask)
+    step.mark("process")
     if job.start_r >= 0:
         step.name = "wait for start"
+        _send_marks(step)
         os.write(REPORT_FD, b"R")
         if os.read(START_FD, 1) != b"S":
             os._exit(1)
         os.close(START_FD)
+        step.mark("started")
     _identity(job, step)
+    step.mark("identity")
     step.name = f"execute {path}"
+    _send_marks(step)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     os.execve(path, list(proc.args), proc.env)
 
@@ -361,9 +441,8 @@ def _identity(job: Job, step: _Step) -> None:
     proc = job.proc
     caps = proc.caps
     step.name = "drop capabilities from the bounding set (process.capabilities.bounding)"
-    for cap in range(job.last_cap + 1):
-        if not caps.bounding >> cap & 1:
-            sc.prctl(sc.PR_CAPBSET_DROP, cap, what=f"drop capability {cap} from the bounding set")
+    for cap in job.drop_bounding:
+        sc.prctl(sc.PR_CAPBSET_DROP, cap, what="drop a capability from the bounding set")
     if job.seccomp and not proc.no_new_privs:
         step.name = "load the seccomp filter (linux.seccomp)"
         sc.seccomp_load(job.seccomp, job.seccomp_flags)
@@ -378,10 +457,9 @@ def _identity(job: Job, step: _Step) -> None:
     step.name = "set capabilities (process.capabilities)"
     sc.capset(caps.effective, caps.permitted, caps.inheritable)
     sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL, what="clear ambient capabilities")
-    for cap in range(job.last_cap + 1):
-        if caps.ambient >> cap & 1:
-            step.name = f"raise ambient capability {cap} (process.capabilities.ambient)"
-            sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, cap, what=step.name)
+    for cap in job.raise_ambient:
+        step.name = f"raise ambient capability {cap} (process.capabilities.ambient)"
+        sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, cap, what=step.name)
     if proc.no_new_privs:
         step.name = "set no_new_privs (process.noNewPrivileges)"
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
