@@ -83,7 +83,66 @@ def test_spec_writes_a_default_config_once(tmp_path: Path,
 
 def test_features(capsys: pytest.CaptureFixture[str]) -> None:
     assert query.do_features(argparse.Namespace()) == 0
-    assert json.loads(capsys.readouterr().out)["ociVersionMax"] == "1.0.2"
+    f = json.loads(capsys.readouterr().out)
+    assert (f["ociVersionMin"], f["ociVersionMax"]) == ("1.0.0", "1.3.0")
+    assert f["hooks"] == ["prestart", "createRuntime", "poststart", "poststop"]
+    assert "user" not in f["linux"]["namespaces"]
+
+
+def test_version_names_the_accepted_spec_versions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert entry.main(["--version"]) == 0
+    assert "accepted: 1.0.0 to 1.3.x" in capsys.readouterr().out
+
+
+def _status(monkeypatch: pytest.MonkeyPatch, status: str) -> list[Any]:
+    calls: list[Any] = []
+    monkeypatch.setattr(lifecycle, "existing", lambda root, cid: Path("/nonexistent") / cid)
+    monkeypatch.setattr(lifecycle, "task_status", lambda d, cid: status)
+    monkeypatch.setattr(lifecycle, "call", lambda *a, **k: calls.append(a[2]))
+    return calls
+
+
+@pytest.mark.parametrize("signame", ["TERM", "KILL"])
+def test_kill_of_a_stopped_container_is_an_error(monkeypatch: pytest.MonkeyPatch,
+                                                 signame: str) -> None:
+    calls = _status(monkeypatch, "stopped")
+    a = args.parse_args(["kill", "c1", signame])
+    with pytest.raises(rt.base.CLIError, match="^container not running$"):
+        lifecycle.do_kill(a)
+    # --all signals whatever is left in the container: nothing, and no error (runc).
+    assert lifecycle.do_kill(args.parse_args(["kill", "--all", "c1", signame])) == 0
+    assert calls == []
+
+
+@pytest.mark.parametrize("status", ["created", "running", "paused"])
+def test_kill_of_a_live_container_reaches_the_keeper(monkeypatch: pytest.MonkeyPatch,
+                                                     status: str) -> None:
+    calls = _status(monkeypatch, status)
+    assert lifecycle.do_kill(args.parse_args(["kill", "c1", "USR1"])) == 0
+    assert [c.signal for c in calls] == [10]
+
+
+def test_kill_racing_the_exit_is_not_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    _status(monkeypatch, "running")
+
+    def gone(*_a: Any, **_k: Any) -> None:
+        raise errors.NotFound("process already finished")
+
+    monkeypatch.setattr(lifecycle, "call", gone)
+    with pytest.raises(rt.base.CLIError, match="container not running"):
+        lifecycle.do_kill(args.parse_args(["kill", "c1", "KILL"]))
+
+
+@pytest.mark.parametrize("status,message", [
+    ("running", "cannot start an already running container"),
+    ("paused", "cannot start an already paused container"),
+    ("stopped", "cannot start a container that has stopped")])
+def test_start_only_from_created(monkeypatch: pytest.MonkeyPatch, status: str,
+                                 message: str) -> None:
+    calls = _status(monkeypatch, status)
+    with pytest.raises(rt.base.CLIError, match=message):
+        lifecycle.do_start(args.parse_args(["start", "c1"]))
+    assert calls == []
 
 
 # -- bundle checks --------------------------------------------------------------------------

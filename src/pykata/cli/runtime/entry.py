@@ -22,6 +22,7 @@ from pykata.cli.runtime.lifecycle import (
     do_update,
 )
 from pykata.cli.runtime.query import do_events, do_features, do_list, do_ps, do_spec, do_state
+from pykata.runtime.specconv import SPEC_VERSION_MAX, SPEC_VERSION_MIN
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "create": do_create, "start": do_start, "run": do_run, "state": do_state,
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.version:
         from pykata import __version__
 
-        print(f"{PROG} version {__version__}\nspec: {OCI_VERSION}")
+        print(f"{PROG} version {__version__}\nspec: {OCI_VERSION} (accepted:"
+              f" {SPEC_VERSION_MIN} to {SPEC_VERSION_MAX[:-1]}x)")
         return 0
     if not a.command:
         return _fail("no command given (see --help)")

@@ -34,6 +34,7 @@ from pykata.cli.runtime.state import (
     write_pid_file,
 )
 from pykata.protos import containerd_shim_pb2 as pb
+from pykata.runtime import specconv
 from pykata.runtime.bundle import load_spec, spec_annotations
 
 
@@ -52,6 +53,9 @@ def read_bundle(bundle: Path) -> dict[str, Any]:
         rootfs = bundle / rootfs
     if not rootfs.is_dir():
         raise CLIError(f"bundle {bundle}: root filesystem {rootfs} does not exist")
+    # Version, hooks, host namespaces: refused before any process starts (the
+    # keeper checks again, with the configured guest engine).
+    specconv.check_spec(spec)
     return spec
 
 
@@ -133,19 +137,22 @@ def do_run(a: argparse.Namespace) -> int:
 
 
 def do_kill(a: argparse.Namespace) -> int:
+    """As the runtime spec says (and runc does): a signal to a container that is
+    neither created nor running (nor paused) is an error; ``--all`` on a stopped
+    one signals nobody and succeeds."""
     sig = parse_signal(a.signal)
     d = existing(a.root, a.id)
     status = task_status(d, a.id)
-    if status == "stopped" and not a.all and sig != signal.SIGKILL:
+    if status == "stopped":
+        if a.all:
+            return 0
         raise CLIError("container not running")
     try:
         call(d, "Kill", pb.KillRequest(id=a.id, signal=sig, all=a.all), empty_pb2.Empty,
              timeout=30)
-    except errors.NotFound as exc:
-        if sig != signal.SIGKILL:
-            raise CLIError(f"container not running: {exc}") from exc
-    except errors.Unavailable:
-        if sig != signal.SIGKILL:
+    except (errors.NotFound, errors.Unavailable):
+        # It stopped between the state and the signal.
+        if not a.all:
             raise CLIError("container not running") from None
     return 0
 

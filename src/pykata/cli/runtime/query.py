@@ -12,10 +12,12 @@ from pathlib import Path
 from pykata import errors
 from pykata.cli.rtclient import call
 from pykata.cli.runtime.args import parse_duration
-from pykata.cli.runtime.base import OCI_VERSION, CLIError
+from pykata.cli.runtime.base import CLIError
 from pykata.cli.runtime.state import existing, load_meta, oci_state, task_status
 from pykata.protos import containerd_shim_pb2 as pb
+from pykata.runtime import hooks
 from pykata.runtime.bundle import default_spec
+from pykata.runtime.specconv import SPEC_VERSION_MAX, SPEC_VERSION_MIN
 
 
 def do_state(a: argparse.Namespace) -> int:
@@ -94,9 +96,11 @@ def do_features(_a: argparse.Namespace) -> int:
     from pykata import __version__
 
     print(json.dumps({
-        "ociVersionMin": "1.0.0", "ociVersionMax": OCI_VERSION,
-        "hooks": [], "mountOptions": ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec"],
-        "linux": {"namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+        "ociVersionMin": SPEC_VERSION_MIN, "ociVersionMax": SPEC_VERSION_MAX,
+        # Hooks pykata runs (on the host); createContainer/startContainer are refused.
+        "hooks": list(hooks.HOST_KINDS),
+        "mountOptions": ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec"],
+        "linux": {"namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts"],
                   "cgroup": {"v1": True, "v2": True, "systemd": False},
                   "seccomp": {"enabled": False}},
         "annotations": {"io.github.pykata.version": __version__,
