@@ -303,9 +303,10 @@ class AdoptedQemu(QemuHypervisor):
             sock.close()
             raise errors.VMLaunchError(
                 f"cannot reach QMP of the handed VM {self.spec.id}: {exc}", self.argv) from exc
+        # No command yet: until the sender has released the VM its own QMP
+        # reader may still take what QEMU writes on this socket.
         self._qmp = qmp
-        state = await self.status()
-        log.info("VM %s adopted (pid %d, %s)", self.spec.id, self._pid, state)
+        log.info("VM %s adopted (pid %d)", self.spec.id, self._pid)
 
     def _gone(self) -> bool:
         if self._pidfd < 0:
