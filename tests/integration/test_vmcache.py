@@ -108,9 +108,10 @@ async def test_sandbox_takes_a_cached_vm_and_the_cache_refills(
         assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600
         cached_pid = st["vms"][0]["pid"]
         assert st["vms"][0]["memory"]["pss_bytes"] > 0
-        out = subprocess.run([sys.executable, "-m", "pykata.cli.admin", "--config", str(path),
-                              "factory", "status", "--json"], capture_output=True, text=True,
-                             check=True).stdout
+        out = (await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "pykata.cli.admin", "--config", str(path),
+                             "factory", "status", "--json"], capture_output=True, text=True,
+            check=True)).stdout
         assert json.loads(out)["vm_cache"]["server"]["vms"][0]["pid"] == cached_pid
 
         sb = await Sandbox.create(f"vc-{uuid.uuid4().hex[:6]}", cfg)

@@ -36,6 +36,7 @@ belong to their sandboxes and keep running.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import dataclasses
@@ -235,11 +236,23 @@ def send_reply(sock: socket.socket, reply: dict[str, Any], fds: list[int] | None
         sock.sendall(data[n:])
 
 
+def _recv_fds(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int], int]:
+    """recvmsg with SCM_RIGHTS, the fds close-on-exec from the start
+    (socket.recv_fds in 3.11 drops its flags argument)."""
+    item = array.array("i").itemsize
+    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(max_fds * item),
+                                           socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % item])
+    return data, list(fds), flags
+
+
 def recv_reply(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
     """One reply and the fds that came with it (close-on-exec); on any error
     the received fds are closed."""
-    data, fds, flags, _ = socket.recv_fds(sock, _HEADER.size + MAX_REPLY, max(max_fds, 1),
-                                          socket.MSG_CMSG_CLOEXEC)
+    data, fds, flags = _recv_fds(sock, _HEADER.size + MAX_REPLY, max(max_fds, 1))
     try:
         if flags & socket.MSG_CTRUNC or (fds and not max_fds):
             raise errors.InvalidArgument("the VM cache sent more fds than expected")
