@@ -31,8 +31,8 @@ from pykata.config import Config
 from pykata.hypervisor.base import Hypervisor
 from pykata.protos import containerd_events_pb2 as ev
 from pykata.protos import containerd_shim_pb2 as pb
-from pykata.runtime import specconv
-from pykata.runtime.bundle import load_spec
+from pykata.runtime import hooks, specconv
+from pykata.runtime.bundle import load_spec, spec_annotations
 from pykata.runtime.container import Container, PodSettings, Process
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.state import DEFAULT_NAMESPACE
@@ -42,6 +42,11 @@ from pykata.shim.portforward import PortForward
 from pykata.shim.stdio import StdioRelay
 
 log = logging.getLogger(__name__)
+
+# pykata-runtime's keeper environment (cli/runtime/hookrun.py; the shim may not
+# import the CLI): the pod netns it made, and "caller" when it runs the hooks.
+NETNS_ENV = "PYKATA_RUNTIME_NETNS"
+HOOKS_ENV = "PYKATA_RUNTIME_HOOKS"
 
 
 class Pod(Protocol):
@@ -88,6 +93,11 @@ class TaskService:
         self._rootfs: set[str] = set()  # containers whose rootfs this shim mounted
         self._lock = asyncio.Lock()
         self._on_shutdown = on_shutdown
+        # Set by pykata-runtime for its keeper (cli/runtime/hookrun.py): the network
+        # namespace it made for a spec asking a new one, and that it runs the
+        # hooks itself (with its stand-in's pid). Under containerd both are ours.
+        self._default_netns = os.environ.get(NETNS_ENV, "")
+        self._run_hooks = os.environ.get(HOOKS_ENV, "") != "caller"
         self._portfwd: PortForward | None = None  # CRI PortForward into the VM
 
     # -- lookups -------------------------------------------------------------------
@@ -131,11 +141,17 @@ class TaskService:
                     specconv.check_namespaces(spec, specconv.PodNamespaces())
                     pod = PodSettings.of(spec)
                     self.sandbox = await self._make_sandbox(
-                        self.sandbox_id, self.config, hostname=pod.hostname, netns=pod.netns,
-                        namespace=self.namespace)
+                        self.sandbox_id, self.config, hostname=pod.hostname,
+                        netns=pod.netns or self._default_netns, namespace=self.namespace)
                     self._portfwd = await PortForward.start(self.sandbox_id, pod.netns,
                                                             self.sandbox.vm)
                 container = await self.sandbox.create_container(req.id, bundle, spec)
+                try:
+                    await self._hooks(container, ("prestart", "createRuntime"), fail=True)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await container.delete(force=True)
+                    raise
             except BaseException:
                 if mounted:
                     rootfs.unmount_rootfs(bundle)
@@ -154,9 +170,11 @@ class TaskService:
     async def Start(self, req: pb.StartRequest) -> pb.StartResponse:
         c, proc = self._process(req.id, req.exec_id)
         if not req.exec_id:
+            await self._sync_network()
             await c.start()
             self.publisher.publish("/tasks/start", ev.TaskStart(container_id=c.id,
                                                                 pid=self._pid))
+            await self._hooks(c, ("poststart",), fail=False)
         else:
             await proc.start()
             self.publisher.publish("/tasks/exec-started", ev.TaskExecStarted(
@@ -182,9 +200,34 @@ class TaskService:
             return convert.delete_response(await c.remove_exec(req.exec_id), self._pid)
         async with self._lock:
             status = await self._remove_task(c)
+        await self._hooks(c, ("poststop",), fail=False)
         # (0 once the pod's VM went with its last container, as before.)
         self.publisher.publish("/tasks/delete", convert.delete_event(c, status, self._pid))
         return convert.task_delete_response(status, self._pid)
+
+    async def _hooks(self, c: Container, kinds: tuple[str, ...], *, fail: bool) -> None:
+        """The container's host hooks of ``kinds`` (runtime/hooks.py), with the task
+        pid containerd sees in their state; failures raised with ``fail``, else logged."""
+        if not self._run_hooks:
+            return
+        parsed = hooks.parse(c.spec)
+        for kind in kinds:
+            if not parsed.get(kind):
+                continue
+            st = hooks.state(c.id, hooks.STATUS[kind], self._pid, str(c.bundle),
+                             spec_annotations(c.spec), str(c.spec.get("ociVersion") or ""))
+            await hooks.run_kind(parsed, kind, st, fail=fail)
+
+    async def _sync_network(self) -> None:
+        """Connect what appeared in the pod's network namespace since the last
+        look (a prestart hook wired it, as Docker's does) before the init runs."""
+        watch = getattr(self.sandbox, "_netwatch", None)
+        if watch is None:
+            return
+        try:
+            await watch.plug_new()
+        except (errors.PykataError, OSError) as exc:
+            log.error("sandbox %s: cannot connect the pod network: %s", self.sandbox_id, exc)
 
     async def _remove_task(self, c: Container) -> ExitStatus | None:
         """Delete a container that is not running, unmount its rootfs; the pod's VM

@@ -19,6 +19,7 @@ from google.protobuf import empty_pb2
 
 from pykata import errors
 from pykata.cli.rtclient import call, socket_of
+from pykata.cli.runtime import hookrun
 from pykata.cli.runtime.base import NAMESPACE, CLIError
 from pykata.cli.runtime.state import KEEPER, load_meta, load_ref, ref_of, save_ref, standin_ref
 from pykata.protos import containerd_shim_pb2 as pb
@@ -39,12 +40,18 @@ def terminate(ref: ProcRef, grace: float) -> None:
     process.reap(ref.pid)
 
 
-def spawn_keeper(d: Path, cid: str, debug: bool) -> ProcRef:
+def spawn_keeper(d: Path, cid: str, debug: bool, netns: Path | None = None) -> ProcRef:
+    """The keeper; with ``netns``, the network namespace its VM is connected to
+    when the spec names none. Hooks are this CLI's (hookrun), not the keeper's."""
     from pykata.shim.main import spawn_server
 
     (d / "log").touch()
     env = dict(os.environ)
     env.pop("TTRPC_ADDRESS", None)  # no containerd to publish events to
+    env[hookrun.HOOKS_ENV] = "caller"
+    env.pop(hookrun.NETNS_ENV, None)
+    if netns is not None:
+        env[hookrun.NETNS_ENV] = str(netns)
     try:
         pid = spawn_server(socket_of(d), cwd=d, namespace=NAMESPACE, address=str(d),
                            publish_binary="", shim_id=cid, debug=debug, env=env)
@@ -62,12 +69,19 @@ def make_fifos(fdir: Path) -> None:
 
 
 def spawn_standin(d: Path, cid: str, exec_id: str, fdir: Path, terminal: bool,
-                  console_socket: str) -> subprocess.Popen[bytes]:
+                  console_socket: str, netns: Path | None = None) -> subprocess.Popen[bytes]:
+    """The stand-in; with ``netns``, in that network namespace (the container's,
+    as /proc/<its pid>/ns/net)."""
     argv = [sys.executable, "-m", "pykata.cli.standin", str(d), cid, exec_id, str(fdir),
             "1" if terminal else "0"]
     if console_socket:
         argv.append(console_socket)
-    return subprocess.Popen(argv, close_fds=True)
+    enter, fds = hookrun.enter_netns(netns)
+    try:
+        return subprocess.Popen(argv, close_fds=True, preexec_fn=enter, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def destroy(d: Path, cid: str) -> None:
@@ -91,4 +105,5 @@ def destroy(d: Path, cid: str) -> None:
         asyncio.run(cleanup(config.load().runtime.state_dir, cid, NAMESPACE, force=True))
     with contextlib.suppress(FileNotFoundError):
         socket_of(d).unlink()
+    hookrun.remove_netns(d)
     shutil.rmtree(d, ignore_errors=True)

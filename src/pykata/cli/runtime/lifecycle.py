@@ -19,6 +19,7 @@ from google.protobuf import any_pb2, empty_pb2
 
 from pykata import errors
 from pykata.cli.rtclient import call
+from pykata.cli.runtime import hookrun
 from pykata.cli.runtime.args import parse_signal
 from pykata.cli.runtime.base import CREATE_TIMEOUT, LOG, CLIError, now_rfc3339
 from pykata.cli.runtime.keeper import destroy, make_fifos, spawn_keeper, spawn_standin
@@ -35,7 +36,7 @@ from pykata.cli.runtime.state import (
 )
 from pykata.protos import containerd_shim_pb2 as pb
 from pykata.runtime import specconv
-from pykata.runtime.bundle import load_spec, spec_annotations
+from pykata.runtime.bundle import load_spec
 
 
 def read_bundle(bundle: Path) -> dict[str, Any]:
@@ -75,10 +76,11 @@ def do_create(a: argparse.Namespace) -> int:
         raise CLIError(f"container with id exists: {a.id}") from None
     standin: subprocess.Popen[bytes] | None = None
     try:
-        keeper = spawn_keeper(d, a.id, a.debug)
+        netns = hookrun.make_netns(d) if hookrun.wants_new_netns(spec) else None
+        keeper = spawn_keeper(d, a.id, a.debug, netns)
         fdir = d / "io"
         make_fifos(fdir)
-        standin = spawn_standin(d, a.id, "", fdir, terminal, a.console_socket)
+        standin = spawn_standin(d, a.id, "", fdir, terminal, a.console_socket, netns)
         standin_ref = ref_of(standin.pid)
         save_ref(d, STANDIN, standin_ref)
         LOG.debug(f"create {a.id}: keeper {keeper.pid}, stand-in {standin.pid}")
@@ -87,11 +89,14 @@ def do_create(a: argparse.Namespace) -> int:
                                    stderr="" if terminal else str(fdir / "stderr"))
         call(d, "Create", req, pb.CreateTaskResponse, timeout=CREATE_TIMEOUT)
         root = Path(spec["root"]["path"])
-        save_meta(d, {"id": a.id, "bundle": str(bundle), "pid": standin.pid,
-                      "standin": standin_ref.to_json(), "keeper": keeper.to_json(),
-                      "rootfs": str(root if root.is_absolute() else bundle / root),
-                      "created": now_rfc3339(), "annotations": spec_annotations(spec),
-                      "terminal": terminal})
+        meta = {**hookrun.create_meta(a.id, bundle, spec), "pid": standin.pid,
+                "standin": standin_ref.to_json(), "keeper": keeper.to_json(),
+                "rootfs": str(root if root.is_absolute() else bundle / root),
+                "created": now_rfc3339(), "terminal": terminal}
+        save_meta(d, meta)
+        # The container exists (in the VM, its network namespace here): runc runs
+        # these now too; a failure fails create and everything goes.
+        hookrun.run(meta, ("prestart", "createRuntime"), standin.pid, fail=True)
         write_pid_file(a.pid_file, standin.pid)
     except BaseException:
         if standin is not None:
@@ -111,7 +116,19 @@ def do_start(a: argparse.Namespace) -> int:
         raise CLIError(f"cannot start a container that has {status}" if status == "stopped"
                        else f"cannot start an already {status} container")
     call(d, "Start", pb.StartRequest(id=a.id), pb.StartResponse, timeout=60)
+    meta = load_meta(d)
+    hookrun.run(meta, ("poststart",), int(meta.get("pid", 0)), fail=False)
     return 0
+
+
+def remove(d: Path, cid: str) -> None:
+    """Tear the container down, then its poststop hooks (failures logged)."""
+    meta: dict[str, Any] = {}
+    with contextlib.suppress(CLIError):
+        meta = load_meta(d)
+    destroy(d, cid)
+    if meta.get("hooks"):
+        hookrun.run(meta, ("poststop",), 0, fail=False)
 
 
 def do_run(a: argparse.Namespace) -> int:
@@ -132,7 +149,7 @@ def do_run(a: argparse.Namespace) -> int:
         if code < 0:
             code = 128 - code
     if not a.keep:
-        destroy(d, a.id)
+        remove(d, a.id)
     return code
 
 
@@ -175,7 +192,7 @@ def do_delete(a: argparse.Namespace) -> int:
             time.sleep(0.1)
     with contextlib.suppress(errors.PykataError):
         call(d, "Delete", pb.DeleteRequest(id=a.id), pb.DeleteResponse, timeout=60)
-    destroy(d, a.id)
+    remove(d, a.id)
     return 0
 
 
