@@ -28,7 +28,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from common import CACHE, Series, arg_parser, atimed, log, run_section, save_series
+from common import (
+    CACHE,
+    Series,
+    arg_parser,
+    atimed,
+    log,
+    remove_containers,
+    run_section,
+    save_series,
+)
 
 from pykata import config, wire
 
@@ -184,6 +193,37 @@ VARIANTS = {"native": ("native", ""),
             "crun": ("crun", "")}
 
 
+def ctr_exec(runs: int) -> list[Series]:
+    """``ctr task exec`` of ``true`` in a running container: pykata (this
+    configuration's engine, fork server on) and runc, same containerd, same run.
+    A private containerd of this bench's own (root under the image directory)."""
+    from exec_latency import exec_series
+
+    from pykata.testing import busybox_rootfs
+    from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
+    from pykata.testing.images import oci_archive
+
+    cfg = config.load()
+    root = Path(cfg.image.output_dir) / "bench-engine-containerd"
+    rootfs = busybox_rootfs(CACHE / "busybox-rootfs")
+    archive = oci_archive(rootfs, CACHE / "busybox.oci.tar")
+    ctd = PrivateContainerd(base=Path(cfg.runtime.state_dir) / "bench-engine-ctd", root=root,
+                            namespace="bench-engine")
+    ctd.start()
+    ids: list[str] = []
+    out: list[Series] = []
+    try:
+        ctd.import_image(archive)
+        for name, extra in (("pykata (native engine)", ["--runtime", RUNTIME_TYPE]),
+                            ("runc", [])):
+            log(f"ctr task exec: {name} x{runs}")
+            out.append(exec_series(ctd, f"ctr task exec of `true`: {name}", extra, runs, ids))
+    finally:
+        remove_containers(ctd, ids)
+        ctd.stop()
+    return out
+
+
 def main() -> int:
     ap = arg_parser(__doc__)
     ap.add_argument("--gap", type=float, default=0.0,
@@ -191,6 +231,8 @@ def main() -> int:
     ap.add_argument("--engines", default="native,native-nofs,crun",
                     help="comma-separated: native (fork server + spare), native-nospare,"
                          " native-nofs (the agent forks itself), crun")
+    ap.add_argument("--ctr", action="store_true",
+                    help="also `ctr task exec` of `true`, pykata vs runc (private containerd)")
     args = ap.parse_args()
     runs = args.runs or (5 if args.quick else 20)
     work = Path(tempfile.mkdtemp(prefix="pykata-bench-engine-"))
@@ -204,6 +246,8 @@ def main() -> int:
                 s.note = f"gap {args.gap:g} s" if args.gap else "back to back"
             series += part
             log(f"engine: {engine} done in {time.monotonic() - t0:.0f} s")
+        if args.ctr:
+            series += ctr_exec(runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save_series("engine", series)

@@ -237,9 +237,11 @@ async def test_pod_pid_namespace_shared(engine_sandbox: Sandbox, tmp_path: Path,
     try:
         await pod.start()
         member = spec_of(["ps", "-o", "pid,args"])
+        # The pod's namespaces as containerd's CRI names them: the sandbox's (VM) pid.
+        assert engine_sandbox.vm is not None
         for ns in member["linux"]["namespaces"]:
             if ns["type"] in ("pid", "ipc", "uts"):
-                ns["path"] = f"/proc/1/ns/{ns['type']}"
+                ns["path"] = f"/proc/{engine_sandbox.vm.pid}/ns/{ns['type']}"
         out, _, code, _ = await run_spec(engine_sandbox, tmp_path, rootfs, member)
         assert code == 0
         lines = [ln.split(None, 1) for ln in out.splitlines()[1:]]

@@ -12,7 +12,8 @@ without a runtime binary. Imported lazily, on the first create.
 | `cgroup.py` | cgroup v2: create, resources -> files (pure), freeze, signal, remove |
 | `syscalls.py` | ctypes system calls of the child (setns, unshare, pivot_root, capset, ...) |
 | `child.py` | the forked child: the steps in kernel order, errors over a CLOEXEC pipe, execve |
-| `runner.py` | the agent's side: prepare, fork (pid namespace switch), start, exec, kill, remove |
+| `forkserver.py` | a lean process forking for the agent: spare (new pid ns), worker |
+| `runner.py` | the agent's side: prepare, fork (server or agent), start, exec, remove |
 
 See docs/engine.md for the steps and why they are in that order.
 """

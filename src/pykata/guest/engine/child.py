@@ -100,6 +100,23 @@ def changed_signals() -> tuple[int, ...]:
     return tuple(out)
 
 
+def enter_pid_ns(pid_ns: str | None) -> None:
+    """Where this process's children go: a new pid namespace (``"new"``), one by
+    path, or (None) its own."""
+    if pid_ns == "new":
+        sc.unshare(planmod.CLONE_NEWPID)
+    elif pid_ns:
+        what = f"join the pid namespace {pid_ns}"
+        try:
+            fd = os.open(pid_ns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{what}: {exc.strerror}") from None
+        try:
+            sc.setns(fd, planmod.CLONE_NEWPID, what)
+        finally:
+            os.close(fd)
+
+
 def cap_steps(job: Job) -> None:
     """The capability numbers to drop from the bounding set and to raise in the
     ambient set, computed before the fork."""

@@ -70,18 +70,6 @@ def job_with_fds(job: childmod.Job, fds: list[int]) -> childmod.Job:
     return job
 
 
-def enter_pid_ns(pid_ns: str | None) -> None:
-    """Where this process's children go: a new pid namespace, or one by path."""
-    if pid_ns == "new":
-        sc.unshare(planmod.CLONE_NEWPID)
-    elif pid_ns:
-        fd = os.open(pid_ns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            sc.setns(fd, planmod.CLONE_NEWPID, f"join the pid namespace {pid_ns}")
-        finally:
-            os.close(fd)
-
-
 MADV_POPULATE_WRITE = 23  # Linux 5.14
 _CHUNK = 256 << 10
 # Background work (a new spare, a worker's prefault) waits for this long without
@@ -231,7 +219,7 @@ def _worker(sock: socket.socket, done_w: int, server: int) -> NoReturn:
         t_recv = time.monotonic_ns()
         job, pid_ns = pickle.loads(msg)
         job = job_with_fds(job, fds)
-        enter_pid_ns(pid_ns)
+        childmod.enter_pid_ns(pid_ns)
         if job.trace:
             job.marks = (*job.marks, ("server received", t_recv),
                          ("unpickled+pidns", time.monotonic_ns()))

@@ -229,7 +229,13 @@ class ForkServer:
                     spare.sock.close()
                 return spare.pid, self.reaper.watch(spare.pid, since=spare.offered)
         async with self._lock:
-            return await asyncio.shield(self._fork(data, fds))
+            task = asyncio.ensure_future(self._fork(data, fds))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # Forked for a request nobody waits for any more: not left running.
+                task.add_done_callback(_kill_forked)
+                raise
 
     async def _fork(self, data: bytes, fds: list[int]) -> \
             tuple[int, asyncio.Future[int]]:
@@ -294,17 +300,8 @@ class Engine:
         gc_was = gc.isenabled()
         gc.disable()
         try:
-            switched = False
-            if pid_ns == "new":
-                sc.unshare(planmod.CLONE_NEWPID)
-                switched = True
-            elif pid_ns:
-                fd = os.open(pid_ns, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    sc.setns(fd, planmod.CLONE_NEWPID, f"join the pid namespace {pid_ns}")
-                finally:
-                    os.close(fd)
-                switched = True
+            childmod.enter_pid_ns(pid_ns)
+            switched = bool(pid_ns)
             childmod.RESET_SIGNALS = childmod.changed_signals()
             try:
                 pid = os.fork()
@@ -374,6 +371,13 @@ class Engine:
                 console_w.close()
         os.set_blocking(report_r, False)
         return Spawned(pid, exited, report_r, start_w, parent_stdio, console_r)
+
+
+def _kill_forked(task: asyncio.Future[tuple[int, asyncio.Future[int]]]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(task.result()[0], signal.SIGKILL)  # the reaper reaps it
 
 
 def _indexed(job: childmod.Job) -> tuple[list[int], childmod.Job]:
