@@ -242,17 +242,26 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     return ret
 
 
-def attach(cgroup_dir: str, prog: bytes) -> None:
-    """Load ``prog`` and attach it to the cgroup (it stays while the cgroup does)."""
+# Loaded programs by their instructions (most containers have the same rules):
+# the verifier runs once per distinct program. Their fds are CLOEXEC, and a forked
+# child closes them with every other fd.
+_LOADED: dict[bytes, int] = {}
+_LOADED_MAX = 16
+
+
+def _load(prog: bytes) -> int:
+    fd = _LOADED.get(prog)
+    if fd is not None:
+        return fd
     insns = ctypes.create_string_buffer(prog, len(prog))
     license_ = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(65536)
     attr = ctypes.create_string_buffer(128)
     struct.pack_into("<IIQQIIQ", attr, 0, _PROG_TYPE_CGROUP_DEVICE, len(prog) // 8,
                      ctypes.addressof(insns), ctypes.addressof(license_), 0, 0, 0)
     try:
-        prog_fd = _bpf(_BPF_PROG_LOAD, attr)
+        fd = _bpf(_BPF_PROG_LOAD, attr)
     except OSError as exc:
+        log = ctypes.create_string_buffer(65536)
         struct.pack_into("<IIQ", attr, 24, 1, len(log), ctypes.addressof(log))
         detail = ""
         try:
@@ -262,17 +271,24 @@ def attach(cgroup_dir: str, prog: bytes) -> None:
             detail = lines[-1] if lines else ""
         raise OSError(exc.errno, f"load device cgroup program: {exc.strerror}"
                       + (f" ({detail})" if detail else "")) from None
+    if len(_LOADED) >= _LOADED_MAX:
+        os.close(_LOADED.pop(next(iter(_LOADED))))
+    _LOADED[prog] = fd
+    return fd
+
+
+def attach(cgroup_dir: str, prog: bytes) -> None:
+    """Load ``prog`` (once per distinct program) and attach it to the cgroup (it
+    stays while the cgroup does)."""
+    prog_fd = _load(prog)
+    cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        attr = ctypes.create_string_buffer(32)
+        struct.pack_into("<IIII", attr, 0, cg, prog_fd, _ATTACH_CGROUP_DEVICE, 0)
         try:
-            attr = ctypes.create_string_buffer(32)
-            struct.pack_into("<IIII", attr, 0, cg, prog_fd, _ATTACH_CGROUP_DEVICE, 0)
-            try:
-                _bpf(_BPF_PROG_ATTACH, attr)
-            except OSError as exc:
-                raise OSError(exc.errno, f"attach device cgroup program to {cgroup_dir}:"
-                              f" {exc.strerror}") from None
-        finally:
-            os.close(cg)
+            _bpf(_BPF_PROG_ATTACH, attr)
+        except OSError as exc:
+            raise OSError(exc.errno, f"attach device cgroup program to {cgroup_dir}:"
+                          f" {exc.strerror}") from None
     finally:
-        os.close(prog_fd)
+        os.close(cg)
