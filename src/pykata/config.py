@@ -60,10 +60,13 @@ class QemuConfig:
     virtio_fs_cache_size: int = 0  # DAX window, MiB (0 = no DAX)
     virtio_fs_extra_args: list[str] = field(default_factory=list)
     agent_channel: str = "auto"  # auto | vsock | serial
-    # MiB of TCG translation cache (TCG only); 0 = QEMU's default. QEMU 7.2
-    # aborts (tcg/region.c assertion) when a vCPU is hot-plugged into a VM
-    # started with a small tb-size, so it is only safe with CPU hotplug off.
-    tb_size: int = 0
+    # MiB of TCG translation cache (TCG only); 0 = QEMU's default (1 GiB, of
+    # which an idle guest fills ~40 MiB). 32 saves ~14 MiB per idle VM and ~47
+    # MiB after work (docs/memory.md). Multi-threaded TCG aborts (tcg/region.c)
+    # when a vCPU is hot-plugged while the cache's last region is in use, at any
+    # size; so a VM that can gain vCPUs runs single-threaded TCG (thread=single:
+    # a new vCPU starts no thread). A 1-vCPU pod loses nothing.
+    tb_size: int = 32
     # virtio-balloon free page reporting: memory the guest frees goes back to
     # the host (Kata's key; measured -7% idle QEMU memory here, docs/benchmarks.md).
     reclaim_guest_freed_memory: bool = True

@@ -311,3 +311,14 @@ def test_root_image_on_virtio_blk_skips_the_pmem_header() -> None:
             in arg_after(argv, "-drive"))
     assert "fd=8,set=1,opaque=rootdisk" in arg_after(argv, "-add-fd")
     assert not any("rootimg" in a for a in arg_after(argv, "-object"))
+
+
+def test_a_small_translation_cache_with_cpu_hotplug_runs_single_threaded_tcg() -> None:
+    grow = spec(vcpus=1, max_vcpus=4)
+    assert arg_after(build("q", grow, opts(accel="tcg", tb_size_mib=32)), "-accel") == [
+        "tcg,tb-size=32,thread=single"]
+    fixed = spec(vcpus=2, max_vcpus=2)
+    assert arg_after(build("q", fixed, opts(accel="tcg", tb_size_mib=32)), "-accel") == [
+        "tcg,tb-size=32"]
+    assert arg_after(build("q", grow, opts(accel="tcg")), "-accel") == ["tcg"]
+    assert arg_after(build("q", grow, opts(accel="kvm", tb_size_mib=32)), "-accel") == ["kvm"]

@@ -97,6 +97,10 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
     accel = opts.accel
     if opts.accel == "tcg" and opts.tb_size_mib:
         accel += f",tb-size={opts.tb_size_mib}"
+        if spec.max_vcpus > spec.vcpus:
+            # Multi-threaded TCG aborts when a hot-plugged vCPU's new thread finds
+            # no free cache region; one thread for all vCPUs never needs one.
+            accel += ",thread=single"
 
     mem = f"{spec.memory_mib}M"
     slots, maxmem = 0, spec.max_memory_mib

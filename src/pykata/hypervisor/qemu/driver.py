@@ -411,10 +411,26 @@ class QemuHypervisor(Hypervisor):
             raise errors.FailedPrecondition(f"VM {self.spec.id} has no QMP connection")
         try:
             return await asyncio.wait_for(self._qmp.execute(cmd, args), timeout)
-        except QMPError as exc:
+        except ExecuteError as exc:
             raise errors.Internal(f"QMP {cmd} failed: {exc}") from exc
+        except QMPError as exc:  # the connection went: most likely QEMU itself
+            raise await self._lost(cmd, exc) from exc
         except TimeoutError:
             raise errors.DeadlineExceeded(f"QMP {cmd} got no answer in {timeout:g}s") from None
+
+    async def _lost(self, cmd: str, exc: Exception) -> errors.PykataError:
+        """The error for a QMP connection lost during ``cmd``: QEMU's exit and
+        the end of its log if it died (bounded wait), else the QMP error."""
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 2.0)
+            if proc.returncode is not None:
+                why = tail(self.log_path, 3) or tail(self.spec.console_log, 3)
+                return errors.Unavailable(
+                    f"QEMU of VM {self.spec.id} exited (status {proc.returncode}) during"
+                    f" {cmd}" + (f": {why}" if why else ""))
+        return errors.Internal(f"QMP {cmd} failed: {exc}")
 
     def _send_fd(self, fd: int) -> None:
         if self._qmp is None:
