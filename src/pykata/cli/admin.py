@@ -59,6 +59,20 @@ def cmd_image_show(args: argparse.Namespace) -> int:
 
 
 # -- check --------------------------------------------------------------------------
+def _ksm_check(cfg: config.Config) -> tuple[str, bool, str, str]:
+    """Whether KSM could merge guest RAM here (docs/memory.md). Informational."""
+    ksm = Path("/sys/kernel/mm/ksm/run")
+    try:
+        state = {"0": "off", "1": "on", "2": "unmerging"}.get(ksm.read_text().strip(), "?")
+    except OSError:
+        return ("KSM", True, "not available in this kernel", "")
+    if cfg.qemu.shared_fs == "virtio-fs":
+        return ("KSM", True, f"{state}; not used: guest RAM is shared with virtiofsd"
+                " (share=on), which KSM cannot merge", "")
+    return ("KSM", True, f"{state}; guest RAM is shared memory, which KSM does not merge",
+            "see docs/memory.md for private guest RAM with KSM")
+
+
 def _rootfs_check(cfg: config.Config) -> tuple[str, bool, str, str]:
     """Which guest root is in use, and whether its files are there."""
     q = cfg.qemu
@@ -110,6 +124,7 @@ def host_checks(cfg: config.Config) -> list[tuple[str, bool, str, str]]:
     out.append(("guest kernel", kernel.is_file(), str(kernel), "run 'pykata image build'"))
     out.append(("guest initrd", initrd.is_file(), str(initrd), "run 'pykata image build'"))
     out.append(_rootfs_check(cfg))
+    out.append(_ksm_check(cfg))
     vsock = vhost_vsock_available()
     out.append(("agent channel", True,
                 "vsock (/dev/vhost-vsock)" if vsock else "virtio-serial (no /dev/vhost-vsock)", ""))
