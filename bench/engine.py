@@ -224,6 +224,19 @@ def ctr_exec(runs: int) -> list[Series]:
     return out
 
 
+def merge(rounds: list[list[Series]]) -> list[Series]:
+    """Series of the same name from several rounds as one (samples joined)."""
+    out: dict[str, Series] = {}
+    for part in rounds:
+        for s in part:
+            if s.name in out:
+                out[s.name].samples += s.samples
+                out[s.name].failures += s.failures
+            else:
+                out[s.name] = s
+    return list(out.values())
+
+
 def main() -> int:
     ap = arg_parser(__doc__)
     ap.add_argument("--gap", type=float, default=0.0,
@@ -231,6 +244,8 @@ def main() -> int:
     ap.add_argument("--engines", default="native,native-nofs,crun",
                     help="comma-separated: native (fork server + spare), native-nospare,"
                          " native-nofs (the agent forks itself), crun")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the engine list this many times, interleaved (noisy hosts)")
     ap.add_argument("--ctr", action="store_true",
                     help="also `ctr task exec` of `true`, pykata vs runc (private containerd)")
     args = ap.parse_args()
@@ -238,14 +253,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="pykata-bench-engine-"))
     series: list[Series] = []
     try:
-        for engine in args.engines.split(","):
+        rounds: list[list[Series]] = []
+        for engine in [e for _ in range(args.rounds) for e in args.engines.split(",")]:
             log(f"engine: {engine}")
             t0 = time.monotonic()
             part = asyncio.run(one_engine(engine, runs, work, args.gap))
             for s in part:
-                s.note = f"gap {args.gap:g} s" if args.gap else "back to back"
-            series += part
+                s.note = (f"gap {args.gap:g} s" if args.gap else "back to back") + \
+                    (f", {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+            rounds.append(part)
             log(f"engine: {engine} done in {time.monotonic() - t0:.0f} s")
+        series += merge(rounds)
         if args.ctr:
             series += ctr_exec(runs)
     finally:

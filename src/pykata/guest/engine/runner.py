@@ -553,8 +553,11 @@ class NativeContainer:
         except OSError as exc:
             raise errors.InvalidArgument(f"cannot {what}: {exc.strerror or exc}") from None
         p = self.plan
+        # The child's part of the plan only (it is pickled to the fork server).
+        child_plan = dataclasses.replace(p, seccomp=None, device_rules=(), cgroup_writes=(),
+                                         annotations={})
         job = childmod.Job(
-            proc=p.process, plan=p, report_w=-1,
+            proc=p.process, plan=child_plan, report_w=-1,
             cgroup_procs=os.path.join(self.cgroup_dir, "cgroup.procs"),
             cgroup_dir=self.cgroup_dir,
             join=tuple((planmod.NAMESPACES[k][0], path, k) for k, path in p.join_ns),
