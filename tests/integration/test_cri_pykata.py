@@ -344,3 +344,27 @@ def test_host_directory_rw_and_ro_through_cri(env: Env, tmp_path: Path) -> None:
     finally:
         left = pod.remove()
     assert not left, f"left behind: {left}"
+
+
+@pytest.mark.parametrize("option,kind,field", [
+    ("host_network", "network", "hostNetwork"), ("host_ipc", "ipc", "hostIPC"),
+    ("host_pid", "pid", "hostPID")])
+def test_host_namespaces_are_refused_at_run_pod_sandbox(env: Env, option: str, kind: str,
+                                                        field: str) -> None:
+    # containerd 1.6 leaves the namespace out of the sandbox spec (the host's, for
+    # runc); a VM cannot share it: one clear error, no pod silently isolated.
+    ctd, _, c = env
+    tag = uuid.uuid4().hex[:10]
+    cfg = pod_config(f"pk-{tag}", "pykata-test", uid=tag, labels=LABEL,
+                     log_directory=ctd.base / "pods" / tag, **{option: True})
+    with pytest.raises(CRIError) as ei:
+        c.run_pod_sandbox(cfg, runtime_handler=HANDLER)
+    text = str(ei.value)
+    assert f"the host's {kind} namespace is not supported (the pod's {field}: true)" in text
+    assert "a pod in a VM has its own kernel, which cannot share the host's" in text
+    pods = [p for p in c.list_pod_sandbox(labels=LABEL) if p.metadata.uid == tag]
+    assert all(p.state != 0 for p in pods), pods  # none ready
+    for p in pods:
+        c.remove_pod_sandbox(p.id)
+    assert _wait(lambda: not leftovers([tag, *(p.id for p in pods)]), 30), \
+        leftovers([tag, *(p.id for p in pods)])
