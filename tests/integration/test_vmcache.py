@@ -118,6 +118,7 @@ async def test_sandbox_takes_a_cached_vm_and_the_cache_refills(
         try:
             assert sb.vm is not None and sb.vm.pid == cached_pid  # handed over, not booted
             assert sb.record.extra.get("vm_cache")
+            sb.vm.portfwd_channel()  # the port-forward channel came with the VM
             handed_pid = cached_pid
             assert (await _echo(sb, tmp_path, rootfs, "from-the-cache")).strip() == \
                 b"from-the-cache"

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pykata.hypervisor.base import Driver, VMSpec
 
 # The fds a handoff may carry, in a fixed order (a receiver refuses others).
-FD_NAMES = ("qmp", "agent", "console", "output", "pidfd", "lease_dir", "lease")
+FD_NAMES = ("qmp", "agent", "portfwd", "console", "output", "pidfd", "lease_dir", "lease")
 MAX_FDS = len(FD_NAMES)
 
 

@@ -46,7 +46,7 @@ from pykata.hypervisor.qemu.uids import UidLease
 from pykata.utils.aio import readable
 from pykata.utils.logfile import CappedLog, drain
 from pykata.utils.process import ProcRef
-from pykata.wire import VSOCK_PORT
+from pykata.wire import PORTFWD_VSOCK_PORT, VSOCK_PORT
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class ExportableQemu(QemuHypervisor, ExportableVM):
         self._keep["qmp"] = os.dup(qmp.fileno())
         if agent is not None:
             self._keep["agent"] = os.dup(agent.fileno())
+        if self._portfwd_sock is not None:  # the port-forward channel's host end
+            self._keep["portfwd"] = os.dup(self._portfwd_sock.fileno())
         return res
 
     async def start(self) -> None:
@@ -120,6 +122,8 @@ class ExportableQemu(QemuHypervisor, ExportableVM):
             h.fds["qmp"] = os.dup(self._keep["qmp"])
             if "agent" in self._keep:
                 h.fds["agent"] = os.dup(self._keep["agent"])
+            if "portfwd" in self._keep:
+                h.fds["portfwd"] = os.dup(self._keep["portfwd"])
             h.fds["console"] = os.dup(console_r)
             h.fds["output"] = os.dup(out_r)
             if self._lease is not None and self._lease.held:
@@ -225,6 +229,7 @@ class AdoptedQemu(QemuHypervisor):
             qmp = take("qmp")
             self._log_in = (take("output"), take("console"))
             agent = take("agent", required=False)
+            portfwd = take("portfwd", required=False)
             channel = _str(info, "channel")
             if channel == "serial":
                 if agent < 0:
@@ -258,9 +263,12 @@ class AdoptedQemu(QemuHypervisor):
         handoff.close()  # anything else it carried is not ours to keep
         if channel == "serial":
             self._channel = SerialChannel(socket.socket(fileno=agent))
+            if portfwd >= 0:
+                self._portfwd = SerialChannel(socket.socket(fileno=portfwd))
         else:
-            _close(agent)
+            _close(agent, portfwd)
             self._channel = VsockChannel(cid, VSOCK_PORT)
+            self._portfwd = VsockChannel(cid, PORTFWD_VSOCK_PORT)
         self._pidfd, self._qmp_fd = pidfd, qmp
         if lease >= 0:
             self._lease = UidLease(uid, gid, lease_dir, lease)
