@@ -27,7 +27,14 @@ if [ $# -eq 0 ]; then
 fi
 # Nothing of pykata may be left running or mounted after the suite.
 left=$(pgrep -a -f 'qemu-system|virtiofsd|containerd-shim-pykata|pykata-agent' | grep -v pgrep || true)
-if [ -n "$left" ]; then echo "FAILED: processes left behind:"; echo "$left"; status=1; fi
+if [ -n "$left" ]; then
+  echo "FAILED: processes left behind:"; echo "$left"; status=1
+  # who holds them (a zombie's parent is the process that did not reap it)
+  for pid in $(echo "$left" | awk '{print $1}'); do
+    ppid=$(awk '/^PPid:/{print $2}' "/proc/$pid/status" 2>/dev/null) || continue
+    echo "  $pid: parent $ppid: $(tr '\0' ' ' < "/proc/$ppid/cmdline" 2>/dev/null | cut -c1-200)"
+  done
+fi
 if grep -q ' /run/pykata' /proc/mounts; then
   echo "FAILED: mounts left under /run/pykata:"; grep ' /run/pykata' /proc/mounts; status=1
 fi
