@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import time
@@ -35,8 +36,9 @@ def wait_clean(timeout: float = 30.0) -> list[str]:
 @pytest.fixture(scope="module")
 def ctd(rootfs: Path) -> Iterator[PrivateContainerd]:
     archive = oci_archive(rootfs, Path("/var/tmp/pykata-test/busybox.oci.tar"))
-    c = PrivateContainerd(base=Path(f"/run/pykata-ctd-{uuid.uuid4().hex[:6]}"),
-                          root=Path("/var/lib/pykata-test/containerd"), namespace="pktest")
+    tag = uuid.uuid4().hex[:6]  # a root of its own: test runs side by side never share one
+    c = PrivateContainerd(base=Path(f"/run/pykata-ctd-{tag}"),
+                          root=Path(f"/var/lib/pykata-test/containerd-{tag}"), namespace="pktest")
     c.start()
     try:
         c.import_image(archive)
@@ -48,6 +50,7 @@ def ctd(rootfs: Path) -> Iterator[PrivateContainerd]:
         for line in c.ctr("containers", "ls", "-q", check=False).stdout.decode().split():
             c.ctr("containers", "delete", line, check=False)
         c.stop()
+        shutil.rmtree(c.root, ignore_errors=True)
 
 
 @pytest.fixture
