@@ -8,7 +8,9 @@ docs/benchmarks.png (plots) and docs/benchmarks.md (tables).
     .venv/bin/python bench/run.py --render   # only re-render from bench/results/*.json
 
 Each section is its own script and process (startup.py, exec_latency.py,
-density.py, rpc.py, storage.py, network.py) with a time limit; a section that
+engine.py, agent_start.py, vmcache.py, density.py twice (cold and template
+steps; 50 template pods at once), rpc.py, storage.py, network.py,
+portforward.py, confinement.py) with a time limit; a section that
 fails or times out is reported and the others still run. Every script cleans
 up what it created (pods, VMs, netns, loop devices, containerd state), also on
 Ctrl-C or on the SIGTERM of its time limit.
@@ -37,15 +39,20 @@ PLOT = HERE.parent / "docs" / "benchmarks.png"
 RESULTS = HERE / "results"
 CTD_BASE = Path("/run/pykata-bench")
 
-# name -> (script, time limit in seconds at default counts, with --quick)
-SECTIONS: dict[str, tuple[str, int, int]] = {
-    "startup": ("startup.py", 900, 300),
-    "exec": ("exec_latency.py", 300, 120),
-    "density": ("density.py", 1200, 300),
-    "rpc": ("rpc.py", 300, 120),
-    "storage": ("storage.py", 600, 180),
-    "network": ("network.py", 600, 240),
-    "confinement": ("confinement.py", 900, 300),
+# name -> (script and its arguments, time limit in seconds at default counts, with --quick)
+SECTIONS: dict[str, tuple[tuple[str, ...], int, int]] = {
+    "startup": (("startup.py",), 900, 300),
+    "exec": (("exec_latency.py",), 300, 120),
+    "engine": (("engine.py", "--ctr", "--gap", "1"), 900, 300),
+    "agent_start": (("agent_start.py",), 900, 300),
+    "vmcache": (("vmcache.py",), 1200, 400),
+    "density": (("density.py",), 1200, 300),
+    "density-fast": (("density.py", "--fast-only", "--pods", "50"), 1500, 600),
+    "rpc": (("rpc.py",), 300, 120),
+    "storage": (("storage.py",), 600, 180),
+    "network": (("network.py",), 600, 240),
+    "portforward": (("portforward.py",), 600, 240),
+    "confinement": (("confinement.py",), 900, 300),
 }
 
 MiB = 1 << 20
@@ -55,9 +62,11 @@ MiB = 1 << 20
 
 
 def run_section(name: str, quick: bool, runs: int) -> dict[str, Any]:
-    script, limit, qlimit = SECTIONS[name]
+    (script, *script_args), limit, qlimit = SECTIONS[name]
     limit = qlimit if quick else limit
-    argv = [sys.executable, str(HERE / script)]
+    argv = [sys.executable, str(HERE / script), *script_args]
+    if quick and name == "density-fast":
+        argv[-1] = "10"  # --pods
     if quick:
         argv.append("--quick")
     if runs:
@@ -212,6 +221,77 @@ def targets(d: dict[str, Any]) -> list[str]:
     return out
 
 
+# -- targets of issues 14 (start-up, memory), 15 (the guest engine), 22 (port-forward) ----------
+
+
+def _verdict(ok: bool, how: str) -> str:
+    return "met" if ok else f"missed: {how}"
+
+
+def targets_next(d: dict[str, Any]) -> list[str]:
+    out = ["| target | measured (this run) | verdict |", "|---|---|---|"]
+    st = by_name(d.get("startup"))
+    bare = st.get("bare QEMU boot to init")
+    if "pykata" in st and bare:
+        gap = st["pykata"]["median"] - bare["median"]
+        out.append(f"| 14: cold `ctr run --rm true` <= bare boot to init + 0.3 s | "
+                   f"{st['pykata']['median']:.2f} s - {bare['median']:.2f} s = **{gap:.2f} s**"
+                   f" | {_verdict(gap <= 0.30, f'by {gap - 0.30:.2f} s (docs/boot.md)')} |")
+    runsc = st.get("runsc (ptrace)")
+    fast = {k: v for k, v in {**st, **by_name(d.get("vmcache"))}.items()
+            if k in ("pykata (VM template)", "pykata VM cache", "pykata VM cache of template"
+                     " clones")}
+    if runsc and fast:
+        name, best = min(fast.items(), key=lambda kv: kv[1]["median"])
+        ratio = best["median"] / runsc["median"]
+        out.append(f"| 14/15: fast path `ctr run --rm true` <= 1.3 x runsc | {name} "
+                   f"{fmt(best['median'], 's')} vs runsc {fmt(runsc['median'], 's')} = "
+                   f"**{ratio:.1f}x** | {_verdict(ratio <= 1.3, f'{ratio:.1f}x')} |")
+    for label, sect, limit in (("cold", d.get("density"), 150),
+                               ("fast path (VM template)", (d.get("density") or {}).get(
+                                   "template"), 60)):
+        steps = (sect or {}).get("memory_steps") or []
+        if steps:
+            last = steps[-1]
+            per = (last.get("kib_per_pod") or {}).get("total", 0) / 1024
+            out.append(f"| 14: idle pod PSS, {label}, <= {limit} MiB | **{per:.0f} MiB** per pod"
+                       f" at {last['pods']} pods (RAM file included) | "
+                       f"{_verdict(per <= limit, f'by {per - limit:.0f} MiB (docs/memory.md)')} |")
+    b = (d.get("density-fast") or {}).get("template", {}).get("burst")
+    if b:
+        ok = b["requested"] >= 50 and b["started"] >= 50 and not b["failed"] and \
+            b.get("exec_answered", 0) >= 50
+        out.append(f"| 14: 50 idle pods (fast path), each answering an exec, 0 failed | "
+                   f"{b['started']} of {b['requested']} running, {b['failed']} failed, "
+                   f"{b.get('exec_answered', '?')} answered an exec | "
+                   f"{_verdict(ok, 'see the density section')} |")
+    en = by_name(d.get("engine"))
+    ex = en.get("ctr task exec of `true`: pykata (native engine)")
+    rc = en.get("ctr task exec of `true`: runc")
+    if ex and rc:
+        ratio = ex["median"] / rc["median"]
+        out.append(f"| 15: `ctr task exec true` <= 3 x runc | {fmt(ex['median'], 's')} vs "
+                   f"{fmt(rc['median'], 's')} = **{ratio:.1f}x** | "
+                   f"{_verdict(ratio <= 3, f'{ratio:.1f}x (docs/engine.md)')} |")
+    cs = en.get("native: create+start in the guest")
+    if cs:
+        crun = en.get("crun: create+start in the guest")
+        beside = f" (crun engine: {fmt(crun['median'], 's')})" if crun else ""
+        out.append(f"| 15: create + start in the guest <= 50 ms (agent log) | "
+                   f"**{fmt(cs['median'], 's')}**{beside} | "
+                   f"{_verdict(cs['median'] <= 0.05, 'docs/engine.md has the profile')} |")
+    pf = by_name(d.get("portforward"))
+    for what in ("CRI port-forward request", "pod-netns connect+request", "pod-netns download"):
+        p, r = pf.get(f"pykata {what}"), pf.get(f"runc {what}")
+        if p and r:
+            out.append(f"| 22: port-forward {what} (measured, no target) | pykata "
+                       f"{fmt(p['median'], p['unit'])} vs runc {fmt(r['median'], r['unit'])} "
+                       f"| - |")
+    if len(out) == 2:
+        out.append("| (none measured in this run) | - | - |")
+    return out
+
+
 # -- the document ---------------------------------------------------------------------------
 
 
@@ -234,7 +314,8 @@ def render(d: dict[str, Any], suite: dict[str, Any]) -> str:
     if failed:
         out.append(f"Sections that failed or timed out in this run: {', '.join(failed)} "
                    "(their tables below are from an earlier run, if any).")
-    out += ["", "![benchmarks](benchmarks.png)", "", "## Targets (issue 7)", "", *targets(d)]
+    out += ["", "![benchmarks](benchmarks.png)", "", "## Targets (issue 7)", "", *targets(d),
+            "", "## Targets (issues 14, 15, 22)", "", *targets_next(d)]
     img = _image()
     if img:
         out += ["", "## Guest image", "",
@@ -258,6 +339,46 @@ def render(d: dict[str, Any], suite: dict[str, Any]) -> str:
         out += ["", f"## Exec latency ({ex.get('when', '')})", "",
                 "`ctr task exec` of `true` in a running `sleep` container (2 warm-up execs "
                 "not counted).", "", *series_table(ex["series"], "runtime")]
+    en = d.get("engine")
+    if en:
+        out += ["", f"## The guest's container engine: native vs crun ({en.get('when', '')})",
+                "", "`[agent] container_engine`: the agent's own engine (with its fork server; "
+                "`native-nofs` without it) against crun in the same guest, one sandbox each; "
+                "inside the guest from the agent's log, from the host through the runtime, "
+                "and `ctr task exec` beside runc. See [engine.md](engine.md).", "",
+                *series_table(en["series"])]
+    ag = d.get("agent_start")
+    if ag:
+        out += ["", f"## Agent start against the boot floor ({ag.get('when', '')})", "",
+                "The same kernel booted three ways in one run: to a trivial init (`floor`), "
+                "with the agent from the initrd, and with the agent from the read-only DAX "
+                "image; host clock from QEMU's start, guest uptime from the guest. See "
+                "[boot.md](boot.md).", "",
+                *series_table([x for x in ag["series"]
+                               if any(k in x["name"] for k in (
+                                   "floor: host", "host check", "host serving",
+                                   "guest kernel_init", "guest early_check",
+                                   "guest serving"))])]
+    vc = d.get("vmcache")
+    if vc:
+        out += ["", f"## VM cache and templates ({vc.get('when', '')})", "",
+                "`ctr run --rm IMAGE id true` cold, from a VM template, from the VM cache "
+                "(`pykata factory serve`, refilled at once or after a pause) and from a cache "
+                "of template clones. See [vmcache.md](vmcache.md).", "",
+                *series_table(vc["series"], "path")]
+        mem = vc.get("idle_cached_vm_memory") or {}
+        if mem:
+            out += ["", "| idle cached VM | PSS | unmapped RAM file | total |", "|---|---|---|---|"]
+            out += [f"| {k} | {mib(v['pss_bytes'] / 1024)} | "
+                    f"{mib(v['ram_file_unmapped_bytes'] / 1024)} | "
+                    f"**{mib(v['total_bytes'] / 1024)}** |" for k, v in mem.items()]
+    pf = d.get("portforward")
+    if pf:
+        out += ["", f"## Port-forward, pykata vs runc ({pf.get('when', '')})", "",
+                "Through containerd's CRI PortForward and streaming server (websocket), and "
+                "the dial containerd makes in the pod's network namespace; the server is "
+                "busybox httpd in the pod. See [conformance.md](conformance.md).", "",
+                *series_table(pf["series"])]
     de = d.get("density")
     if de:
         out += _density(de)
@@ -267,6 +388,12 @@ def render(d: dict[str, Any], suite: dict[str, Any]) -> str:
             tp.setdefault("settle_s", de.get("settle_s", "?"))
             out += _density(tp, f" from a VM template (built once in "
                                 f"{tp.get('template_build_s', 0):.1f} s)")
+    fa = (d.get("density-fast") or {}).get("template")
+    if fa and fa.get("burst"):
+        fa = dict(fa)
+        fa.setdefault("when", d["density-fast"].get("when", ""))
+        fa.setdefault("settle_s", d["density-fast"].get("settle_s", "?"))
+        out += _density(fa, f", {fa['burst']['requested']} template pods at once")
     rp = d.get("rpc")
     if rp:
         ag = rp.get("agent", {})
@@ -315,8 +442,10 @@ def render(d: dict[str, Any], suite: dict[str, Any]) -> str:
 
 
 def _density(de: dict[str, Any], how: str = "") -> list[str]:
-    out = ["", f"## Per-pod host memory and density{how} ({de.get('when', '')})", "",
-           f"Idle pods: `{de.get('command', '')}`, started in parallel batches; PSS of each "
+    out = ["", f"## Per-pod host memory and density{how} ({de.get('when', '')})"]
+    if not de.get("memory_steps"):
+        return out + _burst(de.get("burst"))
+    out += ["", f"Idle pods: `{de.get('command', '')}`, started in parallel batches; PSS of each "
            "pod's shim + QEMU + virtiofsd read from /proc/PID/smaps_rollup "
            f"{de.get('settle_s', '?')} s after the batch is up (1 sample per step). A VM "
            "cloned from a template keeps its RAM in a tmpfs file: the part of that file "
@@ -338,7 +467,11 @@ def _density(de: dict[str, Any], how: str = "") -> list[str]:
         out += ["", f"Largest idle shim RSS: {steps[0]['shim_rss_max_kib'] / 1024:.1f} MiB "
                 f"(1 pod), {steps[-1]['shim_rss_max_kib'] / 1024:.1f} MiB "
                 f"({steps[-1]['pods']} pods)."]
-    b = de.get("burst")
+    return out + _burst(de.get("burst"))
+
+
+def _burst(b: dict[str, Any] | None) -> list[str]:
+    out: list[str] = []
     if b:
         per = sorted(b.get("per_pod_s") or [])
         spread = (f"per-pod `ctr run -d` time median {fmt(per[len(per) // 2], 's')}, "
@@ -350,7 +483,9 @@ def _density(de: dict[str, Any], how: str = "") -> list[str]:
                 f"{b['budget_s']:.0f} s each): **{b['started']} running, {b['failed']} failed**, "
                 f"all running after **{ready}** (1 run); {spread}; "
                 f"{b.get('still_running_after_settle', '?')} still running after the settle "
-                f"time; PSS {mib(kp.get('total', 0))} per pod."]
+                f"time; PSS {mib(kp.get('total', 0))} per pod"
+                + (f"; {b['exec_answered']} answered a `ctr task exec`" if "exec_answered" in b
+                   else "") + "."]
     return out
 
 
