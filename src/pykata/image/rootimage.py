@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pykata import errors
+from pykata import errors, wire
 from pykata.image.tools import run, tempdir
 
 FILESYSTEMS = ("erofs", "ext4")
@@ -43,7 +43,7 @@ MKFS = {"erofs": "mkfs.erofs", "ext4": "mkfs.ext4"}
 
 PAGE = 4096
 ALIGN = 2 << 20  # device size and data offset alignment
-DATA_OFFSET = ALIGN  # where the file system starts in the image
+DATA_OFFSET = wire.ROOT_IMAGE_DATA_OFFSET  # where the file system starts in the image
 PFN_INFO_OFFSET = 4096  # where the kernel looks for the info block
 PFN_SIGNATURE = b"NVDIMM_PFN_INFO\0"
 PFN_MODE_RAM = 1  # struct pages in guest RAM (the device is read-only)
