@@ -19,7 +19,7 @@ from pykata import wire
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
 
 def _log() -> logging.Logger:
@@ -222,17 +222,29 @@ def ensure_mount(source: str, target: str, fstype: str, options: Sequence[str] =
 # -- kernel modules ------------------------------------------------------------------
 
 MODULE_INIT_COMPRESSED_FILE = 4
+_SYS_INIT_MODULE = 175  # x86_64
 _SYS_FINIT_MODULE = 313  # x86_64
 
 
 def load_module(path: str, params: str = "") -> bool:
-    """finit_module(2); False if it was loaded already."""
-    flags = MODULE_INIT_COMPRESSED_FILE if path.endswith((".xz", ".zst", ".gz")) else 0
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        ret = libc().syscall(_SYS_FINIT_MODULE, fd, params.encode(), flags)
-    finally:
-        os.close(fd)
+    """Load a module file: finit_module(2), or for a ``.ko.gz`` (the image's
+    on-demand modules: the guest kernel cannot decompress modules itself) the
+    image decompressed here with init_module(2). False if it was loaded already."""
+    if path.endswith(".gz"):
+        import zlib  # built into the guest's Python
+
+        with open(path, "rb") as f:
+            image = zlib.decompress(f.read(), wbits=31)
+        buf = ctypes.create_string_buffer(image, len(image))
+        ret = libc().syscall(_SYS_INIT_MODULE, buf, ctypes.c_ulong(len(image)),
+                             params.encode())
+    else:
+        flags = MODULE_INIT_COMPRESSED_FILE if path.endswith((".xz", ".zst")) else 0
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ret = libc().syscall(_SYS_FINIT_MODULE, fd, params.encode(), flags)
+        finally:
+            os.close(fd)
     if ret < 0:
         err = ctypes.get_errno()
         if err == errno.EEXIST:
@@ -335,21 +347,96 @@ def parse_modules_dep(text: str) -> dict[str, list[str]]:
     return out
 
 
-def load_module_by_name(name: str, params: Sequence[str] = ()) -> None:
-    """Load a module of the running kernel and its dependencies (via modules.dep)."""
-    base = f"/lib/modules/{os.uname().release}"
+def parse_modules_alias(text: str) -> list[tuple[str, str]]:
+    """modules.alias (or modules.symbols) -> [(pattern, module name)] in order, from
+    its ``alias PATTERN MODULE`` lines; comments and anything else are skipped."""
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "alias":
+            out.append((words[1], module_name(words[2])))
+    return out
+
+
+def _alias_key(name: str) -> str:
+    """modprobe's normalisation for matching: '-' and '_' are the same character
+    (outside ``[...]`` classes of a pattern, which are kept as written)."""
+    out = []
+    depth = 0
+    for ch in name:
+        if ch == "[":
+            depth += 1
+        elif ch == "]" and depth:
+            depth -= 1
+        out.append("_" if ch == "-" and not depth else ch)
+    return "".join(out)
+
+
+def resolve_module(request: str, deps: Mapping[str, Sequence[str]],
+                   aliases: Iterable[tuple[str, str]], builtin: Iterable[str] = ()) -> list[str]:
+    """The modules a ``modprobe request`` loads, as modprobe resolves it: a module
+    name (``-`` and ``_`` alike) is itself; a built-in one needs nothing ([]);
+    anything else is an alias, matched (shell wildcards) against ``aliases``
+    (:func:`parse_modules_alias`), every match counts. Names of modules
+    that are in ``deps``; FileNotFoundError if none is."""
+    name = request.replace("-", "_")
+    if name in deps:
+        return [name]
+    if name in set(builtin):
+        return []
+    import fnmatch
+
+    key = _alias_key(request)
+    found = list(dict.fromkeys(mod for pattern, mod in aliases
+                               if mod in deps and fnmatch.fnmatchcase(key, _alias_key(pattern))))
+    if not found:
+        raise FileNotFoundError(errno.ENOENT, f"kernel module {request} not found")
+    return found
+
+
+def module_files(names: Iterable[str], deps: Mapping[str, Sequence[str]]) -> list[str]:
+    """modules.dep paths of ``names`` and their dependencies, dependencies first
+    (modules.dep lists a module's closest dependency first), each once."""
+    out: list[str] = []
+    for name in names:
+        own, *needed = deps[name]
+        for path in [*reversed(needed), own]:
+            if path not in out:
+                out.append(path)
+    return out
+
+
+def load_module_by_name(name: str, params: Sequence[str] = (),
+                        base: str | None = None) -> int:
+    """modprobe for the agent: load a module of the running kernel, or what an alias
+    names, with its dependencies (modules.dep, modules.alias of ``base``, by
+    default /lib/modules/<release>); ``params`` go to the named module(s). Loaded
+    ones are skipped. The number of modules loaded."""
+    base = base or f"/lib/modules/{os.uname().release}"
     try:
         deps = parse_modules_dep(_read(os.path.join(base, "modules.dep")))
     except OSError as exc:
         raise OSError(exc.errno or errno.ENOENT, f"no modules.dep for this kernel: {exc}") from exc
-    key = name.replace("-", "_")
-    entry = deps.get(key)
-    if entry is None:
-        raise FileNotFoundError(errno.ENOENT, f"kernel module {name} not found")
-    own, *needed = entry
-    for dep in reversed(needed):
-        load_module(os.path.join(base, dep))
-    load_module(os.path.join(base, own), " ".join(params))
+    aliases: list[tuple[str, str]] = []
+    builtin: list[str] = []
+    if name.replace("-", "_") not in deps:  # an alias, or built in
+        try:
+            aliases = parse_modules_alias(_read(os.path.join(base, "modules.alias")))
+        except FileNotFoundError:
+            pass
+        try:
+            builtin = [module_name(p) for p in _read(os.path.join(base, "modules.builtin")).split()]
+        except FileNotFoundError:
+            pass
+    targets = resolve_module(name, deps, aliases, builtin)
+    own = {deps[t][0] for t in targets}
+    loaded = 0
+    for path in module_files(targets, deps):
+        if module_loaded(path):
+            continue
+        if load_module(os.path.join(base, path), " ".join(params) if path in own else ""):
+            loaded += 1
+    return loaded
 
 
 # -- identity, time, entropy -----------------------------------------------------------

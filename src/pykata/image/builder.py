@@ -8,7 +8,7 @@ This module is the orchestration; each stage has its own module:
 
 =================  ============================================================
 :mod:`.apt`        package versions (cached against apt's state), download, unpack
-:mod:`.kernel`     vmlinuz, the vmlinux inside it, kernel modules in load order
+:mod:`.kernel`     vmlinuz, the vmlinux inside it, kernel modules: boot (load order), on demand
 :mod:`.rootfs`     the root's packages, merged /usr, trimming, base files, libraries
 :mod:`.agent`      the agent and protobuf, /init, import check, bytecode
 :mod:`.initrd`     the staging tree as a newc cpio
@@ -191,7 +191,9 @@ def _build(output_dir: Path, digest: str, kpkg: str, versions: dict[str, str], p
                 "digest": digest, "builder": BUILDER_VERSION, "kernel_release": release,
                 "kernel_package": kpkg, "packages": dict(sorted(versions.items())),
                 "initrd_bytes": size, "vmlinuz_bytes": (out / "vmlinuz").stat().st_size,
-                "vmlinux": (out / "vmlinux").exists(), "modules": modules,
+                "vmlinux": (out / "vmlinux").exists(), "modules": modules.boot,
+                "on_demand_modules": modules.on_demand,
+                "on_demand_modules_bytes": modules.on_demand_bytes,
                 "protobuf": agent.protobuf_version(),
                 "root_images": {img.fstype: img.manifest() for img in root_imgs},
                 "early_initrd": early_info or None,
