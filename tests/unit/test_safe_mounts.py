@@ -150,15 +150,15 @@ def test_mounts_under_is_an_exact_prefix(base: Path) -> None:
 
 
 def test_read_only_volume_is_read_only_all_the_way_down(base: Path) -> None:
-    """A read-only bind of a directory that has its own submount: the submount is
-    read-only in the guest's view too (recursive, set before the bind appears)."""
+    """A recursively read-only (rro) bind of a directory that has its own submount:
+    the submount is read-only in the guest's view too (set before the bind appears)."""
     def check() -> None:
         sub = base / "src" / "sub"
         sub.mkdir()
         mounts.mount("tmpfs", sub, "tmpfs")
         t = SharedTree(base / "sb")
         t.setup()
-        point, _ = t.share(base / "src", "c1/mounts/0-src", readonly=True)
+        point, _ = t.share(base / "src", "c1/mounts/0-src", readonly=True, recursive_ro=True)
         for target in (base / "sb/shared/c1/mounts/0-src/x",
                        base / "sb/shared/c1/mounts/0-src/sub/x",
                        base / "sb/mounts/c1/mounts/0-src/sub/x"):

@@ -13,6 +13,7 @@ from pykata.runtime.specconv import (
     GUEST_SANDBOX_DIR,
     GUEST_SPEC_VERSION,
     GUEST_STORAGE_DIR,
+    MAX_SUBMOUNT_BINDS,
     SANDBOX_NS_MARKER,
     SANDBOX_SCOPE,
     BlockVolume,
@@ -67,7 +68,8 @@ def test_rootfs_and_binds_go_through_the_share() -> None:
     assert binds["/cfg"]["source"] == "/run/pykata/shared/c1/mounts/3/app.conf"
     assert binds["/proc"]["source"] == "proc"  # guest-local mounts stay
     assert HostMount(Path("/srv/data"), "c1/mounts/2/data", False) in host
-    assert HostMount(Path("/etc/app.conf"), "c1/mounts/3/app.conf", True) in host
+    assert HostMount(Path("/etc/app.conf"), "c1/mounts/3/app.conf", True,
+                     recursive=False) in host  # "bind": the file alone
 
 
 def test_host_devices_hooks_and_netns_paths_dropped() -> None:
@@ -121,7 +123,9 @@ class FakeProbe(HostProbe):
     """Host paths as the tests say: block devices, tmpfs mounts, the rest absent."""
 
     def __init__(self, blocks: dict[str, tuple[int, int]] | None = None,
-                 files: set[str] | None = None, tmpfs: dict[str, int] | None = None) -> None:
+                 files: set[str] | None = None, tmpfs: dict[str, int] | None = None,
+                 subs: dict[str, list[tuple[str, frozenset[str]]]] | None = None) -> None:
+        self.subs = subs or {}
         self.blocks = blocks or {}
         self.files = files or set()
         self.tmpfs = tmpfs or {}
@@ -141,6 +145,9 @@ class FakeProbe(HostProbe):
 
     def tmpfs_size(self, path: str) -> int | None:
         return self.tmpfs.get(path)
+
+    def submounts(self, path: str, limit: int) -> list[tuple[str, frozenset[str]]]:
+        return self.subs.get(path, [])[:limit]
 
 
 def spec_with(*mounts: dict[str, Any], devices: list[dict[str, Any]] | None = None,
@@ -289,6 +296,107 @@ def test_pod_shm_bind_becomes_the_pods_guest_tmpfs() -> None:
     # A /dev/shm bind that is not a tmpfs is shared like any other directory.
     p = plan(spec, "c1", Path("/b"), probe=FakeProbe())
     assert p.storages == [] and any(h.source == Path(shm) for h in p.host_mounts)
+
+
+# -- read-only binds, submounts, propagation ----------------------------------------------
+
+def _opts(text: str) -> frozenset[str]:
+    return frozenset(text.split(","))
+
+
+SUBS = {"/srv/vol": [("tmp", _opts("rw,nosuid,nodev")), ("tmp/deep", _opts("ro")),
+                     ("bin", _opts("rw,noexec"))]}
+
+
+def _vol(*options: str) -> dict[str, Any]:
+    return {"destination": "/data/", "type": "bind", "source": "/srv/vol",
+            "options": list(options)}
+
+
+def test_ro_volume_is_read_only_at_its_top_and_submounts_keep_their_own() -> None:
+    p = plan(spec_with(_vol("rbind", "ro", "rprivate")), "c1", Path("/b"),
+             probe=FakeProbe(subs=SUBS))
+    src = "/run/pykata/shared/c1/mounts/1/vol"
+    assert p.spec["mounts"][1:] == [
+        {"destination": "/data/", "type": "bind", "source": src,
+         "options": ["rbind", "ro", "rprivate"]},
+        {"destination": "/data/tmp", "type": "bind", "source": f"{src}/tmp",
+         "options": ["bind", "rw", "nosuid", "nodev", "rprivate"]},
+        {"destination": "/data/tmp/deep", "type": "bind", "source": f"{src}/tmp/deep",
+         "options": ["bind", "ro", "rprivate"]},
+        {"destination": "/data/bin", "type": "bind", "source": f"{src}/bin",
+         "options": ["bind", "rw", "noexec", "rprivate"]},
+    ]
+    assert p.host_mounts[1] == HostMount(Path("/srv/vol"), "c1/mounts/1/vol", True)
+
+
+def test_rro_volume_is_read_only_all_the_way_down() -> None:
+    p = plan(spec_with(_vol("rbind", "rro")), "c1", Path("/b"), probe=FakeProbe(subs=SUBS))
+    vol, *subs = p.spec["mounts"][1:]
+    # The guest's engines get a plain ro (the native one refuses rro): in the guest
+    # the volume is one virtio-fs mount, and each submount's bind is read-only.
+    assert vol["options"] == ["rbind", "ro"]
+    assert [m["options"][:2] for m in subs] == [["bind", "ro"]] * 3
+    assert p.host_mounts[1] == HostMount(Path("/srv/vol"), "c1/mounts/1/vol", True,
+                                         recursive_ro=True)
+    # rrw wins over an earlier rro, as the last of ro/rw does.
+    p = plan(spec_with(_vol("rbind", "rro", "rrw")), "c1", Path("/b"), probe=FakeProbe())
+    assert p.host_mounts[1] == HostMount(Path("/srv/vol"), "c1/mounts/1/vol", False)
+    assert p.spec["mounts"][1]["options"] == ["rbind"]
+
+
+def test_bind_without_rbind_carries_no_submounts() -> None:
+    p = plan(spec_with(_vol("bind", "ro")), "c1", Path("/b"), probe=FakeProbe(subs=SUBS))
+    assert len(p.spec["mounts"]) == 2
+    assert p.host_mounts[1] == HostMount(Path("/srv/vol"), "c1/mounts/1/vol", True,
+                                         recursive=False)
+
+
+def test_many_submounts_are_capped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    many = {"/srv/vol": [(f"m{i}", _opts("rw")) for i in range(MAX_SUBMOUNT_BINDS + 5)]}
+    p = plan(spec_with(_vol("rbind", "ro")), "c1", Path("/b"), probe=FakeProbe(subs=many))
+    assert len(p.spec["mounts"]) == 2 + MAX_SUBMOUNT_BINDS
+    assert f"more than {MAX_SUBMOUNT_BINDS} mounts below it" in caplog.text
+
+
+@pytest.mark.parametrize("prop", ["rslave", "slave"])
+def test_host_to_container_makes_the_share_a_receiver(prop: str) -> None:
+    p = plan(spec_with(_vol("rbind", prop, "rw")), "c1", Path("/b"),
+             probe=FakeProbe(subs=SUBS))
+    assert p.host_mounts[1] == HostMount(Path("/srv/vol"), "c1/mounts/1/vol", False,
+                                         receive=True)
+    assert p.spec["mounts"][2]["options"][-1] == prop
+    # private, or no propagation at all: nothing is received.
+    for opts in (("rbind", "rprivate"), ("rbind",), ("rbind", "rslave", "rprivate")):
+        p = plan(spec_with(_vol(*opts)), "c1", Path("/b"), probe=FakeProbe())
+        assert not p.host_mounts[1].receive, opts
+
+
+@pytest.mark.parametrize("prop", ["rshared", "shared"])
+def test_bidirectional_is_refused_naming_the_mount(prop: str) -> None:
+    with pytest.raises(InvalidArgument, match=rf"^mount /data/ \(source /srv/vol\): {prop}"
+                       r" propagation \(Kubernetes mountPropagation Bidirectional\) is not"):
+        plan(spec_with(_vol("rbind", prop)), "c1", Path("/b"), probe=FakeProbe())
+
+
+def test_rro_on_guest_volumes_and_disks_is_read_only() -> None:
+    spec = spec_with({"destination": "/cache", "type": "bind", "source": f"{EMPTY}/cache",
+                      "options": ["rbind", "rro"]},
+                     {"destination": "/disk", "type": "ext4", "source": "/dev/loop3",
+                      "options": ["rro", "noatime"]})
+    p = plan(spec, "c1", Path("/b"), probe=FakeProbe(blocks={"/dev/loop3": (7, 3)}))
+    assert p.spec["mounts"][1]["options"] == ["rbind", "ro"]
+    (disk,) = p.blocks
+    assert disk.readonly and disk.options == ("noatime", "ro")
+    assert p.spec["mounts"][2]["options"] == ["rbind", "ro", "noatime"]
+
+
+def test_real_probe_lists_nothing_below_a_file_or_a_missing_path(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    probe = HostProbe()
+    assert probe.submounts(str(tmp_path / "f"), 10) == []
+    assert probe.submounts(str(tmp_path / "missing"), 10) == []
+    assert probe.submounts(str(tmp_path), 10) == []
 
 
 def test_guest_tmpfs_mounts_are_left_to_the_guest() -> None:

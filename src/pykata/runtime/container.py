@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 class Tree(Protocol):
     """The sandbox's shared tree as a container uses it (runtime/sharedtree.py)."""
 
-    def share(self, source: Path, rel: str, readonly: bool) -> tuple[str, list[str]]: ...
+    def share(self, source: Path, rel: str, readonly: bool, *, recursive: bool = True,
+              recursive_ro: bool = False, receive: bool = False) -> tuple[str, list[str]]: ...
 
     def unshare(self, points: list[str]) -> list[str]: ...
 
@@ -415,7 +416,9 @@ class Container:
         (through fds: see runtime/sharedtree.py); the guest sees them read-only
         arranged, each one writable or not as the spec says."""
         for hm in host_mounts:
-            point, _ = self.sandbox.tree.share(hm.source, hm.target, hm.readonly)
+            point, _ = self.sandbox.tree.share(hm.source, hm.target, hm.readonly,
+                                               recursive=hm.recursive,
+                                               recursive_ro=hm.recursive_ro, receive=hm.receive)
             self._host_mounts.append(Path(point))
 
     def unmount_shared(self) -> None:

@@ -51,9 +51,15 @@ class SharedTree:
             raise errors.Internal(f"cannot set up the shared directory of {self.root}:"
                                   f" {exc.strerror}") from exc
 
-    def share(self, source: Path, rel: str, readonly: bool) -> tuple[str, list[str]]:
+    def share(self, source: Path, rel: str, readonly: bool, *, recursive: bool = True,
+              recursive_ro: bool = False, receive: bool = False) -> tuple[str, list[str]]:
         """Bind ``source`` at mounts/``rel``: the mount point made, and the
-        entries created for it (relative to mounts/, parents first)."""
+        entries created for it (relative to mounts/, parents first).
+        ``readonly`` makes its top mount read-only, ``recursive_ro`` every mount
+        below too; ``recursive`` carries the mounts below ``source``; ``receive``
+        makes it receive the mounts the host makes below ``source`` later
+        (mounts.bind_onto). The host's flags are what the guest gets: a hostile
+        guest never sees more than these allow."""
         try:
             is_dir = source.is_dir()
             exists = is_dir or source.exists()
@@ -66,7 +72,8 @@ class SharedTree:
         try:
             leaf, created = mounts.make_path(root, rel, leaf_dir=is_dir)
             try:
-                mounts.bind_onto(source, leaf, readonly=readonly)
+                mounts.bind_onto(source, leaf, readonly=readonly, recursive=recursive,
+                                 recursive_ro=recursive_ro, receive=receive)
             finally:
                 os.close(leaf)
         except (OSError, ValueError) as exc:

@@ -41,6 +41,7 @@ from typing import Any
 
 from pykata.errors import InvalidArgument
 from pykata.runtime.types import Storage
+from pykata.utils import mounts as host_mounts
 
 # The guest's side of the contract (pykata.wire): where the shared tree is
 # mounted (GUEST_SHARED_DIR/<container>/...), per-container mounts of hot-plugged
@@ -73,7 +74,14 @@ TMPFS_MAGIC = 0x01021994
 _BIND_FLAGS = ("nosuid", "nodev", "noexec", "noatime", "nodiratime", "relatime")
 # Bind-only and propagation options that mean nothing to a file system mount.
 _NOT_FS_OPTIONS = {"bind", "rbind", "private", "rprivate", "shared", "rshared", "slave",
-                   "rslave", "unbindable", "runbindable"}
+                   "rslave", "unbindable", "runbindable", "rro", "rrw"}
+_PROPAGATION = ("private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable",
+                "runbindable")
+# Flags of a host submount its guest bind carries (the guest kernel enforces them).
+_SUBMOUNT_FLAGS = ("nosuid", "nodev", "noexec")
+# Guest binds made for the submounts of one volume, at most (the rest stay as the
+# volume's bind makes them: read-only under a read-only volume).
+MAX_SUBMOUNT_BINDS = 64
 
 # Mount types the guest makes itself; everything else with a host source is shared.
 GUEST_LOCAL_TYPES = {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "shm"}
@@ -105,7 +113,10 @@ class HostMount:
 
     source: Path  # host path
     target: str  # relative to the shared directory
-    readonly: bool = False
+    readonly: bool = False  # the top mount (``ro``)
+    recursive: bool = True  # with the mounts below the source (``rbind``)
+    recursive_ro: bool = False  # every mount read-only (``rro``)
+    receive: bool = False  # receives the host's later mounts below it (``rslave``)
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,21 @@ class HostProbe:
         except OSError:
             return None
         return st.f_blocks * st.f_frsize
+
+    def submounts(self, path: str, limit: int) -> list[tuple[str, frozenset[str]]]:
+        """The host mounts a recursive bind of the directory ``path`` carries:
+        each one's path relative to ``path`` and its per-mount options (``ro``,
+        ``nosuid``, ...), parents first, at most ``limit``. ``path`` is resolved
+        as the bind resolves it (it is the spec's host path, not a guest's)."""
+        try:
+            real = os.path.realpath(path, strict=True)
+            if not os.path.isdir(real):
+                return []
+            table = host_mounts.mount_table()
+        except OSError:
+            return []
+        return [(e.point[len(real):].lstrip("/"), e.options)
+                for e in host_mounts.visible_submounts(table, real, limit)]
 
 
 def _statfs_type(path: str) -> int:
@@ -301,7 +327,7 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
         rdev = _block_rdev(probe, str(src_path))
         if rdev is not None:
             # A bind of a block device: the container gets the device node.
-            readonly = "ro" in opts
+            readonly = _read_only(opts)[0]
             _add_device(out, dest, os.major(rdev), os.minor(rdev), readonly)
             p.blocks.append(BlockVolume(src_path, readonly, container_path=dest))
             continue
@@ -316,12 +342,19 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
         # mounts/<n>/<source's name>: the guest's mountinfo shows a root that
         # ends like the source, as runc's does.
         name = f"{i}/{src_path.name or 'root'}"
-        readonly = "ro" in opts
-        p.host_mounts.append(HostMount(src_path, f"{container_id}/mounts/{name}", readonly))
+        hm = _host_bind(m, src_path, f"{container_id}/mounts/{name}")
+        p.host_mounts.append(hm)
         m = dict(m)
         m["source"] = f"{base}/mounts/{name}"
         m["type"] = "bind"
+        if "rro" in opts or "rrw" in opts:
+            # The guest sees no submounts (it gets binds of them): a plain ro/rw.
+            keep = [o for o in opts if o not in ("rro", "rrw")]
+            m["options"] = ([o for o in keep if o not in ("ro", "rw")] + ["ro"]
+                            if hm.recursive_ro else keep)
         mounts.append(m)
+        if hm.recursive:
+            mounts.extend(_submount_binds(m, hm, probe))
     out["mounts"] = mounts
     _spec_devices(p, probe)
     # Hooks run on the host, never in the guest.
@@ -352,6 +385,63 @@ def _options(m: dict[str, Any]) -> list[str]:
     return [o for o in (m.get("options") or []) if isinstance(o, str)]
 
 
+def _read_only(opts: list[str]) -> tuple[bool, bool]:
+    """(read-only, recursively read-only): ``ro``/``rw`` set the top mount,
+    ``rro``/``rrw`` every mount below it too; the last of each pair wins."""
+    ro = rro = False
+    for o in opts:
+        if o in ("ro", "rw"):
+            ro = o == "ro"
+        elif o in ("rro", "rrw"):
+            rro = o == "rro"
+    return ro or rro, rro
+
+
+def _host_bind(m: dict[str, Any], source: Path, target: str) -> HostMount:
+    """The host side of a bind shared through virtio-fs, as its options ask:
+    ``bind``/``rbind``, ``ro``/``rro``, and propagation. The share receives the
+    host's later mounts for ``slave``/``rslave`` (Kubernetes HostToContainer);
+    ``shared``/``rshared`` (Bidirectional) is refused: a mount made in the
+    container is a mount in the guest kernel and can never reach the host."""
+    opts = _options(m)
+    props = [o for o in opts if o in _PROPAGATION]
+    if props and props[-1] in ("shared", "rshared"):
+        raise InvalidArgument(
+            f"mount {m['destination']} (source {m.get('source')}): {props[-1]} propagation"
+            " (Kubernetes mountPropagation Bidirectional) is not supported: a mount made in"
+            " the container is made in the VM and cannot reach the host; use HostToContainer"
+            " (rslave) or None")
+    readonly, rro = _read_only(opts)
+    return HostMount(source, target, readonly,
+                     recursive="rbind" in opts or m.get("type") == "rbind", recursive_ro=rro,
+                     receive=bool(props) and props[-1] in ("slave", "rslave"))
+
+
+def _submount_binds(m: dict[str, Any], hm: HostMount,
+                    probe: HostProbe) -> list[dict[str, Any]]:
+    """Guest binds for the host mounts below a volume's source (in the guest the
+    whole volume is one virtio-fs mount): each with its own read-only state and
+    nosuid/nodev/noexec (read-only for ``rro``), so that, as with runc, a
+    writable submount of a ``ro`` volume stays writable and the container's
+    mount table shows it."""
+    subs = probe.submounts(str(hm.source), MAX_SUBMOUNT_BINDS + 1)
+    if len(subs) > MAX_SUBMOUNT_BINDS:
+        log.warning("mount %s: %s has more than %d mounts below it: the first %d get a bind"
+                    " of their own, the others are seen as the volume's bind makes them",
+                    m["destination"], hm.source, MAX_SUBMOUNT_BINDS, MAX_SUBMOUNT_BINDS)
+        subs = subs[:MAX_SUBMOUNT_BINDS]
+    props = [o for o in _options(m) if o in _PROPAGATION][-1:]
+    dest = str(m["destination"]).rstrip("/")
+    out = []
+    for rel, options in subs:
+        ro = hm.recursive_ro or "ro" in options
+        out.append({"destination": f"{dest}/{rel}", "type": "bind",
+                    "source": f"{m['source']}/{rel}",
+                    "options": ["bind", "ro" if ro else "rw",
+                                *(o for o in _SUBMOUNT_FLAGS if o in options), *props]})
+    return out
+
+
 def _block_rdev(probe: HostProbe, path: str) -> int | None:
     try:
         return probe.block_rdev(path)
@@ -380,7 +470,7 @@ def _block_mount(p: GuestPlan, m: dict[str, Any], container_id: str, index: int,
     if not fstype or fstype == "none":
         raise InvalidArgument(f"mount of block device {src} on {dest} needs a file system type")
     opts = _options(m)
-    readonly = "ro" in opts
+    readonly = _read_only(opts)[0]
     fs_opts = [o for o in opts if o not in _NOT_FS_OPTIONS]
     if readonly and "ro" not in fs_opts:
         fs_opts.append("ro")
@@ -397,6 +487,8 @@ def _pod_volume(p: GuestPlan, m: dict[str, Any], src: str, guest_empty_dir: bool
     dest = m["destination"]
     opts = _options(m)
     keep = [o for o in opts if o in ("ro", "rw", *_BIND_FLAGS)]
+    if _read_only(opts)[1]:
+        keep.append("ro")  # rro: nothing is mounted below a guest volume
     match = EMPTY_DIR.search(src)
     if dest == "/dev/shm" and match is None:
         size = probe.tmpfs_size(src)

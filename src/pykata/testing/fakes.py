@@ -400,7 +400,8 @@ class FakeTree(_Recorder):
         self.mounts = root / "mounts"
         self.shared: dict[str, tuple[Path, bool]] = {}  # mount point -> (source, readonly)
 
-    def share(self, source: Path, rel: str, readonly: bool) -> tuple[str, list[str]]:
+    def share(self, source: Path, rel: str, readonly: bool, *, recursive: bool = True,
+              recursive_ro: bool = False, receive: bool = False) -> tuple[str, list[str]]:
         self._call("share", source, rel, readonly)
         if not source.exists():
             raise errors.InvalidArgument(f"mount source {source} does not exist")

@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from pykata.utils.libc import libc
@@ -155,21 +156,34 @@ def make_path(root_fd: int, rel: str, leaf_dir: bool) -> tuple[int, list[str]]:
         raise
 
 
-def bind_onto(source: str | Path, target_fd: int, readonly: bool = False) -> None:
-    """Recursively bind ``source`` (a host path the runtime chose) onto the file or
-    directory ``target_fd``. Read-only is set on the detached copy, before it is
-    attached, so no propagated copy of it is ever writable."""
+def bind_onto(source: str | Path, target_fd: int, readonly: bool = False, *,
+              recursive: bool = True, recursive_ro: bool = False,
+              receive: bool = False) -> None:
+    """Bind ``source`` (a host path the runtime chose) onto the file or directory
+    ``target_fd``, as a bind mount of an OCI spec asks:
+
+    - ``recursive`` (``rbind``): with the mounts below ``source``, each keeping
+      its own flags; else ``source``'s mount alone (``bind``);
+    - ``readonly`` (``ro``): the top mount only, as runc does; ``recursive_ro``
+      (``rro``): every mount of the copy;
+    - ``receive`` (``rslave``, ``slave``): the copy is a propagation receiver of
+      the source (mounts made on the host below ``source`` later appear in it),
+      else private. Never a peer: nothing mounted or unmounted in the copy
+      reaches the host.
+
+    All of it is set on the detached copy, before it is attached, so no
+    propagated copy of it is ever writable or a peer of the host's."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
     tree = _check(_libc.syscall(
         ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD),
-        ctypes.c_char_p(os.fsencode(str(source))),
-        ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE)), f"open_tree {source}")
+        ctypes.c_char_p(os.fsencode(str(source))), ctypes.c_uint(flags)),
+        f"open_tree {source}")
     try:
-        if readonly:
-            attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
-            _check(_libc.syscall(
-                ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(tree), ctypes.c_char_p(b""),
-                ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
-                ctypes.c_size_t(ctypes.sizeof(attr))), f"make {source} read-only")
+        _setattr(tree, AT_RECURSIVE, _MountAttr(0, 0, MS_SLAVE if receive else MS_PRIVATE, 0),
+                 f"set the propagation of {source}")
+        if readonly or recursive_ro:
+            _setattr(tree, AT_RECURSIVE if recursive_ro else 0,
+                     _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0), f"make {source} read-only")
         _check(_libc.syscall(
             ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_int(tree), ctypes.c_char_p(b""),
             ctypes.c_int(target_fd), ctypes.c_char_p(b""),
@@ -177,6 +191,13 @@ def bind_onto(source: str | Path, target_fd: int, readonly: bool = False) -> Non
             f"mount {source}")
     finally:
         os.close(tree)
+
+
+def _setattr(tree: int, flags: int, attr: _MountAttr, what: str) -> None:
+    _check(_libc.syscall(
+        ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(tree), ctypes.c_char_p(b""),
+        ctypes.c_uint(AT_EMPTY_PATH | flags), ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr))), what)
 
 
 # -- the mount table -----------------------------------------------------------------
@@ -190,6 +211,93 @@ def mount_points() -> list[str]:
     """Every mount point of this mount namespace, as the kernel names it."""
     with open("/proc/self/mountinfo") as f:
         return [_unescape(line.split()[4]) for line in f]
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo: ids, mount point and per-mount options
+    (``ro``/``rw``, ``nosuid``, ``nodev``, ``noexec``, atime flags)."""
+
+    mount_id: int
+    parent_id: int
+    point: str
+    options: frozenset[str]
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """/proc/<pid>/mountinfo text -> entries (lines it cannot read are skipped)."""
+    out = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 6:
+            continue
+        try:
+            out.append(MountEntry(int(f[0]), int(f[1]), _unescape(f[4]),
+                                  frozenset(f[5].split(","))))
+        except ValueError:
+            continue
+    return out
+
+
+def mount_table() -> list[MountEntry]:
+    with open("/proc/self/mountinfo") as f:
+        return parse_mountinfo(f.read())
+
+
+def _below(path: str, top: str) -> bool:
+    """``path`` is strictly below ``top`` (both canonical)."""
+    return path.startswith(top.rstrip("/") + "/") and path != top
+
+
+def _ancestors(path: str) -> list[str]:
+    """The directories above the canonical ``path``: "/a/b/c" -> "/", "/a", "/a/b"."""
+    parts = path.rstrip("/").split("/")
+    return ["/".join(parts[:i]) or "/" for i in range(1, len(parts))]
+
+
+def visible_submounts(table: list[MountEntry], path: str,
+                      limit: int = 1000) -> list[MountEntry]:
+    """The mounts strictly below the canonical ``path`` that a walk from it
+    reaches (not one hidden by a mount over it or over a directory above it),
+    each the top of its stack, parents before children; at most ``limit``."""
+    ids = {e.mount_id for e in table}
+    kids: dict[int, list[MountEntry]] = {}
+    for e in table:
+        if e.parent_id != e.mount_id:
+            kids.setdefault(e.parent_id, []).append(e)
+
+    def top(e: MountEntry) -> MountEntry:
+        for _ in range(len(table)):
+            over = [c for c in kids.get(e.mount_id, ()) if c.point == e.point]
+            if not over:
+                break
+            e = over[-1]
+        return e
+
+    def visible(m: MountEntry) -> list[MountEntry]:
+        last = {c.point: c for c in kids.get(m.mount_id, ()) if c.point != m.point}
+        return [top(c) for p, c in sorted(last.items())
+                if not any(a in last for a in _ancestors(p))]
+
+    roots = [e for e in table if e.point == "/"
+             and (e.parent_id not in ids or e.parent_id == e.mount_id)]
+    if not roots or not path.startswith("/"):
+        return []
+    cur = top(roots[0])
+    for _ in range(len(table)):  # down to the mount that holds ``path``
+        over = [c for c in kids.get(cur.mount_id, ())
+                if c.point != cur.point and (c.point == path or _below(path, c.point))]
+        if not over:
+            break
+        shortest = min(len(c.point) for c in over)
+        cur = top([c for c in over if len(c.point) == shortest][-1])
+    found: list[MountEntry] = []
+    todo = [c for c in reversed(visible(cur)) if _below(c.point, path)]
+    while todo and len(found) < limit:
+        e = todo.pop()
+        found.append(e)
+        todo.extend(reversed(visible(e)))
+    return found
 
 
 def _canonical(root: str | Path) -> str:
