@@ -3,6 +3,10 @@
 ``PYKATA_CONFIG`` names another file. Every key is validated: an unknown key,
 a wrong type or an impossible value is an InvalidArgument naming the file, the
 section and the key. ``pykata env`` prints the effective result.
+
+``[hypervisor] driver`` selects the hypervisor driver (default "qemu"); its
+section ``[hypervisor.<driver>]`` has the keys every driver has (VMConfig,
+what the runtime reads through ``Config.vm``) and the driver's own.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pykata.errors import InvalidArgument
 
 DEFAULT_PATH = Path("/etc/pykata/configuration.toml")
 ENV_VAR = "PYKATA_CONFIG"
+
+_T = TypeVar("_T")
 
 # The kernel command line that boots fastest here (see docs/benchmarks.md).
 LEAN_KERNEL_PARAMS = (
@@ -33,10 +39,14 @@ LEAN_KERNEL_PARAMS = (
 
 
 @dataclass
-class QemuConfig:
-    """[hypervisor.qemu]"""
+class VMConfig:
+    """The keys every hypervisor driver's section ([hypervisor.<driver>]) has:
+    the guest's boot files and size, the shared file system and its daemon, the
+    agent channel. The runtime reads these, and only these, through
+    :attr:`Config.vm` (the selected driver's section); a driver's own keys are
+    in its subclass (``QemuConfig``)."""
 
-    path: str = "/usr/bin/qemu-system-x86_64"
+    path: str = ""  # the VMM executable
     kernel: str = ""  # "" = the built image: vmlinux if present, else vmlinuz
     initrd: str = ""  # "" = the built initrd
     # The guest's root: "initrd" unpacks the whole image into each VM's RAM;
@@ -44,10 +54,6 @@ class QemuConfig:
     # with DAX through an early initrd, so VMs share one copy (docs/rootfs.md).
     rootfs: str = "initrd"  # initrd | image
     rootfs_device: str = "nvdimm"  # image: nvdimm | virtio-pmem (DAX) | virtio-blk
-    machine_type: str = "q35"
-    machine_options: str = "sata=off,smbus=off,vmport=off,smm=off,usb=off"
-    accelerator: str = "auto"  # auto | kvm | tcg
-    cpu_model: str = ""  # "" = host (kvm) or max (tcg)
     kernel_params: str = ""
     default_vcpus: int = 1
     default_maxvcpus: int = 0  # 0 = number of host CPUs
@@ -59,7 +65,26 @@ class QemuConfig:
     virtio_fs_cache: str = "auto"  # auto | always | none
     virtio_fs_cache_size: int = 0  # DAX window, MiB (0 = no DAX)
     virtio_fs_extra_args: list[str] = field(default_factory=list)
+    # virtiofsd: its own sandbox (namespace where the binary has it, else chroot)
+    # and extended attributes only when asked for (SELinux labels, file caps).
+    virtio_fs_sandbox: str = "auto"  # auto | namespace | chroot
+    virtio_fs_xattr: bool = False
     agent_channel: str = "auto"  # auto | vsock | serial
+    # virtio-balloon free page reporting: memory the guest frees goes back to
+    # the host (Kata's key; measured -7% idle QEMU memory here, docs/benchmarks.md).
+    reclaim_guest_freed_memory: bool = True
+    enable_debug: bool = False
+
+
+@dataclass
+class QemuConfig(VMConfig):
+    """[hypervisor.qemu]: the common keys (VMConfig) and QEMU's own."""
+
+    path: str = "/usr/bin/qemu-system-x86_64"
+    machine_type: str = "q35"
+    machine_options: str = "sata=off,smbus=off,vmport=off,smm=off,usb=off"
+    accelerator: str = "auto"  # auto | kvm | tcg
+    cpu_model: str = ""  # "" = host (kvm) or max (tcg)
     # MiB of TCG translation cache (TCG only); 0 = QEMU's default (1 GiB, of
     # which an idle guest fills ~40 MiB). 32 saves ~14 MiB per idle VM and ~47
     # MiB after work (docs/memory.md). Multi-threaded TCG aborts (tcg/region.c)
@@ -67,10 +92,6 @@ class QemuConfig:
     # size; so a VM that can gain vCPUs runs single-threaded TCG (thread=single:
     # a new vCPU starts no thread). A 1-vCPU pod loses nothing.
     tb_size: int = 32
-    # virtio-balloon free page reporting: memory the guest frees goes back to
-    # the host (Kata's key; measured -7% idle QEMU memory here, docs/benchmarks.md).
-    reclaim_guest_freed_memory: bool = True
-    enable_debug: bool = False
     extra_args: list[str] = field(default_factory=list)
     # Confinement (docs/security.md). QEMU's own seccomp filter ("-sandbox"); ""
     # turns it off. QEMU starts as this unprivileged user (created by make setup)
@@ -79,15 +100,30 @@ class QemuConfig:
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     )
     run_as_user: str = "pykata-qemu"
-    # virtiofsd: its own sandbox (namespace where the binary has it, else chroot)
-    # and extended attributes only when asked for (SELinux labels, file caps).
-    virtio_fs_sandbox: str = "auto"  # auto | namespace | chroot
-    virtio_fs_xattr: bool = False
 
 
 @dataclass
 class HypervisorConfig:
+    """[hypervisor]: which driver runs the VMs (``driver``), and one section per
+    driver pykata has, [hypervisor.<driver>]. A second driver adds its section
+    here (a VMConfig subclass) and its name to pykata.hypervisor.DRIVERS."""
+
+    driver: str = "qemu"
     qemu: QemuConfig = field(default_factory=QemuConfig)
+
+    @classmethod
+    def drivers(cls) -> tuple[str, ...]:
+        """The driver names a configuration may select: its driver sections."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "driver")
+
+    def selected(self) -> VMConfig:
+        """The selected driver's section."""
+        if self.driver not in self.drivers():
+            raise InvalidArgument(f"[hypervisor] driver = {self.driver!r} is not one of"
+                                  f" {', '.join(self.drivers())}")
+        section = getattr(self, self.driver)
+        assert isinstance(section, VMConfig)
+        return section
 
 
 @dataclass
@@ -156,12 +192,22 @@ class Config:
     source: str = ""  # the file it was read from ("" = built-in defaults)
 
     @property
+    def vm(self) -> VMConfig:
+        """The selected driver's section ([hypervisor] driver), as every driver
+        has it: what the runtime reads (sizes, boot files, shared fs, channel)."""
+        try:
+            return self.hypervisor.selected()
+        except InvalidArgument as exc:  # a driver set in code, past parse()'s checks
+            raise InvalidArgument(f"{self.source or 'configuration'}: {exc}") from None
+
+    @property
     def qemu(self) -> QemuConfig:
+        """[hypervisor.qemu]: for QEMU's own code (its driver, ``pykata check``)."""
         return self.hypervisor.qemu
 
     def kernel_path(self) -> Path:
-        if self.qemu.kernel:
-            return Path(self.qemu.kernel)
+        if self.vm.kernel:
+            return Path(self.vm.kernel)
         out = Path(self.image.output_dir)
         vmlinux = out / "vmlinux"
         return vmlinux if vmlinux.exists() else out / "vmlinuz"
@@ -169,36 +215,39 @@ class Config:
     def initrd_path(self) -> Path:
         """The initrd QEMU boots: the whole root, or (rootfs = "image") the early
         initrd that mounts the root image."""
-        if self.qemu.initrd:
-            return Path(self.qemu.initrd)
-        name = "initrd-early.img" if self.qemu.rootfs == "image" else "initrd.img"
+        if self.vm.initrd:
+            return Path(self.vm.initrd)
+        name = "initrd-early.img" if self.vm.rootfs == "image" else "initrd.img"
         return Path(self.image.output_dir) / name
 
     def root_image_path(self) -> Path | None:
         """The read-only root image (rootfs = "image"), else None."""
-        if self.qemu.rootfs != "image":
+        if self.vm.rootfs != "image":
             return None
         return Path(self.image.output_dir) / "rootfs.erofs"
 
 
+# Rules by (section, key); "hypervisor.*" holds for the common keys (VMConfig)
+# in every driver's section.
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("hypervisor", "driver"): HypervisorConfig.drivers(),
+    ("hypervisor.*", "shared_fs"): ("virtio-fs", "none"),
+    ("hypervisor.*", "virtio_fs_cache"): ("auto", "always", "none", "never", "metadata"),
+    ("hypervisor.*", "agent_channel"): ("auto", "vsock", "serial"),
+    ("hypervisor.*", "virtio_fs_sandbox"): ("auto", "namespace", "chroot"),
+    ("hypervisor.*", "rootfs"): ("initrd", "image"),
+    ("hypervisor.*", "rootfs_device"): ("nvdimm", "virtio-pmem", "virtio-blk"),
     ("hypervisor.qemu", "accelerator"): ("auto", "kvm", "tcg"),
-    ("hypervisor.qemu", "shared_fs"): ("virtio-fs", "none"),
-    ("hypervisor.qemu", "virtio_fs_cache"): ("auto", "always", "none", "never", "metadata"),
-    ("hypervisor.qemu", "agent_channel"): ("auto", "vsock", "serial"),
     ("runtime", "internetworking_model"): ("tcfilter", "macvtap", "none"),
-    ("hypervisor.qemu", "virtio_fs_sandbox"): ("auto", "namespace", "chroot"),
     ("agent", "container_engine"): ("native", "crun"),
-    ("hypervisor.qemu", "rootfs"): ("initrd", "image"),
-    ("hypervisor.qemu", "rootfs_device"): ("nvdimm", "virtio-pmem", "virtio-blk"),
 }
 _MINIMUM: dict[tuple[str, str], int] = {
-    ("hypervisor.qemu", "default_vcpus"): 1,
-    ("hypervisor.qemu", "default_maxvcpus"): 0,
-    ("hypervisor.qemu", "default_memory"): 64,
-    ("hypervisor.qemu", "memory_slots"): 0,
-    ("hypervisor.qemu", "default_maxmemory"): 0,
-    ("hypervisor.qemu", "virtio_fs_cache_size"): 0,
+    ("hypervisor.*", "default_vcpus"): 1,
+    ("hypervisor.*", "default_maxvcpus"): 0,
+    ("hypervisor.*", "default_memory"): 64,
+    ("hypervisor.*", "memory_slots"): 0,
+    ("hypervisor.*", "default_maxmemory"): 0,
+    ("hypervisor.*", "virtio_fs_cache_size"): 0,
     ("hypervisor.qemu", "tb_size"): 0,
     ("agent", "dial_timeout"): 1,
     ("runtime", "create_container_timeout"): 1,
@@ -219,6 +268,14 @@ def _type_name(tp: Any) -> str:
     return names.get(tp, str(tp))
 
 
+def _rule(rules: dict[tuple[str, str], _T], section: str, key: str) -> _T | None:
+    if (section, key) in rules:
+        return rules[(section, key)]
+    if section.startswith("hypervisor."):
+        return rules.get(("hypervisor.*", key))
+    return None
+
+
 def _check_value(where: str, section: str, key: str, tp: Any, value: Any) -> Any:
     if typing.get_origin(tp) is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -229,15 +286,15 @@ def _check_value(where: str, section: str, key: str, tp: Any, value: Any) -> Any
         raise InvalidArgument(
             f"{where}: [{section}] {key} must be {_type_name(tp)}, not {value!r}"
         )
-    choices = _CHOICES.get((section, key))
+    choices = _rule(_CHOICES, section, key)
     if choices and value not in choices:
         raise InvalidArgument(
             f"{where}: [{section}] {key} = {value!r} is not one of {', '.join(choices)}"
         )
-    minimum = _MINIMUM.get((section, key))
+    minimum = _rule(_MINIMUM, section, key)
     if minimum is not None and value < minimum:
         raise InvalidArgument(f"{where}: [{section}] {key} = {value} is below {minimum}")
-    maximum = _MAXIMUM.get((section, key))
+    maximum = _rule(_MAXIMUM, section, key)
     if maximum is not None and value > maximum:
         raise InvalidArgument(f"{where}: [{section}] {key} = {value} is above {maximum}")
     return value
@@ -276,10 +333,11 @@ def parse(text: str, where: str = "<string>") -> Config:
 
 
 def _cross_check(cfg: Config, where: str) -> None:
-    q = cfg.qemu
+    q = cfg.vm
+    section = f"hypervisor.{cfg.hypervisor.driver}"
     if q.default_maxvcpus and q.default_maxvcpus < q.default_vcpus:
         raise InvalidArgument(
-            f"{where}: [hypervisor.qemu] default_maxvcpus ({q.default_maxvcpus}) is below"
+            f"{where}: [{section}] default_maxvcpus ({q.default_maxvcpus}) is below"
             f" default_vcpus ({q.default_vcpus})"
         )
     if cfg.factory.enable_template and not os.path.isabs(cfg.factory.template_path):
@@ -292,7 +350,7 @@ def _cross_check(cfg: Config, where: str) -> None:
             f" not {cfg.factory.vm_cache_endpoint!r}")
     if q.default_maxmemory and q.default_maxmemory < q.default_memory:
         raise InvalidArgument(
-            f"{where}: [hypervisor.qemu] default_maxmemory ({q.default_maxmemory}) is below"
+            f"{where}: [{section}] default_maxmemory ({q.default_maxmemory}) is below"
             f" default_memory ({q.default_memory})"
         )
 

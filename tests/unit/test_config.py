@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ def test_file_overrides_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     cfg = config.load()
     assert cfg.qemu.default_memory == 1024
     assert cfg.qemu.default_vcpus == 1  # untouched default
+    assert cfg.vm is cfg.qemu  # no [hypervisor] driver: QEMU, as before
     assert cfg.runtime.state_dir == "/tmp/s"
     assert cfg.source == str(f)
 
@@ -46,7 +48,11 @@ def test_explicit_missing_file_is_an_error(monkeypatch: pytest.MonkeyPatch,
     ("[hypervisor.qemu]\nextra_args = [1]", "list of strings"),
     ("[hypervisor]\nqemu = 3", r"\[hypervisor.qemu\] must be a table"),
     ("[nope]\nx = 1", "unknown key 'nope'"),
-    ("[hypervisor.qemu]\ndefault_vcpus = 4\ndefault_maxvcpus = 2", "below default_vcpus"),
+    ("[hypervisor.qemu]\ndefault_vcpus = 4\ndefault_maxvcpus = 2",
+     r"\[hypervisor.qemu\] default_maxvcpus \(2\) is below default_vcpus"),
+    ("[hypervisor]\ndriver = \"clh\"", r"\[hypervisor\] driver = 'clh' is not one of qemu$"),
+    ("[hypervisor]\ndriver = 1", r"\[hypervisor\] driver must be a string"),
+    ("[hypervisor.clh]\ndefault_vcpus = 1", r"unknown key 'clh' in \[hypervisor\]"),
     ("this is = = not toml", "not valid TOML"),
 ])
 def test_invalid_config_names_file_section_and_key(text: str, message: str) -> None:
@@ -110,3 +116,54 @@ def test_vm_cache_keys() -> None:
 def test_vm_cache_keys_validated(text: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         config.parse(text, "c.toml")
+
+
+def test_driver_selection() -> None:
+    default = config.parse("")
+    assert default.hypervisor.driver == "qemu" and default.vm is default.qemu
+    assert isinstance(default.vm, config.VMConfig)
+    explicit = config.parse('[hypervisor]\ndriver = "qemu"\n[hypervisor.qemu]\n'
+                            'default_vcpus = 2\n')
+    assert explicit.vm.default_vcpus == 2 and explicit.vm is explicit.qemu
+    assert '[hypervisor]\ndriver = "qemu"\n' in config.to_toml(explicit)
+    assert config.parse(config.to_toml(explicit)).vm.default_vcpus == 2
+    explicit.hypervisor.driver = "firecracker"  # set in code, past the file's checks
+    with pytest.raises(InvalidArgument, match=r"^<string>: \[hypervisor\] driver ="
+                                              r" 'firecracker' is not one of qemu$"):
+        explicit.vm  # noqa: B018
+
+
+def test_the_common_keys_are_checked_in_any_driver_section() -> None:
+    """A second driver's section gets the rules of the keys every driver has."""
+    with pytest.raises(InvalidArgument, match=r"\[hypervisor.clh\] shared_fs = '9p' is not"):
+        config._check_value("c.toml", "hypervisor.clh", "shared_fs", str, "9p")
+    with pytest.raises(InvalidArgument, match=r"\[hypervisor.clh\] default_memory = 8 is below"):
+        config._check_value("c.toml", "hypervisor.clh", "default_memory", int, 8)
+    # QEMU's own rules stay QEMU's.
+    assert config._check_value("c.toml", "hypervisor.clh", "accelerator", str, "x") == "x"
+    common = {f.name for f in dataclasses.fields(config.VMConfig)}
+    assert {"default_vcpus", "shared_fs", "virtio_fs_daemon", "agent_channel",
+            "kernel_params", "rootfs_device"} <= common
+    assert not common & {"machine_type", "accelerator", "tb_size", "run_as_user"}
+
+
+async def test_make_driver_picks_the_configured_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pykata import hypervisor
+    from pykata.testing.fakes import FakeDriver
+
+    assert tuple(hypervisor.DRIVERS) == config.HypervisorConfig.drivers()
+    made = FakeDriver()
+    seen: list[config.Config] = []
+
+    async def setup(cfg: config.Config) -> FakeDriver:
+        seen.append(cfg)
+        return made
+
+    monkeypatch.setitem(hypervisor.DRIVERS, "qemu", setup)
+    cfg = config.parse('[hypervisor]\ndriver = "qemu"\n', "c.toml")
+    assert await hypervisor.make_driver(cfg) is made and seen == [cfg]
+    cfg.hypervisor.driver = "clh"
+    with pytest.raises(InvalidArgument, match=r"^c.toml: \[hypervisor\] driver = 'clh' is not"
+                                              r" one of qemu$"):
+        await hypervisor.make_driver(cfg)
+    assert seen == [cfg]

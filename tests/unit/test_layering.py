@@ -36,6 +36,10 @@ def test_violations_are_found(tmp_path: Path) -> None:
         "pykata/newpkg/__init__.py": "import pykata.errors\n",
         "pykata/runtime/boots.py": "from pykata.hypervisor.qemu.driver import QemuHypervisor\n",
         "pykata/runtime/ok.py": "from pykata.hypervisor import make_driver\n",
+        "pykata/runtime/sizes.py": "def f(cfg):\n    return cfg.vm.path, cfg.qemu.path\n",
+        "pykata/shim/__init__.py": "",
+        "pykata/shim/sizes.py": "x = 1\n\ndef f(c):\n    return c.config.hypervisor.qemu\n",
+        "pykata/cli/check.py": "def f(cfg):\n    return cfg.qemu.path\n",
     }.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(text)
@@ -47,6 +51,9 @@ def test_violations_are_found(tmp_path: Path) -> None:
     assert "'newpkg' has no rule" in found
     assert "runtime -> pykata.hypervisor.qemu.driver (a driver" in found
     assert "runtime/ok.py" not in found
+    assert "runtime/sizes.py:2: runtime reads .qemu (a driver's own settings" in found
+    assert "shim/sizes.py:4: shim reads .qemu" in found
+    assert "cli/check.py" not in found  # pykata check is QEMU's
     assert "utils" not in found
 
 

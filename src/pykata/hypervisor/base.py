@@ -7,10 +7,13 @@ import abc
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pykata.errors import Unimplemented
 from pykata.wire import SHARED_FS_TAG
+
+if TYPE_CHECKING:
+    from pykata.hypervisor.handoff import ExportableVM, Handoff
 
 
 @dataclass
@@ -178,3 +181,15 @@ class Driver(abc.ABC):
     def agent_channel(self, requested: str) -> str:
         """The agent channel kind a VM uses for ``requested`` (auto | vsock | serial)."""
         return "serial" if requested == "auto" else requested
+
+    def exportable_vm(self, spec: VMSpec) -> ExportableVM:
+        """A VM for ``spec`` (not started) that can be handed to another process
+        once it runs (the VM cache; ``pykata.hypervisor.handoff``)."""
+        raise Unimplemented(f"the {self.name} driver cannot hand VMs to another process")
+
+    def adopt_vm(self, spec: VMSpec, handoff: Handoff) -> Hypervisor:
+        """This driver's Hypervisor for a VM another process booted and handed
+        over: it takes ownership of the handoff's fds (closed on error).
+        ``start()`` connects to the running VM; ``stop()`` stops it as any VM."""
+        handoff.close()
+        raise Unimplemented(f"the {self.name} driver cannot adopt a VM")

@@ -1,16 +1,18 @@
 """A running VM handed from one process to another (the VM cache,
 ``pykata.runtime.vmcache``), behind the hypervisor contract.
 
-The process that booted the VM (the cache server) makes it with
-:func:`exportable_vm`; once it is booted and idle, ``export()`` gives a
-:class:`Handoff`: copies of every host-side fd the VM's owner holds (by name)
-and a JSON-able description. Those travel over a unix socket (SCM_RIGHTS).
-The receiving process (a sandbox's shim) makes its own :class:`Hypervisor`
-of them with :func:`adopt_vm`, tells the sender, and the sender ``release()``s
-the VM: it lets go of everything without stopping QEMU. Until then the sender
-still owns the VM and stops it if the receiver never confirms.
+The process that booted the VM (the cache server) makes it with its driver's
+``exportable_vm`` (``Driver`` in base.py); once it is booted and idle,
+``export()`` gives a :class:`Handoff`: copies of every host-side fd the VM's
+owner holds (by name) and a JSON-able description. Those travel over a unix
+socket (SCM_RIGHTS). The receiving process (a sandbox's shim) makes its own
+:class:`Hypervisor` of them with the driver's ``adopt_vm``, tells the sender,
+and the sender ``release()``s the VM: it lets go of everything without
+stopping the VMM. Until then the sender still owns the VM and stops it if the
+receiver never confirms.
 
-The runtime sees only this module; the QEMU side is ``qemu/adopt.py``.
+The runtime sees only this module and the driver contract; the QEMU side is
+``qemu/adopt.py``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,10 @@ import abc
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pykata import errors
 from pykata.hypervisor.base import Hypervisor
-
-if TYPE_CHECKING:
-    from pykata.hypervisor.base import Driver, VMSpec
 
 # The fds a handoff may carry, in a fixed order (a receiver refuses others).
 FD_NAMES = ("qmp", "agent", "portfwd", "console", "output", "pidfd", "lease_dir", "lease")
@@ -86,28 +85,3 @@ class ExportableVM(Hypervisor):
     @abc.abstractmethod
     async def release(self) -> None:
         """The receiver has it: let go of everything without stopping the VM."""
-
-
-def exportable_vm(driver: Driver, spec: VMSpec) -> ExportableVM:
-    """A VM of ``driver`` for ``spec`` (not started) that can be exported."""
-    if driver.name == "qemu":
-        from pykata.hypervisor.qemu.adopt import ExportableQemu
-        from pykata.hypervisor.qemu.setup import QemuDriver
-
-        if isinstance(driver, QemuDriver):
-            return ExportableQemu(spec, driver.binary, driver.options)
-    raise errors.Unimplemented(f"the {driver.name} driver cannot hand VMs to another process")
-
-
-def adopt_vm(driver: Driver, spec: VMSpec, handoff: Handoff) -> Hypervisor:
-    """``driver``'s Hypervisor for a VM another process booted and handed over:
-    it takes ownership of the handoff's fds (closed on error). ``start()``
-    connects to the running VM; ``stop()`` stops it as for any VM."""
-    if driver.name == "qemu":
-        from pykata.hypervisor.qemu.adopt import AdoptedQemu
-        from pykata.hypervisor.qemu.setup import QemuDriver
-
-        if isinstance(driver, QemuDriver):
-            return AdoptedQemu(spec, driver.binary, driver.options, handoff)
-    handoff.close()
-    raise errors.Unimplemented(f"the {driver.name} driver cannot adopt a VM")

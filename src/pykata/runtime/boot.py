@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from pykata import errors
 from pykata.hypervisor.base import Driver, Hypervisor, NicSpec, VMSpec
-from pykata.hypervisor.handoff import adopt_vm
 from pykata.resources import network
 from pykata.runtime import factory, sizing, vmcache
 from pykata.utils.process import ProcRef
@@ -57,7 +56,7 @@ async def from_cache(sb: Sandbox, driver: Driver, spec: VMSpec) -> bool:
         return False
     shape = dataclasses.replace(spec, shared_fs_socket=None, nics=[])
     try:
-        vm = adopt_vm(driver, shape, taken.handoff)
+        vm = driver.adopt_vm(shape, taken.handoff)
     except errors.PykataError as exc:
         taken.abort()
         log.info("sandbox %s boots without the VM cache: cannot adopt %s: %s", sb.id,
@@ -80,7 +79,7 @@ async def from_cache(sb: Sandbox, driver: Driver, spec: VMSpec) -> bool:
         sb.record.extra.pop("vm_cache", None)
         if sb.record.extra.get("memory_file") == memory_file:
             sb.record.extra.pop("memory_file", None)
-        sb.record.qemu = None
+        sb.record.vmm = None
         log.info("sandbox %s boots without the VM cache: the handover of %s failed: %s",
                  sb.id, taken.name, exc)
         return False
@@ -116,7 +115,7 @@ async def _start_virtiofsd(sb: Sandbox) -> None:
 
 
 def _record_vm(sb: Sandbox, vm: Hypervisor) -> None:
-    sb.record.qemu = _ref_json(ProcRef.of(vm.pid) if vm.pid else None)
+    sb.record.vmm = _ref_json(ProcRef.of(vm.pid) if vm.pid else None)
 
 
 async def cold(sb: Sandbox, driver: Driver, spec: VMSpec) -> None:

@@ -63,7 +63,7 @@ async def cleanup(state_dir: str | Path, sandbox_id: str,
                  owner.pid)
         return False
     if rec is not None:
-        for data in (rec.qemu, rec.virtiofsd):
+        for data in (rec.vmm, rec.virtiofsd):
             ref = ProcRef.from_json(data)
             if ref is not None:
                 await terminate(ref, grace=2.0)

@@ -404,7 +404,7 @@ async def init_template(config: Config) -> Template:
     driver = await make_driver(config)
     state = Path(config.runtime.state_dir)
     spec = vm_spec(config, "template-init", DEFAULT_NAMESPACE, state / "template-init",
-                   channel=driver.agent_channel(config.qemu.agent_channel))
+                   channel=driver.agent_channel(config.vm.agent_channel))
     why = eligible(spec)
     if why:
         raise errors.FailedPrecondition(f"cannot build a VM template: {why}")

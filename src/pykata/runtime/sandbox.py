@@ -131,7 +131,7 @@ class Sandbox:
                      memory_mib: int | None) -> None:
         self._make_dir()
         self.tree.setup()
-        q = self.config.qemu
+        q = self.config.vm
         share = q.shared_fs == "virtio-fs"
         vfs_sock = self.dir / "vfs.sock"
         driver = self.parts.driver or await make_driver(self.config)

@@ -27,7 +27,7 @@ def vm_spec(config: Config, sandbox_id: str, namespace: str, run_dir: Path, *,
             shared_fs_socket: Path | None = None) -> VMSpec:
     """The VM of a sandbox: ``vcpus``/``memory_mib`` (else the configured
     defaults) at boot, up to the configured maxima (default: the host's)."""
-    q = config.qemu
+    q = config.vm
     n = vcpus or q.default_vcpus
     max_cpus = max(n, q.default_maxvcpus or (os.cpu_count() or 1))
     mem = memory_mib or q.default_memory

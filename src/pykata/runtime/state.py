@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from pykata.utils.process import ProcRef
 
 STATE_FILE = "state.json"
 
@@ -28,6 +29,11 @@ def check_id(kind: str, value: str) -> None:
         raise InvalidArgument(
             f"invalid {kind} id {value!r}: use 1-128 letters, digits, '_', '.', '-'"
         )
+
+
+def ref_json(ref: ProcRef | None) -> dict[str, int] | None:
+    """A process as a record keeps it (pid and start time), None for none."""
+    return ref.to_json() if ref is not None else None
 
 
 @dataclass
@@ -43,7 +49,7 @@ class SandboxRecord:
     id: str
     state: str
     dir: str
-    qemu: dict[str, int] | None = None  # ProcRef json
+    vmm: dict[str, int] | None = None  # ProcRef json of the VM's process (VMM)
     virtiofsd: dict[str, int] | None = None
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
     namespace: str = "default"
@@ -65,6 +71,8 @@ class SandboxRecord:
         except FileNotFoundError:
             raise NotFound(f"no sandbox state in {sandbox_dir}") from None
         containers = {k: ContainerRecord(**v) for k, v in data.pop("containers", {}).items()}
+        if "qemu" in data:  # written before the VMM was driver-neutral: the same ProcRef
+            data.setdefault("vmm", data.pop("qemu"))
         return cls(containers=containers, **data)
 
 

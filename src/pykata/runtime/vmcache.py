@@ -6,7 +6,7 @@ Each cached VM is its own cold boot of the default-sized sandbox shape (or,
 with ``[factory] enable_template``, a clone of the template) whose agent has
 answered a Check. A sandbox asks for one over a unix socket; the server sends
 the VM's host-side fds (SCM_RIGHTS) and a JSON description; the sandbox adopts
-the VM (``pykata.hypervisor.handoff.adopt_vm``), records it, and confirms; only
+the VM (its driver's ``adopt_vm``), records it, and confirms; only
 then does the server let go of the VM (and boot a replacement). What a cached
 VM cannot carry (virtio-fs, NICs) is hot-plugged as for a template clone; the
 clock and entropy are set by CreateSandbox.
@@ -60,7 +60,7 @@ from pykata import errors
 from pykata.config import Config
 from pykata.hypervisor import make_driver
 from pykata.hypervisor.base import Driver, VMSpec
-from pykata.hypervisor.handoff import MAX_FDS, ExportableVM, Handoff, exportable_vm
+from pykata.hypervisor.handoff import MAX_FDS, ExportableVM, Handoff
 from pykata.runtime import factory
 from pykata.runtime.dial import dial_agent
 from pykata.runtime.sizing import vm_spec
@@ -416,7 +416,7 @@ class CacheServer:
     def _spec(self, driver: Driver, name: str, run_dir: Path) -> VMSpec:
         """The default-sized sandbox shape (what a sandbox without a size asks for)."""
         return vm_spec(self.config, name, DEFAULT_NAMESPACE, run_dir,
-                       channel=driver.agent_channel(self.config.qemu.agent_channel))
+                       channel=driver.agent_channel(self.config.vm.agent_channel))
 
     async def current_key(self) -> str:
         driver = await self._driver()
@@ -443,7 +443,7 @@ class CacheServer:
                 mem = factory.clone_memory_path(self.config.runtime.state_dir, name)
                 await asyncio.to_thread(factory.sparse_copy, template.memory, mem)
                 spec = dataclasses.replace(spec, memory_file=mem, incoming=True)
-            vm = exportable_vm(driver, spec)
+            vm = driver.exportable_vm(spec)
             await vm.prepare()
             await vm.start()
             if template is not None:

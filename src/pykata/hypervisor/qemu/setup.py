@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pykata.config import Config
 from pykata.hypervisor.base import Driver, Hypervisor, VMSpec
@@ -16,6 +16,9 @@ from pykata.hypervisor.qemu.accel import AccelProbe, probe
 from pykata.hypervisor.qemu.caps import check_dax
 from pykata.hypervisor.qemu.cmdline import QemuOptions
 from pykata.hypervisor.qemu.driver import QemuHypervisor
+
+if TYPE_CHECKING:
+    from pykata.hypervisor.handoff import ExportableVM, Handoff
 
 # PCIe root ports on q35 for what is hot-plugged: disks, NICs, and (in a
 # template clone) the virtio-fs device.
@@ -57,6 +60,16 @@ class QemuDriver(Driver):
         if requested == "auto":
             return "vsock" if vhost_vsock_available() else "serial"
         return requested
+
+    def exportable_vm(self, spec: VMSpec) -> ExportableVM:
+        from pykata.hypervisor.qemu.adopt import ExportableQemu
+
+        return ExportableQemu(spec, self.binary, self.options)
+
+    def adopt_vm(self, spec: VMSpec, handoff: Handoff) -> Hypervisor:
+        from pykata.hypervisor.qemu.adopt import AdoptedQemu
+
+        return AdoptedQemu(spec, self.binary, self.options, handoff)
 
 
 def options(config: Config, accel: str) -> QemuOptions:
