@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from pykata import errors
+from pykata.config import HypervisorConfig, VMConfig
 from pykata.hypervisor.base import AgentChannel, VMSpec
+from pykata.runtime import boot
 from pykata.runtime.dial import dial_agent
+from pykata.runtime.netwatch import NetworkWatch
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.state import SandboxRecord
 from pykata.runtime.types import State
@@ -44,12 +48,13 @@ async def test_create_runs_and_stop_removes_everything(tmp_path: Path) -> None:
     sb = await Sandbox.create("pod", cfg, hostname="web", parts=fake_parts(agent, driver))
     assert sb.state is State.RUNNING
     vm = driver.made[0]
-    assert vm.running and vm.spec.id == "pod" and vm.spec.vcpus == cfg.qemu.default_vcpus
+    assert vm.running and vm.spec.id == "pod" and vm.spec.vcpus == cfg.vm.default_vcpus
     assert [c[0] for c in agent.calls] == ["check", "create_sandbox"]
     assert agent.sandbox is not None and agent.sandbox["hostname"] == "web"
     assert [s.driver for s in agent.sandbox["storages"]] == ["virtiofs"]
     rec = SandboxRecord.load(sb.dir)
     assert rec.state == "running" and rec.owner is not None
+    assert rec.vmm is None  # the fake VM's pid 4242 is no process of ours
 
     await sb.stop()
     assert sb.state is State.STOPPED and not vm.running and not sb.dir.exists()
@@ -113,7 +118,7 @@ async def test_wrong_state_calls(tmp_path: Path) -> None:
 async def test_containers_grow_the_vm_and_impossible_limits_are_refused(
         tmp_path: Path) -> None:
     cfg = fake_config(tmp_path / "state")
-    cfg.qemu.default_maxvcpus = 8
+    cfg.vm.default_maxvcpus = 8
     sb = await FakeSandbox.running("pod", state_dir=tmp_path / "state", config=cfg)
     vm = sb.fake_vm
     base_cpus, base_mem = vm.spec.vcpus, vm.spec.memory_mib
@@ -170,3 +175,81 @@ def test_the_engine_choice_reaches_the_guest_kernel_command_line(tmp_path: Path)
     cfg.agent.container_engine = "crun"
     spec = sizing.vm_spec(cfg, "pod", "default", tmp_path, channel="serial")
     assert f"{AGENT_ENGINE_PARAM}=crun" in spec.kernel_params.split()
+
+
+@dataclass
+class _OtherVMM(VMConfig):
+    """A second driver's section: the common keys only."""
+
+    path: str = "/usr/bin/other-vmm"
+
+
+@dataclass
+class _TwoDrivers(HypervisorConfig):
+    other: _OtherVMM = field(default_factory=_OtherVMM)
+
+
+async def test_the_sandbox_reads_the_selected_drivers_section(tmp_path: Path) -> None:
+    """Another driver's section drives the sandbox as [hypervisor.qemu] does:
+    nothing in the runtime knows which driver it is."""
+    cfg = fake_config(tmp_path / "state")
+    cfg.hypervisor = _TwoDrivers(driver="other",
+                                 other=_OtherVMM(default_vcpus=2, default_memory=256,
+                                                 shared_fs="none", kernel_params="quiet"))
+    cfg.qemu.default_vcpus = 3
+    agent, driver = FakeAgent(), FakeDriver()
+    sb = await Sandbox.create("pod", cfg, parts=fake_parts(agent, driver))
+    spec = driver.made[0].spec
+    assert (spec.vcpus, spec.memory_mib) == (2, 256)
+    assert spec.kernel_params.startswith("quiet ") and spec.shared_fs_socket is None
+    assert agent.sandbox is not None and agent.sandbox["storages"] == []
+    await sb.stop()
+    assert not sb.dir.exists()
+
+
+def test_the_shared_fs_daemon_follows_the_configuration(tmp_path: Path) -> None:
+    cfg = fake_config(tmp_path / "state")
+    cfg.vm.virtio_fs_cache, cfg.vm.virtio_fs_daemon = "never", "/opt/virtiofsd"
+    sb = Sandbox("pod", cfg)
+    sock = boot.shared_fs(sb)
+    assert sock == sb.dir / "vfs.sock" and sb.virtiofsd is not None
+    assert (sb.virtiofsd.binary, sb.virtiofsd.cache) == ("/opt/virtiofsd", "never")
+    assert sb.virtiofsd.source == sb.shared_dir
+    sb.virtiofsd = None
+    assert boot.shared_fs(sb, make_daemon=False) == sock and sb.virtiofsd is None
+    cfg.vm.shared_fs = "none"
+    assert boot.shared_fs(sb) is None and sb.virtiofsd is None
+
+
+def test_a_record_written_before_the_vmm_field_loads(tmp_path: Path) -> None:
+    """state.json of an older pykata ("qemu" for the VM's process) still loads,
+    so its shim's ``delete`` and ``pykata cleanup`` find that process."""
+    ref = {"pid": 1234, "start_time": 99}
+    (tmp_path / "state.json").write_text(json.dumps({
+        "id": "pod", "state": "running", "dir": str(tmp_path), "qemu": ref,
+        "virtiofsd": None, "containers": {}, "namespace": "default", "owner": None,
+        "extra": {}}))
+    rec = SandboxRecord.load(tmp_path)
+    assert rec.vmm == ref
+    rec.save()
+    again = json.loads((tmp_path / "state.json").read_text())
+    assert again["vmm"] == ref and "qemu" not in again
+
+
+class _Watch(NetworkWatch):
+    def __init__(self) -> None:
+        self.plugged = 0
+
+    async def plug_new(self) -> None:
+        self.plugged += 1
+
+
+async def test_sync_network_connects_what_appeared(tmp_path: Path) -> None:
+    sb = await FakeSandbox.running("pod", state_dir=tmp_path / "state")
+    assert sb.netwatch is None  # no pod network
+    await sb.sync_network()  # nothing to do, no error
+    sb.netwatch = watch = _Watch()
+    await sb.sync_network()
+    assert watch.plugged == 1
+    sb.netwatch = None
+    await sb.stop()

@@ -1,6 +1,7 @@
 """Bringing a sandbox's VM up: from the VM cache, as a copy of the VM
 template, or cold (the agent is reached through ``dial``, shared with the
-template build).
+template build); and the shared file system beside it (virtiofsd, and what the
+guest mounts of it).
 
 Cold: the driver's VM boots the guest image with the pod's NICs and the
 virtio-fs device on its command line. Clone: QEMU starts ``incoming`` from a
@@ -14,14 +15,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pykata import errors
 from pykata.hypervisor.base import Driver, Hypervisor, NicSpec, VMSpec
 from pykata.resources import network
+from pykata.resources.sharedfs import VirtioFsDaemon
 from pykata.runtime import factory, sizing, vmcache
+from pykata.runtime.state import ref_json
+from pykata.runtime.types import Storage
 from pykata.utils.process import ProcRef
-from pykata.wire import SHARED_FS_TAG
+from pykata.wire import GUEST_SHARED_DIR, SHARED_FS_TAG
 
 if TYPE_CHECKING:
     from pykata.runtime.sandbox import Sandbox
@@ -29,6 +34,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COLD, TEMPLATE, CACHE = "cold", "template", "VM cache"
+
+
+def shared_fs(sb: Sandbox, make_daemon: bool = True) -> Path | None:
+    """The shared file system's socket (None: ``shared_fs = "none"``). The
+    virtio-fs daemon exporting the sandbox's shared view is made here (started
+    with the VM), unless not ``make_daemon``."""
+    vm = sb.config.vm
+    if vm.shared_fs != "virtio-fs":
+        return None
+    sock = sb.dir / "vfs.sock"
+    if make_daemon:
+        sb.virtiofsd = VirtioFsDaemon(
+            vm.virtio_fs_daemon, sb.shared_dir, sock, sb.dir / "virtiofsd.log",
+            cache=vm.virtio_fs_cache, extra_args=vm.virtio_fs_extra_args,
+            sandbox=vm.virtio_fs_sandbox, xattr=vm.virtio_fs_xattr,
+            log_max_bytes=sb.config.runtime.log_max_bytes,
+        )
+    return sock
+
+
+def guest_storages(spec: VMSpec) -> list[Storage]:
+    """What the guest mounts at sandbox creation: the shared file system, if any."""
+    if spec.shared_fs_socket is None:
+        return []
+    return [Storage("virtiofs", SHARED_FS_TAG, GUEST_SHARED_DIR, fstype="virtiofs")]
 
 
 async def start(sb: Sandbox, driver: Driver, spec: VMSpec) -> str:
@@ -111,11 +141,11 @@ async def _attach_network(sb: Sandbox, spec: VMSpec) -> None:
 async def _start_virtiofsd(sb: Sandbox) -> None:
     if sb.virtiofsd is not None:
         await sb.virtiofsd.start()
-        sb.record.virtiofsd = _ref_json(sb.virtiofsd.ref)
+        sb.record.virtiofsd = ref_json(sb.virtiofsd.ref)
 
 
 def _record_vm(sb: Sandbox, vm: Hypervisor) -> None:
-    sb.record.vmm = _ref_json(ProcRef.of(vm.pid) if vm.pid else None)
+    sb.record.vmm = ref_json(ProcRef.of(vm.pid) if vm.pid else None)
 
 
 async def cold(sb: Sandbox, driver: Driver, spec: VMSpec) -> None:
@@ -174,6 +204,3 @@ async def plug_clone_devices(sb: Sandbox, spec: VMSpec) -> None:
             await sb.vm.hotplug_nic(f"net{i}", ep.fds, ep.mac)
         sb.network.close_fds()
 
-
-def _ref_json(ref: ProcRef | None) -> dict[str, int] | None:
-    return ref.to_json() if ref is not None else None

@@ -64,6 +64,8 @@ class Pod(Protocol):
     async def create_container(self, container_id: str, bundle: Path,
                                spec: dict[str, Any] | None = None) -> Container: ...
 
+    async def sync_network(self) -> None: ...
+
     async def stop(self) -> None: ...
 
 
@@ -221,11 +223,10 @@ class TaskService:
     async def _sync_network(self) -> None:
         """Connect what appeared in the pod's network namespace since the last
         look (a prestart hook wired it, as Docker's does) before the init runs."""
-        watch = getattr(self.sandbox, "_netwatch", None)
-        if watch is None:
+        if self.sandbox is None:
             return
         try:
-            await watch.plug_new()
+            await self.sandbox.sync_network()
         except (errors.PykataError, OSError) as exc:
             log.error("sandbox %s: cannot connect the pod network: %s", self.sandbox_id, exc)
 

@@ -5,7 +5,7 @@
     FakeHypervisor      the Hypervisor contract (hypervisor/base.py) with no VMM
     FakeDriver          the Driver contract: its VMs are FakeHypervisors
     FakeTree            the sandbox's shared tree, recording instead of mounting
-    fake_parts          runtime.sandbox.Parts from the fakes above (and FakeAgent)
+    fake_parts          runtime.parts.Parts from the fakes above (and FakeAgent)
     FakeSandbox         the real runtime.sandbox.Sandbox built from fake_parts,
                         counting persists and resource fits
     FakeSandboxFactory  stands in for ``Sandbox.create`` in the shim's TaskService
@@ -39,7 +39,8 @@ from google.protobuf.message import Message
 from pykata import errors
 from pykata.config import Config
 from pykata.hypervisor.base import AgentChannel, Driver, Hypervisor, VMSpec
-from pykata.runtime.sandbox import Parts, Sandbox
+from pykata.runtime.parts import Parts
+from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.state import DEFAULT_NAMESPACE
 from pykata.runtime.types import (
     ContainerStats,
