@@ -2,10 +2,12 @@
 #   make demo   set everything up, run a container in its own VM through containerd
 #   make test   set everything up, run the whole test suite
 #   make bench  run the benchmark suite, rewrite docs/benchmarks.md (+ .png); BENCH_ARGS=--quick
+#   make fuzz   the fuzz tests (tests/fuzz) with FUZZ_EXAMPLES examples per target
+#               (default 20000; `make test` runs them with a small budget)
 PYTHON ?= python3
 VENV   := .venv
 
-.PHONY: setup test unit integration lint demo protos image clean bench
+.PHONY: setup test unit integration lint demo protos image clean bench fuzz
 
 setup:
 	PYTHON=$(PYTHON) scripts/setup.sh
@@ -18,6 +20,11 @@ unit: setup
 
 integration: setup
 	$(VENV)/bin/pytest tests/integration
+
+FUZZ_EXAMPLES ?= 20000
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -p no:cacheprovider \
+	  --timeout=0 tests/fuzz $(FUZZ_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check src tests bench

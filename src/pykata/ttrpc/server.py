@@ -35,6 +35,18 @@ call_metadata: contextvars.ContextVar[Mapping[str, list[str]] | None] = contextv
 )
 
 
+# A name the peer sent, in an error line: as it is when short and printable, else
+# repr-quoted (no line breaks or control characters) and cut.
+PEER_TEXT_MAX = 128
+
+
+def peer_text(text: str, limit: int = PEER_TEXT_MAX) -> str:
+    if len(text) <= limit and text.isprintable():
+        return text
+    quoted = repr(text[:limit])
+    return quoted + f"...(+{len(text) - limit} characters)" if len(text) > limit else quoted
+
+
 class _Method:
     __slots__ = ("handler", "request_type")
 
@@ -213,7 +225,8 @@ class _Connection:
         if method is None:
             await self._reply_error(
                 stream_id,
-                errors.Unimplemented(f"{req.service}/{req.method} is not implemented"),
+                errors.Unimplemented(
+                    f"{peer_text(req.service)}/{peer_text(req.method)} is not implemented"),
             )
             return
         try:
