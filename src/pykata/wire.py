@@ -28,6 +28,9 @@ Markers in requests
     the pod (mounted once, kept until the sandbox is destroyed).
     ``SANDBOX_NS_MARKER`` as a namespace path in an OCI spec: "the pod sandbox
     container's namespace", for the kinds in ``POD_SHARED_NAMESPACES``.
+    ``HOOK_STATE_ANNOTATION`` in an OCI spec's annotations: what the state of
+    the hooks the guest runs (createContainer, startContainer) needs from the
+    host (JSON: bundle, ociVersion); the agent takes it out of the annotations.
 Storage drivers
     ``STORAGE_DRIVERS``: the ``driver`` values of a Storage the agent mounts.
 Guest image
@@ -63,6 +66,7 @@ GUEST_SANDBOX_DIR = GUEST_STATE_DIR + "/sandbox"
 SANDBOX_SCOPE = "pykata.scope=sandbox"
 SANDBOX_NS_MARKER = "pykata:sandbox"
 POD_SHARED_NAMESPACES = ("ipc", "uts")
+HOOK_STATE_ANNOTATION = "io.github.pykata.hook-state"
 
 # -- storages -----------------------------------------------------------------------------
 STORAGE_DRIVERS = ("virtiofs", "tmpfs", "local", "blk", "bind")

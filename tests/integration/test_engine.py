@@ -348,3 +348,133 @@ async def test_unsupported_fields_are_refused(engine_sandbox: Sandbox, tmp_path:
     (b / "config.json").write_text(json.dumps(spec))
     with pytest.raises(errors.InvalidArgument, match=r"linux\.personality"):
         await engine_sandbox.create_container("refused2", b)
+
+
+# -- createContainer and startContainer hooks, run in the guest by either engine -------------
+NS_NAMES = "mnt uts ipc pid cgroup"
+
+
+def _ns_lines(dest: str) -> str:
+    return f"for n in {NS_NAMES}; do readlink /proc/self/ns/$n; done > {dest}"
+
+
+def _hook(script: str, *extra: str, **kw: Any) -> dict[str, Any]:
+    # argv[0] "sh": the busybox of the test image picks its applet by it.
+    return {"path": "/bin/sh", "args": ["sh", "-c", script, *extra], **kw}
+
+
+async def test_guest_hooks_run_in_the_container_namespaces(
+        engine_sandbox: Sandbox, tmp_path: Path, rootfs: Path,
+        request: pytest.FixtureRequest) -> None:
+    engine = request.node.callspec.params["engine_sandbox"]
+    cid = f"c-{uuid.uuid4().hex[:8]}"
+    groot = f"{wire.GUEST_SHARED_DIR}/{cid}/rootfs"  # the container's root, seen from the VM
+    # createContainer: after the mounts (the container's /proc is there), before
+    # pivot_root (the VM's root is still /); its path was resolved in the rootfs.
+    # Its argv and environment as exec'd: from the container's /proc (its pid namespace).
+    cc = (f"cat > {groot}/cc.state; {_ns_lines(groot + '/cc.ns')};"
+          f" tr '\\0' ' ' < {groot}/proc/$$/cmdline > {groot}/cc.args;"
+          f" tr '\\0' ' ' < {groot}/proc/$$/environ > {groot}/cc.env;"
+          f" [ -e {groot}/proc/self/ns ] && [ ! -e /cc.args ] && echo mounted > {groot}/cc.where")
+    # startContainer: in the container (after pivot_root), before its process.
+    sc = f"cat > /sc.state; {_ns_lines('/sc.ns')}; [ -e /cc.args ] && echo pivoted > /sc.where"
+    spec = spec_of(["sh", "-c", f"cat /sc.where; {_ns_lines('/dev/stdout')}"])
+    spec["hooks"] = {"createContainer": [_hook(cc, "arg0", "arg1", env=["A=set"])],
+                     "startContainer": [_hook(sc, timeout=30)]}
+    b = make_bundle(tmp_path / cid, rootfs, spec)
+    c = await engine_sandbox.create_container(cid, b)
+    try:
+        created = b / "rootfs" / "cc.state"
+        assert created.exists() and not (b / "rootfs" / "sc.state").exists()
+        await c.start()
+        out = (await read_all(c.init.read_stdout)).decode().splitlines()
+        assert (await asyncio.wait_for(c.wait(), 60)).code == 0
+    finally:
+        await c.delete(force=True)
+    root = b / "rootfs"
+    assert out[0] == "pivoted"
+    container_ns = out[1:]
+    assert len(container_ns) == 5
+    assert (root / "cc.ns").read_text().split() == container_ns
+    assert (root / "sc.ns").read_text().split() == container_ns
+    assert (root / "cc.where").read_text() == "mounted\n"
+    assert (root / "cc.args").read_text() == f"sh -c {cc} arg0 arg1 "  # args[0] is argv[0]
+    assert (root / "cc.env").read_text() == "A=set "  # exactly its env
+    cc_state = json.loads((root / "cc.state").read_text())
+    sc_state = json.loads((root / "sc.state").read_text())
+    assert cc_state["id"] == sc_state["id"] == cid
+    if engine == "native":
+        # As runc: the pid is the container process's, in its own pid namespace.
+        common = {"ociVersion": spec["ociVersion"], "id": cid, "pid": 1, "bundle": str(b),
+                  "annotations": spec.get("annotations") or {}}
+        assert cc_state == {**common, "status": "creating"}
+        assert sc_state == {**common, "status": "created"}
+
+
+@pytest.mark.parametrize("case", ["create-fails", "start-fails", "not-in-rootfs", "timeout"])
+async def test_a_failing_guest_hook_is_one_error_and_leaves_nothing(
+        engine_sandbox: Sandbox, tmp_path: Path, rootfs: Path,
+        request: pytest.FixtureRequest, case: str) -> None:
+    engine = request.node.callspec.params["engine_sandbox"]
+    cid = f"c-{uuid.uuid4().hex[:8]}"
+    spec = spec_of(["echo", "ran"])
+    if case == "create-fails":
+        spec["hooks"] = {"createContainer": [_hook("echo no  way; exit 3")]}
+        expect = ("hooks.createContainer[0] (/bin/sh): exited with status 3: no way"
+                  if engine == "native" else "(exit code: 3)")
+    elif case == "start-fails":
+        spec["hooks"] = {"startContainer": [_hook("echo bad start; exit 4")]}
+        expect = ("hooks.startContainer[0] (/bin/sh): exited with status 4: bad start"
+                  if engine == "native" else "(exit code: 4)")
+    elif case == "not-in-rootfs":
+        spec["hooks"] = {"createContainer": [{"path": "/usr/libexec/oci/hooks.d/x"}]}
+        expect = ("hooks.createContainer[0] (/usr/libexec/oci/hooks.d/x): not a file in the"
+                  " container's root filesystem (hooks run in the VM)")
+    else:
+        spec["hooks"] = {"createContainer": [_hook("sleep 60", timeout=1)]}
+        # crun says "timeout expired for" or "(exit code: -1)" (killed) with the
+        # hook's path as it ran it: rewritten into the container's root filesystem.
+        expect = ("hooks.createContainer[0] (/bin/sh): timed out after 1s" if engine == "native"
+                  else f"`{wire.GUEST_SHARED_DIR}/{cid}/rootfs/bin/busybox`")
+    b = make_bundle(tmp_path / cid, rootfs, spec)
+    if case == "start-fails" and engine == "crun":
+        # As with runc, crun's start returns before its container process runs the
+        # hook: the process stops with crun's error, the container's program never runs.
+        c = await engine_sandbox.create_container(cid, b)
+        try:
+            await c.start()
+            out, err_text = await asyncio.gather(read_all(c.init.read_stdout),
+                                                 read_all(c.init.read_stderr))
+            assert (await asyncio.wait_for(c.wait(), 60)).code != 0
+        finally:
+            await c.delete(force=True)
+        assert out == b"" and expect in err_text.decode(), err_text
+    elif case == "start-fails":
+        c = await engine_sandbox.create_container(cid, b)
+        try:
+            with pytest.raises(errors.PykataError) as err:
+                await c.start()
+            # Nothing runs on: the container ends (as if killed) and waits for delete.
+            status = await asyncio.wait_for(c.wait(), 60)
+            assert status.code == 137 and c.state.value == "stopped"
+        finally:
+            await c.delete(force=True)
+    else:
+        with pytest.raises(errors.PykataError) as err:
+            await engine_sandbox.create_container(cid, b)
+    if not (case == "start-fails" and engine == "crun"):
+        message = str(err.value)
+        assert len(message.splitlines()) == 1 and expect in message, message
+    assert cid not in engine_sandbox.containers
+    assert not (engine_sandbox.dir / "mounts" / cid).exists()
+    assert not (engine_sandbox.shared_dir / cid).exists()
+    # Nothing of it is left in the guest either: the same id is free again.
+    del spec["hooks"]
+    (b / "config.json").write_text(json.dumps(spec))
+    again = await engine_sandbox.create_container(cid, b)
+    try:
+        await again.start()
+        assert await read_all(again.init.read_stdout) == b"ran\n"
+        assert (await asyncio.wait_for(again.wait(), 60)).code == 0
+    finally:
+        await again.delete(force=True)

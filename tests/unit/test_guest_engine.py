@@ -1,22 +1,27 @@
 """The guest container engine's pure parts, without a VM: spec -> plan,
 refusals naming the field, capability masks, mount options, cgroup files,
-device rules and their eBPF program, seccomp rules."""
+device rules and their eBPF program, seccomp rules; the hooks it runs (as
+real processes) and crun's spec of them."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pykata import wire
 from pykata.errors import InvalidArgument
 from pykata.guest import sysutil
-from pykata.guest.engine import caps, cgroup, devices, mounts, plan, seccomp
+from pykata.guest.crun import crun_error, crun_spec
+from pykata.guest.engine import caps, cgroup, child, devices, mounts, plan, seccomp
 from pykata.guest.engine.child import lookup
 from pykata.guest.engine.runner import report_error
 from pykata.testing import default_spec
@@ -455,3 +460,139 @@ def test_engine_choice() -> None:
     assert choose_engine(None, {wire.AGENT_ENGINE_PARAM: "bogus"}, init_mode=True) == "native"
     assert parse_args(["--engine", "native"]).engine == "native"
     assert wire.AGENT_ENGINE_PARAM == "pykata.agent.engine"
+
+
+# -- hooks the engine runs (createContainer, startContainer) --------------------------------
+
+
+def test_plan_of_guest_hooks_and_their_state() -> None:
+    spec = guest_spec()
+    spec["ociVersion"] = "1.0.2"
+    spec["annotations"] = {"a": "b", wire.HOOK_STATE_ANNOTATION: json.dumps(
+        {"bundle": "/host/bundle", "ociVersion": "1.3.0"})}
+    spec["hooks"] = {
+        "createContainer": [{"path": "/bin/cc", "args": ["cc", "-v"], "env": ["A=1", "B=x=y"],
+                             "timeout": 7}],
+        "startContainer": [{"path": "/usr/bin/../bin/sc"}]}
+    p = plan.plan(spec, container_id="c1")
+    assert p.hooks == (
+        plan.HookPlan("createContainer", "hooks.createContainer[0]", "/bin/cc", ("cc", "-v"),
+                      (("A", "1"), ("B", "x=y")), 7.0),
+        plan.HookPlan("startContainer", "hooks.startContainer[0]", "/usr/bin/sc",
+                      ("/usr/bin/../bin/sc",), (), plan.HOOK_TIMEOUT))
+    # The host's bundle and version; the annotation is the host's note, not the spec's.
+    assert p.hook_state == {"ociVersion": "1.3.0", "id": "c1", "bundle": "/host/bundle",
+                            "annotations": {"a": "b"}}
+    assert p.annotations == {"a": "b"}
+    assert plan.hook_timeout(p, "createContainer") == 7.0
+    assert plan.hook_timeout(p, "startContainer") == plan.HOOK_TIMEOUT
+    assert plan.plan(guest_spec()).hooks == ()
+
+
+@pytest.mark.parametrize("hooks,match", [
+    ({"prestart": [{"path": "/bin/p"}]}, r"hooks\.prestart \(the host runs it\)"),
+    ({"createContainer": [{"path": "bin/cc"}]}, r"hooks\.createContainer\[0\]\.path"),
+    ({"startContainer": [{"path": "/x", "timeout": -1}]}, r"hooks\.startContainer\[0\]\.timeout"),
+    ({"startContainer": [{"path": "/x", "args": "a"}]}, r"hooks\.startContainer\[0\]\.args"),
+    ({"startContainer": [{"path": "/x", "when": {}}]}, r"hooks\.startContainer\[0\]\.when"),
+])
+def test_hook_refusals_name_the_field(hooks: dict[str, Any], match: str) -> None:
+    spec = guest_spec()
+    spec["hooks"] = hooks
+    with pytest.raises(InvalidArgument, match=match):
+        plan.plan(spec)
+
+
+def test_run_hook_state_args_exact_env_cwd_and_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = (f"cat > {out}.state; tr '\\0' ' ' < /proc/$$/cmdline > {out}.args;"
+              f" tr '\\0' ' ' < /proc/$$/environ > {out}.env; pwd > {out}.cwd;"
+              " echo to-stdout; echo to-stderr >&2; exit 3")
+    status, text = child.run_hook("/bin/sh", ("hookname", "-c", script, "x"), {"A": "1"},
+                                  b'{"id": "c1"}', str(tmp_path), 30)
+    assert os.waitstatus_to_exitcode(status) == 3
+    assert text == b"to-stdout\nto-stderr\n"
+    assert Path(f"{out}.args").read_text() == f"hookname -c {script} x "  # argv[0] as given
+    assert Path(f"{out}.env").read_text() == "A=1 "  # exactly its env
+    assert Path(f"{out}.cwd").read_text() == f"{tmp_path}\n"
+    assert Path(f"{out}.state").read_text() == '{"id": "c1"}'
+
+
+def test_run_hook_timeout_kills_its_session_and_big_unread_state(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        child.run_hook("/bin/sh", ("sh", "-c", "sleep 60 & sleep 60"), {}, b"{}", "/", 1)
+    assert time.monotonic() - t0 < 30
+    # A hook that does not read a state larger than a pipe holds: no hang, no SIGPIPE.
+    status, _ = child.run_hook("/bin/sh", ("sh", "-c", "exit 0"), {}, b"x" * (1 << 20), "/",
+                               30)
+    assert status == 0
+    # Output is capped to its tail.
+    status, text = child.run_hook("/bin/sh", ("sh", "-c", "yes | head -c 100000; echo END"),
+                                  {}, b"", "/", 30)
+    assert len(text) == child.HOOK_OUTPUT_CAP and text.endswith(b"END\n")
+
+
+def test_run_hooks_resolve_in_the_rootfs_and_fail_naming_the_hook(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    real = root / "bin" / "hook"
+    log = tmp_path / "log"
+    real.write_text(f"#!/bin/sh\ncat > {log}.state; echo $0 $(pwd) > {log}\n")
+    real.chmod(0o755)
+    (root / "usr").mkdir()
+    (root / "usr" / "hook").symlink_to("/bin/hook")  # absolute: resolved inside the rootfs
+    hooks = (plan.HookPlan("createContainer", "hooks.createContainer[0]", "/usr/hook",
+                           ("h0",), (), 30.0),
+             plan.HookPlan("startContainer", "hooks.startContainer[0]", "/x", ("h1",), (),
+                           30.0))
+    state = {"ociVersion": "1.3.0", "id": "c1", "bundle": "/b", "annotations": {"k": "v"}}
+    step = child._Step()
+    child.run_hooks(hooks, "createContainer", state, str(root), step)
+    assert json.loads(Path(f"{log}.state").read_text()) == {
+        "ociVersion": "1.3.0", "id": "c1", "status": "creating", "pid": os.getpid(),
+        "bundle": "/b", "annotations": {"k": "v"}}
+    # The link resolved inside the rootfs (the script's $0), run from the rootfs.
+    assert log.read_text().split() == [str(real), str(root)]
+    with pytest.raises(OSError, match="not a file in the container's root filesystem"):
+        child.run_hooks(hooks, "startContainer", state, str(root), step)
+    assert step.name == "hooks.startContainer[0] (/x)"
+    failing = (plan.HookPlan("startContainer", "hooks.startContainer[0]", "/bin/sh",
+                             ("sh", "-c", "echo no  way; exit 4"), (), 30.0),)
+    with pytest.raises(OSError, match=r"^\[Errno 5\] exited with status 4: no way$"):
+        child.run_hooks(failing, "startContainer", state, "", step)
+
+
+def test_crun_spec_rewrites_create_container_paths_into_the_rootfs(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "busybox").write_text("")
+    (root / "bin" / "sh").symlink_to("/bin/busybox")
+    spec = guest_spec()
+    spec["root"]["path"] = str(root)
+    spec["annotations"] = {"a": "b", wire.HOOK_STATE_ANNOTATION: "{}"}
+    spec["hooks"] = {"createContainer": [{"path": "/bin/sh"},
+                                         {"path": "/bin/sh", "args": ["sh", "-c", "x"]}],
+                     "startContainer": [{"path": "/bin/sh"}]}
+    out = crun_spec(spec, "c1")
+    assert out["hooks"]["createContainer"] == [
+        {"path": str(root / "bin" / "busybox"), "args": ["/bin/sh"]},
+        {"path": str(root / "bin" / "busybox"), "args": ["sh", "-c", "x"]}]
+    assert out["hooks"]["startContainer"] == [{"path": "/bin/sh"}]  # resolved by crun, inside
+    assert out["annotations"] == {"a": "b"}
+    assert spec["hooks"]["createContainer"][0] == {"path": "/bin/sh"}  # not modified
+    spec["hooks"]["startContainer"] = [{"path": "/no/hook"}]
+    with pytest.raises(InvalidArgument, match=r"cannot create container c1:"
+                                              r" hooks\.startContainer\[0\] \(/no/hook\): not a"
+                                              r" file in the container's root filesystem"):
+        crun_spec(spec, "c1")
+    assert "hooks" not in crun_spec(guest_spec(), "c1")
+
+
+def test_crun_error_unwraps_a_hook_failure_logged_by_its_child() -> None:
+    inner = json.dumps({"msg": "error executing hook `/r/bin/busybox` (exit code: -1)",
+                        "level": "error", "time": "t"})
+    log = json.dumps({"msg": inner, "level": "error", "time": "t"}) + "\n"
+    assert crun_error(log, b"", 1) == "error executing hook `/r/bin/busybox` (exit code: -1)"
+    assert crun_error("", inner.encode() + b"\n", 1) == \
+        "error executing hook `/r/bin/busybox` (exit code: -1)"

@@ -1,6 +1,7 @@
 """OCI hooks with the runtime spec's semantics, run as real processes: state on
 stdin, exactly their env and args, timeout, failures; through the shim's Task
-service (fakes for the VM) and pykata-runtime's host side."""
+service (fakes for the VM) and pykata-runtime's host side; what the guest gets
+of them (createContainer, startContainer and their state)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pykata import errors
+from pykata import errors, wire
 from pykata.cli.runtime import hookrun
 from pykata.cli.runtime.base import CLIError
 from pykata.runtime import hooks
@@ -27,22 +28,64 @@ def script(tmp_path: Path, name: str, body: str) -> str:
     return str(p)
 
 
-def test_parse_names_bad_fields_and_refuses_guest_hooks() -> None:
+def test_parse_names_bad_fields_and_takes_guest_hooks() -> None:
     assert hooks.parse({}) == {}
     got = hooks.parse({"hooks": {"prestart": [{"path": "/bin/true", "args": ["true", "x"],
-                                               "env": ["A=1"], "timeout": 3}]}})
+                                               "env": ["A=1"], "timeout": 3}],
+                                 "createContainer": [{"path": "/bin/cc"}],
+                                 "startContainer": [{"path": "/bin/sc", "timeout": 2}]}})
     assert got["prestart"] == [hooks.Hook("/bin/true", ("true", "x"), ("A=1",), 3.0,
                                           "hooks.prestart[0]")]
+    assert got["createContainer"] == [hooks.Hook("/bin/cc", name="hooks.createContainer[0]")]
+    assert got["startContainer"][0].timeout == 2.0
     for bad, message in [
         ({"prestart": [{"path": "true"}]}, r"hooks\.prestart\[0\]\.path must be an absolute"),
         ({"poststop": [{"path": "/x", "timeout": 0}]}, r"hooks\.poststop\[0\]\.timeout"),
         ({"poststart": [{"path": "/x", "env": "A=1"}]}, r"hooks\.poststart\[0\]\.env"),
-        ({"createContainer": [{"path": "/x"}]},
-         r"hooks\.createContainer runs in the container's namespaces, which are inside the VM"),
-        ({"startContainer": [{"path": "/x"}]}, r"hooks\.startContainer"),
+        ({"createContainer": [{"path": "x"}]}, r"hooks\.createContainer\[0\]\.path"),
+        ({"startContainer": {"path": "/x"}}, r"hooks\.startContainer must be a list"),
     ]:
         with pytest.raises(errors.InvalidArgument, match=message):
             hooks.parse({"hooks": bad})
+
+
+def test_to_guest_keeps_the_guest_kinds_and_the_state_the_guest_cannot_know() -> None:
+    spec: dict[str, Any] = {"annotations": {"a": "b"}, "hooks": {
+        "prestart": [{"path": "/bin/p"}], "poststop": [{"path": "/bin/q"}],
+        "createContainer": [{"path": "/bin/cc", "args": ["cc", "-x"], "env": ["A=1"],
+                             "timeout": 5}],
+        "startContainer": [{"path": "/bin/sc"}]}}
+    hooks.to_guest(spec, "/bundles/c1", "1.3.0")
+    assert spec["hooks"] == {
+        "createContainer": [{"path": "/bin/cc", "args": ["cc", "-x"], "env": ["A=1"],
+                             "timeout": 5}],
+        "startContainer": [{"path": "/bin/sc", "args": [], "env": []}]}
+    assert spec["annotations"]["a"] == "b"
+    assert json.loads(spec["annotations"][wire.HOOK_STATE_ANNOTATION]) == {
+        "bundle": "/bundles/c1", "ociVersion": "1.3.0"}
+    host_only: dict[str, Any] = {"hooks": {"prestart": [{"path": "/bin/p"}]}}
+    hooks.to_guest(host_only, "/b", "1.0.2")
+    assert host_only == {}  # nothing for the guest: no hooks, no annotation
+
+
+def test_the_guest_spec_has_only_the_guest_hooks(tmp_path: Path) -> None:
+    from pykata.runtime import specconv
+    from pykata.testing import default_spec, make_bundle
+
+    spec = default_spec(["true"])
+    spec["ociVersion"] = "1.2.0"
+    spec["hooks"] = {"prestart": [{"path": "/bin/p"}],
+                     "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "true"]}]}
+    bundle = tmp_path / "b"
+    (bundle / "rootfs").mkdir(parents=True)
+    make_bundle(bundle, bundle / "rootfs", spec)
+    p = specconv.plan(spec, "c1", bundle)
+    assert list(p.spec["hooks"]) == ["startContainer"]
+    assert json.loads(p.spec["annotations"][wire.HOOK_STATE_ANNOTATION]) == {
+        "bundle": str(bundle), "ociVersion": "1.2.0"}
+    assert p.spec["ociVersion"] == specconv.GUEST_SPEC_VERSION
+    assert "hooks" in spec and wire.HOOK_STATE_ANNOTATION not in (spec.get("annotations") or {})
+    specconv.check_spec(spec)  # guest kinds are no longer refused
 
 
 async def test_a_hook_gets_the_state_on_stdin_its_env_and_args(tmp_path: Path) -> None:
@@ -131,6 +174,23 @@ async def test_a_failing_poststop_is_logged_not_raised(tmp_path: Path,
     await shim.kill("c1", 9)
     await shim.delete("c1")
     assert "hooks.poststop[0]" in caplog.text and "exited with status 1" in caplog.text
+
+
+async def test_a_failed_start_ends_the_container(tmp_path: Path) -> None:
+    """A startContainer hook that fails in the guest fails start; the container is
+    removed from the guest and stops (its exit published), waiting for delete."""
+    shim = Shim(tmp_path)
+    await shim.create("c1")
+    shim.agent.fail("start_container", errors.InvalidArgument(
+        "cannot start container c1: hooks.startContainer[0] (/bin/sh): exited with status 4"))
+    with pytest.raises(errors.InvalidArgument, match=r"hooks\.startContainer\[0\]"):
+        await shim.start("c1")
+    assert "c1" not in shim.agent.containers
+    resp = await shim.state("c1")
+    assert resp.exit_status == 137
+    assert (await shim.wait("c1")).exit_status == 137
+    await shim.delete("c1")
+    assert shim.svc.sandbox is None
 
 
 async def test_keeper_of_pykata_runtime_leaves_hooks_to_it(tmp_path: Path,

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from pykata import errors
 from pykata.guest import cgroups, logs
 from pykata.guest import spec as specmod
-from pykata.guest.crun import Crun, crun_error, read_log
+from pykata.guest.crun import Crun, crun_error, crun_spec, read_log
 from pykata.guest.settings import Settings
 from pykata.guest.stdio import FdReader, FdWriter
 
@@ -313,7 +313,7 @@ class Container:
         shutil.rmtree(self.bundle, ignore_errors=True)
         self.bundle.mkdir(parents=True, mode=0o700)
         try:
-            (self.bundle / "config.json").write_text(json.dumps(guest_spec))
+            (self.bundle / "config.json").write_text(json.dumps(crun_spec(guest_spec, self.id)))
             extra = ["--no-pivot"] if settings.no_pivot else []
             pid = await self._crun_spawn(
                 self.init, "create", [*extra, "--bundle", str(self.bundle)],

@@ -95,7 +95,11 @@ def guest_spec(
     ``sandbox_ns`` maps a namespace type (ipc, uts) to the pod sandbox
     container's namespace, for entries the host marked SANDBOX_NS_MARKER."""
     out = copy.deepcopy(spec)
-    out.pop("hooks", None)  # host hooks; they ran (or will run) on the host
+    # Host hooks ran (or will run) on the host; the container engine runs these two.
+    hooks = out.pop("hooks", None)
+    guest = ("createContainer", "startContainer")
+    if isinstance(hooks, dict) and any(hooks.get(k) for k in guest):
+        out["hooks"] = {k: v for k, v in hooks.items() if k in guest}
     linux = out.get("linux")
     if not isinstance(linux, dict):
         linux = {}

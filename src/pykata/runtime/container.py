@@ -433,7 +433,13 @@ class Container:
 
     async def start(self) -> int:
         _require(f"start container {self.id}", self.state, State.CREATED)
-        pid = await self._agent.start_container(self.id)
+        try:
+            pid = await self._agent.start_container(self.id)
+        except errors.PykataError:
+            # A failed start (a startContainer hook, ...) leaves nothing: the container
+            # ends, as runc's does, and only waits for delete.
+            await self._end_unstarted(signals.SIGKILL)
+            raise
         self.init._started(pid)
         self.state = State.RUNNING
         self.sandbox.persist()

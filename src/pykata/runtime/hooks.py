@@ -8,8 +8,18 @@ Where each kind runs in pykata:
 - ``poststart``: on the host, after ``start``; a failure is logged.
 - ``poststop``: on the host, after ``delete``; a failure is logged.
 - ``createContainer``, ``startContainer``: these run in the container's
-  namespaces, i.e. inside the VM. The guest engine does not run hooks yet, so
-  a spec with them is refused with one line (``parse``).
+  namespaces, i.e. inside the VM, run by the guest's container engine
+  (``guest/engine/child.py``, or crun): ``to_guest`` puts them in the spec the
+  guest gets. No host binary can run in the VM, so a hook's ``path`` names a
+  file of the container's root filesystem (the guest refuses create with one
+  line if there is none): ``createContainer`` after the container's mounts,
+  before pivot_root, run from the guest's root with the container's root
+  filesystem below it (the spec's "runtime namespace" is the host, which a VM
+  cannot enter); ``startContainer`` after ``start``, before the container's
+  process, with the path resolved in the container. A failure fails create or
+  start. They run inside the VM before the host's prestart/createRuntime
+  (the spec orders createRuntime first): the host runs those once the guest
+  has created the container.
 
 Each hook gets the container's state JSON on stdin, runs with exactly its
 ``env`` (none if not given) and ``args`` (``args[0]`` is its argv[0], as
@@ -27,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pykata.errors import FailedPrecondition, InvalidArgument
+from pykata.wire import HOOK_STATE_ANNOTATION
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +61,8 @@ class Hook:
 
 
 def parse(spec: dict[str, Any]) -> dict[str, list[Hook]]:
-    """The spec's hooks by kind (host kinds only); InvalidArgument naming the
-    field for a malformed entry or a kind pykata cannot run."""
+    """The spec's hooks by kind; InvalidArgument naming the field for a malformed
+    entry."""
     raw = spec.get("hooks")
     if raw is None:
         return {}
@@ -66,10 +77,6 @@ def parse(spec: dict[str, Any]) -> dict[str, list[Hook]]:
             continue
         if not isinstance(entries, list):
             raise InvalidArgument(f"invalid OCI spec: hooks.{kind} must be a list")
-        if kind in GUEST_KINDS and entries:
-            raise InvalidArgument(
-                f"unsupported OCI spec: hooks.{kind} runs in the container's namespaces, which"
-                " are inside the VM, and the guest's container engine does not run hooks")
         out[kind] = [_hook(e, f"hooks.{kind}[{i}]") for i, e in enumerate(entries)]
     return out
 
@@ -89,6 +96,27 @@ def _hook(e: Any, name: str) -> Hook:
                                 or timeout <= 0):
         raise InvalidArgument(f"invalid OCI spec: {name}.timeout must be a positive integer")
     return Hook(path, tuple(args), tuple(env), float(timeout) if timeout else None, name)
+
+
+def to_guest(spec: dict[str, Any], bundle: str, version: str) -> None:
+    """Keep in ``spec`` (the guest's copy) only the hooks the guest runs
+    (createContainer, startContainer), and put what their state needs that the
+    guest cannot know (the host's bundle, the spec's own ociVersion: the guest's
+    copy is stamped otherwise) in the annotation ``HOOK_STATE_ANNOTATION``, which
+    the guest takes out again before anything else sees the annotations."""
+    parsed = parse(spec)
+    spec.pop("hooks", None)
+    guest = {kind: [{"path": h.path, "args": list(h.args), "env": list(h.env),
+                     **({"timeout": int(h.timeout)} if h.timeout else {})}
+                    for h in parsed[kind]]
+             for kind in GUEST_KINDS if parsed.get(kind)}
+    if not guest:
+        return
+    spec["hooks"] = guest
+    annotations = spec.get("annotations")
+    if not isinstance(annotations, dict):
+        annotations = spec["annotations"] = {}
+    annotations[HOOK_STATE_ANNOTATION] = json.dumps({"bundle": bundle, "ociVersion": version})
 
 
 def state(container_id: str, status: str, pid: int, bundle: str,

@@ -357,8 +357,10 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
             mounts.extend(_submount_binds(m, hm, probe))
     out["mounts"] = mounts
     _spec_devices(p, probe)
-    # Hooks run on the host, never in the guest.
-    out.pop("hooks", None)
+    # The host runs its hooks; createContainer/startContainer go to the guest.
+    from pykata.runtime import hooks  # (no cycle: hooks imports nothing of specconv)
+
+    hooks.to_guest(out, str(bundle), spec_version(spec))
     linux = out.get("linux")
     if isinstance(linux, dict):
         namespaces = linux.setdefault("namespaces", [])

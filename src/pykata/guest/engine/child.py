@@ -15,13 +15,15 @@ Order (create; exec skips what the container already has):
  3. join namespaces by path (ipc, uts, net, cgroup, mount last), unshare the new ones
     (the pid namespace was chosen by the agent before fork: the child is its pid 1)
  4. mount propagation of /, bind the rootfs on itself, spec mounts in order
-    (destinations resolved inside the rootfs), device nodes, /dev links
+    (destinations resolved inside the rootfs), device nodes, /dev links;
+    createContainer hooks (their path resolved inside the rootfs)
  5. pivot_root (or MS_MOVE + chroot when / is an initramfs: settings.no_pivot)
  6. sysctls, masked paths, read-only paths, hostname, read-only root
  7. terminal: a pty from the container's devpts, master sent to the agent,
     slave as the controlling terminal and 0-2
  8. oom_score_adj, rlimits, cwd, the executable looked up in PATH, umask
- 9. create: report ready and wait for start (a byte on the start pipe)
+ 9. create: report ready and wait for start (a byte on the start pipe);
+    startContainer hooks
 10. bounding set, (seccomp here when no_new_privs is off: it needs
     CAP_SYS_ADMIN), keep caps, groups, gid, uid, capset, ambient set
 11. no_new_privs, seccomp, signal mask cleared, execve
@@ -29,27 +31,31 @@ Order (create; exec skips what the container already has):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import json
 import os
+import select
 import signal
 import socket
 import stat
 import struct
 import time
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pykata.guest import sysutil
 from pykata.guest.engine import plan as planmod
 from pykata.guest.engine import syscalls as sc
 from pykata.guest.engine.mounts import secure_join
-from pykata.guest.engine.plan import Plan, ProcessPlan
+from pykata.guest.engine.plan import HookPlan, Plan, ProcessPlan
 
 TIOCSPTLCK = 0x40045431
 TIOCGPTN = 0x80045430
 TIOCSCTTY = 0x540E
 TIOCSWINSZ = 0x5414
+HOOK_OUTPUT_CAP = 4096  # the tail of a hook's output kept for its error
 
 # Fixed fd numbers in the child after step 1.
 REPORT_FD = 3
@@ -366,6 +372,128 @@ def lookup(name: str, env: dict[str, str]) -> str:
     raise OSError(errno.ENOENT, f"executable file `{name}` not found in $PATH")
 
 
+def run_hook(path: str, argv: tuple[str, ...], env: dict[str, str], data: bytes, cwd: str,
+             timeout: float) -> tuple[int, bytes]:
+    """Run one hook to its end, as a child of this process in a session of its
+    own: ``data`` on its stdin, its stdout and stderr read into a buffer (the
+    last HOOK_OUTPUT_CAP bytes kept). (wait status, output); after ``timeout``
+    seconds its session is killed and TimeoutError raised."""
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
+        raise
+    if pid == 0:  # the hook
+        try:
+            os.setsid()
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            os.dup2(out_w, 2)
+            sc.close_from(3)
+            os.chdir(cwd)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.execve(path, list(argv), env)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.write(2, f"cannot execute {path}: {exc.strerror or exc}".encode())
+        os._exit(127)
+    os.close(in_r)
+    os.close(out_w)
+    out = bytearray()
+    pidfd = -1
+    try:
+        pidfd = os.pidfd_open(pid)
+        os.set_blocking(in_w, False)
+        os.set_blocking(out_r, False)
+        poll = select.poll()
+        poll.register(pidfd, select.POLLIN)
+        poll.register(out_r, select.POLLIN)
+        poll.register(in_w, select.POLLOUT)
+        todo = memoryview(data)
+        deadline = time.monotonic() + timeout
+        exited = False
+        while not exited:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise TimeoutError
+            for fd, _ in poll.poll(int(left * 1000) + 1):
+                if fd == pidfd:
+                    exited = True
+                elif fd == out_r and _read_into(out_r, out):
+                    poll.unregister(out_r)  # EOF (it may still run)
+                elif fd == in_w:
+                    try:
+                        todo = todo[os.write(in_w, todo):]
+                    except OSError:  # EPIPE: it does not read its state
+                        todo = todo[:0]
+                    if not todo:
+                        poll.unregister(in_w)
+                        os.close(in_w)
+                        in_w = -1
+        _read_into(out_r, out)  # what it wrote before it exited
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for fd in (in_w, out_r, pidfd):
+            if fd >= 0:
+                os.close(fd)
+        # A write to a hook that did not read its state raised SIGPIPE, pending
+        # while signals are blocked: it would kill the container at execve.
+        signal.sigtimedwait([signal.SIGPIPE], 0)
+    return status, bytes(out[-HOOK_OUTPUT_CAP:])
+
+
+def _read_into(fd: int, buf: bytearray) -> bool:
+    """What ``fd`` has now, onto ``buf`` (its tail kept); True at EOF."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not chunk:
+            return True
+        buf.extend(chunk)
+        del buf[:-HOOK_OUTPUT_CAP]
+
+
+def run_hooks(hooks: tuple[HookPlan, ...], kind: str, state: dict[str, Any], root: str,
+              step: _Step) -> None:
+    """The ``kind`` hooks in order, each with ``state`` (its status and this
+    process's pid added) on stdin; the first failure raises OSError naming it.
+    ``root``: the container's root filesystem, not yet the root (createContainer:
+    the hook's path is resolved inside it, and it runs there); "" after pivot_root."""
+    todo = [h for h in hooks if h.kind == kind]
+    if not todo:
+        return
+    st = {"ociVersion": state.get("ociVersion", ""), "id": state.get("id", ""),
+          "status": planmod.HOOK_STATUS[kind], "pid": os.getpid(),
+          "bundle": state.get("bundle", ""), "annotations": state.get("annotations", {})}
+    data = json.dumps(st).encode()
+    for h in todo:
+        step.name = f"{h.name} ({h.path})"
+        path = secure_join(root, h.path) if root else h.path
+        if not os.path.isfile(path):
+            raise OSError(errno.ENOENT, "not a file in the container's root filesystem (hooks"
+                                        " run in the VM)")
+        try:
+            status, out = run_hook(path, h.args, dict(h.env), data, root or "/", h.timeout)
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, f"timed out after {h.timeout:g}s") from None
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            text = " ".join(out.decode(errors="replace").split())[-300:]
+            raise OSError(errno.EIO, f"{how}: {text}" if text else how)
+        step.mark(h.name)
+
+
 def _setup(job: Job, step: _Step) -> None:
     proc, p = job.proc, job.plan
     step.name = "set up file descriptors"
@@ -409,6 +537,7 @@ def _setup(job: Job, step: _Step) -> None:
     if p is not None:
         _mounts(job, p, step)
         step.mark("mounts")
+        run_hooks(p.hooks, "createContainer", p.hook_state, p.rootfs, step)
         _enter_root(job, p, step)
         step.mark("root")
         _inside(p, step)
@@ -445,6 +574,8 @@ def _setup(job: Job, step: _Step) -> None:
             os._exit(1)
         os.close(START_FD)
         step.mark("started")
+        if p is not None:
+            run_hooks(p.hooks, "startContainer", p.hook_state, "", step)
     _identity(job, step)
     step.mark("identity")
     step.name = f"execute {path}"

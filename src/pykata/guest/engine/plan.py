@@ -3,7 +3,9 @@ checked) in the agent before any fork. Pure: no system calls, unit-tested.
 
 What the engine does not implement is refused here with an
 ``InvalidArgument`` naming the spec field, never ignored: user and time
-namespaces, idmapped mounts, hooks, AppArmor/SELinux labels (the guest has
+namespaces, idmapped mounts, host hooks (the host runs prestart, createRuntime,
+poststart and poststop; the engine runs createContainer and startContainer),
+AppArmor/SELinux labels (the guest has
 neither), personality, scheduler, I/O priority, CPU affinity, Intel RDT,
 seccomp notify, cgroup v1-only resources, non-namespaced sysctls, and any
 field of ``process``/``linux``/``root``/top level the engine does not know.
@@ -11,6 +13,7 @@ field of ``process``/``linux``/``root``/top level the engine does not know.
 
 from __future__ import annotations
 
+import json
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +25,7 @@ from pykata.guest.engine import cgroup as cgmod
 from pykata.guest.engine import devices as devmod
 from pykata.guest.engine import mounts as mountmod
 from pykata.guest.engine import seccomp as seccompmod
+from pykata.wire import HOOK_STATE_ANNOTATION
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -65,6 +69,9 @@ _PROPAGATION = {"private": sysutil.MS_PRIVATE, "rprivate": sysutil.MS_PRIVATE | 
 _IPC_SYSCTLS = {"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
                 "kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced"}
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The hooks the engine runs, and the state's status while each runs (runc's).
+HOOK_STATUS = {"createContainer": "creating", "startContainer": "created"}
+HOOK_TIMEOUT = 120.0  # a hook without a timeout still ends (as on the host)
 
 
 def refuse(field_name: str, why: str = "") -> InvalidArgument:
@@ -109,6 +116,18 @@ class ProcessPlan:
 
 
 @dataclass(frozen=True)
+class HookPlan:
+    """One createContainer or startContainer hook (``hooks.<kind>[i]``)."""
+
+    kind: str
+    name: str  # hooks.createContainer[0]
+    path: str  # in the container's root filesystem
+    args: tuple[str, ...]  # argv, args[0] first (the path if the spec gives none)
+    env: tuple[tuple[str, str], ...]
+    timeout: float
+
+
+@dataclass(frozen=True)
 class Plan:
     rootfs: str
     process: ProcessPlan
@@ -131,6 +150,10 @@ class Plan:
     device_rules: tuple[devmod.Rule, ...] = ()
     seccomp: seccompmod.Profile | None = None
     annotations: dict[str, str] = field(default_factory=dict)
+    hooks: tuple[HookPlan, ...] = ()
+    # What a hook's state says besides status and pid: ociVersion, id, bundle,
+    # annotations (the host's, from HOOK_STATE_ANNOTATION).
+    hook_state: dict[str, Any] = field(default_factory=dict)
 
 
 def process_plan(proc: Any, field_name: str = "process",
@@ -237,11 +260,69 @@ def _sysctls(value: Any, ns_types: set[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def plan(spec: dict[str, Any], last_cap: int = capsmod.LAST_KNOWN) -> Plan:
+def _hooks(value: Any) -> tuple[HookPlan, ...]:
+    """createContainer and startContainer; any other kind is the host's."""
+    if not value:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidArgument("invalid OCI spec: hooks must be an object")
+    out = []
+    for kind, entries in value.items():
+        if kind not in HOOK_STATUS:
+            if entries:
+                raise refuse(f"hooks.{kind}", "the host runs it")
+            continue
+        if not isinstance(entries, list):
+            raise InvalidArgument(f"invalid OCI spec: hooks.{kind} must be a list")
+        for i, e in enumerate(entries):
+            name = f"hooks.{kind}[{i}]"
+            if not isinstance(e, dict):
+                raise InvalidArgument(f"invalid OCI spec: {name} must be an object")
+            _check_fields(e, {"path", "args", "env", "timeout"}, name)
+            path = e.get("path")
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise InvalidArgument(f"invalid OCI spec: {name}.path must be an absolute path")
+            args, env = e.get("args") or [], e.get("env") or []
+            for f, v in (("args", args), ("env", env)):
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                    raise InvalidArgument(
+                        f"invalid OCI spec: {name}.{f} must be a list of strings")
+            timeout = e.get("timeout")
+            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                        or timeout <= 0):
+                raise InvalidArgument(f"invalid OCI spec: {name}.timeout must be a positive"
+                                      " integer")
+            pairs = tuple((k, v) for k, sep, v in (x.partition("=") for x in env) if sep and k)
+            out.append(HookPlan(kind, name, posixpath.normpath(path),
+                                tuple(args) or (path,), pairs,
+                                float(timeout) if timeout else HOOK_TIMEOUT))
+    return tuple(out)
+
+
+def _hook_state(spec: dict[str, Any], annotations: dict[str, str],
+                container_id: str) -> dict[str, Any]:
+    """The state's fixed part (the host's bundle and ociVersion when it sent them)."""
+    try:
+        host = json.loads(annotations.pop(HOOK_STATE_ANNOTATION, "") or "{}")
+    except ValueError:
+        host = {}
+    if not isinstance(host, dict):
+        host = {}
+    return {"ociVersion": str(host.get("ociVersion") or spec.get("ociVersion") or ""),
+            "id": container_id, "bundle": str(host.get("bundle") or ""),
+            "annotations": dict(annotations)}
+
+
+def hook_timeout(p: Plan, kind: str) -> float:
+    """How long the ``kind`` hooks may take together."""
+    return sum(h.timeout for h in p.hooks if h.kind == kind)
+
+
+def plan(spec: dict[str, Any], last_cap: int = capsmod.LAST_KNOWN,
+         container_id: str = "") -> Plan:
     """The container's plan; InvalidArgument (one line, naming the field) if refused."""
     _check_fields(spec, _TOP_FIELDS, "")
-    if _set(spec.get("hooks")):
-        raise refuse("hooks", "hooks run on the host")
+    hooks = _hooks(spec.get("hooks"))
     root = spec.get("root")
     if not isinstance(root, dict) or not isinstance(root.get("path"), str) \
             or not root["path"].startswith("/"):
@@ -310,6 +391,11 @@ def plan(spec: dict[str, Any], last_cap: int = capsmod.LAST_KNOWN) -> Plan:
     if (hostname or domainname) and "uts" not in types:
         raise InvalidArgument("invalid OCI spec: hostname needs a uts namespace")
     dev_tmpfs = any(m.destination == "/dev" and not m.bind for m in mounts)
+    raw = spec.get("annotations") or {}
+    if not isinstance(raw, dict):
+        raise InvalidArgument("invalid OCI spec: annotations must be an object")
+    annotations = {str(k): str(v) for k, v in raw.items()}
+    hook_state = _hook_state(spec, annotations, container_id)
     return Plan(
         rootfs=posixpath.normpath(root["path"]), process=proc,
         readonly_root=bool(root.get("readonly", False)), propagation=_PROPAGATION.get(prop, 0),
@@ -325,4 +411,4 @@ def plan(spec: dict[str, Any], last_cap: int = capsmod.LAST_KNOWN) -> Plan:
         domainname=domainname if "uts" not in join else None,
         cgroup_path=cg.strip("/"), cgroup_writes=tuple(writes), device_rules=tuple(rules),
         seccomp=seccompmod.parse(linux.get("seccomp")),
-        annotations={str(k): str(v) for k, v in (spec.get("annotations") or {}).items()})
+        annotations=annotations, hooks=hooks, hook_state=hook_state if hooks else {})

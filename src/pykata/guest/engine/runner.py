@@ -517,7 +517,7 @@ class NativeContainer:
     def __init__(self, engine: Engine, container_id: str, spec: dict[str, Any]) -> None:
         self.engine = engine
         self.id = container_id
-        self.plan = planmod.plan(spec, engine.last_cap)
+        self.plan = planmod.plan(spec, engine.last_cap, container_id)
         self.cgroup_dir = os.path.join(str(engine.settings.cgroup_root), self.plan.cgroup_path)
         self.seccomp: bytes | None = None
         self.init: Spawned | None = None
@@ -556,6 +556,8 @@ class NativeContainer:
         # The child's part of the plan only (it is pickled to the fork server).
         child_plan = dataclasses.replace(p, seccomp=None, device_rules=(), cgroup_writes=(),
                                          annotations={})
+        # The child runs the createContainer hooks before it reports ready.
+        timeout = self.timeout + planmod.hook_timeout(p, "createContainer")
         job = childmod.Job(
             proc=p.process, plan=child_plan, report_w=-1,
             cgroup_procs=os.path.join(self.cgroup_dir, "cgroup.procs"),
@@ -573,7 +575,7 @@ class NativeContainer:
             raise
         t2 = time.monotonic()
         try:
-            data = await read_report(sp.report_r, until_eof=False, timeout=self.timeout)
+            data = await read_report(sp.report_r, until_eof=False, timeout=timeout)
             marks, data = split_marks(data)
             self._log_marks("create", marks, t1)
             if data[:1] != b"R":
@@ -585,7 +587,7 @@ class NativeContainer:
             cgmod.remove(self.cgroup_dir)
             if isinstance(exc, TimeoutError):
                 raise errors.DeadlineExceeded(
-                    f"cannot {what}: no answer in {self.timeout:g} s") from None
+                    f"cannot {what}: no answer in {timeout:g} s") from None
             raise
         self.timings = {"prepare_ms": (t1 - t0) * 1000, "fork_ms": (t2 - t1) * 1000,
                         "fork_to_ready_ms": (time.monotonic() - t1) * 1000}
@@ -636,8 +638,14 @@ class NativeContainer:
             os.close(sp.start_w)
             sp.start_w = -1
         t0 = time.monotonic()
+        # The child runs the startContainer hooks before its execve.
+        timeout = self.timeout + planmod.hook_timeout(self.plan, "startContainer")
         try:
-            data = await read_report(sp.report_r, until_eof=True, timeout=self.timeout)
+            data = await read_report(sp.report_r, until_eof=True, timeout=timeout)
+        except TimeoutError:
+            await self._kill(sp)
+            raise errors.DeadlineExceeded(f"cannot {what}: no answer in {timeout:g} s") \
+                from None
         finally:
             os.close(sp.report_r)
             sp.report_r = -1
