@@ -12,10 +12,11 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # 1. Debian packages. qemu + virtiofsd run VMs; busybox/cpio/lz4/kmod build the guest
 #    image, erofs-utils its read-only root image; crun/runc/containerd/podman/... are
-#    the container tools pykata plugs into and is measured against.
+#    the container tools pykata plugs into and is measured against; iptables goes
+#    into the test image of the privileged-pod tests.
 PKGS=(qemu-system-x86 qemu-utils busybox-static cpio lz4 zstd xz-utils kmod binutils e2fsprogs
       erofs-utils iproute2 psmisc util-linux crun runc containerd containernetworking-plugins
-      podman conmon skopeo docker-registry docker.io runsc ca-certificates)
+      podman conmon skopeo docker-registry docker.io runsc iptables ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
