@@ -85,7 +85,8 @@ def test_features(capsys: pytest.CaptureFixture[str]) -> None:
     assert query.do_features(argparse.Namespace()) == 0
     f = json.loads(capsys.readouterr().out)
     assert (f["ociVersionMin"], f["ociVersionMax"]) == ("1.0.0", "1.3.0")
-    assert f["hooks"] == ["prestart", "createRuntime", "poststart", "poststop"]
+    assert f["hooks"] == ["prestart", "createRuntime", "poststart", "poststop",
+                          "createContainer", "startContainer"]
     assert "user" not in f["linux"]["namespaces"]
 
 
@@ -135,13 +136,26 @@ def test_kill_racing_the_exit_is_not_running(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize("status,message", [
     ("running", "cannot start an already running container"),
-    ("paused", "cannot start an already paused container"),
+    ("paused", "cannot start a container in the paused state"),
     ("stopped", "cannot start a container that has stopped")])
 def test_start_only_from_created(monkeypatch: pytest.MonkeyPatch, status: str,
                                  message: str) -> None:
     calls = _status(monkeypatch, status)
     with pytest.raises(rt.base.CLIError, match=message):
         lifecycle.do_start(args.parse_args(["start", "c1"]))
+    assert calls == []
+
+
+@pytest.mark.parametrize("command,status,message", [
+    ("pause", "created", "container not running"), ("pause", "paused", "container not running"),
+    ("pause", "stopped", "container not running"), ("resume", "running", "container not paused"),
+    ("resume", "created", "container not paused")])
+def test_pause_and_resume_need_their_state(monkeypatch: pytest.MonkeyPatch, command: str,
+                                           status: str, message: str) -> None:
+    calls = _status(monkeypatch, status)
+    do = lifecycle.do_pause if command == "pause" else lifecycle.do_resume
+    with pytest.raises(rt.base.CLIError, match=f"^{message}$"):
+        do(args.parse_args([command, "c1"]))
     assert calls == []
 
 

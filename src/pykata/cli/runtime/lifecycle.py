@@ -113,8 +113,10 @@ def do_start(a: argparse.Namespace) -> int:
     d = existing(a.root, a.id)
     status = task_status(d, a.id)
     if status != "created":
-        raise CLIError(f"cannot start a container that has {status}" if status == "stopped"
-                       else f"cannot start an already {status} container")
+        # runc's words for each state.
+        raise CLIError({"stopped": "cannot start a container that has stopped",
+                        "paused": "cannot start a container in the paused state"}.get(
+                            status, f"cannot start an already {status} container"))
     call(d, "Start", pb.StartRequest(id=a.id), pb.StartResponse, timeout=60)
     meta = load_meta(d)
     hookrun.run(meta, ("poststart",), int(meta.get("pid", 0)), fail=False)
@@ -198,12 +200,16 @@ def do_delete(a: argparse.Namespace) -> int:
 
 def do_pause(a: argparse.Namespace) -> int:
     d = existing(a.root, a.id)
+    if task_status(d, a.id) != "running":
+        raise CLIError("container not running")
     call(d, "Pause", pb.PauseRequest(id=a.id), empty_pb2.Empty, timeout=30)
     return 0
 
 
 def do_resume(a: argparse.Namespace) -> int:
     d = existing(a.root, a.id)
+    if task_status(d, a.id) != "paused":
+        raise CLIError("container not paused")
     call(d, "Resume", pb.ResumeRequest(id=a.id), empty_pb2.Empty, timeout=30)
     return 0
 
