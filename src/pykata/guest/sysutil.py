@@ -459,12 +459,27 @@ def set_clock(unix_nano: int) -> None:
     _check(libc().clock_settime(CLOCK_REALTIME, ctypes.byref(ts)), "clock_settime")
 
 
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+
 def add_entropy(data: bytes) -> None:
-    """Mix ``data`` into the kernel's random pool (no entropy credit)."""
+    """Mix ``data`` into the kernel's input pool (no entropy credit), then make
+    the kernel reseed its generator from that pool at once: a write alone only
+    reaches the output at the next scheduled reseed (up to a minute away), so
+    two clones of one template VM would go on giving the same random bytes."""
     if not data:
         return
+    import fcntl
+
     with open("/dev/urandom", "wb", buffering=0) as f:
         f.write(data)
+        try:
+            fcntl.ioctl(f, RNDRESEEDCRNG)
+        except OSError as exc:
+            # ENODATA: the generator is not ready yet; its first seeding takes the
+            # pool with this data in it. ENOTTY/EINVAL: a kernel without the call.
+            if exc.errno not in (errno.ENODATA, errno.ENOTTY, errno.EINVAL):
+                raise
 
 
 PR_SET_CHILD_SUBREAPER = 36
