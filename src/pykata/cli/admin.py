@@ -66,7 +66,7 @@ def _ksm_check(cfg: config.Config) -> tuple[str, bool, str, str]:
         state = {"0": "off", "1": "on", "2": "unmerging"}.get(ksm.read_text().strip(), "?")
     except OSError:
         return ("KSM", True, "not available in this kernel", "")
-    if cfg.qemu.shared_fs == "virtio-fs":
+    if cfg.vm.shared_fs == "virtio-fs":
         return ("KSM", True, f"{state}; not used: guest RAM is shared with virtiofsd"
                 " (share=on), which KSM cannot merge", "")
     return ("KSM", True, f"{state}; guest RAM is shared memory, which KSM does not merge",

@@ -52,8 +52,10 @@ class VirtioFsDaemon:
     def __init__(self, binary: str, source: Path, socket_path: Path, log_path: Path,
                  cache: str = "auto", extra_args: list[str] | None = None,
                  sandbox: str = "auto", xattr: bool = False,
-                 log_max_bytes: int = 1 << 20) -> None:
+                 log_max_bytes: int = 1 << 20,
+                 setting: str = "[hypervisor.qemu] virtio_fs_daemon") -> None:
         self.binary = binary
+        self.setting = setting  # where the binary is configured, for the error
         self.source = source
         self.socket_path = socket_path
         self.log_path = log_path
@@ -89,7 +91,7 @@ class VirtioFsDaemon:
         if not os.access(self.binary, os.X_OK):
             raise errors.NotFound(
                 f"virtiofsd {self.binary} not found: install qemu-system-common"
-                " or set [hypervisor.qemu] virtio_fs_daemon"
+                f" or set {self.setting}"
             )
         mode = await asyncio.to_thread(self.sandbox_mode)
         with contextlib.suppress(FileNotFoundError):

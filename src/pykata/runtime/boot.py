@@ -50,6 +50,7 @@ def shared_fs(sb: Sandbox, make_daemon: bool = True) -> Path | None:
             cache=vm.virtio_fs_cache, extra_args=vm.virtio_fs_extra_args,
             sandbox=vm.virtio_fs_sandbox, xattr=vm.virtio_fs_xattr,
             log_max_bytes=sb.config.runtime.log_max_bytes,
+            setting=f"[hypervisor.{sb.config.hypervisor.driver}] virtio_fs_daemon",
         )
     return sock
 
