@@ -127,8 +127,7 @@ def env() -> Iterator[Env]:
 @pytest.fixture(scope="module")
 def image_env() -> Iterator[Env]:
     """The guest root as the read-only image, the agent loading ip_tables and
-    ip6_tables at sandbox creation (iptables-legacy: the kernel does not load
-    them by itself)."""
+    ip6_tables at sandbox creation ([agent] kernel_modules)."""
     art = find_image(Path(config.load().image.output_dir))
     if art is None or "erofs" not in art.root_images or art.early_initrd is None:
         pytest.fail("the guest image has no erofs root image: run 'make setup'")
@@ -263,7 +262,10 @@ def test_net_admin_alone_is_enough_and_without_it_eperm(env: Env) -> None:
     pod = Pod(env)
     try:
         plain = pod.container("plain")
+        # iptables-legacy's modules come with the first container that may use them
+        assert "ip_tables" not in pod.modules(plain)
         admin = pod.container("admin", add_capabilities=("NET_ADMIN",))
+        assert {"ip_tables", "ip6_tables"} <= pod.modules(plain)
         # Refused before anything is loaded, as on runc (rtnetlink checks
         # CAP_NET_ADMIN first).
         out, rc = pod.sh(plain, "ip link add br1 type bridge")
@@ -275,6 +277,9 @@ def test_net_admin_alone_is_enough_and_without_it_eperm(env: Env) -> None:
                                  "ip link show br1")
         assert "br1" in out and "UP" in out.split(">")[0], out
         _sh_ok(pod, admin, "iptables -A OUTPUT -p tcp --dport 9 -j REJECT && iptables -S OUTPUT")
+        out = _sh_ok(pod, admin, "iptables-legacy -A INPUT -p tcp --dport 81 -j ACCEPT && "
+                                 "iptables-legacy -S INPUT")
+        assert "-A INPUT -p tcp -m tcp --dport 81 -j ACCEPT" in out, out
         assert "bridge" in pod.modules(plain)  # one VM: loaded for the whole pod
         out, rc = pod.sh(plain, "ip link del br1")
         assert rc != 0 and "Operation not permitted" in out, (rc, out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Any
 
 from pykata import errors, wire
 from pykata.guest import guestops, logs, sysutil
@@ -39,6 +40,7 @@ class Sandbox:
         self.pidns_owner: Container | None = None
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
+        self._legacy_tables = False  # ip_tables/ip6_tables loaded for iptables-legacy
         self.storages = Storages()
         self.oom = OomWatcher(self.containers)
 
@@ -166,6 +168,9 @@ class Sandbox:
                                        self._sandbox_namespaces())
             if os.getpid() == 1:  # the VM's network namespace is the pod's
                 _set_sysctls(specmod.network_sysctls(oci))
+                if not self._legacy_tables and _grants_net_admin(oci):
+                    await asyncio.to_thread(_load_legacy_tables)
+                    self._legacy_tables = True
             c = Container(cid, guest, self.settings, self.crun, on_exit=self.oom.check)
             c.storages = mounted
             c.disks = disks
@@ -199,3 +204,23 @@ def _set_sysctls(sysctls: dict[str, str]) -> None:
         except OSError as exc:
             raise errors.InvalidArgument(
                 f"cannot set sysctl {key}={value}: {exc.strerror}") from exc
+
+
+# iptables-legacy talks to ip_tables/ip6_tables through socket options, which no
+# kernel alias loads on demand (nftables and every table module are loaded by the
+# kernel itself when first used). On runc the node's kernel has them loaded
+# already; here the first container that may change the firewall gets them.
+LEGACY_TABLE_MODULES = ("ip_tables", "ip6_tables")
+
+
+def _grants_net_admin(oci: dict[str, Any]) -> bool:
+    caps = ((oci.get("process") or {}).get("capabilities") or {})
+    return any("CAP_NET_ADMIN" in (caps.get(kind) or ()) for kind in ("bounding", "effective"))
+
+
+def _load_legacy_tables() -> None:
+    for mod in LEGACY_TABLE_MODULES:
+        try:
+            sysutil.load_module_by_name(mod)
+        except OSError as exc:  # an image without them: iptables-nft still works
+            log.warning("cannot load %s for iptables-legacy: %s", mod, exc.strerror or exc)
