@@ -17,6 +17,9 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
 from pykata import __version__, errors, wire
 from pykata.guest import cgroups, guestops, logs, storage, sysutil
 from pykata.guest import spec as specmod
@@ -38,6 +41,7 @@ HEALTH_SERVICE: ServiceDescriptor = pb.DESCRIPTOR.pool.FindServiceByName(wire.HE
 
 DEFAULT_READ = 32 * 1024
 MAX_READ = 1024 * 1024  # stays well below the ttRPC message limit
+MAX_MODE = 0o177777  # st_mode: the file type and permission bits
 
 S = TypeVar("S")
 Q = TypeVar("Q")
@@ -46,14 +50,18 @@ R = TypeVar("R")
 
 def rpc(describe: Callable[[Any], str] | None = None
         ) -> Callable[[Callable[[S, Q], Awaitable[R]]], Callable[[S, Q], Awaitable[R]]]:
-    """Decorate one RPC handler (named as its method): logging context, a debug
-    record ``"<Method> <describe(req)>"``, OSError -> Internal with one line."""
+    """Decorate one RPC handler (named as its method): a request with a NUL in a
+    string is refused, logging context, a debug record ``"<Method> <describe(req)>"``,
+    OSError -> Internal and RecursionError (JSON nested too deeply) ->
+    InvalidArgument, with one line."""
 
     def decorate(handler: Callable[[S, Q], Awaitable[R]]) -> Callable[[S, Q], Awaitable[R]]:
         name = handler.__name__
 
         @functools.wraps(handler)
         async def wrapper(self: S, req: Q) -> R:
+            if isinstance(req, Message) and (field := nul_field(req)):
+                raise errors.InvalidArgument(f"{name}: {field} contains a NUL character")
             logs.container_id.set(getattr(req, "container_id", "") or "-")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s", f"{name} {describe(req)}" if describe else name)
@@ -62,11 +70,30 @@ def rpc(describe: Callable[[Any], str] | None = None
             except OSError as exc:
                 what = f" {exc.filename}" if exc.filename else ""
                 raise errors.Internal(f"{name}:{what} {exc.strerror or exc}") from None
+            except RecursionError:  # JSON (a spec, a process) nested thousands deep
+                raise errors.InvalidArgument(f"{name}: the request is nested too deeply"
+                                             ) from None
 
         wrapper.rpc = name  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
+
+
+def nul_field(msg: Message, prefix: str = "") -> str:
+    """The first string field of ``msg`` (nested ones too) holding a NUL character,
+    which no path, id or name in the guest can: "" if there is none."""
+    for fd, value in msg.ListFields():
+        name = prefix + fd.name
+        if fd.type == FieldDescriptor.TYPE_STRING:
+            if any("\0" in v for v in (value if fd.is_repeated else [value])):
+                return name
+        elif fd.message_type is not None and not fd.message_type.GetOptions().map_entry:
+            for i, sub in enumerate(value if fd.is_repeated else [value]):
+                found = nul_field(sub, f"{name}[{i}]." if fd.is_repeated else f"{name}.")
+                if found:
+                    return found
+    return ""
 
 
 def _ids(req: Any) -> str:
@@ -210,6 +237,9 @@ class AgentService:
 
     @rpc(lambda r: f"{_ids(r)} {r.row}x{r.column}")
     async def TtyWinResize(self, req: pb.TtyWinResizeRequest) -> pb.Empty:
+        if req.row > 0xFFFF or req.column > 0xFFFF:  # struct winsize: unsigned short
+            raise errors.InvalidArgument(
+                f"TtyWinResize: {req.row}x{req.column} is beyond 65535x65535")
         self.sandbox.process(req.container_id, req.exec_id).resize(req.row, req.column)
         return pb.Empty()
 
@@ -298,6 +328,9 @@ class AgentService:
 
     @rpc(lambda r: f"{r.path} offset={r.offset} len={len(r.data)} size={r.file_size}")
     async def CopyFile(self, req: pb.CopyFileRequest) -> pb.Empty:
+        for what, mode in (("file_mode", req.file_mode), ("dir_mode", req.dir_mode)):
+            if mode > MAX_MODE:  # file type and permission bits, nothing more
+                raise errors.InvalidArgument(f"CopyFile: {what} {mode:#o} is not a file mode")
         guestops.copy_file(req.path, req.data, req.offset, req.file_size, req.file_mode,
                            req.dir_mode, req.uid, req.gid)
         return pb.Empty()
