@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
+from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd, scratch_containerd
 from pykata.testing.images import BUSYBOX_REF, oci_archive
 from pykata.testing.leaks import host_leftovers
 
@@ -35,22 +34,9 @@ def wait_clean(timeout: float = 30.0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ctd(rootfs: Path) -> Iterator[PrivateContainerd]:
-    archive = oci_archive(rootfs, Path("/var/tmp/pykata-test/busybox.oci.tar"))
-    tag = uuid.uuid4().hex[:6]  # a root of its own: test runs side by side never share one
-    c = PrivateContainerd(base=Path(f"/run/pykata-ctd-{tag}"),
-                          root=Path(f"/var/lib/pykata-test/containerd-{tag}"), namespace="pktest")
-    c.start()
-    try:
-        c.import_image(archive)
+    with scratch_containerd("pktest", oci_archive(
+            rootfs, Path("/var/tmp/pykata-test/busybox.oci.tar"))) as c:
         yield c
-    finally:
-        for line in c.ctr("tasks", "ls", "-q", check=False).stdout.decode().split():
-            c.ctr("tasks", "kill", "-s", "KILL", line, check=False)
-            c.ctr("tasks", "delete", "-f", line, check=False)
-        for line in c.ctr("containers", "ls", "-q", check=False).stdout.decode().split():
-            c.ctr("containers", "delete", line, check=False)
-        c.stop()
-        shutil.rmtree(c.root, ignore_errors=True)
 
 
 @pytest.fixture

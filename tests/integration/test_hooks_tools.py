@@ -21,7 +21,7 @@ import pytest
 from pykata import config
 from pykata.testing import leftovers
 from pykata.testing.bundles import default_spec, make_bundle
-from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
+from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd, scratch_containerd
 from pykata.testing.images import BUSYBOX_REF
 from tests.integration.test_runtime_cli import assert_clean, pm, podman, rootfs
 
@@ -91,22 +91,8 @@ def test_podman_runs_hooks_from_a_hooks_dir(podman: list[str], tmp_path: Path,
 # -- containerd ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ctd() -> Iterator[PrivateContainerd]:
-    tag = uuid.uuid4().hex[:6]
-    c = PrivateContainerd(base=Path(f"/run/pykata-ctd-{tag}"),
-                          root=Path(f"/var/lib/pykata-test/containerd-{tag}"),
-                          namespace="pkhooks")
-    c.start()
-    try:
+    with scratch_containerd("pkhooks") as c:
         yield c
-    finally:
-        for line in c.ctr("tasks", "ls", "-q", check=False).stdout.decode().split():
-            c.ctr("tasks", "kill", "-s", "KILL", line, check=False)
-            c.ctr("tasks", "delete", "-f", line, check=False)
-        for line in c.ctr("containers", "ls", "-q", check=False).stdout.decode().split():
-            c.ctr("containers", "delete", line, check=False)
-        c.stop()
-        shutil.rmtree(c.root, ignore_errors=True)
-        shutil.rmtree(c.base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("runtime", [RUNTIME_TYPE, "io.containerd.runc.v2"])

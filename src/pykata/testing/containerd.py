@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,3 +120,30 @@ class PrivateContainerd:
         umount_all(self.root)
         with contextlib.suppress(OSError):
             shutil.rmtree(self.base / "state")
+
+
+@contextlib.contextmanager
+def scratch_containerd(namespace: str, archive: Path | None = None
+                       ) -> Iterator[PrivateContainerd]:
+    """A private containerd with a state and a root of its own (test runs side by
+    side never share one), ``archive`` imported; at the end every task is killed
+    and deleted, every container removed, containerd stopped and both
+    directories removed."""
+    tag = uuid.uuid4().hex[:6]
+    c = PrivateContainerd(base=Path(f"/run/pykata-ctd-{tag}"),
+                          root=Path(f"/var/lib/pykata-test/containerd-{tag}"),
+                          namespace=namespace)
+    c.start()
+    try:
+        if archive is not None:
+            c.import_image(archive)
+        yield c
+    finally:
+        for line in c.ctr("tasks", "ls", "-q", check=False).stdout.decode().split():
+            c.ctr("tasks", "kill", "-s", "KILL", line, check=False)
+            c.ctr("tasks", "delete", "-f", line, check=False)
+        for line in c.ctr("containers", "ls", "-q", check=False).stdout.decode().split():
+            c.ctr("containers", "delete", line, check=False)
+        c.stop()
+        shutil.rmtree(c.root, ignore_errors=True)
+        shutil.rmtree(c.base, ignore_errors=True)
