@@ -4,10 +4,12 @@
 #   make bench  run the benchmark suite, rewrite docs/benchmarks.md (+ .png); BENCH_ARGS=--quick
 #   make fuzz   the fuzz tests (tests/fuzz) with FUZZ_EXAMPLES examples per target
 #               (default 20000; `make test` runs them with a small budget)
+#   make soak   the soak and concurrency tests at full counts (500 ctr cycles, 200 CRI pod
+#               cycles, 10 rounds of 10 parallel pods; `make test` runs a short slice)
 PYTHON ?= python3
 VENV   := .venv
 
-.PHONY: setup test unit integration lint demo protos image clean bench fuzz
+.PHONY: setup test unit integration lint demo protos image clean bench fuzz soak
 
 setup:
 	PYTHON=$(PYTHON) scripts/setup.sh
@@ -25,6 +27,14 @@ FUZZ_EXAMPLES ?= 20000
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -p no:cacheprovider \
 	  --timeout=0 tests/fuzz $(FUZZ_ARGS)
+
+SOAK_CTR_CYCLES ?= 500
+SOAK_CRI_CYCLES ?= 200
+SOAK_ROUNDS ?= 10
+soak: setup
+	PYKATA_SOAK_CTR_CYCLES=$(SOAK_CTR_CYCLES) PYKATA_SOAK_CRI_CYCLES=$(SOAK_CRI_CYCLES) \
+	  PYKATA_SOAK_ROUNDS=$(SOAK_ROUNDS) PYKATA_SOAK_BURST_ROUNDS=$(SOAK_ROUNDS) \
+	  $(VENV)/bin/pytest -p no:cacheprovider --timeout=0 -s tests/integration/test_soak.py $(SOAK_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check src tests bench
