@@ -377,6 +377,8 @@ async def test_sandbox_is_created_in_containerds_namespace(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
+    from pykata.testing import default_spec
+
     seen: dict[str, Any] = {}
 
     class Stop(Exception):
@@ -388,8 +390,8 @@ async def test_sandbox_is_created_in_containerds_namespace(
 
     monkeypatch.setattr(svc.Sandbox, "create", create)
     b = tmp_path / "bundle"
-    b.mkdir()
-    (b / "config.json").write_text(json.dumps({"process": {}}))
+    (b / "rootfs").mkdir(parents=True)
+    (b / "config.json").write_text(json.dumps(default_spec(["sh"])))
     service = svc.TaskService("pod1", "k8s.io", config.Config(),
                               FakePublisher(), asyncio.Event())
     with pytest.raises(Stop):

@@ -138,7 +138,9 @@ class TaskService:
             try:
                 if self.sandbox is None:
                     self.config = convert.runtime_config(req.options) or self.config
-                    # Refused before a VM boots: version, hooks, host namespaces.
+                    # Refused before a VM boots: a malformed spec, the version, hooks,
+                    # host namespaces.
+                    specconv.validate(spec, bundle)
                     specconv.check_spec(spec, self.config.agent.container_engine)
                     specconv.check_namespaces(spec, specconv.PodNamespaces())
                     pod = PodSettings.of(spec)

@@ -47,15 +47,16 @@ def read_bundle(bundle: Path) -> dict[str, Any]:
     if not isinstance(proc, dict) or not proc.get("args"):
         raise CLIError(f"bundle {bundle}: config.json has no process.args")
     root = spec.get("root")
-    if not isinstance(root, dict) or not root.get("path"):
+    if not isinstance(root, dict) or not root.get("path") or not isinstance(root["path"], str):
         raise CLIError(f"bundle {bundle}: config.json has no root.path")
     rootfs = Path(root["path"])
     if not rootfs.is_absolute():
         rootfs = bundle / rootfs
     if not rootfs.is_dir():
         raise CLIError(f"bundle {bundle}: root filesystem {rootfs} does not exist")
-    # Version, hooks, host namespaces: refused before any process starts (the
-    # keeper checks again, with the configured guest engine).
+    # A malformed spec, the version, hooks, host namespaces: refused before any
+    # process starts (the keeper checks again, with the configured guest engine).
+    specconv.validate(spec, bundle)
     specconv.check_spec(spec)
     return spec
 
