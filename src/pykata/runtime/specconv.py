@@ -97,7 +97,9 @@ CRIO_SANDBOX = "io.kubernetes.cri-o.SandboxID"
 
 def is_pod_sandbox(spec: dict[str, Any]) -> bool:
     """The spec is a pod's sandbox (infra/pause) container."""
-    ann = spec.get("annotations") or {}
+    ann = spec.get("annotations")
+    if not isinstance(ann, dict):
+        return False
     return ann.get(CRI_TYPE) == "sandbox" or ann.get(CRIO_TYPE) == "sandbox"
 
 
@@ -260,13 +262,38 @@ def validate(spec: Any, bundle: Path) -> None:
     rootfs = rootfs_path(spec, bundle)
     if not rootfs.is_dir():
         raise InvalidArgument(f"container root filesystem {rootfs} does not exist")
+    _check_types(spec)
     for m in spec.get("mounts", []) or []:
         if not isinstance(m, dict) or not isinstance(m.get("destination"), str):
+            raise InvalidArgument(f"invalid OCI spec: bad mount entry {m!r}")
+        if not all(isinstance(m.get(k) or "", str) for k in ("type", "source")) or not \
+                isinstance(m.get("options") or [], list):
             raise InvalidArgument(f"invalid OCI spec: bad mount entry {m!r}")
         if not m["destination"].startswith("/"):
             raise InvalidArgument(
                 f"invalid OCI spec: mount destination {m['destination']!r} is not absolute"
             )
+
+
+# Fields the conversion reads, and the JSON type each must have when present.
+_FIELD_TYPES: tuple[tuple[str, type, str], ...] = (
+    ("annotations", dict, "an object"), ("mounts", list, "a list"),
+    ("linux", dict, "an object"), ("linux.namespaces", list, "a list"),
+    ("linux.devices", list, "a list"), ("linux.resources", dict, "an object"),
+    ("linux.sysctl", dict, "an object"))
+
+
+def _check_types(spec: dict[str, Any]) -> None:
+    """InvalidArgument naming the first field of _FIELD_TYPES of another type, or a
+    namespace entry that is not an object with a string type."""
+    for name, kind, what in _FIELD_TYPES:
+        value = _lookup(spec, name)
+        if value is not None and not isinstance(value, kind):
+            raise InvalidArgument(f"invalid OCI spec: {name} must be {what}")
+    for i, ns in enumerate(_lookup(spec, "linux.namespaces") or []):
+        if not isinstance(ns, dict) or not isinstance(ns.get("type"), str):
+            raise InvalidArgument(
+                f"invalid OCI spec: linux.namespaces[{i}] must be an object with a type")
 
 
 def rootfs_path(spec: dict[str, Any], bundle: Path) -> Path:
@@ -363,7 +390,7 @@ def plan(spec: dict[str, Any], container_id: str, bundle: Path, *,
     hooks.to_guest(out, str(bundle), spec_version(spec))
     linux = out.get("linux")
     if isinstance(linux, dict):
-        namespaces = linux.setdefault("namespaces", [])
+        namespaces = linux["namespaces"] = linux.get("namespaces") or []  # null: none
         for ns in namespaces:
             # Host namespace paths mean nothing in the guest. Joining the pod's IPC
             # or UTS namespace (every CRI container does) becomes a marker the agent
@@ -788,6 +815,8 @@ def check_namespaces(spec: dict[str, Any], pod: PodNamespaces,
     linux = spec.get("linux")
     if not isinstance(linux, dict):
         return
+    if not isinstance(linux.get("namespaces") or [], list):
+        raise InvalidArgument("invalid OCI spec: linux.namespaces must be a list")
     for i, ns in enumerate(linux.get("namespaces") or []):
         if not isinstance(ns, dict):
             raise InvalidArgument(f"invalid OCI spec: linux.namespaces[{i}] must be an object")
