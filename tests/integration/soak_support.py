@@ -28,12 +28,31 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pykata import config
+from pykata.protos import cri_api_pb2 as cri
+from pykata.testing import busybox_rootfs, leftovers
+from pykata.testing.containerd import PrivateContainerd
+from pykata.testing.cri import (
+    BUSYBOX_REF,
+    CNINetwork,
+    CRIClient,
+    CRIError,
+    container_config,
+    cri_containerd,
+    pod_config,
+)
+from pykata.testing.images import oci_archive
+from tests.integration.conftest import _with_rootfs_mode
 
 # The anchor shim's RSS and PSS may grow this much between cycle 10 and the end
 # (Python's allocator keeps freed arenas, logging buffers, import caches): more is
@@ -42,6 +61,11 @@ MEMORY_TOLERANCE_KIB = 4096
 SHIM_MARK = "pykata.shim"
 SOCKET_DIR = Path("/run/pykata/s")
 RESULTS = Path(os.environ.get("PYKATA_SOAK_RESULTS", "/var/tmp/pykata-test/soak"))
+CACHE = Path("/var/tmp/pykata-test")
+HANDLER = "pykata"
+LABEL = {"pykata.test": "soak"}
+SLEEP = ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+SLEEP_SCRIPT = "trap 'exit 0' TERM; sleep 3600 & wait"
 
 
 @dataclass(frozen=True)
@@ -375,3 +399,163 @@ def baseline_cycle(total: int) -> int:
     """The cycle after which the counts are taken as the baseline: the 10th, or
     half-way in a shorter run."""
     return min(10, max(1, total // 2))
+
+
+def tag() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+def private_config(state: Path) -> str:
+    """TOML for the shims: this test's own state directory, nothing shared."""
+    cfg = _with_rootfs_mode(config.load())
+    cfg.runtime.state_dir = str(state)
+    return config.to_toml(cfg)
+
+
+def stderr_line(r: object) -> str:
+    stderr = getattr(r, "stderr", b"") or b""
+    return " ".join(stderr.decode(errors="replace").split())[-400:]
+
+
+
+
+# -- environments ---------------------------------------------------------------
+
+
+class CtrEnv:
+    """A private containerd (no CRI) whose pykata shims keep their state in a
+    private state directory; the busybox image imported."""
+
+    def __init__(self, name: str = "soak") -> None:
+        t = tag()
+        self.state = Path(f"/run/pykata/{name}-{t}")
+        base = Path(f"/run/pykata-{name}-{t}")
+        base.mkdir(parents=True)
+        (base / "pykata.toml").write_text(private_config(self.state))
+        self.ctd = PrivateContainerd(base=base, root=CACHE / f"{name}-ctd-{t}",
+                                     namespace="soak",
+                                     env={"PYKATA_CONFIG": str(base / "pykata.toml")})
+        archive = oci_archive(busybox_rootfs(CACHE / "busybox-rootfs"),
+                              CACHE / "busybox.oci.tar")
+        self.ctd.start()
+        assert self.ctd.proc is not None
+        self.ctd.import_image(archive)
+        self.scope = Scope(address=self.ctd.socket, containerd_pid=self.ctd.proc.pid,
+                           dirs=(self.state, base, self.ctd.root), namespace="soak")
+
+    def ctr(self, *args: str, timeout: float = 300) -> tuple[int, str, str]:
+        r = self.ctd.ctr(*args, check=False, timeout=timeout)
+        return r.returncode, r.stdout.decode(errors="replace"), stderr_line(r)
+
+    def remove(self, cid: str) -> None:
+        self.ctr("task", "delete", "-f", cid)
+        self.ctr("container", "delete", cid)
+
+    def close(self) -> list[str]:
+        for cid in self.ctr("tasks", "ls", "-q")[1].split():
+            self.ctr("tasks", "delete", "-f", cid)
+        for cid in self.ctr("containers", "ls", "-q")[1].split():
+            self.ctr("containers", "delete", cid)
+        self.scope.wait_shims_gone(self.scope.ids, 30)
+        left = leftovers(self.state) + [f"shim {i}" for i in self.scope.shims()]
+        self.ctd.stop()
+        shutil.rmtree(self.ctd.root, ignore_errors=True)
+        shutil.rmtree(self.ctd.base, ignore_errors=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+        return left
+
+
+
+class CriEnv:
+    """A private containerd with the CRI plugin (cri_containerd) whose pykata shims
+    keep their state in a private state directory; pods of the test carry LABEL."""
+
+    def __init__(self, ctd: PrivateContainerd, net: CNINetwork, client: CRIClient,
+                 state: Path) -> None:
+        assert ctd.proc is not None
+        self.ctd, self.net, self.c, self.state = ctd, net, client, state
+        self.scope = Scope(address=ctd.socket, containerd_pid=ctd.proc.pid,
+                           dirs=(state, ctd.base, ctd.root), namespace="k8s.io",
+                           bridge=net.bridge)
+        self.logs = Path(tempfile.mkdtemp(prefix="pykata-soak-logs-"))
+
+    def pod_config(self, name: str, **kw: Any) -> tuple[cri.PodSandboxConfig, Path]:
+        t = tag()
+        logs = self.logs / t
+        kw.setdefault("hostname", f"h-{t}")
+        return pod_config(f"{name}-{t}", "soak", uid=f"{name}-{t}", log_directory=logs,
+                          labels=LABEL, **kw), logs
+
+    def pod(self, name: str, **kw: Any) -> tuple[str, cri.PodSandboxConfig, Path]:
+        cfg, logs = self.pod_config(name, **kw)
+        pod_id = self.c.run_pod_sandbox(cfg, runtime_handler=HANDLER)
+        self.scope.ids.add(pod_id)
+        info = json.loads(self.c.pod_sandbox_status(pod_id, verbose=True).info["info"])
+        for ns in info["runtimeSpec"]["linux"]["namespaces"]:
+            if ns["type"] == "network" and ns.get("path"):
+                self.scope.netns.add(ns["path"])
+        return pod_id, cfg, logs
+
+    def container(self, pod_id: str, cfg: cri.PodSandboxConfig, name: str) -> str:
+        cid = self.c.create_container(pod_id, container_config(
+            name, BUSYBOX_REF, ["/bin/sh", "-c"], [SLEEP_SCRIPT], log_path=f"{name}.log"), cfg)
+        self.scope.ids.add(cid)
+        self.c.start_container(cid)
+        return cid
+
+    def exec_ok(self, cid: str, word: str) -> None:
+        r = self.c.exec_sync(cid, ["sh", "-c", f"echo {word}"], timeout=60)
+        assert (r.stdout, r.exit_code) == (f"{word}\n".encode(), 0), \
+            f"exec in {cid}: {r.exit_code} {r.stdout!r} {r.stderr!r}"
+
+    def remove_pod(self, pod_id: str, logs: Path | None = None) -> None:
+        try:
+            self.c.stop_pod_sandbox(pod_id)
+            self.c.remove_pod_sandbox(pod_id)
+        finally:
+            if logs is not None:  # the kubelet removes a pod's log directory
+                shutil.rmtree(logs, ignore_errors=True)
+
+    def close(self) -> list[str]:
+        for pod in self.c.list_pod_sandbox(labels=LABEL):
+            try:
+                self.remove_pod(pod.id)
+            except CRIError:
+                pass
+        self.scope.wait_shims_gone(self.scope.ids, 30)
+        shutil.rmtree(self.logs, ignore_errors=True)
+        return leftovers(self.state) + [f"shim {i}" for i in self.scope.shims()] + [
+            f"netns {n}" for n in self.scope.live_netns()]
+
+
+@contextlib.contextmanager
+def cri_env(name: str = "soak") -> Iterator[CriEnv]:
+    """A CriEnv; on the way out every pod of LABEL is removed, and what is left
+    (pykata processes, mounts or state of the private state dir, shims, netns)
+    fails the test."""
+    t = tag()
+    state = Path(f"/run/pykata/{name}-cri-{t}")
+    left: list[str] = []
+    with cri_containerd(Path(f"/run/pykata-{name}-cri-{t}"), CACHE / f"{name}-cri-{t}",
+                        LABEL, pykata_config=private_config(state)) as (ctd, net, client):
+        env = CriEnv(ctd, net, client, state)
+        try:
+            yield env
+        finally:
+            left = env.close()
+    shutil.rmtree(CACHE / f"{name}-cri-{t}", ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
+    assert not left, f"left behind: {left}"
+
+
+@contextlib.contextmanager
+def ctr_env(name: str = "soak") -> Iterator[CtrEnv]:
+    """A CtrEnv; on the way out every task and container is deleted, and what is
+    left (pykata processes, mounts or state of the private state dir, shims)
+    fails the test."""
+    env = CtrEnv(name)
+    try:
+        yield env
+    finally:
+        left = env.close()
+    assert not left, f"left behind: {left}"

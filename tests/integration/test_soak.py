@@ -27,12 +27,8 @@ Cycle counts come from the environment; ``make test`` runs a short slice,
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -40,30 +36,22 @@ from pathlib import Path
 
 import pytest
 
-from pykata import config
 from pykata.protos import cri_api_pb2 as cri
-from pykata.testing import busybox_rootfs, leftovers
-from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
-from pykata.testing.cri import (
-    BUSYBOX_REF,
-    CNINetwork,
-    CRIClient,
-    CRIError,
-    container_config,
-    cri_containerd,
-    pod_config,
-)
-from pykata.testing.images import oci_archive
-from tests.integration.conftest import _with_rootfs_mode
+from pykata.testing.containerd import RUNTIME_TYPE
+from pykata.testing.cri import BUSYBOX_REF, CRIError
+from tests.integration import soak_support
 from tests.integration.soak_support import (
+    SLEEP,
+    CriEnv,
+    CtrEnv,
     Figures,
-    Scope,
     Snapshot,
     baseline_cycle,
     count_changes,
     cycles,
     memory_growth,
     memory_kib,
+    tag,
 )
 
 CTR_CYCLES = cycles("PYKATA_SOAK_CTR_CYCLES", 20)
@@ -73,92 +61,24 @@ PODS = cycles("PYKATA_SOAK_PODS", 10)
 BURST_ROUNDS = cycles("PYKATA_SOAK_BURST_ROUNDS", 1)
 MAX_FAILURES = 3  # a soak goes on after a failure (to count them), up to this many
 SHIM_EXIT_BOUND = 60.0  # a shim still there this long after its pod went is a leak
-CACHE = Path("/var/tmp/pykata-test")
 RT = ["--runtime", RUNTIME_TYPE]
-SLEEP = ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
-SLEEP_SCRIPT = "trap 'exit 0' TERM; sleep 3600 & wait"
-HANDLER = "pykata"
-LABEL = {"pykata.test": "soak"}
 
 # A soak can run for an hour (make soak): no per-test timeout beyond the run's own.
 pytestmark = pytest.mark.timeout(0)
 
 
-def _tag() -> str:
-    return uuid.uuid4().hex[:6]
-
-
-def _private_config(state: Path) -> str:
-    """TOML for the shims: this test's own state directory, nothing shared."""
-    cfg = _with_rootfs_mode(config.load())
-    cfg.runtime.state_dir = str(state)
-    return config.to_toml(cfg)
-
-
-def _out(r: object) -> str:
-    stderr = getattr(r, "stderr", b"") or b""
-    return " ".join(stderr.decode(errors="replace").split())[-400:]
-
-
 # -- ctr -----------------------------------------------------------------------------------
-
-
-class CtrEnv:
-    """A private containerd (no CRI) whose pykata shims keep their state in a
-    private state directory; the busybox image imported."""
-
-    def __init__(self) -> None:
-        tag = _tag()
-        self.state = Path(f"/run/pykata/soak-{tag}")
-        base = Path(f"/run/pykata-soak-{tag}")
-        base.mkdir(parents=True)
-        (base / "pykata.toml").write_text(_private_config(self.state))
-        self.ctd = PrivateContainerd(base=base, root=CACHE / f"soak-ctd-{tag}",
-                                     namespace="soak",
-                                     env={"PYKATA_CONFIG": str(base / "pykata.toml")})
-        archive = oci_archive(busybox_rootfs(CACHE / "busybox-rootfs"),
-                              CACHE / "busybox.oci.tar")
-        self.ctd.start()
-        assert self.ctd.proc is not None
-        self.ctd.import_image(archive)
-        self.scope = Scope(address=self.ctd.socket, containerd_pid=self.ctd.proc.pid,
-                           dirs=(self.state, base, self.ctd.root), namespace="soak")
-
-    def ctr(self, *args: str, timeout: float = 300) -> tuple[int, str, str]:
-        r = self.ctd.ctr(*args, check=False, timeout=timeout)
-        return r.returncode, r.stdout.decode(errors="replace"), _out(r)
-
-    def remove(self, cid: str) -> None:
-        self.ctr("task", "delete", "-f", cid)
-        self.ctr("container", "delete", cid)
-
-    def close(self) -> list[str]:
-        for cid in self.ctr("tasks", "ls", "-q")[1].split():
-            self.ctr("tasks", "delete", "-f", cid)
-        for cid in self.ctr("containers", "ls", "-q")[1].split():
-            self.ctr("containers", "delete", cid)
-        self.scope.wait_shims_gone(self.scope.ids, 30)
-        left = leftovers(self.state) + [f"shim {i}" for i in self.scope.shims()]
-        self.ctd.stop()
-        shutil.rmtree(self.ctd.root, ignore_errors=True)
-        shutil.rmtree(self.ctd.base, ignore_errors=True)
-        shutil.rmtree(self.state, ignore_errors=True)
-        return left
 
 
 @pytest.fixture(scope="module")
 def ctr_env() -> Iterator[CtrEnv]:
-    env = CtrEnv()
-    try:
+    with soak_support.ctr_env() as env:
         yield env
-    finally:
-        left = env.close()
-    assert not left, f"left behind: {left}"
 
 
 def _ctr_cycle(env: CtrEnv, n: int, anchor: str, fig: Figures, shim_rss: dict[int, int]
                ) -> None:
-    cid = f"sk{n}-{_tag()}"
+    cid = f"sk{n}-{tag()}"
     env.scope.ids.add(cid)
     try:
         rc, _, err = env.ctr("run", "-d", *RT, BUSYBOX_REF, cid, *SLEEP)
@@ -191,7 +111,7 @@ def test_ctr_soak(ctr_env: CtrEnv) -> None:
     at the end are equal, the anchor shim's memory stays within tolerance."""
     env, scope = ctr_env, ctr_env.scope
     fig = Figures("ctr-soak", {"cycles asked": CTR_CYCLES})
-    anchor = f"anchor-{_tag()}"
+    anchor = f"anchor-{tag()}"
     scope.ids.add(anchor)
     rc, _, err = env.ctr("run", "-d", *RT, BUSYBOX_REF, anchor, *SLEEP)
     assert rc == 0, err
@@ -247,76 +167,10 @@ def _verdict(fig: Figures) -> None:
 # -- CRI -----------------------------------------------------------------------------------
 
 
-class CriEnv:
-    def __init__(self, ctd: PrivateContainerd, net: CNINetwork, client: CRIClient,
-                 state: Path) -> None:
-        assert ctd.proc is not None
-        self.ctd, self.net, self.c, self.state = ctd, net, client, state
-        self.scope = Scope(address=ctd.socket, containerd_pid=ctd.proc.pid,
-                           dirs=(state, ctd.base, ctd.root), namespace="k8s.io",
-                           bridge=net.bridge)
-        self.logs = Path(tempfile.mkdtemp(prefix="pykata-soak-logs-"))
-
-    def pod(self, name: str) -> tuple[str, cri.PodSandboxConfig, Path]:
-        tag = _tag()
-        logs = self.logs / tag
-        cfg = pod_config(f"{name}-{tag}", "soak", uid=f"{name}-{tag}", log_directory=logs,
-                         hostname=f"h-{tag}", labels=LABEL)
-        pod_id = self.c.run_pod_sandbox(cfg, runtime_handler=HANDLER)
-        self.scope.ids.add(pod_id)
-        info = json.loads(self.c.pod_sandbox_status(pod_id, verbose=True).info["info"])
-        for ns in info["runtimeSpec"]["linux"]["namespaces"]:
-            if ns["type"] == "network" and ns.get("path"):
-                self.scope.netns.add(ns["path"])
-        return pod_id, cfg, logs
-
-    def container(self, pod_id: str, cfg: cri.PodSandboxConfig, name: str) -> str:
-        cid = self.c.create_container(pod_id, container_config(
-            name, BUSYBOX_REF, ["/bin/sh", "-c"], [SLEEP_SCRIPT], log_path=f"{name}.log"), cfg)
-        self.scope.ids.add(cid)
-        self.c.start_container(cid)
-        return cid
-
-    def exec_ok(self, cid: str, word: str) -> None:
-        r = self.c.exec_sync(cid, ["sh", "-c", f"echo {word}"], timeout=60)
-        assert (r.stdout, r.exit_code) == (f"{word}\n".encode(), 0), \
-            f"exec in {cid}: {r.exit_code} {r.stdout!r} {r.stderr!r}"
-
-    def remove_pod(self, pod_id: str, logs: Path | None = None) -> None:
-        try:
-            self.c.stop_pod_sandbox(pod_id)
-            self.c.remove_pod_sandbox(pod_id)
-        finally:
-            if logs is not None:  # the kubelet removes a pod's log directory
-                shutil.rmtree(logs, ignore_errors=True)
-
-    def close(self) -> list[str]:
-        for pod in self.c.list_pod_sandbox(labels=LABEL):
-            try:
-                self.remove_pod(pod.id)
-            except CRIError:
-                pass
-        self.scope.wait_shims_gone(self.scope.ids, 30)
-        shutil.rmtree(self.logs, ignore_errors=True)
-        return leftovers(self.state) + [f"shim {i}" for i in self.scope.shims()] + [
-            f"netns {n}" for n in self.scope.live_netns()]
-
-
 @pytest.fixture(scope="module")
 def cri_env() -> Iterator[CriEnv]:
-    tag = _tag()
-    state = Path(f"/run/pykata/soak-cri-{tag}")
-    left: list[str] = []
-    with cri_containerd(Path(f"/run/pykata-soak-cri-{tag}"), CACHE / f"soak-cri-{tag}",
-                        LABEL, pykata_config=_private_config(state)) as (ctd, net, client):
-        env = CriEnv(ctd, net, client, state)
-        try:
-            yield env
-        finally:
-            left = env.close()
-    shutil.rmtree(CACHE / f"soak-cri-{tag}", ignore_errors=True)
-    shutil.rmtree(state, ignore_errors=True)
-    assert not left, f"left behind: {left}"
+    with soak_support.cri_env() as env:
+        yield env
 
 
 def _cri_cycle(env: CriEnv, n: int, anchor: tuple[str, cri.PodSandboxConfig], fig: Figures
@@ -470,7 +324,7 @@ def test_parallel_pods(cri_env: CriEnv) -> None:
 def _burst(env: CtrEnv, pods: int, fig: Figures, r: int) -> list[str]:
     """``pods`` x ``ctr run -d`` at once, an exec in each, then each killed and
     deleted as bench/common.py remove_containers does; the ids."""
-    ids = [f"bu{r}-{i}-{_tag()}" for i in range(pods)]
+    ids = [f"bu{r}-{i}-{tag()}" for i in range(pods)]
     env.scope.ids.update(ids)
 
     def start(cid: str) -> str:
