@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,10 @@ class Hypervisor(abc.ABC):
     """One VM. ``start`` launches it, ``stop`` always leaves no process behind."""
 
     name = "hypervisor"
+    # Set by the VM's owner before start(); drivers call it with the VMM's pid as
+    # soon as the process exists (before start() returns), so the owner can
+    # record it: an owner killed while the VM boots still leaves a pid to clean.
+    on_spawn: Callable[[int], None] | None = None
 
     def __init__(self, spec: VMSpec) -> None:
         self.spec = spec

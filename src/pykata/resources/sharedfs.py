@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import logging
 import os
+import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from pykata import errors
@@ -21,6 +24,26 @@ from pykata.utils.logfile import CappedLog, drain
 from pykata.utils.process import ProcRef, stop_child, tail
 
 log = logging.getLogger(__name__)
+
+
+def _parent_death_signal() -> Callable[[], None]:
+    """A function for the child, between fork and exec: SIGKILL when its owner
+    dies. virtiofsd waits for its one connection forever; an owner killed before
+    it recorded the pid (the shim, SIGKILLed while the sandbox starts) would
+    otherwise leave it behind. libc is looked up here, in the parent: the child
+    only calls it."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the owner died before the prctl
+            os._exit(1)
+
+    return child
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 @functools.lru_cache(maxsize=8)
@@ -110,7 +133,7 @@ class VirtioFsDaemon:
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv(fd, mode), stdin=asyncio.subprocess.DEVNULL, stdout=out_w,
-                stderr=out_w, pass_fds=(fd,),
+                stderr=out_w, pass_fds=(fd,), preexec_fn=_parent_death_signal(),
             )
         except OSError as exc:
             if cap is not None:
@@ -142,6 +165,14 @@ class VirtioFsDaemon:
         drain_task.cancel()
         with contextlib.suppress(BaseException):
             await drain_task
+
+    async def wait(self) -> int:
+        """Until virtiofsd exits (FailedPrecondition if it was never started);
+        its exit status (negative: the signal that ended it)."""
+        proc = self._proc
+        if proc is None:
+            raise errors.FailedPrecondition("virtiofsd was not started")
+        return await proc.wait()
 
     async def stop(self) -> None:
         if self._proc is not None:

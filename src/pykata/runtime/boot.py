@@ -143,10 +143,22 @@ async def _start_virtiofsd(sb: Sandbox) -> None:
     if sb.virtiofsd is not None:
         await sb.virtiofsd.start()
         sb.record.virtiofsd = ref_json(sb.virtiofsd.ref)
+        sb.persist()  # at once: whoever cleans up after a dead owner finds it
 
 
 def _record_vm(sb: Sandbox, vm: Hypervisor) -> None:
     sb.record.vmm = ref_json(ProcRef.of(vm.pid) if vm.pid else None)
+
+
+def _record_on_spawn(sb: Sandbox, vm: Hypervisor) -> None:
+    """Record the VMM's pid the moment it exists, not once it answers: a shim
+    killed while the VM boots leaves it in state.json for ``cleanup``."""
+
+    def spawned(pid: int) -> None:
+        sb.record.vmm = ref_json(ProcRef.of(pid))
+        sb.persist()
+
+    vm.on_spawn = spawned
 
 
 async def cold(sb: Sandbox, driver: Driver, spec: VMSpec) -> None:
@@ -158,6 +170,7 @@ async def cold(sb: Sandbox, driver: Driver, spec: VMSpec) -> None:
         spec.nics = [NicSpec(ep.fds, ep.mac) for ep in sb.network.endpoints]
         await vm.prepare()  # the command line now has the NICs
     await _start_virtiofsd(sb)
+    _record_on_spawn(sb, vm)
     await vm.start()
     _record_vm(sb, vm)
     if sb.network is not None:
@@ -187,6 +200,7 @@ async def clone(sb: Sandbox, driver: Driver, spec: VMSpec, template: factory.Tem
         raise errors.ResourceExhausted(
             f"cannot copy the VM template's memory to {mem}: {exc.strerror}"
             f" ({mem.parent} needs {template.memory_bytes >> 20} MiB free)") from None
+    _record_on_spawn(sb, vm)
     await vm.start()
     _record_vm(sb, vm)
     sb.persist()

@@ -51,6 +51,8 @@ from pykata.runtime.types import (
 
 log = logging.getLogger(__name__)
 
+LOST_STATUS = 255  # the exit status of a process whose VM (or agent) went away
+
 
 class Tree(Protocol):
     """The sandbox's shared tree as a container uses it (runtime/sharedtree.py)."""
@@ -238,8 +240,9 @@ class Process:
         try:
             status = await self._agent.wait_process(*self._ids)
         except errors.PykataError as exc:
+            # The agent (its VM) is gone: 255 as Kata reports it, exited now.
             log.warning("lost process %s/%s: %s", *self._ids, exc)
-            status = ExitStatus(255, 0)
+            status = ExitStatus(LOST_STATUS, time.time_ns())
         if self.io is not None:
             try:
                 await self.io.drain()

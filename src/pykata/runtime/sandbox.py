@@ -46,6 +46,7 @@ from pykata.runtime.state import (
 )
 from pykata.runtime.teardown import teardown
 from pykata.runtime.types import SandboxAgent, State
+from pykata.runtime.watchdog import Watchdog
 from pykata.utils.process import ProcRef
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,11 @@ class Sandbox:
         self.network: network.PodNetwork | None = None
         self.netwatch: NetworkWatch | None = None
         self._blockdevs: BlockDevices | None = None
+        # Why the sandbox failed on its own (its VM or virtiofsd died: see
+        # runtime/watchdog.py); "" while it has not. Its processes then end with
+        # status 255 and no container can be created in it.
+        self.failure = ""
+        self._watchdog: Watchdog | None = None
 
     # -- creation ------------------------------------------------------------------
     @classmethod
@@ -94,10 +100,29 @@ class Sandbox:
         sb.netns = netns
         try:
             await sb._start(hostname or sandbox_id[:63], dns or [], hosts, vcpus, memory_mib)
+        except errors.PykataError as exc:
+            # The VM or virtiofsd died under the boot: say that, not what it broke.
+            why = await sb.why_failed(exc)
+            await sb.stop()
+            if why:
+                raise errors.Unavailable(f"sandbox {sandbox_id} failed while starting: {why}"
+                                         ) from exc
+            raise
         except BaseException:
             await sb.stop()
             raise
         return sb
+
+    async def why_failed(self, exc: errors.PykataError, grace: float = 1.0) -> str:
+        """Why the sandbox failed ("" if it did not), for an error ``exc`` an
+        operation on it got: its watchdog saw the VM or virtiofsd end; after a
+        lost agent connection (Unavailable), which the VM's exit can beat, it is
+        given ``grace`` seconds to see it."""
+        if self._watchdog is None:
+            return ""
+        if self._watchdog.fired or not isinstance(exc, errors.Unavailable):
+            return self._watchdog.reason
+        return await self._watchdog.settled(grace)
 
     def _make_dir(self) -> None:
         make_sandbox_dir(self.dir, self.id)
@@ -120,6 +145,8 @@ class Sandbox:
         how = await boot.start(self, driver, spec)
         self.persist()
         assert self.vm is not None
+        self._watchdog = Watchdog(self.id, self.vm, self.virtiofsd, self._failed)
+        self._watchdog.start()
         self._agent = await self.parts.connect(
             self.vm, float(self.config.agent.dial_timeout),
             float(self.config.runtime.create_container_timeout))
@@ -139,6 +166,14 @@ class Sandbox:
             self.netwatch.start()
         log.info("sandbox %s running (VM pid %s, %s%s)", self.id, self.vm.pid, self.accel,
                  "" if how == boot.COLD else f", from the {how}")
+
+    async def _failed(self, reason: str) -> None:
+        """The watchdog's call: the VM is gone (or was stopped because virtiofsd
+        is). Close the agent connection, so every call and every process still
+        waited for ends at once (the processes with status 255)."""
+        self.failure = reason
+        if self._agent is not None:
+            await self._agent.close()
 
     @property
     def agent(self) -> SandboxAgent:
@@ -169,6 +204,9 @@ class Sandbox:
     async def create_container(self, container_id: str, bundle: Path,
                                spec: dict[str, Any] | None = None) -> Container:
         check_id("container", container_id)
+        if self.failure:
+            raise errors.Unavailable(f"cannot create container {container_id}: sandbox"
+                                     f" {self.id} failed: {self.failure}")
         if self.state is not State.RUNNING:
             raise errors.FailedPrecondition(
                 f"cannot create a container: sandbox {self.id} is {self.state.value}")
@@ -243,5 +281,7 @@ class Sandbox:
     # -- teardown ------------------------------------------------------------------
     async def stop(self) -> None:
         """Stop every container, the VM and virtiofsd; remove all state. Idempotent."""
+        if self._watchdog is not None:
+            await self._watchdog.stop()  # what follows stops them on purpose
         await teardown(self, self._agent)  # which closes the agent connection
         self._agent = None

@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Awaitable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -42,6 +42,7 @@ from pykata.shim.portforward import PortForward
 from pykata.shim.stdio import StdioRelay
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # pykata-runtime's keeper environment (cli/runtime/hookrun.py; the shim may not
 # import the CLI): the pod netns it made, and "caller" when it runs the hooks.
@@ -58,6 +59,12 @@ class Pod(Protocol):
 
     @property
     def vm(self) -> Hypervisor | None: ...
+
+    @property
+    def failure(self) -> str:
+        """Why the pod failed on its own (its VM or virtiofsd died), else ""."""
+
+    async def why_failed(self, exc: errors.PykataError, grace: float = 1.0) -> str: ...
 
     def container(self, container_id: str) -> Container: ...
 
@@ -149,9 +156,15 @@ class TaskService:
                         netns=pod.netns or self._default_netns, namespace=self.namespace)
                     self._portfwd = await PortForward.start(self.sandbox_id, pod.netns,
                                                             self.sandbox.vm)
-                container = await self.sandbox.create_container(req.id, bundle, spec)
+                container = await self._explained(
+                    self.sandbox.create_container(req.id, bundle, spec),
+                    f"create container {req.id}")
                 try:
                     await self._hooks(container, ("prestart", "createRuntime"), fail=True)
+                    if self.sandbox.failure:  # the VM died while the hooks ran
+                        raise errors.Unavailable(
+                            f"cannot create container {req.id}: sandbox {self.sandbox_id}"
+                            f" failed: {self.sandbox.failure}")
                 except BaseException:
                     with contextlib.suppress(Exception):
                         await container.delete(force=True)
@@ -175,12 +188,12 @@ class TaskService:
         c, proc = self._process(req.id, req.exec_id)
         if not req.exec_id:
             await self._sync_network()
-            await c.start()
+            await self._explained(c.start(), f"start container {c.id}")
             self.publisher.publish("/tasks/start", ev.TaskStart(container_id=c.id,
                                                                 pid=self._pid))
             await self._hooks(c, ("poststart",), fail=False)
         else:
-            await proc.start()
+            await self._explained(proc.start(), f"start exec {proc.exec_id} in container {c.id}")
             self.publisher.publish("/tasks/exec-started", ev.TaskExecStarted(
                 container_id=c.id, exec_id=proc.exec_id, pid=self._pid))
         return pb.StartResponse(pid=self._pid)
@@ -208,6 +221,18 @@ class TaskService:
         # (0 once the pod's VM went with its last container, as before.)
         self.publisher.publish("/tasks/delete", convert.delete_event(c, status, self._pid))
         return convert.task_delete_response(status, self._pid)
+
+    async def _explained(self, op: Awaitable[T], what: str) -> T:
+        """``op``; an error it raises because the pod's VM died (or was stopped:
+        runtime/watchdog.py) becomes one line saying so."""
+        try:
+            return await op
+        except errors.PykataError as exc:
+            why = await self.sandbox.why_failed(exc) if self.sandbox is not None else ""
+            if why:
+                raise errors.Unavailable(f"cannot {what}: sandbox {self.sandbox_id} failed:"
+                                         f" {why}") from exc
+            raise
 
     async def _hooks(self, c: Container, kinds: tuple[str, ...], *, fail: bool) -> None:
         """The container's host hooks of ``kinds`` (runtime/hooks.py), with the task

@@ -55,13 +55,61 @@ async def open_fifo(path: str, flags: int) -> int:
     return await fut
 
 
-async def fifo_writer(path: str) -> asyncio.StreamWriter:
-    fd = await open_fifo(path, os.O_WRONLY)
-    os.set_blocking(fd, False)
+async def _writable(fd: int) -> None:
+    """Until ``fd`` can be written (watched only while we wait)."""
     loop = asyncio.get_running_loop()
-    transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", buffering=0))
-    return asyncio.StreamWriter(transport, protocol, None, loop)
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+class FifoOut:
+    """The write end of one of containerd's output fifos, never blocking the loop.
+
+    Its reader may go away and come back: containerd restarting reopens the
+    fifos of the tasks it finds (CRI does, for the container logs). While no
+    reader is there a write fails (EPIPE) and that output is dropped (counted,
+    logged once); writing resumes as soon as a reader is back."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.dropped = 0  # bytes written while nobody read the fifo
+
+    @classmethod
+    async def open(cls, path: str) -> FifoOut:
+        fd = await open_fifo(path, os.O_WRONLY)
+        os.set_blocking(fd, False)
+        return cls(path, fd)
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:  # the reader is behind: wait for it
+                await _writable(self.fd)
+                continue
+            except BrokenPipeError:
+                if not self.dropped:
+                    log.warning("nobody reads %s (containerd restarting?): output is"
+                                " dropped until a reader opens it again", self.path)
+                self.dropped += len(view)
+                return
+            view = view[n:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class StdioRelay:
@@ -89,25 +137,18 @@ class StdioRelay:
             self._in_task = asyncio.ensure_future(self._pump_in(stdin))
 
     async def _pump_out(self, path: str, read: Callable[[int], Awaitable[bytes]]) -> None:
-        writer: asyncio.StreamWriter | None = None
-        broken = False
+        out: FifoOut | None = None
         try:
-            writer = await fifo_writer(path)
+            out = await FifoOut.open(path)
             while data := await read(CHUNK):
-                if broken:
-                    continue  # nobody reads any more: keep draining the guest side
-                try:
-                    writer.write(data)
-                    await writer.drain()
-                except (BrokenPipeError, ConnectionResetError):
-                    broken = True
+                await out.write(data)
         except errors.PykataError as exc:
             log.debug("output relay to %s ended: %s", path, exc)
         except OSError as exc:
             log.warning("output relay to %s failed: %s", path, exc)
         finally:
-            if writer is not None:
-                writer.close()
+            if out is not None:
+                out.close()
 
     async def _pump_in(self, path: str) -> None:
         fd = -1

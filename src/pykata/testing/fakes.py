@@ -358,6 +358,14 @@ class FakeHypervisor(Hypervisor):
         await self._exited.wait()
         return self.exit_code
 
+    def die(self, code: int = -9) -> None:
+        """The VMM ends by itself (killed, or its guest went down): ``wait``
+        returns ``code`` (negative: the signal)."""
+        self.calls.append(("die", (code,)))
+        self.running = False
+        self.exit_code = code
+        self._exited.set()
+
     def agent_channel(self) -> AgentChannel:
         return FakeChannel()
 

@@ -348,6 +348,8 @@ class QemuHypervisor(Hypervisor):
             except OSError as exc:
                 raise errors.VMLaunchError(
                     f"cannot start {self.binary}: {exc.strerror}", self.argv) from exc
+            if self.on_spawn is not None:
+                self.on_spawn(self._proc.pid)
             fds.close_child()  # QEMU has its ends now
             # Ours from here on: the drains own the two pipes' read ends.
             fds.host_fds.remove(out_r)
