@@ -6,10 +6,13 @@
 #               (default 20000; `make test` runs them with a small budget)
 #   make soak   the soak and concurrency tests at full counts (500 ctr cycles, 200 CRI pod
 #               cycles, 10 rounds of 10 parallel pods; `make test` runs a short slice)
+#   make soak-faults  the fault tests (kill -9 of QEMU, virtiofsd, shim, agent; guest
+#               panic; containerd restarts) at FAULT_TRIALS=20 trials each (`make soak`
+#               runs them too; `make test` runs 2)
 PYTHON ?= python3
 VENV   := .venv
 
-.PHONY: setup test unit integration lint demo protos image clean bench fuzz soak
+.PHONY: setup test unit integration lint demo protos image clean bench fuzz soak soak-faults
 
 setup:
 	PYTHON=$(PYTHON) scripts/setup.sh
@@ -31,10 +34,17 @@ fuzz: setup
 SOAK_CTR_CYCLES ?= 500
 SOAK_CRI_CYCLES ?= 200
 SOAK_ROUNDS ?= 10
-soak: setup
+soak: setup soak-faults
 	PYKATA_SOAK_CTR_CYCLES=$(SOAK_CTR_CYCLES) PYKATA_SOAK_CRI_CYCLES=$(SOAK_CRI_CYCLES) \
 	  PYKATA_SOAK_ROUNDS=$(SOAK_ROUNDS) PYKATA_SOAK_BURST_ROUNDS=$(SOAK_ROUNDS) \
 	  $(VENV)/bin/pytest -p no:cacheprovider --timeout=0 -s tests/integration/test_soak.py $(SOAK_ARGS)
+
+# The fault tests (tests/integration/test_faults.py) at FAULT_TRIALS trials per fault
+# and phase (`make test` runs 2); `make soak` runs them too.
+FAULT_TRIALS ?= 20
+soak-faults: setup
+	PYKATA_FAULT_TRIALS=$(FAULT_TRIALS) PYKATA_FAULT_CRI_TRIALS=$(FAULT_TRIALS) \
+	  $(VENV)/bin/pytest -p no:cacheprovider --timeout=0 tests/integration/test_faults.py $(FAULT_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check src tests bench
