@@ -6,8 +6,9 @@ Rules:
 - ``load_spec(bundle)`` returns the spec as a dict, or raises
   ``errors.InvalidArgument`` with one line saying which of these it is: the
   bundle does not exist, it has no config.json, config.json is unreadable, it
-  is not JSON, it is not a JSON object. What the spec must contain beyond that
-  (process.args, root.path, ...) is checked by its users.
+  is not JSON (or nested too deeply to read), it is not a JSON object. What
+  the spec must contain beyond that (process.args, root.path, ...) is checked
+  by its users.
 - ``load_spec_or_empty(bundle)`` is the same read for callers that must go on
   without a spec (the shim's ``start``/``delete`` of a bundle already gone): ``{}``.
 - ``spec_annotations(spec)`` is the spec's string-valued annotations (``{}`` when
@@ -50,6 +51,8 @@ def load_spec(bundle: str | Path) -> dict[str, Any]:
         data = json.loads(raw)
     except ValueError as exc:  # also undecodable bytes (UnicodeDecodeError)
         raise errors.InvalidArgument(f"{path} is not JSON: {_one_line(exc)}") from exc
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise errors.InvalidArgument(f"{path} is nested too deeply") from None
     if not isinstance(data, dict):
         raise errors.InvalidArgument(
             f"{path} is not a JSON object (a {type(data).__name__})")
