@@ -164,6 +164,42 @@ def test_decoder_skips_oversize_frames_without_buffering_them(length: int, strea
 
 # -- the server -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("length", [frames.MAX_DATA + 1, frames.MAX_DISCARD])
+def test_server_answers_an_oversize_request_without_buffering_it(length: int) -> None:
+    """RESOURCE_EXHAUSTED for the oversize call, the next call answered, and the peak
+    of memory allocated meanwhile a small fraction of the frame."""
+    block = b"\0" * 65536
+
+    async def go() -> None:
+        server = Server()
+        server.register_service(pb.DESCRIPTOR.services_by_name["Health"], Health())
+        a, b = socket.socketpair()
+        sr, sw = await asyncio.open_unix_connection(sock=a)
+        serving = asyncio.ensure_future(server.serve_stream(sr, sw))
+        r, w = await asyncio.open_unix_connection(sock=b)
+        ok = ttrpc_pb2.Request(service=HEALTH, method="Check").SerializeToString()
+        tracemalloc.start()
+        try:
+            w.write(HEADER.pack(length, 1, frames.TYPE_REQUEST, 0))
+            for left in range(length, 0, -len(block)):
+                w.write(block if left >= len(block) else block[:left])
+                await w.drain()
+            w.write(frames.encode(3, frames.TYPE_REQUEST, ok))
+            got = {}
+            for _ in range(2):
+                f = await support.hang_guard(frames.read_frame(r))
+                got[f.stream_id] = ttrpc_pb2.Response.FromString(f.data).status.code
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert got == {1: 8, 3: 0}  # RESOURCE_EXHAUSTED, then OK
+        assert peak < frames.MAX_DATA // 4, f"peak {peak} bytes for a {length}-byte frame"
+        w.close()
+        await support.hang_guard(serving)
+
+    support.run(go)
+
+
 @given(st.lists(raw_frames, min_size=1, max_size=10), tails)
 def test_server_answers_every_request_frame_once(fs: list[RawFrame], tail: bytes) -> None:
     # Requests that start a handler, ignored frames, then how the stream ends. A
