@@ -325,6 +325,8 @@ def parse(text: str, where: str = "<string>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"{where}: not valid TOML: {exc}") from exc
+    except RecursionError:
+        raise InvalidArgument(f"{where}: not valid TOML: nested too deeply") from None
     cfg = Config()
     _fill(where, "", cfg, data)
     cfg.source = where
@@ -368,7 +370,10 @@ def load(path: Path | None = None) -> Config:
     explicit = path is not None or ENV_VAR in os.environ
     p = path or config_path()
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"configuration file {p} is not UTF-8 text (byte {exc.start})"
+                              ) from None
     except FileNotFoundError:
         if explicit:
             raise InvalidArgument(f"configuration file {p} does not exist") from None
@@ -385,8 +390,13 @@ def _toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    s = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
+    return '"' + "".join(_TOML_ESCAPES.get(c) or (
+        f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in str(value)) + '"'
+
+
+# A TOML basic string: these escaped by name, other control characters as \uXXXX.
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
 
 
 def to_toml(cfg: Config) -> str:
