@@ -108,6 +108,7 @@ class TaskService:
         self._default_netns = os.environ.get(NETNS_ENV, "")
         self._run_hooks = os.environ.get(HOOKS_ENV, "") != "caller"
         self._portfwd: PortForward | None = None  # CRI PortForward into the VM
+        self._booting: asyncio.Task[Any] | None = None  # the first Create, while it boots
 
     # -- lookups -------------------------------------------------------------------
     def _container(self, tid: str) -> Container:
@@ -151,11 +152,15 @@ class TaskService:
                     specconv.check_spec(spec, self.config.agent.container_engine)
                     specconv.check_namespaces(spec, specconv.PodNamespaces())
                     pod = PodSettings.of(spec)
-                    self.sandbox = await self._make_sandbox(
-                        self.sandbox_id, self.config, hostname=pod.hostname,
-                        netns=pod.netns or self._default_netns, namespace=self.namespace)
-                    self._portfwd = await PortForward.start(self.sandbox_id, pod.netns,
-                                                            self.sandbox.vm)
+                    self._booting = asyncio.current_task()  # Shutdown cancels it
+                    try:
+                        self.sandbox = await self._make_sandbox(
+                            self.sandbox_id, self.config, hostname=pod.hostname,
+                            netns=pod.netns or self._default_netns, namespace=self.namespace)
+                        self._portfwd = await PortForward.start(self.sandbox_id, pod.netns,
+                                                                self.sandbox.vm)
+                    finally:
+                        self._booting = None
                 container = await self._explained(
                     self.sandbox.create_container(req.id, bundle, spec),
                     f"create container {req.id}")
@@ -341,6 +346,13 @@ class TaskService:
     async def Shutdown(self, req: pb.ShutdownRequest) -> empty_pb2.Empty:
         if self.sandbox is not None and self.sandbox.containers and not req.now:
             return empty_pb2.Empty()
+        if self._booting is not None:
+            # containerd gave up on the pod's first Create (its client went away or
+            # timed out: it deletes the task, then shuts us down). The boot would
+            # only be torn down once done: stop it now, nothing is left either way.
+            log.info("sandbox %s: shutdown while its VM boots: boot abandoned",
+                     self.sandbox_id)
+            self._booting.cancel()
         self._on_shutdown.set()
         return empty_pb2.Empty()
 
