@@ -5,6 +5,7 @@ names and durations as runc spells them."""
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 from typing import Any, NoReturn
 
@@ -14,7 +15,7 @@ from pykata.cli.runtime.base import DEFAULT_ROOT, PROG, CLIError
 def parse_signal(text: str) -> int:
     """`TERM`, `SIGTERM`, `sigterm`, `15` -> 15."""
     t = text.strip()
-    if t.isdigit():
+    if t.isascii() and t.isdigit():
         n = int(t)
         if 0 < n < 65:
             return n
@@ -29,15 +30,19 @@ def parse_signal(text: str) -> int:
 
 
 def parse_duration(text: str) -> float:
-    """`5s`, `500ms`, `1m`, `2.5` (seconds) -> seconds."""
+    """`5s`, `500ms`, `1m`, `2.5` (seconds) -> seconds: finite, not negative."""
     t = text.strip()
-    for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
-        if t.endswith(suffix) and t[:-len(suffix)].replace(".", "", 1).isdigit():
-            return float(t[:-len(suffix)]) * mult
-    try:
-        return float(t)
-    except ValueError:
-        raise CLIError(f"invalid interval {text}") from None
+    number, mult = t, 1.0
+    for suffix, m in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if t.endswith(suffix):
+            number, mult = t[:-len(suffix)], m
+            break
+    if not (number.isascii() and number.replace(".", "", 1).isdigit()):
+        raise CLIError(f"invalid interval {text}")
+    value = float(number) * mult
+    if not math.isfinite(value):
+        raise CLIError(f"invalid interval {text}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
