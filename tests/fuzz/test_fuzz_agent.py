@@ -255,37 +255,11 @@ async def _serve(svc: service.AgentService, script: list[tuple[str, bytes]]
     return out
 
 
-# Crashes this fuzzer found in code other people own, reported to them and kept as
-# strict xfail reproducers below (test_found_inputs_get_clear_errors): (method,
-# start of the UNKNOWN status message) -> where the bug is. The property tests let
-# these through until the fix lands (then the reproducer XPASSes, and fails:
-# remove the entry).
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("CreateSandbox", "ValueError: invalid literal for int() with base 8"):
-        "guest/storage.py mount_storage: a 'mode=' option that is not octal",
-    ("CreateContainer", "ValueError: invalid literal for int() with base 8"):
-        "guest/storage.py mount_storage: a 'mode=' option that is not octal",
-    ("CreateContainer", "TypeError: "):
-        "guest/spec.py guest_spec: linux.namespaces not a list, or a type not a string",
-    ("AddARPNeighbors", "ValueError: non-hexadecimal number found in fromhex()"):
-        "guest/network.py arpreq: a MAC address that is not hex",
-}
-
-
-def _known_bug(name: str, message: str) -> str:
-    for (method, start), where in KNOWN_BUGS.items():
-        if name == method and message.startswith(start):
-            return where
-    return ""
-
-
 def _check(name: str, resp: ttrpc_pb2.Response) -> None:
     code, msg = resp.status.code, resp.status.message
     if code == 0:
         out_cls = message_factory.GetMessageClass(METHODS[name].output_type)
         out_cls.FromString(resp.payload)
-        return
-    if code == st_codes.UNKNOWN and _known_bug(name, msg):
         return
     assert code != st_codes.UNKNOWN, f"{name}: an exception escaped the handler: {msg}"
     assert code in ERROR_CODES, (name, code, msg)
@@ -342,59 +316,47 @@ def _spec(**extra: Any) -> bytes:
     return json.dumps({"process": {"args": ["true"]}, "root": {"path": "/"}, **extra}).encode()
 
 
-def _bug(where: str, *modes: bool) -> dict[str, Any]:
-    return {"known": where, "modes": modes or (True, False)}
-
-
-FIXED: dict[str, Any] = {}
-FOUND: list[tuple[str, Any, dict[str, Any]]] = [
-    ("CopyFile", pb.CopyFileRequest(path="/x\x00y"), FIXED),
-    ("CopyFile", pb.CopyFileRequest(path="/x", dir_mode=2**32 - 1), FIXED),
+# Inputs this fuzzer found that crashed a handler (all fixed): regression tests.
+FOUND: list[tuple[str, Any]] = [
+    ("CopyFile", pb.CopyFileRequest(path="/x\x00y")),
+    ("CopyFile", pb.CopyFileRequest(path="/x", dir_mode=2**32 - 1)),
     ("CreateContainer", pb.CreateContainerRequest(container_id="n1",
-                                                  oci_spec_json=b"[" * 50_000), FIXED),
+                                                  oci_spec_json=b"[" * 50_000)),
     ("ExecProcess", pb.ExecProcessRequest(container_id="c1", exec_id="x",
-                                          process_json=b'{"a":' * 50_000), FIXED),
+                                          process_json=b'{"a":' * 50_000)),
     ("UpdateContainer", pb.UpdateContainerRequest(container_id="c1",
-                                                  resources_json=b"[" * 50_000), FIXED),
-    ("TtyWinResize", pb.TtyWinResizeRequest(container_id="c1", row=70_000, column=5), FIXED),
+                                                  resources_json=b"[" * 50_000)),
+    ("TtyWinResize", pb.TtyWinResizeRequest(container_id="c1", row=70_000, column=5)),
     ("CreateSandbox", pb.CreateSandboxRequest(storages=[pb.Storage(
-        driver="local", mount_point="/m", options=["mode=xyz"])]),
-     _bug(KNOWN_BUGS[("CreateSandbox", "ValueError: invalid literal for int() with base 8")])),
+        driver="local", mount_point="/m", options=["mode=xyz"])])),
     ("CreateContainer", pb.CreateContainerRequest(container_id="n2", oci_spec_json=_spec(
-        linux={"namespaces": [{"type": ["x"], "path": "pykata:sandbox"}]})),
-     _bug(KNOWN_BUGS[("CreateContainer", "TypeError: ")])),
+        linux={"namespaces": [{"type": ["x"], "path": "pykata:sandbox"}]}))),
     ("CreateContainer", pb.CreateContainerRequest(container_id="n3", oci_spec_json=_spec(
-        linux={"namespaces": 5})), _bug(KNOWN_BUGS[("CreateContainer", "TypeError: ")])),
+        linux={"namespaces": 5}))),
     ("CreateContainer", pb.CreateContainerRequest(container_id="n4", oci_spec_json=_spec(
-        linux={"sysctl": {"net.x": 1}, "namespaces": [5, {"type": "pid"}]})), FIXED),
+        linux={"sysctl": {"net.x": 1}, "namespaces": [5, {"type": "pid"}]}))),
     ("UpdateInterface", pb.UpdateInterfaceRequest(interface=pb.Interface(
-        hw_addr=MACS[0], ip_addresses=[pb.IPAddress(address="10.0.0.1", mask="x")])), FIXED),
+        hw_addr=MACS[0], ip_addresses=[pb.IPAddress(address="10.0.0.1", mask="x")]))),
     ("AddARPNeighbors", pb.AddARPNeighborsRequest(neighbors=[pb.ARPNeighbor(
-        to_ip_address=pb.IPAddress(address="1.2.3"), ll_addr="zz")]),
-     _bug(KNOWN_BUGS[("AddARPNeighbors",
-                      "ValueError: non-hexadecimal number found in fromhex()")], True)),
+        to_ip_address=pb.IPAddress(address="1.2.3"), ll_addr="zz")])),
     ("AddARPNeighbors", pb.AddARPNeighborsRequest(neighbors=[pb.ARPNeighbor(
         to_ip_address=pb.IPAddress(address="10.0.0.9"), ll_addr="02:00:00:00:00:09",
-        device="x" * 40)]), FIXED),
+        device="x" * 40)])),
 ]
 
 
 def _params() -> list[Any]:
     out = []
-    for i, (name, req, bug) in enumerate(FOUND):
+    for i, (name, req) in enumerate(FOUND):
         for mode in (True, False):
-            marks = []
-            if bug and mode in bug["modes"]:
-                marks.append(pytest.mark.xfail(strict=True, reason=f"bug in {bug['known']}"))
-            out.append(pytest.param(name, req, mode, marks=marks,
-                                    id=f"{i}-{name}-{'vm' if mode else 'dev'}"))
+            out.append(pytest.param(name, req, mode, id=f"{i}-{name}-{'vm' if mode else 'dev'}"))
     return out
 
 
 @pytest.mark.parametrize(("name", "request_", "init_mode"), _params())
 def test_found_inputs_get_clear_errors(fakes: Fakes, name: str, request_: Any,
                                        init_mode: bool) -> None:
-    """Each input gets a clear error (the known bugs: an exception escaping, UNKNOWN)."""
+    """Each input gets a clear error, never an exception escaping (UNKNOWN)."""
     root = Path(tempfile.mkdtemp(dir=fakes.root))
     svc = make_agent(root, init_mode)
     try:

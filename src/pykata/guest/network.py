@@ -152,7 +152,10 @@ def route_argv(route: pb.Route) -> list[str]:
 def arpreq(ip: str, mac: str, device: str, permanent: bool = True) -> bytes:
     """struct arpreq for SIOCSARP."""
     pa = struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(ip))
-    hw = bytes.fromhex(mac.replace(":", "").replace("-", ""))
+    try:
+        hw = bytes.fromhex(mac.replace(":", "").replace("-", ""))
+    except ValueError:
+        hw = b""
     if len(hw) != 6:
         raise errors.InvalidArgument(f"invalid MAC address {mac!r}")
     ha = struct.pack("H6s8x", 1, hw)  # ARPHRD_ETHER

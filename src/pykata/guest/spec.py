@@ -73,6 +73,13 @@ def validate(spec: dict[str, Any]) -> None:
     linux = spec.get("linux", {})
     if linux is not None and not isinstance(linux, dict):
         raise InvalidArgument("invalid OCI spec: linux must be an object")
+    namespaces = (linux or {}).get("namespaces") or []
+    if not isinstance(namespaces, list):
+        raise InvalidArgument("invalid OCI spec: linux.namespaces must be a list")
+    for ns in namespaces:
+        if not isinstance(ns, dict) or not isinstance(ns.get("type"), str) or not isinstance(
+                ns.get("path", ""), str):
+            raise InvalidArgument(f"invalid OCI spec: bad linux.namespaces entry {ns!r:.200}")
 
 
 def terminal(proc: dict[str, Any]) -> bool:

@@ -51,7 +51,14 @@ def mount_storage(driver: str, source: str, mount_point: str, fstype: str,
             mode = 0o777
             for opt in options:
                 if opt.startswith("mode="):
-                    mode = int(opt[5:], 8)
+                    try:
+                        mode = int(opt[5:], 8)
+                    except ValueError:
+                        raise errors.InvalidArgument(
+                            f"local storage {mount_point}: bad option {opt!r:.80}") from None
+                    if not 0 <= mode <= 0o7777:
+                        raise errors.InvalidArgument(
+                            f"local storage {mount_point}: bad option {opt!r:.80}")
             os.makedirs(mount_point, exist_ok=True)
             os.chmod(mount_point, mode)
             return False
