@@ -516,6 +516,12 @@ class Container:
             return
         await self.init.signal(sig, all_processes)
 
+    def vm_lost(self) -> None:
+        """Its VM is gone (runtime/watchdog.py): a container that was never started
+        ends now, with LOST_STATUS; started processes end as their waits fail."""
+        if self.state is State.CREATED:
+            self.init._finish(ExitStatus(LOST_STATUS, time.time_ns()))
+
     async def _end_unstarted(self, sig: int) -> None:
         with contextlib.suppress(errors.PykataError):
             await self._agent.remove_container(self.id)

@@ -170,10 +170,13 @@ class Sandbox:
     async def _failed(self, reason: str) -> None:
         """The watchdog's call: the VM is gone (or was stopped because virtiofsd
         is). Close the agent connection, so every call and every process still
-        waited for ends at once (the processes with status 255)."""
+        waited for ends at once (the processes with status 255), and end the
+        containers that were created but not started (255 too)."""
         self.failure = reason
         if self._agent is not None:
             await self._agent.close()
+        for c in list(self.containers.values()):
+            c.vm_lost()
 
     @property
     def agent(self) -> SandboxAgent:
