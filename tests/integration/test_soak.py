@@ -27,6 +27,7 @@ Cycle counts come from the environment; ``make test`` runs a short slice,
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ from tests.integration.soak_support import (
     baseline_cycle,
     count_changes,
     cycles,
+    descendants,
     memory_growth,
     memory_kib,
     tag,
@@ -314,6 +316,52 @@ def test_parallel_pods(cri_env: CriEnv) -> None:
             break
     fig.data["rounds run"] = done
     fig.data["counts after the last round"] = end.counts
+    fig.write()
+    _verdict(fig)
+
+
+# -- a client that goes away mid-create ------------------------------------------------------
+
+
+def test_ctr_client_gone_while_the_vm_boots(ctr_env: CtrEnv) -> None:
+    """``ctr run -d`` killed while its pod's VM boots: containerd gives up on the
+    Create (Delete, then Shutdown); the shim goes and nothing of the pod is left."""
+    env, scope = ctr_env, ctr_env.scope
+    fig = Figures("ctr-client-gone")
+    baseline = scope.settle()
+    cid = f"gone-{tag()}"
+    scope.ids.add(cid)
+    argv = ["ctr", "--address", str(env.ctd.socket), "--namespace", env.ctd.namespace,
+            "run", "-d", *RT, BUSYBOX_REF, cid, *SLEEP]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    booting = False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not booting:
+            table = scope.proc_table()
+            shim = scope.shims(table).get(cid)
+            booting = shim is not None and any(
+                "qemu-system" in table[p].cmd for p in descendants(table, shim) if p in table)
+            time.sleep(0.05)
+        still_running = proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert booting, "the pod's VM never started booting"
+    assert still_running, "ctr run -d returned before it could be killed mid-create"
+    linger = scope.wait_shims_gone([cid], SHIM_EXIT_BOUND)
+    fig.linger_seconds += linger.values()
+    env.remove(cid)  # the container record ctr made before it died
+    end = scope.settle()
+    fig.data["counts before"] = baseline.counts
+    fig.data["counts after"] = end.counts
+    if linger[cid] >= SHIM_EXIT_BOUND:
+        fig.failures.append(f"the shim of {cid} still runs {SHIM_EXIT_BOUND:.0f} s after"
+                            " its client went away")
+    changes = count_changes(baseline, end)
+    if changes:
+        fig.failures.append(f"counts changed: {changes}")
     fig.write()
     _verdict(fig)
 
