@@ -245,7 +245,8 @@ class Scope:
         if anchor and anchor in shims:
             rss, pss = memory_kib(shims[anchor], self.proc)
             memory = {"anchor shim rss KiB": rss, "anchor shim pss KiB": pss,
-                      "anchor shim fds": self.fds(shims[anchor])}
+                      "anchor shim fds": self.fds(shims[anchor]),
+                      "anchor shim threads": threads(shims[anchor], self.proc)}
         return Snapshot(counts, memory, procs, mounts)
 
     def settle(self, anchor: str = "", bound: float = 30.0, interval: float = 0.5
@@ -294,6 +295,15 @@ def _unescape(s: str) -> str:
     return s.encode().decode("unicode_escape") if "\\" in s else s
 
 
+def threads(pid: int, proc: Path = Path("/proc")) -> int:
+    """Threads of ``pid`` (0 if it is gone)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in (proc / str(pid) / "status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
 def memory_kib(pid: int, proc: Path = Path("/proc")) -> tuple[int, int]:
     """(RSS, PSS) of ``pid`` in KiB; (0, 0) if it is gone."""
     rss = pss = 0
@@ -329,14 +339,14 @@ def count_changes(before: Snapshot, after: Snapshot) -> list[str]:
 
 def memory_growth(before: Snapshot, after: Snapshot,
                   tolerance_kib: int = MEMORY_TOLERANCE_KIB) -> list[str]:
-    """Memory figures that grew by more than ``tolerance_kib``; fds of the anchor
-    shim may not grow at all."""
+    """Memory figures that grew by more than ``tolerance_kib``; the anchor shim's
+    fds and threads may not grow at all."""
     out = []
     for k, v in before.memory.items():
         now = after.memory.get(k)
         if now is None:
             out.append(f"{k}: {v} -> gone")
-        elif k.endswith("fds"):
+        elif k.endswith(("fds", "threads")):
             if now != v:
                 out.append(f"{k}: {v} -> {now}")
         elif now - v > tolerance_kib:

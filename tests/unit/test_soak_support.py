@@ -33,6 +33,7 @@ def _proc(root: Path, pid: int, ppid: int, argv: list[str], fds: int = 0,
     for i in range(fds):
         (d / "fd" / str(i)).write_text("")
     (d / "smaps_rollup").write_text(f"00400000-ff [rollup]\nRss: {rss} kB\nPss: {pss} kB\n")
+    (d / "status").write_text(f"Name:\tx\nThreads:\t{max(1, fds // 4)}\n")
     return d
 
 
@@ -80,7 +81,7 @@ def test_processes_are_containerd_its_shims_and_below(proc: Path, tmp_path: Path
     assert snap.counts["fds shims"] == 12
     assert snap.counts["fds shim children"] == 40 + 5 + 6
     assert snap.memory == {"anchor shim rss KiB": 50000, "anchor shim pss KiB": 30000,
-                           "anchor shim fds": 12}
+                           "anchor shim fds": 12, "anchor shim threads": 3}
     assert s.snapshot(anchor="pod9").memory == {}
 
 
@@ -145,6 +146,9 @@ def test_memory_growth_tolerance_and_fds() -> None:
     assert memory_growth(a, Snapshot({}, grown))[0].startswith("anchor shim pss KiB")
     assert memory_growth(a, Snapshot({}, dict(mem, **{"anchor shim fds": 13}))) == [
         "anchor shim fds: 12 -> 13"]
+    b = Snapshot({}, dict(mem, **{"anchor shim threads": 3}))
+    assert memory_growth(b, Snapshot({}, dict(mem, **{"anchor shim threads": 4}))) == [
+        "anchor shim threads: 3 -> 4"]
     assert memory_growth(a, Snapshot({}, {}))[0].endswith("gone")
 
 
