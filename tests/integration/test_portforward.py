@@ -111,11 +111,13 @@ def test_large_download(web: tuple[Pod, str]) -> None:
 
 
 def test_large_upload(web: tuple[Pod, str]) -> None:
-    """6 MiB up through the streaming server arrive whole. The stream stays open
-    until the pod has every byte: containerd 1.6 closes the pod side one second
-    after the client's stream ends, whatever is still in flight (runc too)."""
+    """6 MiB up through the streaming server arrive whole. containerd 1.6 ends a
+    forwarded connection one second after either direction ends, whatever is
+    still in flight (runc too): so the stream stays open until the pod has every
+    byte, and busybox nc's stdin stays open (at EOF on stdin nc half-closes at
+    once, and containerd would cut the upload a second later)."""
     pod, cid = web
-    pod.sh(cid, "rm -f /tmp/up; (nc -l -p 9000 > /tmp/up) >/dev/null 2>&1 &")
+    pod.sh(cid, "rm -f /tmp/up; (sleep 3600 | nc -l -p 9000 > /tmp/up) >/dev/null 2>&1 &")
     time.sleep(0.5)
     payload = os.urandom(6 << 20)
     with forward(pod, 9000) as conn:
