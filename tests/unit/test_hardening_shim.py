@@ -20,6 +20,7 @@ from pykata.shim import convert
 from pykata.shim import service as svc
 from pykata.testing.fakes import FakeAgent, FakePublisher, FakeSandboxFactory
 from pykata.ttrpc import Client, Server
+from pykata.ttrpc import status as ttrpc_status
 
 # -- 1. exit status as uint32 -----------------------------------------------------------
 
@@ -121,7 +122,11 @@ async def _agent(tmp_path: Path, impl: object, service: str) -> tuple[AgentClien
     return AgentClient(await Client.connect_unix(tmp_path / "a.sock")), server
 
 
-async def test_agent_error_text_is_bounded_and_quoted(tmp_path: Path) -> None:
+async def test_agent_error_text_is_bounded_and_quoted(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A hostile agent does not flatten its status messages as pykata's server does:
+    # the raw bytes reach the host, whose client must bound and quote them.
+    monkeypatch.setattr(ttrpc_status, "one_line", lambda text, limit=0: text)
     agent, server = await _agent(tmp_path, HostileAgent(), "Health")
     try:
         with pytest.raises(errors.NotFound) as ei:  # the kind survives
