@@ -38,6 +38,16 @@ BAD = [
     ("process.cwd", "../up", "process.cwd"),
     ("root.path", 5, "root.path"),
     ("mounts", [{"destination": "rel/../x", "type": "tmpfs", "source": "t"}], "not absolute"),
+    ("mounts", [{"destination": "/../../etc/x", "type": "tmpfs", "source": "t"}], "'..'"),
+    ("linux.maskedPaths", ["/proc/../../etc/passwd"], "'..'"),
+    ("linux.readonlyPaths", ["relative"], "absolute paths"),
+    ("process.terminal", "yes", "process.terminal must be a boolean"),
+    ("hostname", 5, "hostname must be a string"),
+    ("linux.resources", {"memory": {"limit": "1G"}}, "memory.limit must be an integer"),
+    ("linux.resources", {"memory": {"limit": True}}, "memory.limit must be an integer"),
+    ("linux.resources", {"cpu": {"quota": 1 << 70}}, "cpu.quota 1180591620717411303424 is"),
+    ("process.user", {"uid": 1 << 40, "gid": 0}, "process.user.uid"),
+    ("process.user", "root", "process.user must be an object"),
 ]
 
 

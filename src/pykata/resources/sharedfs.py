@@ -22,6 +22,7 @@ from pathlib import Path
 from pykata import errors
 from pykata.utils.logfile import CappedLog, drain
 from pykata.utils.process import ProcRef, stop_child, tail
+from pykata.utils.unixsock import addressable
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,12 @@ class VirtioFsDaemon:
         out_r = out_w = -1
         cap: CappedLog | None = None
         try:
-            sock.bind(str(self.socket_path))
-            os.chmod(self.socket_path, 0o600)
+            with addressable(self.socket_path) as where:
+                old_mask = os.umask(0o177)
+                try:
+                    sock.bind(where)
+                finally:
+                    os.umask(old_mask)
             sock.listen(1)
             fd = sock.fileno()
             cap = CappedLog(self.log_path, self.log_max_bytes)

@@ -271,8 +271,22 @@ def validate(spec: Any, bundle: Path) -> None:
             raise InvalidArgument(f"invalid OCI spec: bad mount entry {m!r}")
         if not m["destination"].startswith("/"):
             raise InvalidArgument(
-                f"invalid OCI spec: mount destination {m['destination']!r} is not absolute"
+                f"invalid OCI spec: mount destination {m['destination']!r:.200} is not absolute"
             )
+        _no_dotdot("mount destination", m["destination"])
+    for name in ("linux.maskedPaths", "linux.readonlyPaths"):
+        for path in _lookup(spec, name) or []:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise InvalidArgument(
+                    f"invalid OCI spec: {name} must hold absolute paths, not {path!r:.200}")
+            _no_dotdot(name, path)
+
+
+def _no_dotdot(what: str, path: str) -> None:
+    """A container path with a ``..`` component is refused (as Kubernetes refuses
+    it in a mountPath): where it lands would depend on how each layer cleans it."""
+    if ".." in path.split("/"):
+        raise InvalidArgument(f"invalid OCI spec: {what} {path!r:.200} has a '..' component")
 
 
 # Fields the conversion reads, and the JSON type each must have when present.
@@ -280,7 +294,25 @@ _FIELD_TYPES: tuple[tuple[str, type, str], ...] = (
     ("annotations", dict, "an object"), ("mounts", list, "a list"),
     ("linux", dict, "an object"), ("linux.namespaces", list, "a list"),
     ("linux.devices", list, "a list"), ("linux.resources", dict, "an object"),
-    ("linux.sysctl", dict, "an object"))
+    ("linux.sysctl", dict, "an object"), ("linux.maskedPaths", list, "a list"),
+    ("linux.readonlyPaths", list, "a list"), ("linux.resources.memory", dict, "an object"),
+    ("linux.resources.cpu", dict, "an object"), ("linux.resources.pids", dict, "an object"),
+    ("process.terminal", bool, "a boolean"), ("process.user", dict, "an object"),
+    ("process.rlimits", list, "a list"), ("hostname", str, "a string"),
+    ("domainname", str, "a string"), ("linux.resources.cpu.cpus", str, "a string"),
+    ("linux.resources.cpu.mems", str, "a string"))
+# Integers (a JSON true is not one), each within the range its kernel field takes.
+_INT_FIELDS: tuple[tuple[str, int, int], ...] = (
+    ("linux.resources.memory.limit", -1, 2**63 - 1),
+    ("linux.resources.memory.reservation", -1, 2**63 - 1),
+    ("linux.resources.memory.swap", -1, 2**63 - 1),
+    ("linux.resources.memory.kernel", -1, 2**63 - 1),
+    ("linux.resources.memory.swappiness", 0, 100),
+    ("linux.resources.cpu.shares", 0, 2**64 - 1),
+    ("linux.resources.cpu.quota", -1, 2**63 - 1),
+    ("linux.resources.cpu.period", 0, 2**64 - 1),
+    ("linux.resources.pids.limit", -1, 2**63 - 1),
+    ("process.user.uid", 0, 2**32 - 2), ("process.user.gid", 0, 2**32 - 2))
 
 
 def _check_types(spec: dict[str, Any]) -> None:
@@ -290,6 +322,15 @@ def _check_types(spec: dict[str, Any]) -> None:
         value = _lookup(spec, name)
         if value is not None and not isinstance(value, kind):
             raise InvalidArgument(f"invalid OCI spec: {name} must be {what}")
+    for name, low, high in _INT_FIELDS:
+        value = _lookup(spec, name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidArgument(f"invalid OCI spec: {name} must be an integer")
+        if not low <= value <= high:
+            raise InvalidArgument(f"invalid OCI spec: {name} {value} is out of range"
+                                  f" ({low} to {high})")
     for i, ns in enumerate(_lookup(spec, "linux.namespaces") or []):
         if not isinstance(ns, dict) or not isinstance(ns.get("type"), str):
             raise InvalidArgument(

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -53,6 +54,17 @@ async def open_fifo(path: str, flags: int) -> int:
 
     threading.Thread(target=worker, name=f"open {path}", daemon=True).start()
     return await fut
+
+
+NO_WRITER_POLL = 0.25  # seconds between looks for a stdin writer that is not there yet
+
+
+def _writer_left(fd: int) -> bool:
+    """Whether a writer of the fifo ``fd`` came and went since it was opened
+    (Linux reports POLLHUP only then, not for a writer that never came)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in p.poll(0))
 
 
 async def _writable(fd: int) -> None:
@@ -153,18 +165,32 @@ class StdioRelay:
     async def _pump_in(self, path: str) -> None:
         fd = -1
         try:
-            fd = await open_fifo(path, os.O_RDONLY)
-            os.set_blocking(fd, False)
+            # Opened without waiting for a writer: a blocking open in a thread
+            # would stay blocked for good when the client's writer came and went
+            # before it (ctr exec with nothing on its stdin), one thread per exec.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            writer_seen = False
             quiet_eofs = 0
             while True:
                 try:
                     data = os.read(fd, CHUNK)
                 except BlockingIOError:  # a writer is there, no data yet
+                    writer_seen = True
                     await readable(fd)
                     continue
                 if data:
+                    writer_seen = True
                     quiet_eofs = 0
                     await self.proc.write_stdin(data)
+                    continue
+                if not writer_seen:
+                    # No writer yet (or it left before we opened: then no
+                    # writer ever comes, as with the blocking open).
+                    if _writer_left(fd):
+                        writer_seen = True
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(readable(fd), NO_WRITER_POLL)
                     continue
                 # No writer right now. Clients re-open their end (containerd's fifo
                 # library swaps an O_RDWR handle for an O_WRONLY one), so EOF is

@@ -42,6 +42,7 @@ from pykata.hypervisor.qemu.cmdline import (
 from pykata.hypervisor.qemu.uids import UidLease, lease_for
 from pykata.utils.logfile import CappedLog, drain
 from pykata.utils.process import stop_child, tail
+from pykata.utils.unixsock import addressable
 from pykata.wire import PORTFWD_VSOCK_PORT, VSOCK_PORT
 
 log = logging.getLogger(__name__)
@@ -795,7 +796,8 @@ async def _connect_unix(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
     try:
-        await asyncio.get_running_loop().sock_connect(sock, str(path))
+        with addressable(path) as where:
+            await asyncio.get_running_loop().sock_connect(sock, where)
     except OSError as exc:
         sock.close()
         raise errors.Unavailable(f"cannot connect to {path}: {exc.strerror or exc}") from exc
