@@ -34,9 +34,11 @@ fuzz: setup
 SOAK_CTR_CYCLES ?= 500
 SOAK_CRI_CYCLES ?= 200
 SOAK_ROUNDS ?= 10
+SOAK_PODS ?= 10
 soak: setup soak-faults
 	PYKATA_SOAK_CTR_CYCLES=$(SOAK_CTR_CYCLES) PYKATA_SOAK_CRI_CYCLES=$(SOAK_CRI_CYCLES) \
 	  PYKATA_SOAK_ROUNDS=$(SOAK_ROUNDS) PYKATA_SOAK_BURST_ROUNDS=$(SOAK_ROUNDS) \
+	  PYKATA_SOAK_PODS=$(SOAK_PODS) \
 	  $(VENV)/bin/pytest -p no:cacheprovider --timeout=0 -s tests/integration/test_soak.py $(SOAK_ARGS)
 
 # The fault tests (tests/integration/test_faults.py) at FAULT_TRIALS trials per fault
