@@ -8,7 +8,7 @@
 #               cycles, 10 rounds of 10 parallel pods; `make test` runs a short slice)
 #   make soak-faults  the fault tests (kill -9 of QEMU, virtiofsd, shim, agent; guest
 #               panic; containerd restarts) at FAULT_TRIALS=20 trials each (`make soak`
-#               runs them too; `make test` runs 2)
+#               runs them too; `make test` runs 1)
 PYTHON ?= python3
 VENV   := .venv
 
@@ -42,7 +42,7 @@ soak: setup soak-faults
 	  $(VENV)/bin/pytest -p no:cacheprovider --timeout=0 -s tests/integration/test_soak.py $(SOAK_ARGS)
 
 # The fault tests (tests/integration/test_faults.py) at FAULT_TRIALS trials per fault
-# and phase (`make test` runs 2); `make soak` runs them too.
+# and phase (`make test` runs 1); `make soak` runs them too.
 FAULT_TRIALS ?= 20
 soak-faults: setup
 	PYKATA_FAULT_TRIALS=$(FAULT_TRIALS) PYKATA_FAULT_CRI_TRIALS=$(FAULT_TRIALS) \

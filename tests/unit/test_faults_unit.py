@@ -125,6 +125,49 @@ async def test_a_vm_death_names_the_guest_panic(tmp_path: Path) -> None:
                     " syncing: Attempted to kill init! exitcode=0x0000000b"]
 
 
+async def test_virtiofsd_ending_because_the_vm_died_names_the_vm(tmp_path: Path) -> None:
+    """A guest panic ends QEMU, and virtiofsd with it (status 0, its peer gone);
+    seen in either order, the reason is the VM's."""
+    vm = FakeHypervisor(VMSpec(id="p", run_dir=tmp_path, kernel=Path("/k")))
+    await vm.start()
+    (tmp_path / "console.log").write_text("Kernel panic - not syncing: sysrq triggered crash\n")
+    fs = FakeVirtiofsd()
+    said: list[str] = []
+
+    async def failed(reason: str) -> None:
+        said.append(reason)
+
+    dog = watchdog.Watchdog("p", vm, fs, failed)
+    dog.start()
+    await asyncio.sleep(0)
+    fs.exited.set_result(0)  # noticed first
+    await asyncio.sleep(0.1)
+    vm.die(0)
+    await until(lambda: said)
+    assert said == ["its VM exited unexpectedly (status 0); guest console: Kernel panic - not"
+                    " syncing: sysrq triggered crash"]
+    assert ("stop", (watchdog.STOP_TIMEOUT,)) not in vm.calls
+
+
+async def test_the_panic_line_is_found_above_a_long_trace(tmp_path: Path) -> None:
+    vm = FakeHypervisor(VMSpec(id="p", run_dir=tmp_path, kernel=Path("/k")))
+    await vm.start()
+    trace = "".join(f"[    6.3] R{i:02}: ffffffff{i:08x} frame\n" for i in range(100))
+    (tmp_path / "console.log").write_text(
+        "[    6.2] Kernel panic - not syncing: sysrq triggered crash\n" + trace
+        + "[    6.34] Kernel Offset: disabled\n")
+    said: list[str] = []
+
+    async def failed(reason: str) -> None:
+        said.append(reason)
+
+    dog = watchdog.Watchdog("p", vm, None, failed)
+    dog.start()
+    vm.die(0)
+    await until(lambda: said)
+    assert said[0].endswith("guest console: Kernel panic - not syncing: sysrq triggered crash")
+
+
 async def test_a_stopped_watchdog_says_nothing(tmp_path: Path) -> None:
     vm = FakeHypervisor(VMSpec(id="p", run_dir=tmp_path, kernel=Path("/k")))
     await vm.start()

@@ -27,7 +27,11 @@ from pykata.utils.process import tail
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 2.0  # seconds a VM gets to quit after its virtiofsd died
-CONSOLE_LINES = 40  # lines of the guest console searched for a panic message
+VM_EXIT_GRACE = 1.0  # seconds to see whether the VM ended first when virtiofsd ends
+# Lines (and bytes) of the guest console searched for a panic message: the
+# panic line comes before the call trace and register dump (60-100 lines).
+CONSOLE_LINES = 200
+CONSOLE_BYTES = 32768
 REASON_MAX = 200  # characters of guest console text a reason carries
 
 
@@ -106,6 +110,11 @@ class Watchdog:
         try:
             await asyncio.wait([t for t in (vm_exit, fs_exit) if t is not None],
                                return_when=asyncio.FIRST_COMPLETED)
+            if not vm_exit.done():
+                # virtiofsd also ends (status 0) when its peer goes: a VM that
+                # died (a guest panic) may be noticed a moment after it. Then
+                # the VM's end is the reason, not virtiofsd's.
+                await asyncio.wait([vm_exit], timeout=VM_EXIT_GRACE)
             if not vm_exit.done() and fs_exit is not None and fs_exit.done():
                 code = fs_exit.result() if fs_exit.exception() is None else -1
                 self.reason = (f"virtiofsd exited ({status_text(code)}): the guest lost its"
@@ -114,7 +123,8 @@ class Watchdog:
                 await self.vm.stop(timeout=STOP_TIMEOUT)
             else:
                 code = vm_exit.result() if vm_exit.exception() is None else -1
-                said = guest_last_words(tail(self.vm.spec.console_log, CONSOLE_LINES))
+                said = guest_last_words(tail(self.vm.spec.console_log, CONSOLE_LINES,
+                                             CONSOLE_BYTES))
                 self.reason = (f"its VM exited unexpectedly ({status_text(code)})"
                                + (f"; guest console: {said}" if said else ""))
                 log.error("sandbox %s: %s", self.sandbox_id, self.reason)

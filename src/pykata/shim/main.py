@@ -172,18 +172,29 @@ def cmd_start(args: argparse.Namespace) -> int:
         if not _alive(path):
             print(f"pod sandbox {sandbox_id} has no running pykata shim", file=sys.stderr)
             return 1
+        _write_address(bundle, address)
         print(address, end="")
         return 0
     if _alive(path):
+        _write_address(bundle, address)
         print(address, end="")
         return 0
     pid = spawn_server(path, cwd=bundle, namespace=args.namespace, address=args.address,
                        publish_binary=args.publish_binary, shim_id=sandbox_id,
                        debug=args.debug)
     (bundle / "shim.pid").write_text(str(pid))
-    (bundle / "address").write_text(address)
+    _write_address(bundle, address)
     print(address, end="")
     return 0
+
+
+def _write_address(bundle: Path, address: str) -> None:
+    """The shim's address in the container's bundle, for every container of the
+    pod: a restarted containerd reconnects each task through its own bundle's
+    file (a container without one is taken for dead and cleaned up)."""
+    tmp = bundle / "address.tmp"
+    tmp.write_text(address)
+    os.replace(tmp, bundle / "address")
 
 
 def namespace_of(args: argparse.Namespace) -> str:
