@@ -11,7 +11,7 @@ run $V/mypy
 run $V/mypy --strict --python-version 3.11 bench/*.py
 run $V/python scripts/check_imports.py
 echo "==> pytest"
-$V/pytest -p no:cacheprovider --timeout=600 "$@"
+$V/pytest -p no:cacheprovider --timeout=600 --durations=30 "$@"
 rc=$?
 if [ $rc -eq 5 ]; then echo "FAILED: pytest collected no tests"; status=1
 elif [ $rc -ne 0 ]; then status=1; fi
