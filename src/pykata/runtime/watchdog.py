@@ -67,6 +67,10 @@ def guest_last_words(console: str) -> str:
     return said[:REASON_MAX] + ("..." if len(said) > REASON_MAX else "")
 
 
+def _clean_exit(t: asyncio.Future[int]) -> bool:
+    return t.done() and t.exception() is None and t.result() == 0
+
+
 class Watchdog:
     """Waits for ``vm`` or ``virtiofsd`` to end; then (once) ``on_failure(reason)``."""
 
@@ -110,10 +114,10 @@ class Watchdog:
         try:
             await asyncio.wait([t for t in (vm_exit, fs_exit) if t is not None],
                                return_when=asyncio.FIRST_COMPLETED)
-            if not vm_exit.done():
-                # virtiofsd also ends (status 0) when its peer goes: a VM that
-                # died (a guest panic) may be noticed a moment after it. Then
-                # the VM's end is the reason, not virtiofsd's.
+            if not vm_exit.done() and fs_exit is not None and _clean_exit(fs_exit):
+                # virtiofsd also ends, with status 0, when its peer goes: a VM
+                # that died (a guest panic) may be noticed a moment after it.
+                # Then the VM's end is the reason, not virtiofsd's.
                 await asyncio.wait([vm_exit], timeout=VM_EXIT_GRACE)
             if not vm_exit.done() and fs_exit is not None and fs_exit.done():
                 code = fs_exit.result() if fs_exit.exception() is None else -1
