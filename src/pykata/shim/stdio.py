@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from pykata import errors
 from pykata.runtime.container import Process
 from pykata.runtime.types import Stdio
-from pykata.utils.aio import readable
+from pykata.utils.aio import readable, writable
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +67,6 @@ def _writer_left(fd: int) -> bool:
     return any(ev & select.POLLHUP for _, ev in p.poll(0))
 
 
-async def _writable(fd: int) -> None:
-    """Until ``fd`` can be written (watched only while we wait)."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
-
-
 class FifoOut:
     """The write end of one of containerd's output fifos, never blocking the loop.
 
@@ -108,7 +92,7 @@ class FifoOut:
             try:
                 n = os.write(self.fd, view)
             except BlockingIOError:  # the reader is behind: wait for it
-                await _writable(self.fd)
+                await writable(self.fd)
                 continue
             except BrokenPipeError:
                 if not self.dropped:
