@@ -86,10 +86,14 @@ def test_status_and_console_words() -> None:
     assert len(long) == watchdog.REASON_MAX + 3 and long.endswith("...")
 
 
-async def test_virtiofsd_death_stops_the_vm_and_says_why(tmp_path: Path) -> None:
+async def watched(tmp_path: Path, fs: FakeVirtiofsd | None, console: str = ""
+                  ) -> tuple[FakeHypervisor, watchdog.Watchdog, list[str]]:
+    """A started fake VM (its console log holding ``console``), a started
+    watchdog over it and ``fs``, and the list the watchdog's reasons go to."""
     vm = FakeHypervisor(VMSpec(id="p", run_dir=tmp_path, kernel=Path("/k")))
     await vm.start()
-    fs = FakeVirtiofsd()
+    if console:
+        (tmp_path / "console.log").write_text(console)
     said: list[str] = []
 
     async def failed(reason: str) -> None:
@@ -97,6 +101,12 @@ async def test_virtiofsd_death_stops_the_vm_and_says_why(tmp_path: Path) -> None
 
     dog = watchdog.Watchdog("p", vm, fs, failed)
     dog.start()
+    return vm, dog, said
+
+
+async def test_virtiofsd_death_stops_the_vm_and_says_why(tmp_path: Path) -> None:
+    fs = FakeVirtiofsd()
+    vm, dog, said = await watched(tmp_path, fs)
     await asyncio.sleep(0)
     assert not said and vm.running
     fs.exited.set_result(-9)
@@ -108,17 +118,8 @@ async def test_virtiofsd_death_stops_the_vm_and_says_why(tmp_path: Path) -> None
 
 
 async def test_a_vm_death_names_the_guest_panic(tmp_path: Path) -> None:
-    vm = FakeHypervisor(VMSpec(id="p", run_dir=tmp_path, kernel=Path("/k")))
-    await vm.start()
-    (tmp_path / "console.log").write_text("Kernel panic - not syncing: Attempted to kill init!"
-                                          " exitcode=0x0000000b\nRebooting in 0 seconds..\n")
-    said: list[str] = []
-
-    async def failed(reason: str) -> None:
-        said.append(reason)
-
-    dog = watchdog.Watchdog("p", vm, None, failed)
-    dog.start()
+    vm, _, said = await watched(tmp_path, None, "Kernel panic - not syncing: Attempted to"
+                                " kill init! exitcode=0x0000000b\nRebooting in 0 seconds..\n")
     vm.die(0)
     await until(lambda: said)
     assert said == ["its VM exited unexpectedly (status 0); guest console: Kernel panic - not"
@@ -128,17 +129,9 @@ async def test_a_vm_death_names_the_guest_panic(tmp_path: Path) -> None:
 async def test_virtiofsd_ending_because_the_vm_died_names_the_vm(tmp_path: Path) -> None:
     """A guest panic ends QEMU, and virtiofsd with it (status 0, its peer gone);
     seen in either order, the reason is the VM's."""
-    vm = FakeHypervisor(VMSpec(id="p", run_dir=tmp_path, kernel=Path("/k")))
-    await vm.start()
-    (tmp_path / "console.log").write_text("Kernel panic - not syncing: sysrq triggered crash\n")
     fs = FakeVirtiofsd()
-    said: list[str] = []
-
-    async def failed(reason: str) -> None:
-        said.append(reason)
-
-    dog = watchdog.Watchdog("p", vm, fs, failed)
-    dog.start()
+    vm, _, said = await watched(tmp_path, fs,
+                                "Kernel panic - not syncing: sysrq triggered crash\n")
     await asyncio.sleep(0)
     fs.exited.set_result(0)  # noticed first
     await asyncio.sleep(0.1)
@@ -150,34 +143,17 @@ async def test_virtiofsd_ending_because_the_vm_died_names_the_vm(tmp_path: Path)
 
 
 async def test_the_panic_line_is_found_above_a_long_trace(tmp_path: Path) -> None:
-    vm = FakeHypervisor(VMSpec(id="p", run_dir=tmp_path, kernel=Path("/k")))
-    await vm.start()
     trace = "".join(f"[    6.3] R{i:02}: ffffffff{i:08x} frame\n" for i in range(100))
-    (tmp_path / "console.log").write_text(
-        "[    6.2] Kernel panic - not syncing: sysrq triggered crash\n" + trace
-        + "[    6.34] Kernel Offset: disabled\n")
-    said: list[str] = []
-
-    async def failed(reason: str) -> None:
-        said.append(reason)
-
-    dog = watchdog.Watchdog("p", vm, None, failed)
-    dog.start()
+    vm, _, said = await watched(
+        tmp_path, None, "[    6.2] Kernel panic - not syncing: sysrq triggered crash\n"
+        + trace + "[    6.34] Kernel Offset: disabled\n")
     vm.die(0)
     await until(lambda: said)
     assert said[0].endswith("guest console: Kernel panic - not syncing: sysrq triggered crash")
 
 
 async def test_a_stopped_watchdog_says_nothing(tmp_path: Path) -> None:
-    vm = FakeHypervisor(VMSpec(id="p", run_dir=tmp_path, kernel=Path("/k")))
-    await vm.start()
-    said: list[str] = []
-
-    async def failed(reason: str) -> None:
-        said.append(reason)
-
-    dog = watchdog.Watchdog("p", vm, FakeVirtiofsd(), failed)
-    dog.start()
+    vm, dog, said = await watched(tmp_path, FakeVirtiofsd())
     await dog.stop()
     await vm.stop()
     await asyncio.sleep(0.05)
