@@ -127,11 +127,8 @@ class VirtioFsDaemon:
         cap: CappedLog | None = None
         try:
             with addressable(self.socket_path) as where:
-                old_mask = os.umask(0o177)
-                try:
-                    sock.bind(where)
-                finally:
-                    os.umask(old_mask)
+                sock.bind(where)
+                os.chmod(where, 0o600)
             sock.listen(1)
             fd = sock.fileno()
             cap = CappedLog(self.log_path, self.log_max_bytes)
