@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -478,3 +479,45 @@ async def test_a_failing_guest_hook_is_one_error_and_leaves_nothing(
         assert (await asyncio.wait_for(again.wait(), 60)).code == 0
     finally:
         await again.delete(force=True)
+
+
+def _tree_fds(pid: int) -> int:
+    """Open descriptors of ``pid`` and its descendants (virtiofsd forks into its sandbox)."""
+    n = len(os.listdir(f"/proc/{pid}/fd"))
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+            n += _tree_fds(int(child))
+    return n
+
+
+async def test_failed_creates_leave_nothing_cached_in_the_guest(
+        engine_sandbox: Sandbox, tmp_path: Path, rootfs: Path) -> None:
+    """Each file a failed create looked up through virtio-fs kept an O_PATH
+    descriptor open in virtiofsd for the pod's life (3 per failed create with crun,
+    6 with the native engine), and its cached dentries went stale when the host
+    shared the same id again: the agent forgets them as after a removal."""
+    assert engine_sandbox.virtiofsd is not None and engine_sandbox.virtiofsd.ref is not None
+    pid = engine_sandbox.virtiofsd.ref.pid
+
+    async def failed_create() -> None:
+        cid = f"c-{uuid.uuid4().hex[:8]}"
+        spec = spec_of(["echo", "ran"])
+        spec["hooks"] = {"createContainer": [{"path": "/usr/libexec/oci/hooks.d/x"}]}
+        with pytest.raises(errors.InvalidArgument):
+            await engine_sandbox.create_container(cid, make_bundle(tmp_path / cid, rootfs, spec))
+
+    async def settled() -> int:
+        # The guest's FORGETs reach virtiofsd after the failed create has answered.
+        seen: list[int] = []
+        for _ in range(60):  # bounded: 15 s; settled when 1 s of samples agree
+            seen.append(_tree_fds(pid))
+            if len(seen) >= 5 and len(set(seen[-5:])) == 1:
+                break
+            await asyncio.sleep(0.25)
+        return seen[-1]
+
+    await failed_create()
+    base = await settled()
+    for _ in range(4):
+        await failed_create()
+    assert await settled() == base

@@ -177,6 +177,10 @@ class Sandbox:
             await c.create(guest)
         except BaseException:
             await self.storages.release_container(cid, mounted, disks)
+            # What the failed create looked up stays cached otherwise: host
+            # descriptors in virtiofsd, and dentries of a directory the host
+            # removes; a create that reuses the id would walk them, stale.
+            await asyncio.to_thread(forget_unused_inodes)
             raise
         finally:
             self._creating.discard(cid)
@@ -197,14 +201,22 @@ class Sandbox:
         await asyncio.to_thread(forget_unused_inodes)
 
 
+DROP_PASSES = 3
+
+
 def forget_unused_inodes() -> None:
-    """Drop the kernel's unused dentries and inodes. A removed container's files,
-    looked up through virtio-fs, stay cached in the guest otherwise, and for
-    each the host's virtiofsd keeps a descriptor open (it closes it when the
-    guest forgets the inode): about 20 per busybox container, for the pod's life."""
+    """Drop the kernel's unused dentries and inodes. A removed (or failed)
+    container's files, looked up through virtio-fs, stay cached in the guest
+    otherwise, and for each the host's virtiofsd keeps a descriptor open (it
+    closes it when the guest forgets the inode): about 20 per busybox container
+    and 3 to 6 per failed create, for the pod's life. A directory's dentry is
+    unused only once its children are gone, and the kernel ends a pass when it
+    frees fewer than ten objects: a short chain (a failed create's cid/rootfs/usr)
+    can outlive one pass, so there are DROP_PASSES."""
     try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("2\n")
+        for _ in range(DROP_PASSES):
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2\n")
     except OSError as exc:
         log.warning("cannot drop the inode cache: %s", exc.strerror)
 
