@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -80,7 +81,10 @@ class PrivateContainerd:
         cfg = self.base / "config.toml"
         cfg.write_text(self.config_text())
         env = dict(os.environ)
-        env["PATH"] = "/usr/local/bin:" + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        # The shim of the checkout whose Python runs this (its venv's bin), then the
+        # installed one: a test of one checkout never runs another checkout's shim.
+        here = os.path.dirname(sys.executable)
+        env["PATH"] = f"{here}:/usr/local/bin:" + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         env.update(self.env)
         with self.log.open("ab") as logf:
             self.proc = subprocess.Popen(["containerd", "--config", str(cfg)], env=env,
