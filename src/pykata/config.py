@@ -137,6 +137,9 @@ class AgentConfig:
     # defaults to native; crun is asked for with the kernel parameter
     # pykata.wire.AGENT_ENGINE_PARAM.
     container_engine: str = "native"
+    # A shell in the guest outside any container (`pykata exec SANDBOX`), for
+    # debugging: only sandboxes started with this on allow it; off by default.
+    debug_console: bool = False
 
 
 @dataclass
@@ -155,6 +158,13 @@ class RuntimeConfig:
     # VMM prints (console.log, qemu.log, virtiofsd.log): when full, a file becomes
     # <name>.1 (replacing the older one) and starts again, so at most twice this.
     log_max_bytes: int = 1048576
+    # OpenTelemetry spans of sandbox and container lifecycle, the shim's and the
+    # agent's (carried back over the agent channel). Off by default; when on, they
+    # go to tracing_endpoint (an OTLP/HTTP traces URL, e.g.
+    # http://127.0.0.1:4318/v1/traces) and/or tracing_file (JSON lines, appended).
+    enable_tracing: bool = False
+    tracing_endpoint: str = ""
+    tracing_file: str = ""
 
 
 @dataclass

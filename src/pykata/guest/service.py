@@ -357,3 +357,14 @@ class AgentService:
     @rpc()
     async def ListRoutes(self, req: pb.ListRoutesRequest) -> pb.Routes:
         return pb.Routes(routes=await self._net_reader().list_routes())
+
+    # -- observability (issue 18): TakeSpans belongs to the tracing work, DebugExec to
+    # the debug console; each is filled in by its own change.
+
+    @rpc()
+    async def TakeSpans(self, req: pb.TakeSpansRequest) -> pb.TraceSpans:
+        raise errors.Unimplemented("TakeSpans: tracing is not built into this agent yet")
+
+    @rpc()
+    async def DebugExec(self, req: pb.ExecProcessRequest) -> pb.ProcessResponse:
+        raise errors.Unimplemented("DebugExec: the debug console is not built into this agent yet")

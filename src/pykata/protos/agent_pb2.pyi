@@ -51,7 +51,7 @@ class KernelModule(_message.Message):
     def __init__(self, name: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sandbox_pidns", "kernel_modules", "host_time_unix_nano", "random_seed", "hosts")
+    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sandbox_pidns", "kernel_modules", "host_time_unix_nano", "random_seed", "hosts", "debug_console")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DNS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class CreateSandboxRequest(_message.Message):
     HOST_TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     RANDOM_SEED_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_CONSOLE_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     hostname: str
     dns: _containers.RepeatedScalarFieldContainer[str]
@@ -70,7 +71,8 @@ class CreateSandboxRequest(_message.Message):
     host_time_unix_nano: int
     random_seed: bytes
     hosts: str
-    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ..., kernel_modules: _Optional[_Iterable[_Union[KernelModule, _Mapping]]] = ..., host_time_unix_nano: _Optional[int] = ..., random_seed: _Optional[bytes] = ..., hosts: _Optional[str] = ...) -> None: ...
+    debug_console: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ..., kernel_modules: _Optional[_Iterable[_Union[KernelModule, _Mapping]]] = ..., host_time_unix_nano: _Optional[int] = ..., random_seed: _Optional[bytes] = ..., hosts: _Optional[str] = ..., debug_console: _Optional[bool] = ...) -> None: ...
 
 class DestroySandboxRequest(_message.Message):
     __slots__ = ()
@@ -586,6 +588,45 @@ class ListInterfacesRequest(_message.Message):
 class ListRoutesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class TraceSpan(_message.Message):
+    __slots__ = ("trace_id", "span_id", "parent_span_id", "name", "start_unix_nano", "end_unix_nano", "attributes", "error")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    trace_id: bytes
+    span_id: bytes
+    parent_span_id: bytes
+    name: str
+    start_unix_nano: int
+    end_unix_nano: int
+    attributes: _containers.ScalarMap[str, str]
+    error: str
+    def __init__(self, trace_id: _Optional[bytes] = ..., span_id: _Optional[bytes] = ..., parent_span_id: _Optional[bytes] = ..., name: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., end_unix_nano: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class TakeSpansRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TraceSpans(_message.Message):
+    __slots__ = ("spans", "dropped")
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    spans: _containers.RepeatedCompositeFieldContainer[TraceSpan]
+    dropped: int
+    def __init__(self, spans: _Optional[_Iterable[_Union[TraceSpan, _Mapping]]] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
     __slots__ = ("service",)
