@@ -37,6 +37,7 @@ from pykata.runtime.container import Container, PodSettings, Process
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.state import DEFAULT_NAMESPACE
 from pykata.runtime.types import ExitStatus
+from pykata.shim import companions as companionsmod
 from pykata.shim import convert, rootfs
 from pykata.shim.portforward import PortForward
 from pykata.shim.stdio import StdioRelay
@@ -109,6 +110,7 @@ class TaskService:
         self._run_hooks = os.environ.get(HOOKS_ENV, "") != "caller"
         self._portfwd: PortForward | None = None  # CRI PortForward into the VM
         self._booting: asyncio.Task[Any] | None = None  # the first Create, while it boots
+        self._companions: list[companionsmod.Companion] = []  # running beside the sandbox
 
     # -- lookups -------------------------------------------------------------------
     def _container(self, tid: str) -> Container:
@@ -159,6 +161,10 @@ class TaskService:
                             netns=pod.netns or self._default_netns, namespace=self.namespace)
                         self._portfwd = await PortForward.start(self.sandbox_id, pod.netns,
                                                                 self.sandbox.vm)
+                        self._companions = await companionsmod.start_all(
+                            companionsmod.companions_for(self.config, self.sandbox_id,
+                                                         self.namespace),
+                            self.sandbox, spec)
                     finally:
                         self._booting = None
                 container = await self._explained(
@@ -179,6 +185,7 @@ class TaskService:
                     rootfs.unmount_rootfs(bundle)
                 if self.sandbox is not None and not self.sandbox.containers:
                     sb, self.sandbox = self.sandbox, None
+                    await self._stop_companions()
                     await self._stop_portfwd()
                     await sb.stop()
                 raise
@@ -284,8 +291,13 @@ class TaskService:
         if pf is not None:
             await pf.stop()
 
+    async def _stop_companions(self) -> None:
+        items, self._companions = self._companions, []
+        await companionsmod.stop_all(items)
+
     async def _stop_sandbox(self) -> None:
         sb, self.sandbox = self.sandbox, None
+        await self._stop_companions()
         await self._stop_portfwd()
         if sb is None:
             return
