@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 # (name, attributes) -> a context manager around the work (an OpenTelemetry span).
-SpanFactory = Callable[[str, dict[str, str]], ContextManager[Any]]
+SpanFactory = Callable[[str, dict[str, str]], AbstractContextManager[Any]]
 
 _span_factory: SpanFactory | None = None
 
