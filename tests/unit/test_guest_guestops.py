@@ -63,7 +63,7 @@ def test_metrics_exposition() -> None:
         name_labels, value = line.rsplit(" ", 1)
         float(value)
         assert name_labels.split("{")[0] in names
-    assert {"pykata_guest_meminfo", "pykata_guest_load1", "pykata_guest_cpu_time",
+    assert {"pykata_guest_meminfo", "pykata_guest_load1", "pykata_guest_cpu_seconds_total",
             "pykata_agent_rss_bytes", "pykata_agent_containers"} <= names
     assert "pykata_agent_containers 2" in text
 

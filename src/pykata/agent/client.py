@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 
 from pykata import errors
 from pykata.agent import convert
+from pykata.agent.rpcstats import STATS
 from pykata.protos import agent_pb2 as pb
 from pykata.runtime.types import (
     ContainerStats,
@@ -43,14 +44,24 @@ class AgentClient:
             t = None
         else:
             t = timeout
+        # Calls with a deadline are timed (pykata_agent_rpc_duration_seconds); the
+        # long polls without one (WaitProcess, ReadStdout, GetOOMEvent...) last as
+        # long as what they wait for, which says nothing about the agent.
+        # A cancelled call (its caller went) is not counted.
+        started = time.monotonic()
         try:
-            return await self.conn.call(service, method, req, resp_type, timeout=t)
+            resp = await self.conn.call(service, method, req, resp_type, timeout=t)
         except errors.PykataError as exc:
+            if t is not None:
+                STATS.observe(method, time.monotonic() - started, failed=True)
             # The status message is the guest's text: bounded and quoted before it
             # goes anywhere (same class and code, so callers still match on kind).
             exc.message = convert.guest_text(exc.message)
             exc.args = (exc.message,)
             raise
+        if t is not None:
+            STATS.observe(method, time.monotonic() - started)
+        return resp
 
     async def close(self) -> None:
         await self.conn.close()
@@ -69,8 +80,10 @@ class AgentClient:
     # -- sandbox ---------------------------------------------------------------------
     async def create_sandbox(self, sandbox_id: str, hostname: str, storages: Sequence[Storage],
                              dns: Sequence[str] = (), hosts: str = "", sandbox_pidns: bool = False,
-                             kernel_modules: Sequence[str] = (), random_seed: bytes = b"") -> None:
+                             kernel_modules: Sequence[str] = (), random_seed: bytes = b"",
+                             debug_console: bool = False) -> None:
         req = pb.CreateSandboxRequest(
+            debug_console=debug_console,
             sandbox_id=sandbox_id, hostname=hostname, dns=list(dns), hosts=hosts,
             storages=convert.storages_to_pb(storages), sandbox_pidns=sandbox_pidns,
             host_time_unix_nano=time.time_ns(), random_seed=random_seed,

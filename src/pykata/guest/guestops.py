@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pykata import errors
@@ -106,7 +106,8 @@ def _esc(value: str) -> str:
 
 
 def metrics(containers: int) -> str:
-    """Prometheus text exposition of a few guest metrics."""
+    """Prometheus text exposition of the guest's own figures (the host re-reads
+    it as untrusted text: pykata.metrics.guesttext)."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -117,7 +118,8 @@ def metrics(containers: int) -> str:
                          else f"{name}{labels} {int(value)}")
 
     meminfo = cgroups.parse_meminfo(_read("/proc/meminfo"))
-    metric("pykata_guest_meminfo", "gauge", "Guest /proc/meminfo in bytes.",
+    metric("pykata_guest_meminfo", "gauge",
+           "Guest /proc/meminfo, by item: bytes (kB items multiplied out), else as read.",
            [(f'{{item="{_esc(k)}"}}', float(v)) for k, v in sorted(meminfo.items())])
     load = _read("/proc/loadavg").split()
     if len(load) >= 3:
@@ -128,19 +130,108 @@ def metrics(containers: int) -> str:
     fields = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     samples: list[tuple[str, float]] = []
+    counts: dict[str, int] = {}
     for line in stat:
         parts = line.split()
-        if not parts or not parts[0].startswith("cpu"):
+        if len(parts) < 2:
             continue
-        cpu = "total" if parts[0] == "cpu" else parts[0][3:]
-        for name, val in zip(fields, parts[1:], strict=False):
-            samples.append((f'{{cpu="{cpu}",item="{name}"}}', int(val) / tick))
-    metric("pykata_guest_cpu_time", "counter", "Guest CPU time in seconds.", samples)
-    metric("pykata_agent_rss_bytes", "gauge", "Resident memory of the agent.",
+        if parts[0].startswith("cpu"):
+            cpu = "total" if parts[0] == "cpu" else _esc(parts[0][3:])
+            for name, val in zip(fields, parts[1:], strict=False):
+                if val.isdigit():
+                    samples.append((f'{{cpu="{cpu}",mode="{name}"}}', int(val) / tick))
+        elif parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    metric("pykata_guest_cpu_seconds_total", "counter",
+           "Guest CPU time in seconds, by CPU (total: all) and mode.", samples)
+    for key, name, kind, help_ in (
+            ("ctxt", "pykata_guest_context_switches_total", "counter",
+             "Guest context switches."),
+            ("processes", "pykata_guest_forks_total", "counter",
+             "Processes and threads the guest kernel created."),
+            ("procs_running", "pykata_guest_procs_running", "gauge",
+             "Guest tasks runnable now."),
+            ("procs_blocked", "pykata_guest_procs_blocked", "gauge",
+             "Guest tasks blocked on I/O now.")):
+        if key in counts:
+            metric(name, kind, help_, [("", float(counts[key]))])
+    metric("pykata_guest_processes", "gauge", "Processes in the guest (all containers,"
+           " the agent and the kernel's threads).", [("", float(_process_count()))])
+    uptime = _read("/proc/uptime").split()
+    if uptime:
+        with contextlib.suppress(ValueError):
+            metric("pykata_guest_uptime_seconds", "gauge", "Seconds since the guest booted.",
+                   [("", float(uptime[0]))])
+    _diskstats(metric)
+    _netdev(metric)
+    metric("pykata_agent_rss_bytes", "gauge", "Resident memory of the agent, in bytes.",
            [("", float(_rss()))])
     metric("pykata_agent_containers", "gauge", "Containers the agent knows.",
            [("", float(containers))])
     return "\n".join(lines) + "\n"
+
+
+_Metric = Callable[[str, str, str, list[tuple[str, float]]], None]
+_MAX_DEVICES = 64
+
+
+def _diskstats(metric: _Metric) -> None:
+    """/proc/diskstats of whole disks (not partitions, loop or ram devices)."""
+    rows: list[tuple[str, list[int]]] = []
+    for line in _read("/proc/diskstats").splitlines():
+        f = line.split()
+        if len(f) < 14 or not all(x.isdigit() for x in f[3:14]):
+            continue
+        dev = f[2]
+        if dev.startswith(("loop", "ram")) or Path("/sys/class/block", dev, "partition").exists():
+            continue
+        rows.append((dev, [int(x) for x in f[3:14]]))
+        if len(rows) >= _MAX_DEVICES:
+            break
+    # Fields after the name: 0 reads, 2 sectors read, 4 writes, 6 sectors written,
+    # 9 ms doing I/O (sectors are 512 bytes whatever the device's block size).
+    for idx, scale, name, help_ in (
+            (0, 1, "pykata_guest_disk_reads_completed_total", "Guest disk reads completed."),
+            (2, 512, "pykata_guest_disk_read_bytes_total", "Bytes read from a guest disk."),
+            (4, 1, "pykata_guest_disk_writes_completed_total",
+             "Guest disk writes completed."),
+            (6, 512, "pykata_guest_disk_written_bytes_total", "Bytes written to a guest disk."),
+            (9, 0, "pykata_guest_disk_io_time_seconds_total",
+             "Seconds a guest disk was busy with I/O.")):
+        metric(name, "counter", help_,
+               [(f'{{device="{_esc(dev)}"}}', v[idx] * scale if scale else v[idx] / 1000)
+                for dev, v in rows])
+
+
+def _netdev(metric: _Metric) -> None:
+    """/proc/net/dev of the guest's interfaces (the pod's network namespace)."""
+    rows: list[tuple[str, list[int]]] = []
+    for line in _read("/proc/net/dev").splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        f = rest.split()
+        if not sep or len(f) < 16 or not all(x.isdigit() for x in f[:16]):
+            continue
+        rows.append((name.strip(), [int(x) for x in f[:16]]))
+        if len(rows) >= _MAX_DEVICES:
+            break
+    for idx, name, help_ in (
+            (0, "pykata_guest_netdev_rx_bytes_total", "Bytes a guest interface received."),
+            (1, "pykata_guest_netdev_rx_packets_total", "Packets a guest interface received."),
+            (3, "pykata_guest_netdev_rx_dropped_total",
+             "Received packets a guest interface dropped."),
+            (8, "pykata_guest_netdev_tx_bytes_total", "Bytes a guest interface sent."),
+            (9, "pykata_guest_netdev_tx_packets_total", "Packets a guest interface sent."),
+            (11, "pykata_guest_netdev_tx_dropped_total",
+             "Packets to send a guest interface dropped.")):
+        metric(name, "counter", help_,
+               [(f'{{interface="{_esc(dev)}"}}', float(v[idx])) for dev, v in rows])
+
+
+def _process_count() -> int:
+    try:
+        return sum(1 for e in os.scandir("/proc") if e.name.isdigit())
+    except OSError:
+        return 0
 
 
 def _rss() -> int:
