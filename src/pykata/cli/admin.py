@@ -1,10 +1,12 @@
 """`pykata`: the admin CLI. Build the guest image, check the host, show the
-configuration, run a bundle in a VM for debugging, clean up leftovers."""
+configuration, run a bundle in a VM for debugging, clean up leftovers, open the
+debug console of a sandbox (`exec`) and show its guest console (`logs`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -309,6 +311,228 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- exec and logs (the debug console, the guest's log) -----------------------------
+def _find_sandbox(cfg: config.Config, name: str) -> Path:
+    """The directory of sandbox ``[NAMESPACE/]ID``: checked to be pykata's (a real
+    directory owned by us, closed to others); one error line if it is unknown."""
+    import stat
+
+    from pykata.runtime.state import all_sandboxes, check_id, sandbox_dir
+
+    ns, _, sid = name.rpartition("/")
+    check_id("sandbox", sid)
+    if ns:
+        check_id("namespace", ns)
+        found = [ns]
+    else:
+        found = [n for n, s in all_sandboxes(cfg.runtime.state_dir) if s == sid]
+        if len(found) > 1:
+            raise errors.InvalidArgument(
+                f"sandbox {sid} is in several namespaces ({', '.join(found)}): name it as"
+                " NAMESPACE/ID")
+    if not found:
+        raise errors.NotFound(f"no sandbox {sid} in {cfg.runtime.state_dir}")
+    d = sandbox_dir(cfg.runtime.state_dir, sid, found[0])
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        raise errors.NotFound(f"no sandbox {found[0]}/{sid} in {cfg.runtime.state_dir}"
+                              ) from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise errors.FailedPrecondition(f"{d} is not a sandbox directory of pykata's"
+                                        " (a symlink, someone else's or open to others)")
+    return d
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    import time
+
+    from pykata.shim.guestlog import LogFollower, read_lines, sanitise
+
+    cfg = _load_config(args)
+    if args.tail is not None and args.tail < 0:
+        raise errors.InvalidArgument(f"--tail must be 0 or more, not {args.tail}")
+    d = _find_sandbox(cfg, args.sandbox)
+    path = d / "console.log"
+    out = sys.stdout
+    for line in read_lines(path, args.tail):
+        out.write(sanitise(line) + "\n")
+    out.flush()
+    if not args.follow:
+        return 0
+    follower = LogFollower(path, from_end=True)
+    try:
+        follower.poll()  # start at the end of what was printed
+        while os.path.isdir(d):
+            for line in follower.poll():
+                out.write(sanitise(line) + "\n")
+            out.flush()
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        follower.close()
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    d = _find_sandbox(cfg, args.sandbox)
+    if args.tty and args.no_tty:
+        raise errors.InvalidArgument("--tty and --no-tty exclude each other")
+    terminal = args.tty or (not args.no_tty and sys.stdin.isatty() and sys.stdout.isatty())
+    return asyncio.run(_debug_exec(d, args.command or ["/bin/sh"], terminal))
+
+
+async def _debug_exec(sandbox_dir: Path, argv: list[str], terminal: bool) -> int:
+    """Run ``argv`` in the guest through the shim's debug socket: stdio relayed,
+    the local terminal raw and its size followed (SIGWINCH) when ``terminal``;
+    the guest process's exit code."""
+    import concurrent.futures
+    import signal
+    import threading
+    import uuid
+
+    from pykata.protos import agent_pb2 as pb
+    from pykata.shim.debug import socket_path
+    from pykata.ttrpc import Client
+    from pykata.utils.unixsock import addressable
+    from pykata.wire import AGENT_SERVICE
+
+    path = socket_path(sandbox_dir)
+    if not os.path.exists(path):
+        raise errors.Unavailable(f"sandbox {sandbox_dir.name} has no debug socket ({path}):"
+                                 " is its shim running?")
+    try:
+        with addressable(path) as addr:
+            conn = await Client.connect_unix(addr)
+    except OSError as exc:
+        raise errors.Unavailable(f"cannot reach the shim of sandbox {sandbox_dir.name}:"
+                                 f" {exc.strerror or exc}") from None
+    exec_id = "debug-" + uuid.uuid4().hex[:12]
+    loop = asyncio.get_running_loop()
+
+    async def call(method: str, req: Any, resp_type: Any, timeout: float | None = 30.0) -> Any:
+        return await conn.call(AGENT_SERVICE, method, req, resp_type, timeout=timeout)
+
+    def size() -> tuple[int, int]:
+        try:
+            cols, rows = os.get_terminal_size(sys.stdout.fileno())
+        except OSError:
+            return 0, 0
+        return rows, cols
+
+    rows, cols = size() if terminal else (0, 0)
+    process: dict[str, Any] = {
+        "args": argv, "terminal": terminal, "cwd": "/",
+        "env": [f"TERM={os.environ.get('TERM') or 'xterm'}"] if terminal else [],
+    }
+    if rows and cols:
+        process["consoleSize"] = {"height": rows, "width": cols}
+    saved: list[Any] | None = None
+    started = False
+    try:
+        await call("DebugExec", pb.ExecProcessRequest(
+            exec_id=exec_id, process_json=json.dumps(process).encode()), pb.ProcessResponse)
+        started = True
+        if terminal and sys.stdin.isatty():
+            import termios
+            import tty
+
+            saved = termios.tcgetattr(sys.stdin.fileno())
+            tty.setraw(sys.stdin.fileno())
+
+        async def pump(method: str, out: Any) -> None:
+            while True:
+                resp = await call(method, pb.ReadStreamRequest(exec_id=exec_id, len=65536),
+                                  pb.ReadStreamResponse, timeout=None)
+                if not resp.data:
+                    return
+                out.write(resp.data)
+                out.flush()
+
+        # Local stdin in a thread (a terminal, a pipe or a file all block alike);
+        # a daemon, so a read still waiting never holds the exit.
+        chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+        def reader() -> None:
+            while True:
+                try:
+                    data = os.read(sys.stdin.fileno(), 65536)
+                except OSError:
+                    data = b""
+                try:
+                    asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
+                except (RuntimeError, concurrent.futures.CancelledError):
+                    return  # the loop is gone: we are exiting
+                if not data:
+                    return
+
+        async def feed() -> None:
+            while True:
+                data = await chunks.get()
+                if not data:
+                    await call("CloseStdin", pb.CloseStdinRequest(exec_id=exec_id), pb.Empty)
+                    return
+                await call("WriteStdin", pb.WriteStreamRequest(exec_id=exec_id, data=data),
+                           pb.WriteStreamResponse, timeout=None)
+
+        background: set[asyncio.Task[Any]] = set()
+
+        def later(coro: Any) -> None:
+            """A call made from a signal handler; its failure (the process just
+            ended) is of no interest."""
+            task = loop.create_task(coro)
+            background.add(task)
+            task.add_done_callback(done)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            background.discard(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: never "was never retrieved"
+
+        def resized() -> None:
+            r, c = size()
+            if r and c:
+                later(call("TtyWinResize", pb.TtyWinResizeRequest(
+                    exec_id=exec_id, row=r, column=c), pb.Empty))
+
+        def forward(sig: int) -> None:
+            later(call("SignalProcess", pb.SignalProcessRequest(
+                exec_id=exec_id, signal=sig), pb.Empty))
+
+        if terminal:
+            loop.add_signal_handler(signal.SIGWINCH, resized)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, forward, sig)
+        threading.Thread(target=reader, daemon=True).start()
+        feeding = asyncio.ensure_future(feed())
+        outputs = [asyncio.ensure_future(pump("ReadStdout", sys.stdout.buffer))]
+        if not terminal:
+            outputs.append(asyncio.ensure_future(pump("ReadStderr", sys.stderr.buffer)))
+        status = await call("WaitProcess", pb.WaitProcessRequest(exec_id=exec_id),
+                            pb.WaitProcessResponse, timeout=None)
+        # What it wrote before it ended: the streams end once every writer is gone
+        # (something it started in the background may keep them open: not waited for).
+        await asyncio.wait(outputs, timeout=2.0)
+        feeding.cancel()
+        for t in outputs:
+            t.cancel()
+        await asyncio.gather(feeding, *outputs, return_exceptions=True)
+        started = False
+        return int(status.status)
+    finally:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+        if started:  # interrupted before it ended: it does not outlive us
+            with contextlib.suppress(Exception):
+                await call("SignalProcess", pb.SignalProcessRequest(
+                    exec_id=exec_id, signal=signal.SIGKILL, all=True), pb.Empty, timeout=5.0)
+        await conn.close()
+
+
 # -- factory (VM templating) ---------------------------------------------------------
 def cmd_factory_init(args: argparse.Namespace) -> int:
     from pykata.runtime.factory import init_template
@@ -478,6 +702,23 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--force", action="store_true",
                     help="also sandboxes whose shim is still running")
     cl.set_defaults(func=cmd_cleanup)
+    ex = sub.add_parser("exec", help="a shell (or COMMAND) in a sandbox's guest, outside any"
+                        " container: needs [agent] debug_console = true when it started")
+    ex.add_argument("-t", "--tty", action="store_true",
+                    help="a terminal in the guest (default: when stdin and stdout are one)")
+    ex.add_argument("-T", "--no-tty", action="store_true", help="pipes, not a terminal")
+    ex.add_argument("sandbox", metavar="SANDBOX", help="[NAMESPACE/]SANDBOX-ID")
+    ex.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                    help="what to run (default: /bin/sh)")
+    ex.set_defaults(func=cmd_exec)
+    lg = sub.add_parser("logs", help="a sandbox's guest console (the agent's log, the"
+                        " kernel's messages)")
+    lg.add_argument("sandbox", metavar="SANDBOX", help="[NAMESPACE/]SANDBOX-ID")
+    lg.add_argument("-f", "--follow", action="store_true",
+                    help="keep printing new lines until the sandbox goes")
+    lg.add_argument("-n", "--tail", type=int, default=None, metavar="N",
+                    help="only the last N lines")
+    lg.set_defaults(func=cmd_logs)
     return p
 
 

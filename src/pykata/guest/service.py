@@ -23,7 +23,9 @@ from google.protobuf.message import Message
 from pykata import __version__, errors, wire
 from pykata.guest import cgroups, guestops, logs, storage, sysutil
 from pykata.guest import spec as specmod
+from pykata.guest.container import Process
 from pykata.guest.crun import Crun
+from pykata.guest.debugconsole import DebugConsole
 from pykata.guest.reaper import Reaper, RunResult
 from pykata.guest.sandbox import Sandbox
 from pykata.guest.settings import Settings
@@ -113,6 +115,7 @@ class AgentService:
         self.settings = settings
         self.reaper = reaper
         self.sandbox = Sandbox(settings, Crun(reaper, settings))
+        self.debug = DebugConsole(reaper)  # container_id "": the debug console
         self._network: Network | None = None
 
     # -- helpers --------------------------------------------------------------------------
@@ -124,6 +127,12 @@ class AgentService:
 
     async def _run(self, argv: list[str]) -> RunResult:
         return await self.reaper.run(argv, timeout=30)
+
+    def _process(self, container_id: str, exec_id: str) -> Process:
+        """A container's process, or (container_id "") a debug console process."""
+        if not container_id:
+            return self.debug.process(exec_id)
+        return self.sandbox.process(container_id, exec_id)
 
     def _net_reader(self) -> Network:
         """Reading the network is harmless anywhere."""
@@ -152,6 +161,7 @@ class AgentService:
         if not self.sandbox.id:
             logs.set_sandbox(req.sandbox_id)
         await self.sandbox.create(req)
+        self.debug.enabled = req.debug_console  # fixed for the sandbox's life
         return pb.Empty()
 
     @rpc()
@@ -195,13 +205,16 @@ class AgentService:
     async def SignalProcess(self, req: pb.SignalProcessRequest) -> pb.Empty:
         if not 0 <= req.signal < signal.NSIG:
             raise errors.InvalidArgument(f"invalid signal {req.signal}")
+        if not req.container_id:
+            await self.debug.signal(req.exec_id, req.signal, req.all)
+            return pb.Empty()
         c = self.sandbox.container(req.container_id)
         await c.signal(req.exec_id, req.signal, req.all)
         return pb.Empty()
 
     @rpc(_ids)
     async def WaitProcess(self, req: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
-        p = await self.sandbox.process(req.container_id, req.exec_id).wait()
+        p = await self._process(req.container_id, req.exec_id).wait()
         return pb.WaitProcessResponse(status=p.status if p.status is not None else 255,
                                       exited_at_unix_nano=p.exited_at,
                                       oom_killed=p.oom_killed)
@@ -210,14 +223,14 @@ class AgentService:
 
     @rpc(lambda r: f"{_ids(r)} len={len(r.data)}")
     async def WriteStdin(self, req: pb.WriteStreamRequest) -> pb.WriteStreamResponse:
-        p = self.sandbox.process(req.container_id, req.exec_id)
+        p = self._process(req.container_id, req.exec_id)
         if p.stdin is None:
             raise errors.FailedPrecondition(f"{p.name} has no stdin")
         return pb.WriteStreamResponse(len=await p.stdin.write(req.data))
 
     @rpc(_ids)
     async def CloseStdin(self, req: pb.CloseStdinRequest) -> pb.Empty:
-        self.sandbox.process(req.container_id, req.exec_id).close_stdin()
+        self._process(req.container_id, req.exec_id).close_stdin()
         return pb.Empty()
 
     @rpc(lambda r: f"{_ids(r)} len={r.len}")
@@ -229,7 +242,7 @@ class AgentService:
         return pb.ReadStreamResponse(data=await self._read(req, stderr=True))
 
     async def _read(self, req: pb.ReadStreamRequest, stderr: bool) -> bytes:
-        p = self.sandbox.process(req.container_id, req.exec_id)
+        p = self._process(req.container_id, req.exec_id)
         stream = p.stderr if stderr else p.stdout
         if stream is None:
             return b""  # a terminal has no separate stderr
@@ -240,7 +253,7 @@ class AgentService:
         if req.row > 0xFFFF or req.column > 0xFFFF:  # struct winsize: unsigned short
             raise errors.InvalidArgument(
                 f"TtyWinResize: {req.row}x{req.column} is beyond 65535x65535")
-        self.sandbox.process(req.container_id, req.exec_id).resize(req.row, req.column)
+        self._process(req.container_id, req.exec_id).resize(req.row, req.column)
         return pb.Empty()
 
     # -- container control ----------------------------------------------------------------
@@ -365,6 +378,10 @@ class AgentService:
     async def TakeSpans(self, req: pb.TakeSpansRequest) -> pb.TraceSpans:
         raise errors.Unimplemented("TakeSpans: tracing is not built into this agent yet")
 
-    @rpc()
+    @rpc(_ids)
     async def DebugExec(self, req: pb.ExecProcessRequest) -> pb.ProcessResponse:
-        raise errors.Unimplemented("DebugExec: the debug console is not built into this agent yet")
+        if req.container_id:
+            raise errors.InvalidArgument("DebugExec: container_id must be empty")
+        self.debug.require()  # refused before the request is even parsed
+        proc = specmod.load_json(req.process_json, "process")
+        return pb.ProcessResponse(pid=self.debug.exec(req.exec_id, proc).pid)

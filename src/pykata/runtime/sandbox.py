@@ -157,6 +157,7 @@ class Sandbox:
         await self.agent.create_sandbox(
             self.id, hostname, boot.guest_storages(spec), dns=dns, hosts=hosts,
             kernel_modules=self.config.agent.kernel_modules, random_seed=os.urandom(64),
+            debug_console=self.config.agent.debug_console,
         )
         self.state = State.RUNNING
         self.persist()

@@ -26,7 +26,9 @@ class Companion(Protocol):
 
 def companions_for(config: Config, sandbox_id: str, namespace: str) -> list[Companion]:
     """The companions of one shim's sandbox, from its configuration."""
-    return []
+    from pykata.shim import debug  # the guest log relay and the debug console socket
+
+    return [*debug.companions(sandbox_id)]
 
 
 async def start_all(items: list[Companion], sandbox: Any, spec: dict[str, Any]

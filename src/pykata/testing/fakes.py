@@ -165,7 +165,8 @@ class FakeAgent(_Recorder):
 
     async def create_sandbox(self, sandbox_id: str, hostname: str, storages: Sequence[Storage],
                              dns: Sequence[str] = (), hosts: str = "", sandbox_pidns: bool = False,
-                             kernel_modules: Sequence[str] = (), random_seed: bytes = b"") -> None:
+                             kernel_modules: Sequence[str] = (), random_seed: bytes = b"",
+                             debug_console: bool = False) -> None:
         self._call("create_sandbox", sandbox_id, hostname)
         self.sandbox = {"id": sandbox_id, "hostname": hostname, "storages": list(storages),
                         "dns": list(dns), "hosts": hosts}
