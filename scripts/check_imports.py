@@ -33,8 +33,13 @@ ALLOWED: dict[str, set[str]] = {
     "resources": BASE | {"hypervisor"},
     "runtime.types": BASE,
     "agent": BASE | {"ttrpc", "runtime.types"},
-    "runtime": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime.types"},
-    "shim": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime", "runtime.types"},
+    "observe": set(),
+    "tracing": BASE | {"ttrpc", "observe"},  # host only: the shim's OpenTelemetry
+    "runtime": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime.types",
+                       "observe", "tracing"},
+    "metrics": BASE | {"resources", "agent"},  # the shim's per-sandbox metrics socket
+    "shim": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime", "runtime.types",
+                    "observe", "tracing", "metrics"},
     "image": BASE | {"guest"},  # reuses the guest's module-dependency parser
     "monitor": BASE | {"ttrpc", "agent", "runtime", "runtime.types", "shim"},
     "cli": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime", "runtime.types",

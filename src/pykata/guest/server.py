@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from pykata import __version__
-from pykata.guest import logs
+from pykata.guest import logs, tracing
 from pykata.guest.channel import (
     SERIAL,
     Channel,
@@ -94,6 +94,7 @@ class AgentServer:
         self.reaper = Reaper()
         self.service = AgentService(settings, self.reaper)
         self.server = Server()
+        self.server.call_hook = tracing.RECORDER.hook  # spans of traced calls (TakeSpans)
         self.server.register_service(AGENT_SERVICE, self.service)
         self.first_check = asyncio.Event()
         self._boot_task: asyncio.Future[None] | None = None

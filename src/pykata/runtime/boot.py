@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pykata import errors
+from pykata import errors, observe
 from pykata.hypervisor.base import Driver, Hypervisor, NicSpec, VMSpec
 from pykata.resources import network
 from pykata.resources.sharedfs import VirtioFsDaemon
@@ -95,7 +95,8 @@ async def from_cache(sb: Sandbox, driver: Driver, spec: VMSpec) -> bool:
         return False
     memory_file = taken.info.get("memory_file")
     try:
-        await vm.start()
+        with observe.phase("vm.boot", sb.phases, sandbox=sb.id, how=CACHE):
+            await vm.start()
         sb.vm = vm
         sb.record.extra["vm_cache"] = taken.name
         if isinstance(memory_file, str):  # a template clone's RAM: ours to remove now
@@ -141,7 +142,8 @@ async def _attach_network(sb: Sandbox, spec: VMSpec) -> None:
 
 async def _start_virtiofsd(sb: Sandbox) -> None:
     if sb.virtiofsd is not None:
-        await sb.virtiofsd.start()
+        with observe.phase("virtiofsd.start", sb.phases, sandbox=sb.id):
+            await sb.virtiofsd.start()
         sb.record.virtiofsd = ref_json(sb.virtiofsd.ref)
         sb.persist()  # at once: whoever cleans up after a dead owner finds it
 
@@ -171,7 +173,8 @@ async def cold(sb: Sandbox, driver: Driver, spec: VMSpec) -> None:
         await vm.prepare()  # the command line now has the NICs
     await _start_virtiofsd(sb)
     _record_on_spawn(sb, vm)
-    await vm.start()
+    with observe.phase("vm.boot", sb.phases, sandbox=sb.id, how=COLD):
+        await vm.start()
     _record_vm(sb, vm)
     if sb.network is not None:
         sb.network.close_fds()  # the VMM holds them now
@@ -201,10 +204,11 @@ async def clone(sb: Sandbox, driver: Driver, spec: VMSpec, template: factory.Tem
             f"cannot copy the VM template's memory to {mem}: {exc.strerror}"
             f" ({mem.parent} needs {template.memory_bytes >> 20} MiB free)") from None
     _record_on_spawn(sb, vm)
-    await vm.start()
-    _record_vm(sb, vm)
-    sb.persist()
-    await vm.restore(template.state)
+    with observe.phase("vm.boot", sb.phases, sandbox=sb.id, how=TEMPLATE):
+        await vm.start()
+        _record_vm(sb, vm)
+        sb.persist()
+        await vm.restore(template.state)
     log.debug("sandbox %s: cloned from template %s (%d MiB of RAM copied)", sb.id,
               template.key, copied >> 20)
 

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal as signals
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
-from pykata import errors
+from pykata import errors, observe, tracing
 from pykata.config import Config
 from pykata.hypervisor.base import Hypervisor
 from pykata.resources import blockdev, network
@@ -123,6 +124,31 @@ def _require(what: str, current: State, *allowed: State) -> None:
 
 ExitCallback = Callable[["Process"], None]
 
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T", "Container", "Process")
+
+
+def _traced(name: str) -> Callable[[Callable[Concatenate[T, P], Awaitable[R]]],
+                                   Callable[Concatenate[T, P], Awaitable[R]]]:
+    """Run a lifecycle operation as the phase ``name`` (a span when tracing is on),
+    then export what the agent recorded for it."""
+
+    def decorate(fn: Callable[Concatenate[T, P], Awaitable[R]]
+                 ) -> Callable[Concatenate[T, P], Awaitable[R]]:
+        async def wrapper(self: T, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            c = self if isinstance(self, Container) else self.container
+            try:
+                with observe.phase(name, sandbox=c.sandbox.id, container=c.id):
+                    return await fn(self, *args, **kwargs)
+            finally:
+                await c.collect_spans()
+
+        functools.update_wrapper(wrapper, fn)
+        return wrapper
+
+    return decorate
+
 
 class Process:
     """The init process (exec_id "") or an exec'd process of a container."""
@@ -210,6 +236,7 @@ class Process:
             await self.io.stop()
 
     # -- lifecycle --------------------------------------------------------------------
+    @_traced("container.exec")
     async def start(self) -> int:
         """Run this exec in the guest; its pid there. (The init is started by
         ``Container.start``.)"""
@@ -360,6 +387,13 @@ class Container:
         return ContainerRecord(self.id, str(self.bundle), self.state.value,
                                [str(p) for p in self._host_mounts])
 
+    async def collect_spans(self) -> None:
+        """Export the spans the agent recorded (nothing when tracing is off)."""
+        if tracing.enabled():
+            with contextlib.suppress(errors.PykataError):
+                await tracing.collect(self.sandbox.agent)
+
+    @_traced("container.create")
     async def create(self) -> None:
         """Share the root filesystem and bind mounts, hot-plug block volumes, then
         create it in the guest. On any error nothing is left behind."""
@@ -434,6 +468,7 @@ class Container:
             log.error("container %s: cannot unmount %s", self.id, ", ".join(failed))
         self._host_mounts.clear()
 
+    @_traced("container.start")
     async def start(self) -> int:
         _require(f"start container {self.id}", self.state, State.CREATED)
         try:
@@ -502,6 +537,7 @@ class Container:
             raise errors.NotFound(f"exec {exec_id} not found in container {self.id}") from None
 
     # -- signals and the rest ---------------------------------------------------------
+    @_traced("container.kill")
     async def kill(self, sig: int, all_processes: bool = False, exec_id: str = "") -> None:
         """Signal the init (with ``all_processes``: every process) or one exec.
         A container that was never started has nothing to signal: it ends at
@@ -570,6 +606,7 @@ class Container:
             raise errors.FailedPrecondition(
                 f"cannot delete container {self.id}: it is {self.state.value}")
 
+    @_traced("container.delete")
     async def delete(self, force: bool = False) -> ExitStatus | None:
         """Remove from the guest and unshare its files; running or paused only with
         ``force``. Afterwards the container is gone from its sandbox even if the

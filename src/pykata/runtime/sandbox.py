@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pykata import errors
+from pykata import errors, observe, tracing
 from pykata.config import Config
 from pykata.hypervisor import make_driver
 from pykata.hypervisor.base import Hypervisor
@@ -86,6 +86,8 @@ class Sandbox:
         # status 255 and no container can be created in it.
         self.failure = ""
         self._watchdog: Watchdog | None = None
+        # How long each phase of its start-up (and its stop) took: see pykata.observe.
+        self.phases = observe.Phases()
 
     # -- creation ------------------------------------------------------------------
     @classmethod
@@ -98,19 +100,23 @@ class Sandbox:
         (and a sandbox that already exists is left as it is)."""
         sb = cls(sandbox_id, config, namespace, parts)
         sb.netns = netns
-        try:
-            await sb._start(hostname or sandbox_id[:63], dns or [], hosts, vcpus, memory_mib)
-        except errors.PykataError as exc:
-            # The VM or virtiofsd died under the boot: say that, not what it broke.
-            why = await sb.why_failed(exc)
-            await sb.stop()
-            if why:
-                raise errors.Unavailable(f"sandbox {sandbox_id} failed while starting: {why}"
-                                         ) from exc
-            raise
-        except BaseException:
-            await sb.stop()
-            raise
+        with observe.phase("sandbox.create", sb.phases, sandbox=sandbox_id):
+            try:
+                await sb._start(hostname or sandbox_id[:63], dns or [], hosts, vcpus,
+                                memory_mib)
+            except errors.PykataError as exc:
+                # The VM or virtiofsd died under the boot: say that, not what it broke.
+                why = await sb.why_failed(exc)
+                await sb.stop()
+                if why:
+                    raise errors.Unavailable(
+                        f"sandbox {sandbox_id} failed while starting: {why}") from exc
+                raise
+            except BaseException:
+                await sb.stop()
+                raise
+        if sb._agent is not None:
+            await tracing.collect(sb._agent)
         return sb
 
     async def why_failed(self, exc: errors.PykataError, grace: float = 1.0) -> str:
@@ -147,18 +153,20 @@ class Sandbox:
         assert self.vm is not None
         self._watchdog = Watchdog(self.id, self.vm, self.virtiofsd, self._failed)
         self._watchdog.start()
-        self._agent = await self.parts.connect(
-            self.vm, float(self.config.agent.dial_timeout),
-            float(self.config.runtime.create_container_timeout))
+        with observe.phase("agent.dial", self.phases, sandbox=self.id):
+            self._agent = await self.parts.connect(
+                self.vm, float(self.config.agent.dial_timeout),
+                float(self.config.runtime.create_container_timeout))
         if how != boot.COLD:
             await boot.plug_clone_devices(self, spec)
         if self.network is not None:
             await configure_guest(self.agent, self.network)
-        await self.agent.create_sandbox(
-            self.id, hostname, boot.guest_storages(spec), dns=dns, hosts=hosts,
-            kernel_modules=self.config.agent.kernel_modules, random_seed=os.urandom(64),
-            debug_console=self.config.agent.debug_console,
-        )
+        with observe.phase("guest.create_sandbox", self.phases, sandbox=self.id):
+            await self.agent.create_sandbox(
+                self.id, hostname, boot.guest_storages(spec), dns=dns, hosts=hosts,
+                kernel_modules=self.config.agent.kernel_modules, random_seed=os.urandom(64),
+                debug_console=self.config.agent.debug_console,
+            )
         self.state = State.RUNNING
         self.persist()
         if self.network is not None:
@@ -285,7 +293,10 @@ class Sandbox:
     # -- teardown ------------------------------------------------------------------
     async def stop(self) -> None:
         """Stop every container, the VM and virtiofsd; remove all state. Idempotent."""
-        if self._watchdog is not None:
-            await self._watchdog.stop()  # what follows stops them on purpose
-        await teardown(self, self._agent)  # which closes the agent connection
-        self._agent = None
+        with observe.phase("sandbox.stop", self.phases, sandbox=self.id):
+            if self._watchdog is not None:
+                await self._watchdog.stop()  # what follows stops them on purpose
+            if self._agent is not None and self.state is State.RUNNING:
+                await tracing.collect(self._agent)  # the agent's last spans
+            await teardown(self, self._agent)  # which closes the agent connection
+            self._agent = None

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pykata import config, errors
+from pykata import config, errors, tracing
 from pykata.runtime.bundle import load_spec_or_empty, spec_annotations
 from pykata.runtime.specconv import CRI_SANDBOX, CRI_TYPE, CRIO_SANDBOX, CRIO_TYPE
 
@@ -363,6 +363,7 @@ async def serve(args: argparse.Namespace, cfg: config.Config) -> int:
     namespace = namespace_of(args)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), namespace)
     publisher.start()
+    tracing.setup(cfg.runtime)  # [runtime] enable_tracing; off: nothing at all
     service = TaskService(args.id, namespace, cfg, publisher, shutdown)
     server = Server()
     server.register_service(pb.DESCRIPTOR.services_by_name["Task"], service)
@@ -374,6 +375,7 @@ async def serve(args: argparse.Namespace, cfg: config.Config) -> int:
     await shutdown.wait()
     await asyncio.sleep(0.05)  # let the Shutdown response go out
     await service.close()
+    tracing.shutdown()  # export what is queued
     await publisher.close()
     await server.close()
     with contextlib.suppress(OSError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
@@ -24,6 +24,17 @@ M = TypeVar("M", bound=pb_message.Message)
 LOG_DROPPED_FIRST = 10
 LOG_DROPPED_EVERY = 1000
 QUOTE_BYTES = 64
+
+# Metadata every call adds to its own (e.g. the trace context of the calling task,
+# see pykata.tracing): None, the default, costs one global lookup per call.
+MetadataHook = Callable[[], Mapping[str, str] | None]
+_metadata_hook: MetadataHook | None = None
+
+
+def set_metadata_hook(hook: MetadataHook | None) -> None:
+    """Install (None: remove) what adds metadata to every call of every client."""
+    global _metadata_hook
+    _metadata_hook = hook
 
 
 class Client:
@@ -80,6 +91,11 @@ class Client:
             values = [value] if isinstance(value, str) else list(value)
             for v in values:
                 req.metadata.add(key=key, value=v)
+        hook = _metadata_hook
+        if hook is not None:
+            for key, v in (hook() or {}).items():
+                if metadata is None or key not in metadata:
+                    req.metadata.add(key=key, value=v)
         data = req.SerializeToString()
         if len(data) > frames.MAX_DATA:
             raise errors.ResourceExhausted(

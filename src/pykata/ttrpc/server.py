@@ -7,6 +7,7 @@ import contextvars
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from google.protobuf import message as pb_message
@@ -21,6 +22,12 @@ from pykata.ttrpc.status import to_status
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Awaitable[pb_message.Message]]
+
+# Around each handled call (e.g. the guest agent's span recorder): given the
+# service, the method, the decoded request and its metadata, a context manager
+# the handler runs in (it sees the handler's exception), or None for nothing.
+CallHook = Callable[[str, str, pb_message.Message, Mapping[str, list[str]]],
+                    AbstractContextManager[Any] | None]
 
 # Requests of one connection handled at once; at the cap the server stops
 # reading that connection (the peer's writes then block: backpressure). Generous
@@ -71,6 +78,7 @@ class Server:
         self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         self._closing = False
+        self.call_hook: CallHook | None = None
 
     def register(
         self, service: str, method: str, request_type: type[pb_message.Message], handler: Handler
@@ -243,12 +251,20 @@ class _Connection:
         call_metadata.set(md)
         service, name, timeout_nano = req.service, req.method, req.timeout_nano
         del req  # nor its payload
+        hook = self.server.call_hook
+        around = None
+        if hook is not None:
+            try:
+                around = hook(service, name, request, md)
+            except Exception:  # an observer never fails the call it observes
+                log.exception("ttrpc call hook failed for %s/%s", service, name)
         try:
             coro = method.handler(request)
-            if timeout_nano > 0:
-                response = await asyncio.wait_for(coro, timeout_nano / 1e9)
+            if around is None:
+                response = await self._run(coro, timeout_nano)
             else:
-                response = await coro
+                with around:
+                    response = await self._run(coro, timeout_nano)
         except TimeoutError:
             await self._reply_error(
                 stream_id, errors.DeadlineExceeded(f"{name}: deadline exceeded")
@@ -267,6 +283,13 @@ class _Connection:
         payload = response.SerializeToString()
         resp = ttrpc_pb2.Response(payload=payload)
         await self._send(stream_id, resp)
+
+    @staticmethod
+    async def _run(coro: Awaitable[pb_message.Message], timeout_nano: int
+                   ) -> pb_message.Message:
+        if timeout_nano > 0:
+            return await asyncio.wait_for(coro, timeout_nano / 1e9)
+        return await coro
 
     async def _reply_error(self, stream_id: int, exc: BaseException) -> None:
         await self._send(stream_id, ttrpc_pb2.Response(status=to_status(exc)))
