@@ -26,9 +26,10 @@ class Companion(Protocol):
 
 def companions_for(config: Config, sandbox_id: str, namespace: str) -> list[Companion]:
     """The companions of one shim's sandbox, from its configuration."""
+    from pykata.metrics.companion import MetricsCompanion  # <sandbox dir>/metrics.sock
     from pykata.shim import debug  # the guest log relay and the debug console socket
 
-    return [*debug.companions(sandbox_id)]
+    return [MetricsCompanion(), *debug.companions(sandbox_id)]
 
 
 async def start_all(items: list[Companion], sandbox: Any, spec: dict[str, Any]
