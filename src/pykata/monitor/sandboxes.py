@@ -20,9 +20,9 @@ from pykata.utils import logfile
 
 METRICS_SOCKET = "metrics.sock"  # the shim serves GET /metrics on it (0600)
 STATE_MAX_BYTES = 256 * 1024
-# The guest console carries the kernel's lines and the agent's log (PID 1's
-# stderr); agent.log is there only when the shim relays the agent's log apart.
-LOG_FILES = ("console.log", "agent.log")
+# The guest console (written by the VMM driver, a CappedLog rotated to .1):
+# the kernel's lines and the agent's log (PID 1's stderr).
+LOG_FILES = ("console.log",)
 LOG_MAX_BYTES = 1 << 20  # what one log request reads at most, per file
 LOG_MAX_LINES = 20000
 
@@ -93,8 +93,8 @@ def recorded_state(ref: SandboxRef) -> str:
 
 
 def logs(ref: SandboxRef, lines: int = 500, max_bytes: int = 256 * 1024) -> str:
-    """The last ``lines`` lines of each log the sandbox has (console.log.1 then
-    console.log, then agent.log if there is one), each under a header line."""
+    """The last ``lines`` lines of the sandbox's guest console (console.log.1
+    then console.log), under a header line naming the file."""
     lines = max(1, min(lines, LOG_MAX_LINES))
     max_bytes = max(1, min(max_bytes, LOG_MAX_BYTES))
     out = []
