@@ -440,7 +440,7 @@ async def _debug_exec(sandbox_dir: Path, argv: list[str], terminal: bool) -> int
             import tty
 
             saved = termios.tcgetattr(sys.stdin.fileno())
-            tty.setraw(sys.stdin.fileno())
+            tty.setraw(sys.stdin.fileno(), termios.TCSANOW)  # keep what was typed ahead
 
         async def pump(method: str, out: Any) -> None:
             while True:
