@@ -195,3 +195,30 @@ def test_cli_logs_prints_both_files_in_order_and_sanitised(
     assert capsys.readouterr().out == "one\ntwo\nthree \\x1b[31mred\nfour\n"
     assert admin.main(["--config", str(cfg), "logs", "--tail", "2", "default/sb"]) == 0
     assert capsys.readouterr().out == "three \\x1b[31mred\nfour\n"
+
+
+def test_cli_logs_follow_prints_new_lines_until_the_sandbox_goes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+    import threading
+    import time
+
+    cfg = write_config(tmp_path)
+    d = tmp_path / "state" / "sbs" / "default" / "sb"
+    d.mkdir(parents=True, mode=0o700)
+    (d / "console.log").write_bytes(b"before\n")
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(
+        admin.main(["--config", str(cfg), "logs", "--follow", "sb"])))
+    t.start()
+    with (d / "console.log").open("ab") as w:
+        w.write(b"after\n")
+    for _ in range(200):  # until the follower has printed it (bounded)
+        if "after" in capsys.readouterr().out:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the new line was not printed")
+    shutil.rmtree(d)
+    t.join(30)
+    assert result == [0]

@@ -345,6 +345,17 @@ def _find_sandbox(cfg: config.Config, name: str) -> Path:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    try:
+        return _logs(args)
+    except BrokenPipeError:  # `pykata logs X | head`: the reader had enough
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    import collections
     import time
 
     from pykata.shim.guestlog import LogFollower, read_lines, sanitise
@@ -355,14 +366,22 @@ def cmd_logs(args: argparse.Namespace) -> int:
     d = _find_sandbox(cfg, args.sandbox)
     path = d / "console.log"
     out = sys.stdout
-    for line in read_lines(path, args.tail):
-        out.write(sanitise(line) + "\n")
-    out.flush()
     if not args.follow:
+        for line in read_lines(path, args.tail):
+            out.write(sanitise(line) + "\n")
         return 0
-    follower = LogFollower(path, from_end=True)
+    # Following: the current file is read by the follower itself, from its start,
+    # so nothing written meanwhile falls between what is printed and what follows.
+    follower = LogFollower(path)
     try:
-        follower.poll()  # start at the end of what was printed
+        first = follower.poll()
+        shown = collections.deque(read_lines(path, current=False), maxlen=args.tail)
+        shown.extend(first)
+        while more := follower.poll():
+            shown.extend(more)
+        for line in shown:
+            out.write(sanitise(line) + "\n")
+        out.flush()
         while os.path.isdir(d):
             for line in follower.poll():
                 out.write(sanitise(line) + "\n")

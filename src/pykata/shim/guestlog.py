@@ -193,14 +193,14 @@ class LogFollower:
         return out
 
 
-def read_lines(path: Path, tail: int | None = None) -> Iterator[bytes]:
+def read_lines(path: Path, tail: int | None = None, current: bool = True) -> Iterator[bytes]:
     """The lines of ``path.1`` then ``path`` (a capped log and its rotated copy:
     a line cut by the rotation is joined again), or only the last ``tail`` of
-    them; files opened as open_log does."""
+    them; files opened as open_log does. Not ``current``: ``path.1`` only."""
     keep: collections.deque[bytes] | None = collections.deque(maxlen=tail) \
         if tail is not None else None
     splitter = LogFollower(path)
-    for p in (rotated(path), path):
+    for p in (rotated(path), path) if current else (rotated(path),):
         fd = open_log(p)
         if fd is None:
             continue
