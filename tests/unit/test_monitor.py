@@ -232,6 +232,17 @@ async def test_hostile_text_cannot_forge_or_leak(node: Node) -> None:
     assert not series(fams, "pykata_guest_meminfo", sandbox_id="someone-else")
 
 
+async def test_a_family_keeps_the_type_it_was_first_given(node: Node) -> None:
+    await node.shim("a-gauge", answering(http(b"# TYPE pykata_x gauge\npykata_x 1\n")))
+    counter = b"# TYPE pykata_x_total counter\npykata_x_total 2\n"
+    await node.shim("b-counter", answering(http(counter)))
+    text = await Monitor(node.state).exposition()
+    assert text.decode().count("# TYPE pykata_x ") == 1
+    fams = families(text)
+    assert [labels["sandbox_id"] for labels, _ in series(fams, "pykata_x")] == ["a-gauge"]
+    assert not series(fams, "pykata_x_total")
+
+
 @pytest.mark.parametrize(("response", "why"), [
     (http(b"pykata_guest_meminfo{item=\"MemTotal\" 1\n"), "malformed metrics text"),
     (http(b"x" * 64, status="500 Internal Server Error"), "HTTP status 500"),
