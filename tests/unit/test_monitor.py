@@ -11,15 +11,26 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from pykata.monitor import main as monitor_main
 from pykata.monitor import sandboxes
 from pykata.monitor.cri import CriLookup
-from pykata.monitor.scrape import MAX_LABEL_VALUE, PodLabels, ScrapeError, fetch, parse
+from pykata.monitor.scrape import (
+    MAX_LABEL_VALUE,
+    PodLabels,
+    ScrapeError,
+    fetch,
+    parse,
+    relabel,
+    render,
+)
 from pykata.monitor.server import Monitor
 from pykata.utils.unixsock import addressable
 
@@ -260,6 +271,48 @@ async def test_bad_responses_fail_that_sandbox(node: Node, response: bytes, why:
     with pytest.raises(ScrapeError, match=why):
         text = await fetch(d / sandboxes.METRICS_SOCKET)
         parse(text)
+
+
+WEIRD = r"""# HELP pykata_guest_x a \\ help\nline
+# TYPE pykata_guest_x gauge
+pykata_guest_x{a="multi\nline",b="q\"uote",c="back\\slash"} NaN
+pykata_guest_x{a="b"} +Inf
+# TYPE pykata_guest_y untyped
+pykata_guest_y -Inf
+pykata_guest_y{z="1"} 1e+21
+"""
+
+
+class Families:
+    def __init__(self, fams: list[Metric]) -> None:
+        self.fams = fams
+
+    def collect(self) -> list[Metric]:
+        return self.fams
+
+
+def test_render_writes_what_generate_latest_would() -> None:
+    fams = parse(SHIM_TEXT % {"id": "sb", "pod": "web"} + WEIRD)
+    relabel(fams, {"sandbox_id": "sb", "pod_name": 'we"ird\\name\n'})
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families(fams))
+    ours, theirs = render(fams).decode(), generate_latest(registry).decode()
+    # the same lines but for how a number is spelt (5.36870912e+08 or 536870912.0)
+    assert [ln.rpartition(" ")[0] for ln in ours.splitlines()] == \
+        [ln.rpartition(" ")[0] for ln in theirs.splitlines()]
+
+    def read(text: str) -> list[tuple[str, str, str, list[Any]]]:
+        return [(f.name, f.type, f.documentation,  # NaN is not equal to itself: as text
+                 [(s.name, s.labels, repr(float(s.value))) for s in f.samples])
+                for f in parse(text)]
+
+    assert read(ours) == read(theirs) == read(render(parse(ours)).decode())
+    assert str(read(ours)).count("'nan'") == 1
+
+
+def test_names_the_classic_format_cannot_carry_are_dropped() -> None:
+    fams = parse('{"pykata_guest_\u00e9t\u00e9"} 1\npykata_guest_ok 1\n')
+    assert [s.name for f in fams for s in f.samples] == ["pykata_guest_ok"]
 
 
 async def test_too_many_samples_fail_the_sandbox() -> None:

