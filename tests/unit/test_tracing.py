@@ -10,6 +10,9 @@ import logging
 import os
 import socket
 import stat
+import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -462,3 +465,105 @@ async def test_metadata_hook_does_not_override_the_callers_metadata(
         ttrpc_client.set_metadata_hook(None)
     spans = impl.recorder.take().spans
     assert len(spans) == 1 and spans[0].parent_span_id == SPAN
+
+
+# -- the batcher ---------------------------------------------------------------------
+
+def test_a_child_between_fork_and_exec_starts_no_thread(
+        traced: tuple[host.Tracing, InMemorySpanExporter]) -> None:
+    """The shim starts virtiofsd with a preexec_fn: the at-fork handlers run in the
+    child. The SDK's batch processor started its worker thread there, and the
+    child hung before exec (a shim stuck in Create); ours starts none."""
+    t, _ = traced
+    with observe.phase("sandbox.create", sandbox="s"):
+        pass
+    t.provider.force_flush()
+    r, w = os.pipe()
+    try:
+        def child() -> None:
+            os.write(w, str(threading.active_count()).encode())
+
+        subprocess.run(["true"], preexec_fn=child, timeout=60, check=True, pass_fds=(w,))
+        assert os.read(r, 16) == b"1"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+class _Slow(InMemorySpanExporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def export(self, spans: object) -> SpanExportResult:
+        self.release.wait(30)
+        return super().export(spans)  # type: ignore[arg-type]
+
+
+def test_batcher_is_bounded_flushes_and_drains_on_shutdown() -> None:
+    slow = _Slow()
+    batcher = host.Batcher(slow, delay=30, max_queue=3, max_batch=2)
+    spans = _spans(7)
+    for s in spans[:2]:  # a full batch: taken by the thread, which blocks in export
+        batcher.on_end(s)
+    for _ in range(100):
+        if not batcher._queue:
+            break
+        time.sleep(0.05)
+    assert not batcher._queue
+    for s in spans[2:]:
+        batcher.on_end(s)  # 3 queued, 2 dropped
+    assert batcher.dropped == 2
+    assert not batcher.force_flush(50)  # the exporter is stuck: not flushed in time
+    slow.release.set()
+    assert batcher.force_flush(30000)
+    assert len(slow.get_finished_spans()) == 5
+    batcher.on_end(spans[0])
+    batcher.shutdown()  # what is queued goes out first
+    assert len(slow.get_finished_spans()) == 6
+    batcher.on_end(spans[1])  # after shutdown: ignored
+    assert len(slow.get_finished_spans()) == 6
+
+
+# -- the guest's clock ---------------------------------------------------------------
+
+S = 1_000_000_000  # ns
+
+
+def test_clock_shift_places_agent_spans_inside_their_parents() -> None:
+    assert host.clock_shift([]) == 0 and host.clock_shift([], 7) == 7
+    inside = ((10 * S, 11 * S), (9 * S, 12 * S))
+    assert host.clock_shift([inside]) == 0  # already inside: left alone
+    behind = [((t - 12 * S + 1, t - 12 * S + 2), (t, t + 3)) for t in (100 * S, 200 * S)]
+    shift = host.clock_shift(behind)
+    for (start, end), (p_start, p_end) in behind:
+        assert p_start <= start + shift and end + shift <= p_end
+    assert host.clock_shift(behind, default=12 * S) == 12 * S  # still allowed: kept
+    # A long poll outliving its parent allows no shift; a call made after its span
+    # ended allows a wrong one: the others outvote it.
+    long_poll = ((0, 50 * S), (0, 3))
+    late = ((500 * S, 500 * S + 1), (100 * S, 100 * S + 3))
+    assert host.clock_shift([long_poll, late, *behind]) == shift
+
+
+def test_agent_spans_of_a_lagging_guest_clock_are_moved_into_their_parents(
+        traced: tuple[host.Tracing, InMemorySpanExporter]) -> None:
+    t, memory = traced
+    with observe.phase("container.create", sandbox="s"):
+        md = t.metadata()
+    assert md is not None
+    parent = tracecontext.parse(md["traceparent"])
+    assert parent is not None
+    (shim,) = _finished(t, memory)
+    assert shim.start_time is not None and shim.end_time is not None
+    lag = 12 * S
+    span = _agent_span(trace_id=parent.trace_id, parent_span_id=parent.span_id,
+                       start_unix_nano=shim.start_time - lag + 1,
+                       end_unix_nano=shim.end_time - lag - 1)
+    assert t.export_agent_spans(pb.TraceSpans(spans=[span])) == 1
+    agent = next(s for s in _finished(t, memory) if s.name == "agent.StartContainer")
+    assert agent.start_time is not None and agent.end_time is not None
+    assert shim.start_time <= agent.start_time <= agent.end_time <= shim.end_time
+    assert agent.end_time - agent.start_time == span.end_unix_nano - span.start_unix_nano
+    assert (agent.attributes or {})["pykata.guest_clock_shift_ns"] == str(t.shift)
+    assert t.shift > 0

@@ -6,6 +6,7 @@ handed to the same processors. Imported only when tracing is on."""
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import logging
@@ -15,12 +16,8 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
@@ -38,7 +35,9 @@ AGENT_SERVICE_NAME = "pykata-agent"
 SCOPE = "pykata"
 TAKE_TIMEOUT = 5.0  # seconds a TakeSpans may take
 EXPORT_TIMEOUT = 3.0  # seconds an OTLP export may take, retries included
-BATCH_DELAY_MS = 500
+BATCH_DELAY = 0.5  # seconds a finished span may wait for its batch
+MAX_QUEUE = 2048  # finished spans waiting for export, per exporter (more are dropped)
+MAX_BATCH = 512
 STOP_PHASE = "sandbox.stop"  # after it, a sandbox's trace is closed
 
 # Bounds on what the guest hands over (it is untrusted).
@@ -62,9 +61,11 @@ def _text(value: str, limit: int) -> str:
     return value[:limit]
 
 
-def to_readable(span: pb.TraceSpan, resource: Resource) -> ReadableSpan | None:
+def to_readable(span: pb.TraceSpan, resource: Resource, shift: int = 0
+                ) -> ReadableSpan | None:
     """The SDK span of one of the agent's spans (None if its ids are malformed):
-    same trace, span and parent ids, times, attributes (bounded) and error."""
+    same trace, span and parent ids, times (plus ``shift`` ns: the guest's clock
+    to the host's), attributes (bounded) and error."""
     if len(span.trace_id) != 16 or not any(span.trace_id):
         return None
     if len(span.span_id) != 8 or not any(span.span_id):
@@ -81,8 +82,10 @@ def to_readable(span: pb.TraceSpan, resource: Resource) -> ReadableSpan | None:
     attributes: dict[str, str] = {}
     for key in sorted(span.attributes)[:MAX_ATTRIBUTES]:
         attributes[_text(key, MAX_KEY)] = _text(span.attributes[key], MAX_VALUE)
-    start = span.start_unix_nano
-    end = max(start, span.end_unix_nano)
+    if shift:
+        attributes["pykata.guest_clock_shift_ns"] = str(shift)
+    start = max(0, span.start_unix_nano + shift)
+    end = max(start, span.end_unix_nano + shift)
     status = (Status(StatusCode.ERROR, _text(span.error, MAX_ERROR)) if span.error
               else Status(StatusCode.UNSET))
     return ReadableSpan(
@@ -123,6 +126,142 @@ class Guarded(SpanExporter):
             return False
 
 
+class _Provider(TracerProvider):
+    """The SDK's provider, minus its fork handler: the shim forks only to exec
+    (subprocess with a preexec_fn, which runs the at-fork handlers), and a child
+    between fork and exec must not start threads or detect resources."""
+
+    def _handle_fork(self) -> None:
+        pass
+
+
+class Batcher(SpanProcessor):
+    """Finished spans to one exporter in batches, from a daemon thread: a bounded
+    queue (a span past ``max_queue`` is dropped and counted), exported every
+    ``delay`` seconds or when a batch is full. Unlike the SDK's batch processor it
+    registers no at-fork handler (see _Provider), and it never keeps the process
+    from exiting."""
+
+    def __init__(self, exporter: SpanExporter, delay: float = BATCH_DELAY,
+                 max_queue: int = MAX_QUEUE, max_batch: int = MAX_BATCH) -> None:
+        self.exporter = exporter
+        self.delay = delay
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.dropped = 0
+        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = 0  # spans taken from the queue, not yet exported
+        self._stopping = False
+        self._flushing = 0  # force_flush calls waiting: export without waiting
+        self._thread: threading.Thread | None = None
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        with self._cond:
+            if self._stopping:
+                return
+            if len(self._queue) >= self.max_queue:
+                self.dropped += 1
+                return
+            self._queue.append(span)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pykata-spans",
+                                                daemon=True)
+                self._thread.start()
+            if len(self._queue) >= self.max_batch:
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._stopping and (not self._queue or (
+                        not self._flushing and len(self._queue) < self.max_batch)):
+                    self._cond.wait(self.delay)
+                if not self._queue:
+                    if self._stopping:
+                        return
+                    continue
+                batch = [self._queue.popleft()
+                         for _ in range(min(self.max_batch, len(self._queue)))]
+                self._busy = len(batch)
+            try:
+                self.exporter.export(batch)
+            except Exception:  # an exporter that raises loses its batch, not the thread
+                pass
+            with self._cond:
+                self._busy = 0
+                self._cond.notify_all()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Wait (at most ``timeout_millis``) until everything queued was exported."""
+        with self._cond:
+            if self._thread is None:
+                return True
+            self._flushing += 1
+            try:
+                self._cond.notify_all()
+                return self._cond.wait_for(lambda: not self._queue and not self._busy,
+                                           timeout_millis / 1000)
+            finally:
+                self._flushing -= 1
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(EXPORT_TIMEOUT + 1)
+        self.exporter.shutdown()
+
+
+class _Times(SpanProcessor):
+    """When the shim's recent spans started and ended (span id -> ns), bounded:
+    the parents the agent's spans are placed against (see clock_shift)."""
+
+    def __init__(self, cap: int = 4096) -> None:
+        self.cap = cap
+        self.times: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context is None or span.start_time is None or span.end_time is None:
+            return
+        with self._lock:
+            self.times[span.context.span_id] = (span.start_time, span.end_time)
+            while len(self.times) > self.cap:
+                self.times.popitem(last=False)
+
+    def get(self, span_id: int) -> tuple[int, int] | None:
+        with self._lock:
+            return self.times.get(span_id)
+
+
+def clock_shift(pairs: Sequence[tuple[tuple[int, int], tuple[int, int]]],
+                default: int = 0) -> int:
+    """How far (ns) to move the guest's span times so that the agent's spans lie
+    within the shim spans that made the calls: ``pairs`` of ((start, end) of an
+    agent span, (start, end) of its parent). Each pair allows the shifts in
+    [parent start - start, parent end - end]; the answer is the shift nearest to
+    ``default`` that the most pairs allow (a call made after its span ended, from
+    a task the span started, allows a wrong range: it is outvoted). The guest's
+    clock is its own (under TCG it drifts by seconds); without this, the agent's
+    spans would start before the host asked for them."""
+    ranges = [(p_start - start, p_end - end) for (start, end), (p_start, p_end) in pairs
+              if p_start - start <= p_end - end]
+    if not ranges:
+        return default
+    lows = sorted(a for a, _ in ranges)
+    highs = sorted(b for _, b in ranges)
+    best = (-1, 0, default)  # (pairs allowing it, -distance to default, shift)
+    for x in {default, *lows, *highs}:
+        allowed = bisect.bisect_right(lows, x) - bisect.bisect_left(highs, x)
+        best = max(best, (allowed, -abs(x - default), x))
+    return best[2] if best[0] > 0 else default
+
+
 def _exporters(endpoint: str, file: str) -> list[SpanExporter]:
     out: list[SpanExporter] = []
     if endpoint:
@@ -147,10 +286,11 @@ class Tracing:
         self.agent_resource = Resource({"service.name": AGENT_SERVICE_NAME,
                                         "service.version": __version__})
         self.processors = [
-            BatchSpanProcessor(e, schedule_delay_millis=BATCH_DELAY_MS,
-                               export_timeout_millis=EXPORT_TIMEOUT * 1000)
-            for e in (_exporters(endpoint, file) if exporters is None else exporters)]
-        self.provider = TracerProvider(resource=self.resource)
+            Batcher(e) for e in (_exporters(endpoint, file) if exporters is None else exporters)]
+        self.provider = _Provider(resource=self.resource)
+        self._times = _Times()
+        self.provider.add_span_processor(self._times)
+        self.shift = 0  # the last guest clock shift, ns
         for p in self.processors:
             self.provider.add_span_processor(p)
         self.tracer = self.provider.get_tracer(SCOPE, __version__)
@@ -249,8 +389,15 @@ class Tracing:
             known = set(self._traces)
         exported = 0
         dropped = taken.dropped
+        pairs = []
         for span in taken.spans:
-            readable = to_readable(span, self.agent_resource)
+            parent = (self._times.get(int.from_bytes(span.parent_span_id, "big"))
+                      if len(span.parent_span_id) == 8 else None)
+            if parent is not None:
+                pairs.append(((span.start_unix_nano, span.end_unix_nano), parent))
+        self.shift = clock_shift(pairs, self.shift)
+        for span in taken.spans:
+            readable = to_readable(span, self.agent_resource, self.shift)
             if readable is None or readable.context is None or (
                     readable.context.trace_id not in known):
                 dropped += 1
