@@ -384,6 +384,7 @@ class Agent:
 
     def __init__(self) -> None:
         self.recorder = guest_tracing.Recorder()
+        self.server: Server | None = None
 
     async def CreateContainer(self, req: pb.CreateContainerRequest) -> pb.Empty:
         return pb.Empty()
@@ -405,6 +406,7 @@ async def agent() -> AsyncIterator[tuple[Client, Agent]]:
     server = Server()
     impl = Agent()
     server.call_hook = impl.recorder.hook
+    impl.server = server
     for method, req in (("CreateContainer", pb.CreateContainerRequest),
                         ("StartContainer", pb.StartContainerRequest),
                         ("TakeSpans", pb.TakeSpansRequest)):
@@ -567,3 +569,46 @@ def test_agent_spans_of_a_lagging_guest_clock_are_moved_into_their_parents(
     assert agent.end_time - agent.start_time == span.end_unix_nano - span.start_unix_nano
     assert (agent.attributes or {})["pykata.guest_clock_shift_ns"] == str(t.shift)
     assert t.shift > 0
+
+
+def test_unreachable_collector_and_unwritable_file_are_said_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing listens on the collector's loopback port; the file is a directory.
+    The phases still run, and each destination is one warning, however many
+    exports fail."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # a free port, closed again: refused
+    port = listener.getsockname()[1]
+    listener.close()
+    (tmp_path / "dir").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert tracing.setup(RuntimeConfig(
+            enable_tracing=True, tracing_endpoint=f"http://127.0.0.1:{port}/v1/traces",
+            tracing_file=str(tmp_path / "dir")))
+        try:
+            for i in range(2):
+                with observe.phase(f"p{i}", sandbox="s"):
+                    pass
+                assert tracing._active is not None
+                tracing._active.provider.force_flush(10000)
+        finally:
+            tracing.shutdown()
+    warned = [r.getMessage() for r in caplog.records if "cannot export spans" in r.message]
+    assert len(warned) == 2, warned
+    assert any(f"127.0.0.1:{port}" in w for w in warned)
+    assert any(str(tmp_path / "dir") in w for w in warned)
+
+
+async def test_a_failing_call_hook_never_fails_the_call(
+        agent: tuple[Client, Agent], caplog: pytest.LogCaptureFixture) -> None:
+    client, impl = agent
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("observer bug")
+
+    assert impl.server is not None
+    impl.server.call_hook = broken
+    with caplog.at_level(logging.ERROR):
+        await client.call(AGENT_SERVICE, "CreateContainer", pb.CreateContainerRequest(),
+                          pb.Empty, metadata={"traceparent": GOOD})
+    assert "call hook failed" in caplog.text

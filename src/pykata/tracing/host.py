@@ -38,6 +38,7 @@ EXPORT_TIMEOUT = 3.0  # seconds an OTLP export may take, retries included
 BATCH_DELAY = 0.5  # seconds a finished span may wait for its batch
 MAX_QUEUE = 2048  # finished spans waiting for export, per exporter (more are dropped)
 MAX_BATCH = 512
+SHUTDOWN_WAIT = 1.0  # seconds shutdown waits for the last export, after the flush
 STOP_PHASE = "sandbox.stop"  # after it, a sandbox's trace is closed
 
 # Bounds on what the guest hands over (it is untrusted).
@@ -213,7 +214,7 @@ class Batcher(SpanProcessor):
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(EXPORT_TIMEOUT + 1)
+            self._thread.join(SHUTDOWN_WAIT)  # then abandoned: a daemon thread
         self.exporter.shutdown()
 
 
