@@ -146,6 +146,10 @@ async def fake_ip(argv: list[str]) -> RunResult:
     return RunResult(tuple(argv), 2 if bad else 0, b"", b"ip: invalid argument" if bad else b"")
 
 
+def _no_spawn(path: str, *args: Any, **kwargs: Any) -> int:
+    raise FileNotFoundError(2, "not run by the fuzzer", path)
+
+
 def make_agent(root: Path, init_mode: bool) -> service.AgentService:
     for d in ("etc", "guest", "sys/devices/system/cpu", "sys/devices/system/memory/memory0",
               "cg", "net/eth0"):
@@ -159,6 +163,7 @@ def make_agent(root: Path, init_mode: bool) -> service.AgentService:
                         crun=str(root / "no-such-crun"), cgroup_root=root / "cg",
                         init_mode=init_mode, manage_network=init_mode)
     svc = service.AgentService(settings, Reaper())
+    svc.debug.spawn = _no_spawn  # the debug console (DebugExec) runs nothing here
     svc.sandbox.storages.disks = disks.Disks(sysfs=str(root / "sys"))
     svc._network = network.Network(fake_ip, sys_net=str(root / "net"))
     # Two containers the agent already has (as if created): c1 running with a

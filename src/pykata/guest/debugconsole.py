@@ -55,6 +55,8 @@ def check_process(proc: Any) -> tuple[list[str], list[str], bool, tuple[int, int
     env = proc.get("env") or []
     if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env):
         raise errors.InvalidArgument("DebugExec: env must be a list of NAME=VALUE strings")
+    if any("\0" in a for a in (*args, *env)):
+        raise errors.InvalidArgument("DebugExec: args and env must not contain NUL characters")
     terminal = proc.get("terminal", False)
     if not isinstance(terminal, bool):
         raise errors.InvalidArgument("DebugExec: terminal must be a boolean")
@@ -81,6 +83,7 @@ class DebugConsole:
         self.enabled = False  # set by CreateSandbox, from the host's configuration
         self.procs: collections.OrderedDict[str, DebugProcess] = collections.OrderedDict()
         self.id = ""  # what a Process calls its container's id
+        self.spawn = os.posix_spawn  # a fake in tests that must not run anything
 
     def _process_exited(self, proc: Process) -> None:
         """Process's callback when one ends: nothing more to do."""
@@ -143,8 +146,7 @@ class DebugConsole:
                  "terminal" if terminal else "pipes", " ".join(args)[:200])
         return proc
 
-    @staticmethod
-    def _spawn_pty(path: str, args: list[str], environ: dict[str, str], rows: int,
+    def _spawn_pty(self, path: str, args: list[str], environ: dict[str, str], rows: int,
                    cols: int) -> tuple[int, list[int], int]:
         master, slave = os.openpty()
         try:
@@ -153,7 +155,7 @@ class DebugConsole:
             name = os.ttyname(slave)
             # A new session, then the pty opened afresh: its controlling terminal
             # (job control, ^C) rather than a mere inherited fd.
-            pid = os.posix_spawn(
+            pid = self.spawn(
                 path, args, environ, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
                 file_actions=[(os.POSIX_SPAWN_OPEN, 0, name, os.O_RDWR, 0),
                               (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
@@ -164,15 +166,14 @@ class DebugConsole:
             os.close(slave)
         return pid, [], master
 
-    @staticmethod
-    def _spawn_pipes(path: str, args: list[str], environ: dict[str, str]
+    def _spawn_pipes(self, path: str, args: list[str], environ: dict[str, str]
                      ) -> tuple[int, list[int], int]:
         fds: list[int] = []
         try:
             for _ in range(3):
                 fds += os.pipe()
             in_r, in_w, out_r, out_w, err_r, err_w = fds
-            pid = os.posix_spawn(
+            pid = self.spawn(
                 path, args, environ, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
                 file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
                               (os.POSIX_SPAWN_DUP2, err_w, 2)])
