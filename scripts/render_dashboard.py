@@ -26,6 +26,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "pykata-dashboard.json"
+UNIT_INCHES = 0.42  # height of one grid unit of the dashboard
 UNITS = {"bytes": (1 << 20, "MiB"), "s": (1.0, "s"), "short": (1.0, ""), "reqps": (1.0, "/s")}
 
 
@@ -75,8 +76,9 @@ def main() -> int:
     start = end - args.minutes * 60
     panels = [p for p in dash["panels"]]
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
-    fig = plt.figure(figsize=(20, rows * 0.36 + 1.2), dpi=80)
-    gs = fig.add_gridspec(rows, 24, hspace=3.5, wspace=2.5, top=1 - 1.2 / (rows * 0.36 + 1.2),
+    height = rows * UNIT_INCHES + 1.2
+    fig = plt.figure(figsize=(20, height), dpi=80)
+    gs = fig.add_gridspec(rows, 24, hspace=6.0, wspace=3.0, top=1 - 1.2 / height,
                           bottom=0.02, left=0.04, right=0.99)
     when = datetime.fromtimestamp(end).strftime("%Y-%m-%d %H:%M")
     fig.suptitle(f"{dash['title']}: rendered from the Prometheus API with matplotlib "
@@ -102,11 +104,14 @@ def main() -> int:
                     bars.append((legend(t.get("legendFormat", ""), r["metric"]),
                                  float(r["value"][1]) / scale))
             bars.sort(key=lambda b: b[1])
-            ax.barh([b[0] for b in bars], [b[1] for b in bars], color="tab:blue")
-            ax.tick_params(axis="y", labelsize=7)
+            ax.barh(range(len(bars)), [b[1] for b in bars], color="tab:blue", alpha=0.45)
+            ax.set_yticks([])
             ax.set_xlabel(unit, fontsize=8)
-            for i, (_, v) in enumerate(bars):
-                ax.text(v, i, f" {v:.3g}", va="center", fontsize=7)
+            for i, (label, v) in enumerate(bars):  # the names inside the bars, then the value
+                ax.text(0, i, f" {label}", va="center", ha="left", fontsize=8)
+                ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+            if bars:
+                ax.set_xlim(0, max(b[1] for b in bars) * 1.12 or 1)
             drawn = len(bars)
         else:
             for t in p["targets"]:
@@ -128,6 +133,8 @@ def main() -> int:
         ax.grid(alpha=0.3)
         if not drawn:
             empty.append(p["title"])
+            ax.set_xticks([])
+            ax.set_yticks([])
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="grey")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)
