@@ -180,7 +180,7 @@ async def test_dead_sandboxes_cost_only_their_own_samples(node: Node) -> None:
     await node.shim("hung", hanging)
     node.refusing("refusing")
     node.sandbox("booting")  # no socket yet: down, not an error
-    mon = Monitor(node.state, scrape_timeout=0.5, max_parallel=2)
+    mon = Monitor(node.state, scrape_timeout=2, max_parallel=2)
     for _ in range(2):
         fams = families(await mon.exposition())
         assert series(fams, "pykata_guest_meminfo", sandbox_id="alive", item="MemTotal")
