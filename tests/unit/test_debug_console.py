@@ -182,6 +182,13 @@ def test_cli_exec_refuses_a_symlinked_sandbox_and_tty_flags(
     assert "exclude each other" in capsys.readouterr().err
     assert admin.main(["--config", str(cfg), "exec", "-T", "sb", "true"]) == 1
     assert "has no debug socket" in capsys.readouterr().err
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as stale:  # a shim killed: nobody listens
+        stale.bind(str(ns / "sb" / "debug.sock"))
+    assert admin.main(["--config", str(cfg), "exec", "-T", "sb", "true"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the shim of sandbox sb" in err and err.count("\n") == 1, err
 
 
 def test_cli_logs_prints_both_files_in_order_and_sanitised(
@@ -222,3 +229,54 @@ def test_cli_logs_follow_prints_new_lines_until_the_sandbox_goes(
     shutil.rmtree(d)
     t.join(30)
     assert result == [0]
+
+
+async def test_cli_through_the_shim_socket_to_an_agent(
+        tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    """`pykata exec` -> debug.sock (the shim's DebugSocket) -> AgentClient ->
+    the agent's ttRPC server (development mode, debug_console on): the exit code
+    and output come back; the socket is 0600 and goes at stop."""
+    import stat
+
+    from pykata.agent.client import AgentClient
+    from pykata.shim.debug import DebugSocket
+    from pykata.ttrpc import Client, Server
+
+    svc = await make(tmp_path, True)
+    agent_server = Server()
+    agent_server.register_service(service.AGENT_SERVICE, svc)
+    agent_sock = tmp_path / "agent.sock"
+    await agent_server.serve_unix(agent_sock)
+    agent = AgentClient(await Client.connect_unix(agent_sock))
+
+    class Sb:
+        id = "sb"
+        dir = tmp_path / ("d" * 100)  # beyond a sockaddr_un's 107 bytes with the name
+
+    Sb.dir.mkdir(mode=0o700)
+    sb = Sb()
+    sb.agent = agent  # type: ignore[attr-defined]
+    companion = DebugSocket()
+    await companion.start(sb, {})
+    try:
+        st = os.lstat(Sb.dir / "debug.sock")
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        code = await admin._debug_exec(Sb.dir, ["sh", "-c", "echo hi; echo err >&2; exit 3"],
+                                       terminal=False)
+        assert code == 3
+        out = capfdbinary.readouterr()
+        assert out.out == b"hi\n" and out.err == b"err\n"
+        # A process started through the socket and left running is killed when
+        # the sandbox goes (the companion stops).
+        assert companion.proxy is not None
+        await companion.proxy.DebugExec(exec_req("left", ["sleep", "600"]))
+        await companion.stop()
+        left = await asyncio.wait_for(svc.debug.procs["left"].wait(), 30)
+        assert left.status == 128 + 9
+        assert not (Sb.dir / "debug.sock").exists()
+    finally:
+        await companion.stop()
+        await agent.close()
+        await agent_server.close()
+        await svc.debug.kill_all()
+        svc.reaper.uninstall()

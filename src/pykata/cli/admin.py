@@ -425,9 +425,11 @@ async def _debug_exec(sandbox_dir: Path, argv: list[str], terminal: bool) -> int
     try:
         with addressable(path) as addr:
             conn = await Client.connect_unix(addr)
-    except OSError as exc:
-        raise errors.Unavailable(f"cannot reach the shim of sandbox {sandbox_dir.name}:"
-                                 f" {exc.strerror or exc}") from None
+    except (OSError, errors.Unavailable) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            str(getattr(exc, "__cause__", None) or exc)
+        raise errors.Unavailable(f"cannot reach the shim of sandbox {sandbox_dir.name}"
+                                 f" ({why}): is it running?") from None
     exec_id = "debug-" + uuid.uuid4().hex[:12]
     loop = asyncio.get_running_loop()
 
