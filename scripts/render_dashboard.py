@@ -138,6 +138,10 @@ def main() -> int:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="grey")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)
+    from PIL import Image  # matplotlib's own dependency: a 256-colour PNG is a third the size
+
+    with Image.open(args.out) as img:
+        img.convert("RGB").quantize(colors=256).save(args.out, optimize=True)
     print(f"render_dashboard: {args.out} ({len(panels)} panels"
           + (f"; no data: {', '.join(empty)}" if empty else "") + ")")
     return 0
