@@ -129,6 +129,7 @@ def test_prometheus_gets_a_cri_pods_guest_memory_by_pod_name() -> None:
                         labels["pod_uid"], labels["job"]) == (
                     pod_id, "k8s.io", meta.namespace, meta.uid, "pykata"), labels
                 assert float(value) > 0
+                print(f"PromQL {promql} -> {labels} {value}")  # shown with pytest -s
                 by_name = query(prom, f'pykata_guest_meminfo{{item="MemTotal",'
                                       f'pod_name="{meta.name}"}}')
                 assert [s["metric"]["sandbox_id"] for s in by_name] == [pod_id]
