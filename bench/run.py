@@ -10,7 +10,7 @@ docs/benchmarks.png (plots) and docs/benchmarks.md (tables).
 Each section is its own script and process (startup.py, exec_latency.py,
 engine.py, agent_start.py, vmcache.py, density.py twice (cold and template
 steps; 50 template pods at once), rpc.py, storage.py, network.py,
-portforward.py, confinement.py) with a time limit; a section that
+portforward.py, confinement.py, monitor_scrape.py) with a time limit; a section that
 fails or times out is reported and the others still run. Every script cleans
 up what it created (pods, VMs, netns, loop devices, containerd state), also on
 Ctrl-C or on the SIGTERM of its time limit.
@@ -53,6 +53,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], int, int]] = {
     "network": (("network.py",), 600, 240),
     "portforward": (("portforward.py",), 600, 240),
     "confinement": (("confinement.py",), 900, 300),
+    "monitor": (("monitor_scrape.py",), 900, 300),
 }
 
 MiB = 1 << 20
@@ -435,6 +436,13 @@ def render(d: dict[str, Any], suite: dict[str, Any]) -> str:
                 "each part turned off. QEMU's PSS is taken once the agent answers; the "
                 "round trip is the mean of 50 `Health/Check` calls. See "
                 "[security.md](security.md).", "", *series_table(co["series"])]
+    mo = d.get("monitor")
+    if mo:
+        out += ["", f"## pykata-monitor scrape cost ({mo.get('when', '')})", "",
+                "One `GET /metrics` of pykata-monitor (it asks every shim at once; each shim "
+                "reads /proc and asks its agent for the guest's figures), with 0, 1 and 10 "
+                "idle CRI pods from a VM template; the notes give the CPU one scrape costs "
+                "the monitor and the shims.", "", *series_table(mo["series"])]
     extra = HERE / "notes.md"
     if extra.exists():
         out += ["", extra.read_text().rstrip()]

@@ -13,10 +13,12 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 # 1. Debian packages. qemu + virtiofsd run VMs; busybox/cpio/lz4/kmod build the guest
 #    image, erofs-utils its read-only root image; crun/runc/containerd/podman/... are
 #    the container tools pykata plugs into and is measured against; iptables goes
-#    into the test image of the privileged-pod tests.
+#    into the test image of the privileged-pod tests; prometheus is the real scraper
+#    of the pykata-monitor test, and its promtool checks the dashboard's PromQL.
 PKGS=(qemu-system-x86 qemu-utils busybox-static cpio lz4 zstd xz-utils kmod binutils e2fsprogs
       erofs-utils iproute2 psmisc util-linux crun runc containerd containernetworking-plugins
-      podman conmon skopeo docker-registry docker.io runsc iptables ca-certificates)
+      podman conmon skopeo docker-registry docker.io runsc iptables ca-certificates
+      prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -31,6 +33,11 @@ if [ ${#missing[@]} -gt 0 ] || lists_empty; then
   if [ ${#missing[@]} -gt 0 ]; then
     step "apt-get install ${missing[*]}"
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    # The package starts a node-wide Prometheus on :9090 where systemd runs; the
+    # tests run their own on loopback: one we installed is not left serving.
+    if printf '%s\n' "${missing[@]}" | grep -qx prometheus && command -v systemctl >/dev/null; then
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
   fi
 else
   step "Debian packages: all present"

@@ -93,7 +93,7 @@ for extra in "/lib/$MULTIARCH/libgcc_s.so.1"; do
 done
 
 # 5. Commands and the default configuration.
-for b in pykata containerd-shim-pykata-v2 pykata-agent; do
+for b in pykata containerd-shim-pykata-v2 pykata-agent pykata-monitor; do
   [ -x "$PREFIX/venv/bin/$b" ] && ln -sfn "../venv/bin/$b" "$PREFIX/bin/$b"
 done
 ln -sfn ../qemu/bin/qemu-system-x86_64 "$PREFIX/bin/qemu-system-x86_64"

@@ -275,6 +275,7 @@ async def test_collector_guest_hostile_text_cannot_add_host_lines(tmp_path: Path
     evil = ('pykata_guest_x{a="1"} 1\npykata_shim_sandbox_info{sandbox_id="other"} 1\n'
             'pykata_agent_rpc_errors_total{method="Check"} 99\n'
             '# TYPE pykata_guest_meminfo gauge\npykata_guest_meminfo{item="x\\"} 1\n')
+    rpcstats.STATS.clear()  # the process's own agent calls (other tests made some)
     c = SandboxCollector(sandbox(tmp_path, Agent(evil)), {})
     fams = families(await scrape(c))
     assert [s.labels["sandbox_id"] for s in fams["pykata_shim_sandbox_info"].samples] == ["sb1"]
