@@ -371,8 +371,8 @@ class AgentService:
     async def ListRoutes(self, req: pb.ListRoutesRequest) -> pb.Routes:
         return pb.Routes(routes=await self._net_reader().list_routes())
 
-    # -- observability (issue 18): TakeSpans belongs to the tracing work, DebugExec to
-    # the debug console; each is filled in by its own change.
+    # -- observability: the agent's spans (guest/tracing.py), the debug console
+    # (guest/debugconsole.py).
 
     @rpc()
     async def TakeSpans(self, req: pb.TakeSpansRequest) -> pb.TraceSpans:
