@@ -37,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "tracing": BASE | {"ttrpc", "observe"},  # host only: the shim's OpenTelemetry
     "runtime": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime.types",
                        "observe", "tracing"},
-    "metrics": BASE | {"resources", "agent"},  # the shim's per-sandbox metrics socket
+    "metrics": BASE | {"resources", "agent", "runtime.types"},  # the shim's per-sandbox metrics socket
     "shim": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime", "runtime.types",
                     "observe", "tracing", "metrics"},
     "image": BASE | {"guest"},  # reuses the guest's module-dependency parser

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from pykata.agent import rpcstats
 from pykata.metrics import guesttext, procstat
 from pykata.resources import network
+from pykata.runtime.types import NetStats
 from pykata.utils.process import ProcRef
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Figures:
     """One look at a sandbox."""
 
     processes: dict[str, procstat.ProcStat] = field(default_factory=dict)
-    netdev: dict[str, procstat.NetDev] = field(default_factory=dict)
+    netdev: dict[str, NetStats] = field(default_factory=dict)
     phases: list[tuple[str, float]] = field(default_factory=list)
     rpc: dict[str, rpcstats.MethodStats] = field(default_factory=dict)
     guest: guesttext.Parsed | None = None
@@ -111,7 +112,7 @@ class SandboxCollector(Collector):
 
     @staticmethod
     def _host(qemu: ProcRef | None, vfs: ProcRef | None, netns: str, taps: list[str]
-              ) -> tuple[dict[str, procstat.ProcStat], dict[str, procstat.NetDev]]:
+              ) -> tuple[dict[str, procstat.ProcStat], dict[str, NetStats]]:
         """In a worker thread: /proc of the processes, the taps' counters."""
         procs: dict[str, procstat.ProcStat] = {}
         if qemu is not None:
@@ -125,7 +126,7 @@ class SandboxCollector(Collector):
         me = procstat.read(os.getpid())
         if me is not None:
             procs["shim"] = me
-        netdev: dict[str, procstat.NetDev] = {}
+        netdev: dict[str, NetStats] = {}
         if netns and taps:
             # QEMU runs in the shim's namespace and holds the taps by fd: their
             # counters are in the pod's namespace, read by a thread that entered it.
@@ -236,7 +237,7 @@ class SandboxCollector(Collector):
             yield from counters.values()
 
     @staticmethod
-    def _netdev_families(netdev: dict[str, procstat.NetDev]) -> Iterator[Metric]:
+    def _netdev_families(netdev: dict[str, NetStats]) -> Iterator[Metric]:
         for field_name, what in (("rx_bytes", "Bytes received on"),
                                  ("rx_packets", "Packets received on"),
                                  ("rx_errors", "Receive errors on"),

@@ -11,6 +11,8 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+from pykata.runtime.types import NetStats
+
 MAX_READ = 64 * 1024  # no file read here is near this
 MAX_FDS = 1 << 20  # stop counting there (RLIMIT_NOFILE is far below)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -162,34 +164,23 @@ def read_tree(pid: int, start_ticks: int | None = None) -> ProcStat | None:
     return st
 
 
-@dataclass
-class NetDev:
-    rx_bytes: int = 0
-    rx_packets: int = 0
-    rx_errors: int = 0
-    rx_dropped: int = 0
-    tx_bytes: int = 0
-    tx_packets: int = 0
-    tx_errors: int = 0
-    tx_dropped: int = 0
-
-
-def parse_net_dev(text: str) -> dict[str, NetDev]:
+def parse_net_dev(text: str) -> dict[str, NetStats]:
     """/proc/net/dev by interface name."""
-    out: dict[str, NetDev] = {}
+    out: dict[str, NetStats] = {}
     for line in text.splitlines()[2:]:
         name, sep, rest = line.partition(":")
         f = rest.split()
         if not sep or len(f) < 16 or not all(x.isdigit() for x in f[:16]):
             continue
         v = [int(x) for x in f[:16]]
-        out[name.strip()] = NetDev(rx_bytes=v[0], rx_packets=v[1], rx_errors=v[2],
-                                   rx_dropped=v[3], tx_bytes=v[8], tx_packets=v[9],
-                                   tx_errors=v[10], tx_dropped=v[11])
+        name = name.strip()
+        out[name] = NetStats(name, rx_bytes=v[0], rx_packets=v[1], rx_errors=v[2],
+                             rx_dropped=v[3], tx_bytes=v[8], tx_packets=v[9],
+                             tx_errors=v[10], tx_dropped=v[11])
     return out
 
 
-def thread_net_dev() -> dict[str, NetDev]:
+def thread_net_dev() -> dict[str, NetStats]:
     """The network counters of the calling thread's network namespace (a thread
     that entered a pod's namespace sees that namespace's devices here)."""
     return parse_net_dev(read_text("/proc/thread-self/net/dev", 1 << 20) or "")
