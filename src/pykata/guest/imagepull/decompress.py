@@ -119,6 +119,7 @@ class LayerStream:
         self._proc: subprocess.Popen[bytes] | None = None
         self._eof = False
         self._tail = b""
+        self._left = b""  # zstd output not read yet
         if self.kind == "gzip":
             self._gz = zlib.decompressobj(wbits=31)
         elif self.kind == "zstd":
@@ -153,7 +154,10 @@ class LayerStream:
                     raise errors.InvalidArgument(f"{self.what}: zstd failed to decompress it")
             return self._count(data)
         if self._zstd is not None:
-            return self._count(self._read_zstd())
+            if not self._left:
+                self._left = self._read_zstd()
+            out, self._left = self._left[:n], self._left[n:]
+            return self._count(out)
         return self._count(self._read_gzip(n))
 
     def _read_gzip(self, n: int) -> bytes:

@@ -70,6 +70,9 @@ class _Stream:
         data = self.src.read(n)
         if not data:
             raise TarError("layer tar is truncated")
+        if len(data) > n:  # a source that gave more than asked
+            self.buf += data[n:]
+            data = data[:n]
         return data
 
     def read_exact(self, n: int) -> bytes:
@@ -86,6 +89,9 @@ class _Stream:
                     return b""
                 raise TarError("layer tar is truncated")
             out += data
+        if len(out) > n:
+            self.buf[:0] = out[n:]
+            del out[n:]
         return bytes(out)
 
     def skip(self, n: int) -> None:
