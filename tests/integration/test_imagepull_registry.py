@@ -257,3 +257,49 @@ async def test_tampered_manifest_in_storage_is_refused(registry: Registry,
         await pull_image(f"{registry.host}/pykata/tampered-manifest@{digest}", str(root),
                          str(work), plain_http=True)
     assert os.listdir(root) == []
+
+
+_GUEST_PULL = """
+import asyncio, hashlib, json, sys
+sys.path.insert(0, "/pull/src")
+from pykata.guest.imagepull import pull_image
+img = asyncio.run(pull_image(sys.argv[1], "/pull/root", "/pull/work", plain_http=True))
+data = open("/pull/root/bin/busybox", "rb").read()
+print(json.dumps({"digest": img.manifest_digest, "busybox": hashlib.sha256(data).hexdigest(),
+                  "ssl": "ssl" in sys.modules, "tarfile": "tarfile" in sys.modules}))
+"""
+
+
+def test_pull_with_the_guest_images_python(registry: Registry, busybox: tuple[str, str],
+                                           tmp_path: Path) -> None:
+    """The guest image's own trimmed Python (its initrd unpacked and chrooted into,
+    no VM) pulls through the real registry: the package needs nothing the image
+    strips (http, email, tarfile, ssl)."""
+    from pykata import config
+
+    initrd = config.load().initrd_path()
+    if not initrd.exists():
+        pytest.fail(f"guest image missing ({initrd}): run 'make setup'")
+    groot = tmp_path / "guest"
+    groot.mkdir()
+    with initrd.open("rb") as f:
+        subprocess.run(["cpio", "-idm", "--quiet"], stdin=f, cwd=groot, check=True,
+                       timeout=120)
+    src = Path(__file__).resolve().parents[2] / "src/pykata"
+    dest = groot / "pull/src/pykata"
+    (dest / "guest").mkdir(parents=True)
+    for name in ("__init__.py", "errors.py"):
+        shutil.copy(src / name, dest / name)
+    (dest / "guest/__init__.py").write_text("")
+    shutil.copytree(src / "guest/imagepull", dest / "guest/imagepull",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for d in ("root", "work"):
+        (groot / "pull" / d).mkdir()
+    ref, digest = busybox
+    out = subprocess.run(["chroot", str(groot), "/usr/bin/python3.11", "-SB", "-c",
+                          _GUEST_PULL, ref], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got == {"digest": digest, "busybox": _sha(CACHE / "busybox-rootfs/bin/busybox"),
+                   "ssl": False, "tarfile": False}
+    assert os.listdir(groot / "pull/work") == []
