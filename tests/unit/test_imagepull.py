@@ -665,3 +665,37 @@ def test_parent_that_is_a_file_is_refused(jail: Path) -> None:
 
 def test_basic_header_credentials() -> None:
     assert Credentials("a", "b").basic() == "Basic " + base64.b64encode(b"a:b").decode()
+
+
+async def test_stalled_body_is_a_deadline(reg: FakeRegistry) -> None:
+    never = asyncio.Event()
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+        await never.wait()  # the rest never comes
+        writer.close()
+
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        resp = await ihttp.request("GET", ihttp.URL.parse(f"http://127.0.0.1:{port}/"),
+                                   timeout=0.2)
+        with pytest.raises(errors.DeadlineExceeded, match="no data for 0.2s"):
+            await resp.read(100)
+        await resp.close()
+    finally:
+        never.set()
+        server.close()
+        await server.wait_closed()
+
+
+def test_tar_ids_out_of_range_are_refused() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        info = tarfile.TarInfo("f")
+        info.uid = 1 << 40  # base-256 in a GNU header
+        t.addfile(info, io.BytesIO(b""))
+    with pytest.raises(TarError, match="uid/gid out of range"):
+        list(TarReader(io.BytesIO(buf.getvalue())))

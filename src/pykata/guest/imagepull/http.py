@@ -71,6 +71,23 @@ class Response:
     _writer: asyncio.StreamWriter | None = None
     _framing: str = "close"  # length | chunked | close | none
     _length: int = 0
+    _timeout: float = 60.0  # for each read of the body: a stalled server is an error
+
+    async def _read(self, reader: asyncio.StreamReader, n: int) -> bytes:
+        try:
+            return await asyncio.wait_for(reader.read(n), self._timeout)
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"{self.url}: no data for {self._timeout:g}s in the body") from None
+        except OSError as e:
+            raise errors.Unavailable(f"{self.url}: {e.strerror or e}") from None
+
+    async def _body_line(self, reader: asyncio.StreamReader, limit: int) -> bytes:
+        try:
+            return await asyncio.wait_for(_line(reader, limit, self.url), self._timeout)
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"{self.url}: no data for {self._timeout:g}s in the body") from None
 
     def header(self, name: str) -> str | None:
         values = self.headers.get(name.lower())
@@ -96,7 +113,7 @@ class Response:
                     f"{self.url}: response body of {self._length} bytes, more than {limit}")
             left = self._length
             while left:
-                data = await reader.read(min(left, READ_CHUNK))
+                data = await self._read(reader, min(left, READ_CHUNK))
                 if not data:
                     raise errors.Unavailable(
                         f"{self.url}: connection closed with {left} bytes of the body missing")
@@ -105,7 +122,7 @@ class Response:
                 yield data
         elif self._framing == "chunked":
             while True:
-                line = await _line(reader, 1024, self.url)
+                line = await self._body_line(reader, 1024)
                 size_text = line.split(b";", 1)[0].strip()
                 try:
                     size = int(size_text, 16)
@@ -116,7 +133,7 @@ class Response:
                         f"{self.url}: bad chunk size line {line[:40]!r}") from None
                 if size == 0:
                     seen = 0
-                    while (trailer := await _line(reader, MAX_HEADER, self.url)):
+                    while (trailer := await self._body_line(reader, MAX_HEADER)):
                         seen += len(trailer)
                         if seen > MAX_HEADER:
                             raise errors.Unavailable(f"{self.url}: trailers too large")
@@ -124,15 +141,15 @@ class Response:
                 count(size)
                 left = size
                 while left:
-                    data = await reader.read(min(left, READ_CHUNK))
+                    data = await self._read(reader, min(left, READ_CHUNK))
                     if not data:
                         raise errors.Unavailable(f"{self.url}: connection closed inside a chunk")
                     left -= len(data)
                     yield data
-                if await _line(reader, 2, self.url):
+                if await self._body_line(reader, 2):
                     raise errors.Unavailable(f"{self.url}: chunk not followed by CRLF")
         else:
-            while data := await reader.read(READ_CHUNK):
+            while data := await self._read(reader, READ_CHUNK):
                 count(len(data))
                 yield data
 
@@ -187,7 +204,7 @@ async def request(method: str, url: URL, headers: Mapping[str, str] | None = Non
         raise errors.DeadlineExceeded(f"{url}: no connection within {timeout:g}s") from None
     except OSError as e:
         raise errors.Unavailable(f"{url}: cannot connect: {e.strerror or e}") from None
-    resp = Response(url, 0, "", _reader=reader, _writer=writer)
+    resp = Response(url, 0, "", _reader=reader, _writer=writer, _timeout=timeout)
     try:
         lines = [f"{method} {url.target} HTTP/1.1", f"Host: {url.authority}",
                  "User-Agent: pykata-agent", "Connection: close"]

@@ -19,6 +19,9 @@ from pykata import errors
 BLOCK = 512
 MAX_NAME = 4096
 MAX_PAX = 1024 * 1024
+MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to chown
+MAX_MTIME = float(1 << 40)
+MAX_DEV = 0xFFFFFFFF
 
 REG, LNK, SYM, CHR, BLK, DIR, FIFO = "0", "1", "2", "3", "4", "5", "6"
 _KNOWN = {REG, LNK, SYM, CHR, BLK, DIR, FIFO}
@@ -214,7 +217,7 @@ class TarReader:
             linkname = long_link if long_link is not None else linkname
             uid = _number(block[108:116], "uid")
             gid = _number(block[116:124], "gid")
-            mtime: float = _number(block[136:148], "mtime")
+            mtime: float = min(_number(block[136:148], "mtime"), MAX_MTIME)
             xattrs: dict[str, bytes] = {}
             for key, value in pax.items():
                 if key == "path":
@@ -232,14 +235,18 @@ class TarReader:
                         gid = int(value)
                 elif key == "mtime":
                     try:
-                        mtime = float(value)
+                        mtime = min(max(float(value), 0.0), MAX_MTIME)
                     except ValueError:
                         raise TarError(f"bad PAX mtime {value[:20]!r}") from None
+                    if mtime != mtime:  # NaN
+                        raise TarError("bad PAX mtime")
                 elif key.startswith("SCHILY.xattr."):
                     xattrs[key[len("SCHILY.xattr."):]] = value
                 elif key.startswith("GNU.sparse."):
                     raise TarError("sparse tar entries are not supported")
             pax, long_name, long_link = {}, None, None
+            if uid > MAX_ID or gid > MAX_ID:
+                raise TarError(f"tar entry {name[:200]!r}: uid/gid out of range")
             if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME \
                     or len(linkname.encode("utf-8", "surrogateescape")) > MAX_NAME:
                 raise TarError(f"tar entry name longer than {MAX_NAME} bytes")
@@ -247,9 +254,12 @@ class TarReader:
                 raise TarError("tar entry with an empty name or a NUL in it")
             if kind != REG:
                 size = 0  # as tar itself: only regular files carry data
+            major, minor = _number(block[329:337], "devmajor"), _number(block[337:345], "devminor")
+            if kind in (CHR, BLK) and (major > MAX_DEV or minor > MAX_DEV):
+                raise TarError(f"tar entry {name[:200]!r}: device number out of range")
             entry = Entry(name, kind, _number(block[100:108], "mode") & 0o7777, uid, gid,
                           size, mtime, linkname,
-                          _number(block[329:337], "devmajor"), _number(block[337:345], "devminor"),
+                          major, minor,
                           xattrs, self, size)
             self._pending = entry
             yield entry

@@ -140,7 +140,13 @@ class Applier:
             if self.entries > self.options.max_entries:
                 raise errors.ResourceExhausted(
                     f"{what}: more than {self.options.max_entries} entries in the image")
-            self._entry(entry, f"{what}: {entry.name[:200]!r}")
+            where = f"{what}: {entry.name[:200]!r}"
+            try:
+                self._entry(entry, where)
+            except OSError as e:
+                kind = errors.ResourceExhausted if e.errno in (errno.ENOSPC, errno.EDQUOT) \
+                    else errors.Internal
+                raise kind(f"{where}: {e.strerror or e}") from None
 
     def _entry(self, e: tar.Entry, what: str) -> None:
         parts = split(e.name, what)
