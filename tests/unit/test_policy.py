@@ -349,6 +349,23 @@ def test_create_container_privileged() -> None:
         "CreateContainer", create_req(spec(["x"], caps=["CAP_SYS_ADMIN"])), CONTAINERS)
 
 
+def test_no_privileged_exec_either() -> None:
+    p = policy(create_container={})
+    proc = {"args": ["id"], "capabilities": {"effective": ["CAP_SYS_PTRACE"]}}
+    msg = denied(p, "ExecProcess", {"container_id": "c1", "process_json": proc},
+                 "create_container.allow_privileged")
+    assert "effective capabilities include CAP_SYS_PTRACE" in msg
+    p.check("ExecProcess", {"container_id": "c1", "process_json": {"args": ["id"]}}, CONTAINERS)
+    for bad in ([["CAP_SYS_ADMIN"]], "CAP_SYS_ADMIN", [1]):
+        denied(p, "ExecProcess", {"container_id": "c1", "process_json": {
+            "args": ["id"], "capabilities": {"bounding": bad}}},
+            "create_container.allow_privileged")
+    denied(p, "ExecProcess", {"container_id": "c1", "process_json": {
+        "args": ["id"], "capabilities": ["CAP_SYS_ADMIN"]}}, "create_container.allow_privileged")
+    policy(create_container={"allow_privileged": True}).check(
+        "ExecProcess", {"container_id": "c1", "process_json": proc}, CONTAINERS)
+
+
 def test_create_container_host_namespaces() -> None:
     p = policy(create_container={})
     for missing in ("mount", "ipc", "uts", "pid"):
@@ -427,3 +444,39 @@ def test_random_requests_are_allowed_or_refused_cleanly(method: str, req: dict[s
         STRICT.check(method, req, CONTAINERS)
     except (PermissionDenied, errors.InvalidArgument) as exc:
         assert "\n" not in str(exc)
+
+
+_shaped_spec = st.fixed_dictionaries({}, optional={
+    "annotations": _json | st.dictionaries(
+        st.sampled_from(["io.kubernetes.cri.image-name", "io.kubernetes.cri.container-name"]),
+        _json),
+    "process": _json | st.fixed_dictionaries({}, optional={
+        "args": _json | st.lists(st.text(max_size=5), max_size=3),
+        "env": _json,
+        "capabilities": _json | st.dictionaries(st.sampled_from(["bounding", "ambient"]),
+                                                _json | st.lists(st.sampled_from(
+                                                    ["CAP_SYS_ADMIN", "CAP_KILL"])))}),
+    "linux": _json | st.fixed_dictionaries({}, optional={
+        "namespaces": _json | st.lists(st.dictionaries(st.just("type"), _json))}),
+})
+
+
+SPECS = policy(create_container={})
+SCOPED = policy(exec={"commands": [{"argv": ["id"], "match": "prefix"}]},
+                create_container={"images": ["a*"], "commands": [{"argv": ["id"]}]})
+
+
+@settings(max_examples=300, deadline=None)
+@given(_shaped_spec, st.booleans())
+def test_random_specs_are_allowed_or_refused_cleanly(spec_doc: dict[str, Any],
+                                                     pidns: bool) -> None:
+    for p, method, req in (
+            (SPECS, "CreateContainer", {"container_id": "n", "oci_spec_json": spec_doc,
+                                        "sandbox_pidns": pidns}),
+            (SCOPED, "CreateContainer", {"container_id": "n", "oci_spec_json": spec_doc}),
+            (SPECS, "ExecProcess", {"container_id": "c1",
+                                    "process_json": spec_doc.get("process", spec_doc)})):
+        try:
+            p.check(method, req, CONTAINERS)
+        except (PermissionDenied, errors.InvalidArgument) as exc:
+            assert "\n" not in str(exc)

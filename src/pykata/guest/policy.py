@@ -67,7 +67,8 @@ Matching:
   debug console's DebugExec), never a container's init process (exec id
   ""); "none": no stdio at all.
 * create_container, when present: ``allow_privileged`` false refuses a
-  process with a capability from :data:`PRIVILEGED_CAPS` in any set;
+  process with a capability from :data:`PRIVILEGED_CAPS` in any set, for
+  the container's process and for every ExecProcess in the sandbox;
   ``allow_host_namespaces`` false refuses a spec without its own mount, ipc,
   uts and pid namespace (pid may instead be the sandbox's: the request's
   ``sandbox_pidns``), which in the guest would share the agent's.
@@ -279,6 +280,11 @@ class Policy:
                 _deny(method, "default", "not allowed by the default (deny)")
         elif not allowed:
             _deny(method, f"methods.{method}", "denied")
+        if method == "ExecProcess" and self.create is not None \
+                and not self.create.allow_privileged:
+            # An exec'd process must not gain what its container could not have.
+            proc = _json_object(_get(request, "process_json", object), "process_json")
+            _check_caps(method, proc)
         if method == "ExecProcess" and self.exec_commands is not None:
             self._check_exec(request, containers)
         elif method == "DebugExec" and self.exec_commands is not None \
@@ -346,20 +352,12 @@ class Policy:
                 _deny("CreateContainer", f"{where}.commands",
                       f"{_short(json.dumps(argv))} matches no allowed command")
         if not rules.allow_privileged:
-            caps = proc.get("capabilities")
-            caps = caps if isinstance(caps, dict) else {}
-            for kind in _CAP_SETS:
-                got = caps.get(kind)
-                bad = sorted(set(got) & PRIVILEGED_CAPS) if isinstance(got, list) else []
-                if got is not None and not isinstance(got, list):
-                    bad = [f"(capabilities.{kind} is not a list)"]
-                if bad:
-                    _deny("CreateContainer", f"{where}.allow_privileged",
-                          f"{kind} capabilities include {bad[0]}")
+            _check_caps("CreateContainer", proc)
         if not rules.allow_host_namespaces:
             linux = spec.get("linux")
             nss = linux.get("namespaces") if isinstance(linux, dict) else None
-            kinds = {ns.get("type") for ns in nss if isinstance(ns, dict)} \
+            kinds = {ns.get("type") for ns in nss
+                     if isinstance(ns, dict) and isinstance(ns.get("type"), str)} \
                 if isinstance(nss, list) else set()
             if _get(request, "sandbox_pidns", bool):
                 kinds.add("pid")
@@ -370,6 +368,25 @@ class Policy:
 
 
 # -- evaluation helpers -----------------------------------------------------------------
+
+
+def _check_caps(method: str, proc: dict[str, Any]) -> None:
+    caps = proc.get("capabilities")
+    if caps is None:
+        return
+    if not isinstance(caps, dict):
+        _deny(method, "create_container.allow_privileged", "capabilities is not an object")
+    for kind in _CAP_SETS:
+        got = caps.get(kind)
+        if got is None:
+            continue
+        if not isinstance(got, list) or not all(isinstance(c, str) for c in got):
+            _deny(method, "create_container.allow_privileged",
+                  f"capabilities.{kind} is not a list of names")
+        bad = sorted(c for c in got if c in PRIVILEGED_CAPS)
+        if bad:
+            _deny(method, "create_container.allow_privileged",
+                  f"{kind} capabilities include {bad[0]}")
 
 
 def _deny(method: str, rule: str, reason: str) -> NoReturn:
