@@ -5,6 +5,7 @@ refused. No VM is booted."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tarfile
 import time
@@ -65,20 +67,32 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    for tool in (REGISTRY, "skopeo"):
+@contextlib.contextmanager
+def _serve(base: Path, tls: bool) -> Iterator[Registry]:
+    """docker-registry on 127.0.0.1 (a free port) with storage in ``base``; with ``tls``,
+    a self-signed certificate for 127.0.0.1 in ``base/cert.pem``."""
+    for tool in (REGISTRY, "skopeo", "openssl"):
         if not shutil.which(tool):
-            pytest.fail(f"{tool} is needed: apt-get install docker-registry skopeo")
-    base = tmp_path_factory.mktemp("registry")
+            pytest.fail(f"{tool} is needed: apt-get install docker-registry skopeo openssl")
     storage = base / "storage"
     storage.mkdir()
     port = _free_port()
+    tls_conf = ""
+    ctx: ssl.SSLContext | None = None
+    if tls:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=pykata",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout",
+                        str(base / "key.pem"), "-out", str(base / "cert.pem")],
+                       check=True, capture_output=True, timeout=60)
+        tls_conf = (f"  tls:\n    certificate: {base / 'cert.pem'}\n"
+                    f"    key: {base / 'key.pem'}\n")
+        ctx = ssl.create_default_context(cafile=str(base / "cert.pem"))
     config = base / "config.yml"
     config.write_text(
         "version: 0.1\nlog:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {storage}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n")
+        f"http:\n  addr: 127.0.0.1:{port}\n" + tls_conf)
     log = (base / "registry.log").open("wb")
     proc = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=log, stderr=log)
     reg = Registry(f"127.0.0.1:{port}", storage, proc)
@@ -88,7 +102,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
                 pytest.fail("docker-registry exited: "
                             + (base / "registry.log").read_text(errors="replace")[-2000:])
             try:
-                with urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=5) as r:
+                url = f"{'https' if tls else 'http'}://{reg.host}/v2/"
+                with urllib.request.urlopen(url, timeout=5, context=ctx) as r:
                     if r.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError):
@@ -105,6 +120,12 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
             proc.wait()
         log.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with _serve(tmp_path_factory.mktemp("registry"), tls=False) as reg:
+        yield reg
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +324,22 @@ def test_pull_with_the_guest_images_python(registry: Registry, busybox: tuple[st
     assert got == {"digest": digest, "busybox": _sha(CACHE / "busybox-rootfs/bin/busybox"),
                    "ssl": False, "tarfile": False}
     assert os.listdir(groot / "pull/work") == []
+
+
+async def test_pull_over_https(tmp_path_factory: pytest.TempPathFactory,
+                               dirs: tuple[Path, Path]) -> None:
+    """TLS to the registry (what the guest needs ssl for): verified against the
+    registry's CA, refused without it."""
+    base = tmp_path_factory.mktemp("tls-registry")
+    with _serve(base, tls=True) as reg:
+        archive = oci_archive(busybox_rootfs(CACHE / "busybox-rootfs"), base / "bb.tar",
+                              ref="pykata/busybox:tls")
+        digest = reg.push(f"oci-archive:{archive}", "pykata/busybox:tls")
+        ref = f"{reg.host}/pykata/busybox:tls"
+        root, work = dirs
+        with pytest.raises(errors.Unavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            await pull_image(ref, str(root), str(work))
+        ctx = ssl.create_default_context(cafile=str(base / "cert.pem"))
+        img = await pull_image(ref, str(root), str(work), ssl_context=ctx)
+        assert img.manifest_digest == digest
+        assert _sha(root / "bin/busybox") == _sha(CACHE / "busybox-rootfs/bin/busybox")
