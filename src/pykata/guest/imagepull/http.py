@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from pykata import errors
 MAX_HEADER = 64 * 1024
 MAX_HEADERS = 128
 READ_CHUNK = 256 * 1024
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,8 @@ async def _line(reader: asyncio.StreamReader, limit: int, url: URL) -> bytes:
 
 
 def _ssl_context(ssl_context: Any) -> Any:
+    """The caller's context, else one trusting the image's CA bundle (Debian's path)
+    or OpenSSL's default paths."""
     if ssl_context is not None:
         return ssl_context
     try:
@@ -187,7 +191,7 @@ def _ssl_context(ssl_context: Any) -> Any:
         raise errors.Unimplemented(
             "https registries need the ssl module (_ssl and libssl3), which this"
             " image does not have") from None
-    return ssl.create_default_context()
+    return ssl.create_default_context(cafile=CA_BUNDLE if os.path.exists(CA_BUNDLE) else None)
 
 
 async def request(method: str, url: URL, headers: Mapping[str, str] | None = None, *,
