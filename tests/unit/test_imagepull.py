@@ -699,3 +699,18 @@ def test_tar_ids_out_of_range_are_refused() -> None:
         t.addfile(info, io.BytesIO(b""))
     with pytest.raises(TarError, match="uid/gid out of range"):
         list(TarReader(io.BytesIO(buf.getvalue())))
+
+
+def test_tar_pax_headers_are_bounded_per_entry() -> None:
+    def pax_header(i: int) -> bytes:
+        info = tarfile.TarInfo(f"p{i}")
+        info.type = tarfile.XHDTYPE
+        record = f"x{i}=" + "v" * 600_000 + "\n"
+        body = f"{len(record) + 7} {record}".encode()  # the length counts its 6 digits too
+        assert int(body.split(b" ")[0]) == len(body)
+        info.size = len(body)
+        return info.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512)
+
+    data = pax_header(1) + pax_header(2) + make_tar([Item("f", data=b"x")])
+    with pytest.raises(TarError, match="PAX headers of more than"):
+        list(TarReader(io.BytesIO(data)))

@@ -184,6 +184,7 @@ class TarReader:
         pax: dict[str, bytes] = {}
         long_name: str | None = None
         long_link: str | None = None
+        pax_bytes = 0
         while True:
             self._finish()
             block = self._s.read_exact(BLOCK)
@@ -194,6 +195,9 @@ class TarReader:
             kind = chr(block[156]) if block[156] else REG
             size = _number(block[124:136], "size")
             if kind == "x":
+                pax_bytes += size
+                if pax_bytes > MAX_PAX:
+                    raise TarError(f"PAX headers of more than {MAX_PAX} bytes for one entry")
                 pax.update(_pax(self._long(size, "PAX header")))
                 continue
             if kind == "g":
@@ -244,7 +248,7 @@ class TarReader:
                     xattrs[key[len("SCHILY.xattr."):]] = value
                 elif key.startswith("GNU.sparse."):
                     raise TarError("sparse tar entries are not supported")
-            pax, long_name, long_link = {}, None, None
+            pax, long_name, long_link, pax_bytes = {}, None, None, 0
             if uid > MAX_ID or gid > MAX_ID:
                 raise TarError(f"tar entry {name[:200]!r}: uid/gid out of range")
             if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME \
