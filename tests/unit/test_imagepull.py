@@ -714,3 +714,47 @@ def test_tar_pax_headers_are_bounded_per_entry() -> None:
     data = pax_header(1) + pax_header(2) + make_tar([Item("f", data=b"x")])
     with pytest.raises(TarError, match="PAX headers of more than"):
         list(TarReader(io.BytesIO(data)))
+
+
+async def test_docker_media_types(reg: FakeRegistry, dirs: tuple[Path, Path]) -> None:
+    """A Docker manifest list and a Docker v2 manifest with a rootfs.diff.tar.gzip layer."""
+    layer = gzip.compress(BASE, mtime=0)
+    ld = reg.add_blob(layer)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [sha(BASE)]}}).encode()
+    cd = reg.add_blob(config)
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {**cd, "mediaType": "application/vnd.docker.container.image.v1+json"},
+        "layers": [{**ld, "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip"}],
+    }).encode()
+    mtype = "application/vnd.docker.distribution.manifest.v2+json"
+    reg.manifests[sha(manifest)] = (mtype, manifest)
+    lst = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json",
+        "manifests": [{"mediaType": mtype, "digest": sha(manifest), "size": len(manifest),
+                       "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    reg.manifests["v1"] = ("application/vnd.docker.distribution.manifest.list.v2+json", lst)
+    img = await pull_image(f"{reg.host}/test/img:v1", str(dirs[0]), str(dirs[1]),
+                           plain_http=True)
+    assert (img.manifest_digest, img.index_digest) == (sha(manifest), sha(lst))
+    assert (dirs[0] / "bin/tool").read_bytes() == b"tool\n"
+
+
+async def test_foreign_and_unknown_layers_are_refused(reg: FakeRegistry,
+                                                      dirs: tuple[Path, Path]) -> None:
+    _, manifest = reg.add_image([BASE])
+    doc = json.loads(manifest)
+    doc["layers"][0]["mediaType"] = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+    reg.manifests["odd"] = (OCI_MANIFEST, json.dumps(doc).encode())
+    with pytest.raises(errors.Unimplemented, match="unsupported media type"):
+        await pull_image(f"{reg.host}/test/img:odd", str(dirs[0]), str(dirs[1]),
+                         plain_http=True)
+    doc = json.loads(manifest)
+    doc["layers"][0]["urls"] = ["http://example.invalid/layer"]
+    reg.manifests["foreign"] = (OCI_MANIFEST, json.dumps(doc).encode())
+    with pytest.raises(errors.Unimplemented, match="foreign layers"):
+        await pull_image(f"{reg.host}/test/img:foreign", str(dirs[0]), str(dirs[1]),
+                         plain_http=True)
