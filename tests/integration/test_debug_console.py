@@ -6,6 +6,7 @@ One pod runs with ``[agent] debug_console = true`` (given with
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -185,3 +186,25 @@ def test_guest_log_lines_reach_the_shim_log_and_pykata_logs(
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
     r = pykata(configs[0], "logs", "no-such-sandbox")
     assert r.returncode == 1 and b"no sandbox no-such-sandbox" in r.stderr
+
+
+def test_cri_pod_debug_console_and_logs(pykata_config: config.Config, tmp_path: Path) -> None:
+    """The same through containerd's CRI API: a pod whose shims were started with
+    ``[agent] debug_console = true`` (PYKATA_CONFIG) answers `pykata exec` in its
+    guest, and `pykata logs` prints its console; the sandbox directory goes with
+    the pod."""
+    from tests.integration.test_cri_pykata import Pod, cri_env
+
+    cfg = write_config(pykata_config, tmp_path / "on.toml", True)
+    with contextlib.contextmanager(cri_env)(pykata_config=cfg.read_text()) as env:
+        pod = Pod(env)
+        d = sandbox_dir(pykata_config.runtime.state_dir, pod.id, "k8s.io")
+        try:
+            r = pykata(cfg, "exec", f"k8s.io/{pod.id}", "sh", "-c", "echo in-guest; exit 4")
+            assert (r.returncode, r.stdout) == (4, b"in-guest\n"), r.stderr
+            r = pykata(cfg, "logs", "-n", "400", f"k8s.io/{pod.id}")
+            assert r.returncode == 0 and b"pykata-agent" in r.stdout, r.stderr
+        finally:
+            left = pod.remove()
+        assert not left, f"left behind: {left}"
+        assert not d.exists()
