@@ -13,13 +13,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from pykata import errors
-from pykata.utils.unixsock import addressable
+from pykata.utils.unixsock import bind_private
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +69,13 @@ class MetricsServer:
         stale socket file of an earlier shim is replaced; anything else there is
         left alone and refused."""
         try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise errors.Unavailable(f"cannot serve metrics: {self.path} exists and is"
-                                         " not a socket")
-            os.unlink(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            # The shim has threads: no umask swap; the sandbox directory is root-only.
+            sock = bind_private(self.path, 16, umask=False)
+        except (OSError, errors.FailedPrecondition) as exc:
+            raise errors.Unavailable(f"cannot serve metrics on {self.path}: {exc}") from exc
         try:
-            with addressable(self.path) as where:
-                # bind never follows a symlink: it fails if the name exists at all.
-                sock.bind(where)
-                # The directory is root-only; the mode is set before anyone is served.
-                os.chmod(where, 0o600)
-                st = os.lstat(where)
+            st = os.lstat(self.path)
             self._ino = (st.st_dev, st.st_ino)
-            sock.listen(16)
             sock.setblocking(False)
             self._server = await asyncio.start_unix_server(self._serve, sock=sock)
         except OSError as exc:

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
-import socket
-import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +27,7 @@ from pykata import errors
 from pykata.agent.client import AgentClient
 from pykata.protos import agent_pb2 as pb
 from pykata.ttrpc import Server
-from pykata.utils.unixsock import addressable
+from pykata.utils.unixsock import bind_private
 from pykata.wire import AGENT_SERVICE
 
 log = logging.getLogger("pykata.shim.debug")
@@ -43,30 +40,6 @@ M = TypeVar("M", bound=Message)
 
 def socket_path(sandbox_dir: Path) -> Path:
     return sandbox_dir / SOCKET_NAME
-
-
-def bind_private(path: Path) -> socket.socket:
-    """A listening unix socket at ``path`` (any length), 0600 from the start; a
-    stale socket there is replaced, anything else refused."""
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise errors.FailedPrecondition(f"{path} exists and is not a socket: refusing it")
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with addressable(path) as addr:
-            old = os.umask(0o177)
-            try:
-                sock.bind(addr)
-            finally:
-                os.umask(old)
-        os.chmod(path, 0o600, follow_symlinks=False)
-        sock.listen(8)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class DebugProxy:
@@ -150,7 +123,7 @@ class DebugSocket:
 
     async def start(self, sandbox: Any, spec: dict[str, Any]) -> None:
         path = socket_path(Path(sandbox.dir))
-        sock = bind_private(path)
+        sock = bind_private(path, 8, umask=False)  # the shim has threads; the dir is root's
         self.path = path
         self.proxy = DebugProxy(sandbox)
         server = Server(max_in_flight=32)

@@ -28,12 +28,12 @@ from typing import Any
 from pykata import config, errors, tracing
 from pykata.runtime.bundle import load_spec_or_empty, spec_annotations
 from pykata.runtime.specconv import CRI_SANDBOX, CRI_TYPE, CRIO_SANDBOX, CRIO_TYPE
+from pykata.utils.unixsock import bind_private
 
 log = logging.getLogger("pykata.shim")
 
 LISTEN_FD_ENV = "PYKATA_SHIM_LISTEN_FD"
 SOCKET_DIR = Path("/run/pykata/s")
-
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -107,34 +107,6 @@ def private_dir(path: Path, *, tighten: bool = False) -> None:
         raise errors.FailedPrecondition(f"{path} is writable by other users"
                                         f" (mode {stat.S_IMODE(st.st_mode):o}): refusing"
                                         " to put a shim socket there")
-
-
-def bind_private(path: Path, backlog: int = 64) -> socket.socket:
-    """A listening AF_UNIX socket at ``path``, mode 0600 from the start (bound
-    under umask 0177, so nobody else can ever connect). A stale socket of ours at
-    the path is replaced; anything else there is refused (FailedPrecondition)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
-            raise errors.FailedPrecondition(
-                f"{path} exists and is not a socket of ours: refusing to replace it")
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)  # in case the umask was not honoured (it is, on Linux)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def spawn_server(path: Path, *, cwd: Path, namespace: str, address: str,

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+
+from pykata import errors
 
 # sizeof(sun_path) on Linux, less the terminating NUL.
 MAX_PATH = 107
@@ -37,3 +41,37 @@ def addressable(path: str | os.PathLike[str]) -> Iterator[str]:
         yield short
     finally:
         os.close(dfd)
+
+
+def bind_private(path: Path, backlog: int = 64, *, umask: bool = True) -> socket.socket:
+    """A listening AF_UNIX socket at ``path`` (any length), mode 0600. A stale
+    socket of ours at the path is replaced; anything else there (a symlink, a
+    file, someone else's socket) is refused with FailedPrecondition. With
+    ``umask`` it is bound under umask 0177, so it is never open to others even
+    for a moment (the umask is the process's: callers with threads that create
+    files pass False and rely on a root-only directory instead); either way it
+    is 0600 before it listens."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise errors.FailedPrecondition(
+                f"{path} exists and is not a socket of ours: refusing to replace it")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with addressable(path) as where:
+            old = os.umask(0o177) if umask else None
+            try:
+                sock.bind(where)  # bind never follows a symlink: it fails if the name exists
+            finally:
+                if old is not None:
+                    os.umask(old)
+            os.chmod(where, 0o600)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
