@@ -60,6 +60,7 @@ import ipaddress
 import json
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -154,12 +155,27 @@ class CRIClient:
         self.close()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the channel is connected (bounded by ``timeout``)."""
+        """Block until the CRI server answers (bounded by ``timeout``).
+
+        A connected channel is not enough: right after containerd starts, its CRI
+        plugin serves the socket but answers every call with "server is not
+        initialized yet" until it has loaded its state. So this also waits for one
+        ListPodSandbox to succeed."""
+        deadline = time.monotonic() + timeout
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise CRIError("connect", grpc.StatusCode.UNAVAILABLE,
                            f"{self.target} not ready after {timeout}s") from None
+        while True:
+            try:
+                self._rt("ListPodSandbox", cri.ListPodSandboxRequest(),
+                         cri.ListPodSandboxResponse, timeout=5)
+                return
+            except CRIError as e:
+                if "not initialized" not in e.details or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
 
     def _call(self, service: Literal["RuntimeService", "ImageService"], method: str,
               request: Message, response_type: type[_R], timeout: float | None = None) -> _R:
