@@ -140,6 +140,32 @@ class AgentConfig:
     # A shell in the guest outside any container (`pykata exec SANDBOX`), for
     # debugging: only sandboxes started with this on allow it; off by default.
     debug_console: bool = False
+    # The agent policy (docs/confidential.md): a JSON file on the host, read when
+    # a sandbox is created and fixed in the guest for the sandbox's life; "" (the
+    # default) allows every request, as before. A pod may carry its own in the
+    # annotation io.katacontainers.config.agent.policy (base64) when
+    # policy_annotation is true.
+    policy_file: str = ""
+    policy_annotation: bool = False
+
+
+@dataclass
+class GuestPullConfig:
+    """[guest_pull]: images pulled and verified inside the guest (issue 19)
+    instead of mounting the host's snapshot through virtio-fs."""
+
+    # Every container of a sandbox started with this configuration pulls its
+    # image in the guest (the RuntimeClass pykata-guest-pull points at such a
+    # configuration); a pod can also ask with the annotation
+    # io.pykata.guest-pull = "true".
+    enabled: bool = False
+    # Size cap of the guest storage the layers are unpacked into (tmpfs), MiB.
+    storage_mib: int = 1024
+    # Registries (host[:port]) reached over plain HTTP instead of HTTPS.
+    plain_http_registries: list[str] = field(default_factory=list)
+    # The node's image signature policy (JSON, docs/confidential.md): which
+    # images must carry a cosign signature by which keys; "" = none required.
+    signature_policy_file: str = ""
 
 
 @dataclass
@@ -199,6 +225,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     factory: FactoryConfig = field(default_factory=FactoryConfig)
+    guest_pull: GuestPullConfig = field(default_factory=GuestPullConfig)
     source: str = ""  # the file it was read from ("" = built-in defaults)
 
     @property
@@ -263,6 +290,7 @@ _MINIMUM: dict[tuple[str, str], int] = {
     ("runtime", "create_container_timeout"): 1,
     ("runtime", "log_max_bytes"): 4096,
     ("factory", "vm_cache_number"): 0,
+    ("guest_pull", "storage_mib"): 16,
 }
 _MAXIMUM: dict[tuple[str, str], int] = {
     # Each cached VM is a whole idle guest (hundreds of MiB under TCG).
@@ -360,6 +388,12 @@ def _cross_check(cfg: Config, where: str) -> None:
         raise InvalidArgument(
             f"{where}: [factory] vm_cache_endpoint must be an absolute path,"
             f" not {cfg.factory.vm_cache_endpoint!r}")
+    for section_name, key, value in (
+            ("agent", "policy_file", cfg.agent.policy_file),
+            ("guest_pull", "signature_policy_file", cfg.guest_pull.signature_policy_file)):
+        if value and not os.path.isabs(value):
+            raise InvalidArgument(
+                f"{where}: [{section_name}] {key} must be an absolute path, not {value!r}")
     if q.default_maxmemory and q.default_maxmemory < q.default_memory:
         raise InvalidArgument(
             f"{where}: [{section}] default_maxmemory ({q.default_maxmemory}) is below"

@@ -5,6 +5,7 @@
      +-- AlreadyExists          an id is taken
      +-- InvalidArgument        a request, spec or configuration is wrong
      +-- FailedPrecondition     valid request, wrong state (e.g. start a stopped container)
+     +-- PermissionDenied       a policy refuses it (the agent policy, an image signature)
      +-- Unavailable            a peer (VM, agent, containerd) cannot be reached or died
      |    +-- VMLaunchError     the VMM did not start; carries argv, exit code, console tail
      +-- Unimplemented          not supported by this component or hypervisor
@@ -49,6 +50,10 @@ class NotFound(PykataError):
 
 class AlreadyExists(PykataError):
     code = 6
+
+
+class PermissionDenied(PykataError):
+    code = 7
 
 
 class ResourceExhausted(PykataError):
@@ -101,6 +106,7 @@ _BY_CODE: dict[int, type[PykataError]] = {
         DeadlineExceeded,
         NotFound,
         AlreadyExists,
+        PermissionDenied,
         ResourceExhausted,
         FailedPrecondition,
         Unimplemented,

@@ -27,7 +27,7 @@ AGENT_METHODS = {
     "PauseContainer", "ResumeContainer", "UpdateContainer", "ListProcesses", "OnlineCPUMem",
     "GetGuestDetails", "GetMetrics", "GetOOMEvent", "SetGuestDateTime", "ReseedRandomDev",
     "CopyFile", "UpdateInterface", "UpdateRoutes", "AddARPNeighbors", "ListInterfaces",
-    "ListRoutes", "TakeSpans", "DebugExec",
+    "ListRoutes", "TakeSpans", "DebugExec", "SetPolicy",
 }
 
 

@@ -269,6 +269,7 @@ class Container:
         self.lock = asyncio.Lock()
         self.storages: list[str] = []  # guest mount points made for this container
         self.disks: list[str] = []  # serials of the hot-plugged disks it uses
+        self.image_digest = ""  # the manifest digest the agent verified (guest pull)
         self.oom_baseline = 0  # oom_kill count when created: WaitProcess's oom_killed
         self.oom_seen = 0  # last count reported as an OOM event
         self._on_exit = on_exit

@@ -77,8 +77,7 @@ Matching:
 replaced once (by the document given at sandbox creation); a parsed document
 may be replaced only if it says ``"set_policy": "allow"``.
 
-A refusal raises :class:`PermissionDenied` (gRPC PERMISSION_DENIED, 7);
-pykata.errors has no such class yet, so it is defined here, under PykataError.
+A refusal raises :class:`pykata.errors.PermissionDenied` (gRPC PERMISSION_DENIED, 7).
 """
 
 from __future__ import annotations
@@ -124,10 +123,7 @@ def agent_methods() -> frozenset[str]:
     return frozenset(m.name for m in svc.methods)
 
 
-class PermissionDenied(errors.PykataError):
-    """The agent policy refuses the request (gRPC PERMISSION_DENIED)."""
-
-    code = 7
+PermissionDenied = errors.PermissionDenied  # a refusal (gRPC PERMISSION_DENIED, 7)
 
 
 def _invalid(where: str, reason: str) -> errors.InvalidArgument:
@@ -390,6 +386,8 @@ def _check_caps(method: str, proc: dict[str, Any]) -> None:
 
 
 def _deny(method: str, rule: str, reason: str) -> NoReturn:
+    # The reason quotes request text (an image name, an argv): keep it one line.
+    reason = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in reason)
     raise PermissionDenied(f"agent policy: {method} denied by rule {rule}: {reason}")
 
 

@@ -24,6 +24,7 @@ from pykata.guest import spec as specmod
 from pykata.guest.container import Container, Process
 from pykata.guest.crun import Crun
 from pykata.guest.oom import OomWatcher
+from pykata.guest.policy import ContainerInfo, Policy
 from pykata.guest.settings import Settings
 from pykata.guest.storage import Storages
 from pykata.protos import agent_pb2 as pb
@@ -43,6 +44,10 @@ class Sandbox:
         self._legacy_tables = False  # ip_tables/ip6_tables loaded for iptables-legacy
         self.storages = Storages()
         self.oom = OomWatcher(self.containers)
+        # The agent policy (docs/confidential.md): allow-all until CreateSandbox
+        # brings a document; after that only SetPolicy, if the document allows it.
+        self.policy = Policy.allow_all()
+        self.image_policy = b""  # the node's image signature policy (JSON), from CreateSandbox
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -55,11 +60,20 @@ class Sandbox:
     def process(self, container_id: str, exec_id: str) -> Process:
         return self.container(container_id).process(exec_id)
 
+    def container_infos(self) -> dict[str, ContainerInfo]:
+        """What the policy sees of each container, by id."""
+        return {cid: ContainerInfo.from_spec(cid, c.spec, c.image_digest, c.execs)
+                for cid, c in self.containers.items()}
+
     # -- the sandbox ----------------------------------------------------------------------
 
     async def create(self, req: pb.CreateSandboxRequest) -> None:
         if self.id:
             raise errors.AlreadyExists(f"sandbox {self.id} is already created")
+        if req.policy:  # first: a refused or invalid document changes nothing
+            self.policy = self.policy.replace(req.policy)
+            log.info("agent policy in force: %d bytes", len(req.policy))
+        self.image_policy = req.image_policy
         if self.settings.init_mode:
             self._prepare_guest(req)
         else:
@@ -159,6 +173,11 @@ class Sandbox:
         try:
             await self.storages.mount_container(cid, oci, req.storages, req.devices, mounted,
                                                 disks)
+            # The manifest digest the agent verified itself when it pulled the
+            # image (guest pull); "" when the host shared the root filesystem.
+            digest = ""
+            self.policy.check("CreateContainer", req, self.container_infos(),
+                              image_digest=digest)
             rootfs = oci["root"]["path"]
             if not os.path.isdir(rootfs):
                 raise errors.InvalidArgument(
@@ -174,6 +193,7 @@ class Sandbox:
             c = Container(cid, guest, self.settings, self.crun, on_exit=self.oom.check)
             c.storages = mounted
             c.disks = disks
+            c.image_digest = digest
             await c.create(guest)
         except BaseException:
             await self.storages.release_container(cid, mounted, disks)

@@ -21,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from pykata import __version__, errors, wire
-from pykata.guest import cgroups, guestops, logs, storage, sysutil
+from pykata.guest import cgroups, guestops, logs, policy, storage, sysutil
 from pykata.guest import spec as specmod
 from pykata.guest.container import Process
 from pykata.guest.crun import Crun
@@ -50,10 +50,17 @@ Q = TypeVar("Q")
 R = TypeVar("R")
 
 
+# Methods the agent policy decides elsewhere: CreateSandbox brings the policy,
+# SetPolicy asks the policy in force to be replaced (Policy.replace), and
+# CreateContainer is decided once the image digest is known (Sandbox.create_container).
+POLICY_ELSEWHERE = frozenset({"CreateSandbox", "SetPolicy", "CreateContainer"})
+
+
 def rpc(describe: Callable[[Any], str] | None = None
         ) -> Callable[[Callable[[S, Q], Awaitable[R]]], Callable[[S, Q], Awaitable[R]]]:
     """Decorate one RPC handler (named as its method): a request with a NUL in a
     string is refused, logging context, a debug record ``"<Method> <describe(req)>"``,
+    the agent policy's decision (a refusal is PermissionDenied naming the rule),
     OSError -> Internal and RecursionError (JSON nested too deeply) ->
     InvalidArgument, with one line."""
 
@@ -67,6 +74,8 @@ def rpc(describe: Callable[[Any], str] | None = None
             logs.container_id.set(getattr(req, "container_id", "") or "-")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s", f"{name} {describe(req)}" if describe else name)
+            if name not in POLICY_ELSEWHERE and isinstance(self, AgentService):
+                self.policy_check(name, req)
             try:
                 return await handler(self, req)
             except OSError as exc:
@@ -119,6 +128,17 @@ class AgentService:
         self._network: Network | None = None
 
     # -- helpers --------------------------------------------------------------------------
+
+    def policy_check(self, method: str, req: Any) -> None:
+        """The agent policy's decision on one request: PermissionDenied (logged,
+        the request quoted briefly) when refused."""
+        infos = self.sandbox.container_infos()
+        infos[""] = policy.ContainerInfo("", exec_ids=frozenset(self.debug.procs))
+        try:
+            self.sandbox.policy.check(method, req, infos)
+        except errors.PermissionDenied as exc:
+            log.warning("%s", exc)
+            raise
 
     def _require_init(self, what: str) -> None:
         if not self.settings.init_mode:
@@ -387,3 +407,9 @@ class AgentService:
         self.debug.require()  # refused before the request is even parsed
         proc = specmod.load_json(req.process_json, "process")
         return pb.ProcessResponse(pid=self.debug.exec(req.exec_id, proc).pid)
+
+    @rpc(lambda r: f"{len(r.policy)} bytes")
+    async def SetPolicy(self, req: pb.SetPolicyRequest) -> pb.Empty:
+        self.sandbox.policy = self.sandbox.policy.replace(req.policy)
+        log.info("agent policy replaced: %d bytes", len(req.policy))
+        return pb.Empty()

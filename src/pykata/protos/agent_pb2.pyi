@@ -51,7 +51,7 @@ class KernelModule(_message.Message):
     def __init__(self, name: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sandbox_pidns", "kernel_modules", "host_time_unix_nano", "random_seed", "hosts", "debug_console")
+    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sandbox_pidns", "kernel_modules", "host_time_unix_nano", "random_seed", "hosts", "debug_console", "policy", "image_policy")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DNS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,8 @@ class CreateSandboxRequest(_message.Message):
     RANDOM_SEED_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
     DEBUG_CONSOLE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_POLICY_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     hostname: str
     dns: _containers.RepeatedScalarFieldContainer[str]
@@ -72,27 +74,57 @@ class CreateSandboxRequest(_message.Message):
     random_seed: bytes
     hosts: str
     debug_console: bool
-    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ..., kernel_modules: _Optional[_Iterable[_Union[KernelModule, _Mapping]]] = ..., host_time_unix_nano: _Optional[int] = ..., random_seed: _Optional[bytes] = ..., hosts: _Optional[str] = ..., debug_console: _Optional[bool] = ...) -> None: ...
+    policy: bytes
+    image_policy: bytes
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ..., kernel_modules: _Optional[_Iterable[_Union[KernelModule, _Mapping]]] = ..., host_time_unix_nano: _Optional[int] = ..., random_seed: _Optional[bytes] = ..., hosts: _Optional[str] = ..., debug_console: _Optional[bool] = ..., policy: _Optional[bytes] = ..., image_policy: _Optional[bytes] = ...) -> None: ...
+
+class SetPolicyRequest(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: bytes
+    def __init__(self, policy: _Optional[bytes] = ...) -> None: ...
+
+class GuestPull(_message.Message):
+    __slots__ = ("image", "username", "password", "auth", "identity_token", "registry_token", "plain_http_registries", "storage_bytes")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_HTTP_REGISTRIES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    username: str
+    password: str
+    auth: str
+    identity_token: str
+    registry_token: str
+    plain_http_registries: _containers.RepeatedScalarFieldContainer[str]
+    storage_bytes: int
+    def __init__(self, image: _Optional[str] = ..., username: _Optional[str] = ..., password: _Optional[str] = ..., auth: _Optional[str] = ..., identity_token: _Optional[str] = ..., registry_token: _Optional[str] = ..., plain_http_registries: _Optional[_Iterable[str]] = ..., storage_bytes: _Optional[int] = ...) -> None: ...
 
 class DestroySandboxRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "exec_id", "oci_spec_json", "storages", "devices", "sandbox_pidns")
+    __slots__ = ("container_id", "exec_id", "oci_spec_json", "storages", "devices", "sandbox_pidns", "guest_pull")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     OCI_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     STORAGES_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_PIDNS_FIELD_NUMBER: _ClassVar[int]
+    GUEST_PULL_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
     oci_spec_json: bytes
     storages: _containers.RepeatedCompositeFieldContainer[Storage]
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     sandbox_pidns: bool
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ...) -> None: ...
+    guest_pull: GuestPull
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., sandbox_pidns: _Optional[bool] = ..., guest_pull: _Optional[_Union[GuestPull, _Mapping]] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
     __slots__ = ("container_id",)
