@@ -18,6 +18,7 @@ from pykata.runtime.types import (
     Device,
     ExitStatus,
     GuestDetails,
+    GuestPull,
     ProcessInfo,
     Storage,
 )
@@ -81,15 +82,20 @@ class AgentClient:
     async def create_sandbox(self, sandbox_id: str, hostname: str, storages: Sequence[Storage],
                              dns: Sequence[str] = (), hosts: str = "", sandbox_pidns: bool = False,
                              kernel_modules: Sequence[str] = (), random_seed: bytes = b"",
-                             debug_console: bool = False) -> None:
+                             debug_console: bool = False, policy: bytes = b"",
+                             image_policy: bytes = b"") -> None:
         req = pb.CreateSandboxRequest(
-            debug_console=debug_console,
+            debug_console=debug_console, policy=policy, image_policy=image_policy,
             sandbox_id=sandbox_id, hostname=hostname, dns=list(dns), hosts=hosts,
             storages=convert.storages_to_pb(storages), sandbox_pidns=sandbox_pidns,
             host_time_unix_nano=time.time_ns(), random_seed=random_seed,
             kernel_modules=[pb.KernelModule(name=m) for m in kernel_modules],
         )
         await self._call("CreateSandbox", req, pb.Empty)
+
+    async def set_policy(self, policy: bytes) -> None:
+        """Replace the agent policy (PermissionDenied unless the one in force allows it)."""
+        await self._call("SetPolicy", pb.SetPolicyRequest(policy=policy), pb.Empty)
 
     async def destroy_sandbox(self, timeout: float = 10.0) -> None:
         await self._call("DestroySandbox", pb.DestroySandboxRequest(), pb.Empty, timeout=timeout)
@@ -117,12 +123,21 @@ class AgentClient:
     async def create_container(self, container_id: str, spec: dict[str, Any],
                                storages: Sequence[Storage] = (), sandbox_pidns: bool = False,
                                timeout: float | None = None,
-                               devices: Sequence[Device] = ()) -> None:
+                               devices: Sequence[Device] = (),
+                               guest_pull: GuestPull | None = None) -> None:
         req = pb.CreateContainerRequest(
             container_id=container_id, oci_spec_json=json.dumps(spec).encode(),
             storages=convert.storages_to_pb(storages), sandbox_pidns=sandbox_pidns,
             devices=convert.devices_to_pb(devices),
         )
+        if guest_pull is not None:
+            req.guest_pull.CopyFrom(pb.GuestPull(
+                image=guest_pull.image, username=guest_pull.username,
+                password=guest_pull.password, auth=guest_pull.auth,
+                identity_token=guest_pull.identity_token,
+                registry_token=guest_pull.registry_token,
+                plain_http_registries=list(guest_pull.plain_http_registries),
+                storage_bytes=guest_pull.storage_bytes))
         await self._call("CreateContainer", req, pb.Empty, timeout=timeout or True)
 
     async def start_container(self, container_id: str) -> int:

@@ -38,6 +38,23 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class GuestPull:
+    """The container's image, for the agent to pull and verify itself (issue 19):
+    ``image`` as the user asked (name[:tag][@sha256:<hex>]), the registry
+    credentials from the CRI request, the registries reached over plain HTTP and
+    the cap of the guest storage the layers are unpacked into."""
+
+    image: str
+    username: str = ""
+    password: str = ""
+    auth: str = ""
+    identity_token: str = ""
+    registry_token: str = ""
+    plain_http_registries: tuple[str, ...] = ()
+    storage_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class Device:
     """A device the agent gives a container: ``id`` names it in the guest (the
     virtio-blk serial of a hot-plugged disk), ``container_path`` is the spec's
@@ -150,7 +167,8 @@ class ContainerAgent(Protocol):
     async def create_container(self, container_id: str, spec: dict[str, Any],
                                storages: Sequence[Storage] = (), sandbox_pidns: bool = False,
                                timeout: float | None = None,
-                               devices: Sequence[Device] = ()) -> None: ...
+                               devices: Sequence[Device] = (),
+                               guest_pull: GuestPull | None = None) -> None: ...
 
     async def start_container(self, container_id: str) -> int: ...
 
@@ -196,7 +214,10 @@ class SandboxAgent(ContainerAgent, Protocol):
     async def create_sandbox(self, sandbox_id: str, hostname: str, storages: Sequence[Storage],
                              dns: Sequence[str] = (), hosts: str = "", sandbox_pidns: bool = False,
                              kernel_modules: Sequence[str] = (),
-                             random_seed: bytes = b"", debug_console: bool = False) -> None: ...
+                             random_seed: bytes = b"", debug_console: bool = False,
+                             policy: bytes = b"", image_policy: bytes = b"") -> None: ...
+
+    async def set_policy(self, policy: bytes) -> None: ...
 
     async def destroy_sandbox(self, timeout: float = 10.0) -> None: ...
 

@@ -47,6 +47,7 @@ from pykata.runtime.types import (
     Device,
     ExitStatus,
     GuestDetails,
+    GuestPull,
     ProcessInfo,
     Stdio,
     Storage,
@@ -166,10 +167,15 @@ class FakeAgent(_Recorder):
     async def create_sandbox(self, sandbox_id: str, hostname: str, storages: Sequence[Storage],
                              dns: Sequence[str] = (), hosts: str = "", sandbox_pidns: bool = False,
                              kernel_modules: Sequence[str] = (), random_seed: bytes = b"",
-                             debug_console: bool = False) -> None:
+                             debug_console: bool = False, policy: bytes = b"",
+                             image_policy: bytes = b"") -> None:
         self._call("create_sandbox", sandbox_id, hostname)
         self.sandbox = {"id": sandbox_id, "hostname": hostname, "storages": list(storages),
-                        "dns": list(dns), "hosts": hosts}
+                        "dns": list(dns), "hosts": hosts, "policy": policy,
+                        "image_policy": image_policy}
+
+    async def set_policy(self, policy: bytes) -> None:
+        self._call("set_policy", len(policy))
 
     async def destroy_sandbox(self, timeout: float = 10.0) -> None:
         self._call("destroy_sandbox")
@@ -211,7 +217,8 @@ class FakeAgent(_Recorder):
     async def create_container(self, container_id: str, spec: dict[str, Any],
                                storages: Sequence[Storage] = (), sandbox_pidns: bool = False,
                                timeout: float | None = None,
-                               devices: Sequence[Device] = ()) -> None:
+                               devices: Sequence[Device] = (),
+                               guest_pull: GuestPull | None = None) -> None:
         self._call("create_container", container_id)
         if container_id in self.containers:
             raise errors.AlreadyExists(f"container {container_id} already exists")
