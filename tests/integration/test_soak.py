@@ -20,8 +20,8 @@ MEMORY_TOLERANCE_KIB at most. Figures go to /var/tmp/pykata-test/soak/*.json.
 Cycle counts come from the environment; ``make test`` runs a short slice,
 ``make soak`` the full counts:
 
-    PYKATA_SOAK_CTR_CYCLES (12; soak 500)   PYKATA_SOAK_CRI_CYCLES (6; soak 200)
-    PYKATA_SOAK_ROUNDS (1; soak 10)         PYKATA_SOAK_PODS (6; soak 10)
+    PYKATA_SOAK_CTR_CYCLES (8; soak 500)    PYKATA_SOAK_CRI_CYCLES (4; soak 200)
+    PYKATA_SOAK_ROUNDS (1; soak 10)         PYKATA_SOAK_PODS (4; soak 10)
     PYKATA_SOAK_BURST_ROUNDS (1; soak 10)
 
 (the baseline is taken half-way in a run shorter than 20 cycles)
@@ -58,10 +58,10 @@ from tests.integration.soak_support import (
     tag,
 )
 
-CTR_CYCLES = cycles("PYKATA_SOAK_CTR_CYCLES", 12)
-CRI_CYCLES = cycles("PYKATA_SOAK_CRI_CYCLES", 6)
+CTR_CYCLES = cycles("PYKATA_SOAK_CTR_CYCLES", 8)
+CRI_CYCLES = cycles("PYKATA_SOAK_CRI_CYCLES", 4)
 ROUNDS = cycles("PYKATA_SOAK_ROUNDS", 1)
-PODS = cycles("PYKATA_SOAK_PODS", 6)
+PODS = cycles("PYKATA_SOAK_PODS", 4)
 BURST_ROUNDS = cycles("PYKATA_SOAK_BURST_ROUNDS", 1)
 MAX_FAILURES = 3  # a soak goes on after a failure (to count them), up to this many
 SHIM_EXIT_BOUND = 60.0  # a shim still there this long after its pod went is a leak
