@@ -157,11 +157,11 @@ def test_pod_with_two_containers(env: tuple[PrivateContainerd, CNINetwork, CRICl
         assert r.exit_code == 1
         # The runtime's exec timeout: containerd answers DEADLINE_EXCEEDED (as the
         # kubelet expects for a probe timeout), not an exit code.
-        t = time.monotonic()
+        # (sleep 600: a timeout that were not honoured would hang the test until
+        # its own timeout instead of passing late.)
         with pytest.raises(CRIError) as ei:
-            c.exec_sync(c1, ["sleep", "5"], timeout=1)
+            c.exec_sync(c1, ["sleep", "600"], timeout=1)
         assert ei.value.code.name == "DEADLINE_EXCEEDED" and "timeout" in ei.value.details
-        assert time.monotonic() - t < 4.5
 
         # Resources reach the cgroup (cgroup v1 here), and can be updated.
         lim = "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || " \
@@ -191,10 +191,8 @@ def test_pod_with_two_containers(env: tuple[PrivateContainerd, CNINetwork, CRICl
         assert c.port_forward(pod_id, 80).startswith("http://127.0.0.1:")
 
         # Stop one container (it exits on SIGTERM), then the whole pod.
-        t = time.monotonic()
         c.stop_container(c2, timeout=10)
-        assert time.monotonic() - t < 8
-        s = c.container_status(c2).status
+        s = c.container_status(c2).status  # exit code 0: SIGTERM did it, not SIGKILL
         assert s.state == cri.CONTAINER_EXITED and s.exit_code == 0, s
         c.remove_container(c2)
         cids.remove(c2)
@@ -202,9 +200,7 @@ def test_pod_with_two_containers(env: tuple[PrivateContainerd, CNINetwork, CRICl
             c.container_status(c2)
         assert ei.value.code.name == "NOT_FOUND"
 
-        t = time.monotonic()
         c.stop_pod_sandbox(pod_id)
-        assert time.monotonic() - t < 20
         assert c.pod_sandbox_status(pod_id).status.state == cri.SANDBOX_NOTREADY
         assert c.container_status(c1).status.state == cri.CONTAINER_EXITED
         c.remove_pod_sandbox(pod_id)

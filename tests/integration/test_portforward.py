@@ -133,12 +133,10 @@ def test_large_upload(web: tuple[Pod, str]) -> None:
 
 def test_nothing_listening_is_a_clean_refusal(web: tuple[Pod, str]) -> None:
     pod, _ = web
-    t0 = time.monotonic()
     with forward(pod, 9) as conn:
         conn.send(b"GET / HTTP/1.0\r\n\r\n")
         assert conn.recv_all() == b""
         assert b"error forwarding port 9" in conn.error, conn.error
-    assert time.monotonic() - t0 < 10
 
 
 def test_ipv6_only_listener(web: tuple[Pod, str]) -> None:
