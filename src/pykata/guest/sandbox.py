@@ -25,6 +25,7 @@ from pykata.guest.container import Container, Process
 from pykata.guest.crun import Crun
 from pykata.guest.oom import OomWatcher
 from pykata.guest.policy import ContainerInfo, Policy
+from pykata.guest.pull import GuestPulls
 from pykata.guest.settings import Settings
 from pykata.guest.storage import Storages
 from pykata.protos import agent_pb2 as pb
@@ -48,6 +49,7 @@ class Sandbox:
         # brings a document; after that only SetPolicy, if the document allows it.
         self.policy = Policy.allow_all()
         self.image_policy = b""  # the node's image signature policy (JSON), from CreateSandbox
+        self.pulls = GuestPulls(settings.state_dir / "images")  # guest-pulled images (pull.py)
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -176,8 +178,18 @@ class Sandbox:
             # The manifest digest the agent verified itself when it pulled the
             # image (guest pull); "" when the host shared the root filesystem.
             digest = ""
-            self.policy.check("CreateContainer", req, self.container_infos(),
-                              image_digest=digest)
+            infos = self.container_infos()
+            if req.HasField("guest_pull") and req.guest_pull.image:
+                # Signatures and the agent policy are decided once the manifest
+                # is verified, before any layer is fetched.
+                def check(d: str) -> None:
+                    self.policy.check("CreateContainer", req, infos, image_digest=d)
+
+                pulled = await self.pulls.pull(cid, req.guest_pull, self.image_policy, check)
+                digest = pulled.digest
+                oci["root"]["path"] = self.pulls.root(cid)
+            else:
+                self.policy.check("CreateContainer", req, infos, image_digest=digest)
             rootfs = oci["root"]["path"]
             if not os.path.isdir(rootfs):
                 raise errors.InvalidArgument(
@@ -196,6 +208,8 @@ class Sandbox:
             c.image_digest = digest
             await c.create(guest)
         except BaseException:
+            for failure in self.pulls.release(cid):
+                log.warning("container %s: %s", cid, failure)
             await self.storages.release_container(cid, mounted, disks)
             # What the failed create looked up stays cached otherwise: host
             # descriptors in virtiofsd, and dentries of a directory the host
@@ -218,6 +232,8 @@ class Sandbox:
             if self.pidns_owner is c:
                 self.pidns_owner = None
             await self.storages.release_container(c.id, c.storages, c.disks)
+            for failure in self.pulls.release(c.id):
+                log.warning("container %s: %s", c.id, failure)
         await asyncio.to_thread(forget_unused_inodes)
 
 

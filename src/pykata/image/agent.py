@@ -99,10 +99,12 @@ def check_agent_imports(root: Path) -> None:
     """Import every agent module with the image's own Python, libraries and stdlib:
     a module trimmed away fails the build, not the guest's boot."""
     lib = root / "opt/pykata/lib"
-    names = ["pykata.guest." + p.stem for p in sorted((lib / "pykata/guest").glob("*.py"))
-             if p.stem != "__init__"]
+    guest = lib / "pykata/guest"
+    names = [".".join(("pykata", "guest", *p.relative_to(guest).with_suffix("").parts))
+             for p in sorted(guest.rglob("*.py")) if p.stem != "__init__"]
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import importlib\n"
             "for n in sys.argv[2:]: importlib.import_module(n)\n"
+            "import ctypes; ctypes.CDLL('libzstd.so.1')\n"
             "import asyncio, ctypes, json, socket, signal, struct, logging, hashlib\n"
             "hashlib.sha256(b''); hashlib.md5(b'')\n"
             "from google.protobuf.internal import api_implementation as a\n"

@@ -77,6 +77,7 @@ _DLOPEN_LIBS = (
     "ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libgcc_s.so.1", "libnss_files.so.2",
     "libnss_dns.so.2", "libresolv.so.2", "libdl.so.2", "libpthread.so.0", "librt.so.1",
     "libutil.so.1",
+    "libzstd.so.1",  # zstd image layers (guest pull: pykata.guest.imagepull.decompress)
 )
 _LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib")
 

@@ -43,6 +43,7 @@ from pykata.runtime.types import (
     ContainerStats,
     Device,
     ExitStatus,
+    GuestPull,
     ProcessInfo,
     ProcessIO,
     State,
@@ -53,6 +54,41 @@ from pykata.runtime.types import (
 log = logging.getLogger(__name__)
 
 LOST_STATUS = 255  # the exit status of a process whose VM (or agent) went away
+
+# Guest pull (issue 19, docs/guest-pull.md): a pod (or a container) asks with
+# GUEST_PULL_ANNOTATION = "true" (else [guest_pull] enabled turns it on for
+# every container); the image is GUEST_PULL_IMAGE_ANNOTATION (which alone also
+# asks: ctr sets no image annotation) or CRI's image name.
+GUEST_PULL_ANNOTATION = "io.pykata.guest-pull"
+GUEST_PULL_IMAGE_ANNOTATION = "io.pykata.guest-pull.image"
+CRI_IMAGE_ANNOTATION = "io.kubernetes.cri.image-name"
+
+
+def guest_pull_of(spec: dict[str, Any], cfg: Config) -> GuestPull | None:
+    """The image the agent pulls itself for this container, or None (the host
+    shares its root filesystem). A pod's sandbox (pause) container always runs
+    from the host's root: CRI names no image for it. Credentials: containerd
+    hands the shim none (the CRI request's auth stays in containerd's CRI
+    plugin), so only public or unauthenticated registries work through CRI."""
+    ann = spec.get("annotations")
+    ann = ann if isinstance(ann, dict) else {}
+    asked = str(ann.get(GUEST_PULL_ANNOTATION, "")).lower()
+    if asked not in ("", "true", "false"):
+        raise errors.InvalidArgument(
+            f"annotation {GUEST_PULL_ANNOTATION} must be true or false, not {asked[:40]!r}")
+    named = str(ann.get(GUEST_PULL_IMAGE_ANNOTATION) or "")
+    wanted = asked == "true" or (asked != "false" and (cfg.guest_pull.enabled or bool(named)))
+    if not wanted or specconv.is_pod_sandbox(spec):
+        return None
+    image = named or str(ann.get(CRI_IMAGE_ANNOTATION) or "")
+    if not image:
+        raise errors.InvalidArgument(
+            f"guest pull: the container names no image (annotation {GUEST_PULL_IMAGE_ANNOTATION}"
+            f" or {CRI_IMAGE_ANNOTATION}; ctr sets neither: pass --annotation"
+            f" {GUEST_PULL_IMAGE_ANNOTATION}=<image>)")
+    return GuestPull(image=image,
+                     plain_http_registries=tuple(cfg.guest_pull.plain_http_registries),
+                     storage_bytes=cfg.guest_pull.storage_mib << 20)
 
 
 class Tree(Protocol):
@@ -405,8 +441,13 @@ class Container:
         plan = specconv.plan(
             self.spec, self.id, self.bundle,
             guest_empty_dir=not self.sandbox.config.runtime.disable_guest_empty_dir)
+        guest_pull = guest_pull_of(self.spec, self.sandbox.config)
+        host_mounts = plan.host_mounts
+        if guest_pull is not None:  # the guest never sees the host's root filesystem
+            host_mounts = [hm for hm in host_mounts if hm.target != f"{self.id}/rootfs"]
+            log.info("container %s: the guest pulls %s", self.id, guest_pull.image)
         try:
-            self._mount_shared(plan.host_mounts)
+            self._mount_shared(host_mounts)
             self.sandbox.persist()
             await self.sandbox.fit_resources()
             storages, devices = await self._attach_blocks(plan.blocks)
@@ -416,7 +457,7 @@ class Container:
                 self.spec)
             await self._agent.create_container(
                 self.id, plan.spec, storages=[*plan.storages, *storages], devices=devices,
-                sandbox_pidns=share_pid,
+                sandbox_pidns=share_pid, guest_pull=guest_pull,
                 timeout=self.sandbox.config.runtime.create_container_timeout)
         except BaseException:
             self.unmount_shared()

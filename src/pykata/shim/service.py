@@ -33,7 +33,7 @@ from pykata.protos import containerd_events_pb2 as ev
 from pykata.protos import containerd_shim_pb2 as pb
 from pykata.runtime import hooks, specconv
 from pykata.runtime.bundle import load_spec, spec_annotations
-from pykata.runtime.container import Container, PodSettings, Process
+from pykata.runtime.container import Container, PodSettings, Process, guest_pull_of
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.state import DEFAULT_NAMESPACE
 from pykata.runtime.types import ExitStatus
@@ -81,7 +81,8 @@ class PodFactory(Protocol):
     """Boots the pod's sandbox: ``Sandbox.create``."""
 
     def __call__(self, sandbox_id: str, config: Config, *, hostname: str = "",
-                 netns: str = "", namespace: str = DEFAULT_NAMESPACE) -> Awaitable[Pod]: ...
+                 netns: str = "", namespace: str = DEFAULT_NAMESPACE,
+                 annotations: Mapping[str, str] | None = None) -> Awaitable[Pod]: ...
 
 
 class EventSink(Protocol):
@@ -144,10 +145,19 @@ class TaskService:
         async with self._lock:
             if self.sandbox is not None and req.id in self.sandbox.containers:
                 raise errors.AlreadyExists(f"task {req.id} already exists")
-            mounted = rootfs.mount_rootfs(bundle, convert.rootfs_mounts(req.rootfs))
+            cfg = self.config if self.sandbox is not None else (
+                convert.runtime_config(req.options) or self.config)
+            if guest_pull_of(spec, cfg) is not None:
+                # The agent pulls the image itself: containerd's snapshot is never
+                # mounted (the empty rootfs directory satisfies the spec's root).
+                mounted = False
+                if req.rootfs:
+                    (bundle / "rootfs").mkdir(exist_ok=True)
+            else:
+                mounted = rootfs.mount_rootfs(bundle, convert.rootfs_mounts(req.rootfs))
             try:
                 if self.sandbox is None:
-                    self.config = convert.runtime_config(req.options) or self.config
+                    self.config = cfg
                     # Refused before a VM boots: a malformed spec, the version, hooks,
                     # host namespaces.
                     specconv.validate(spec, bundle)
@@ -158,7 +168,8 @@ class TaskService:
                     try:
                         self.sandbox = await self._make_sandbox(
                             self.sandbox_id, self.config, hostname=pod.hostname,
-                            netns=pod.netns or self._default_netns, namespace=self.namespace)
+                            netns=pod.netns or self._default_netns, namespace=self.namespace,
+                            annotations=spec.get("annotations") or {})
                         self._portfwd = await PortForward.start(self.sandbox_id, pod.netns,
                                                                 self.sandbox.vm)
                         self._companions = await companionsmod.start_all(

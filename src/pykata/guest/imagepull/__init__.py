@@ -1,9 +1,9 @@
 """Pull an OCI image from a registry and unpack it, verifying everything.
 
-The first stone of issue 19 (images pulled inside the guest): the agent will
-call ``pull_image`` for a container's image instead of using the host's
-snapshot. Not wired into CreateContainer yet. Python stdlib only (the parts
-the guest image keeps: no ``http``, ``email``, ``tarfile``, ``ssl``), asyncio.
+Issue 19 (images pulled inside the guest): the agent calls ``pull_image``
+for a container's image instead of using the host's snapshot (see
+pykata.guest.pull). Python stdlib only (the parts the guest image keeps: no
+``http``, ``email``, ``tarfile``, ``ssl``), asyncio.
 
 | module | job |
 |---|---|
@@ -13,6 +13,7 @@ the guest image keeps: no ``http``, ``email``, ``tarfile``, ``ssl``), asyncio.
 | `decompress.py` | gzip (zlib), zstd (libzstd via ctypes, or a zstd binary), plain tar |
 | `tar.py` | a streaming tar reader (ustar, GNU long names, PAX) |
 | `unpack.py` | applying layers to a root: fd walks from the root, whiteouts, caps |
+| `signature.py` | cosign signatures of a digest: the `sha256-<hex>.sig` artifact |
 
 Order of a pull: manifest (verified against the reference's digest, or its
 digest recorded), config blob (verified), every layer blob streamed to a file
@@ -29,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +40,8 @@ from pykata.guest.imagepull.reference import Reference, parse
 from pykata.guest.imagepull.registry import Credentials, Manifest, PullLimits, Registry
 from pykata.guest.imagepull.unpack import Applier, UnpackOptions
 
-__all__ = ["Credentials", "PullLimits", "PulledImage", "Reference", "UnpackOptions",
-           "parse", "pull_image", "unpack_layers"]
+__all__ = ["Credentials", "Manifest", "PullLimits", "PulledImage", "Reference", "Registry",
+           "UnpackOptions", "parse", "pull_image", "unpack_layers"]
 
 
 @dataclass(frozen=True)
@@ -95,19 +97,26 @@ def unpack_layers(ref: str, root: str, blobs: list[tuple[str, str, str]], *,
 async def pull_image(reference: str, root: str, work_dir: str, *,
                      credentials: Credentials | None = None, plain_http: bool = False,
                      ssl_context: Any = None, limits: PullLimits | None = None,
-                     options: UnpackOptions | None = None) -> PulledImage:
+                     options: UnpackOptions | None = None, token: str = "",
+                     before_layers: Callable[[Registry, Manifest], Awaitable[None]] | None = None,
+                     ) -> PulledImage:
     """Pull ``reference`` and unpack it into the existing directory ``root``.
 
     ``work_dir`` holds the compressed blobs while the pull runs (a private
     directory is made in it and removed). ``plain_http`` talks http to the
     registry (tests, a registry on the pod network); otherwise https, which
-    needs ``ssl`` in the image (see http.py)."""
+    needs ``ssl`` in the image (see http.py). ``token`` is a registry bearer
+    token sent as is. ``before_layers(registry, manifest)`` runs once the
+    manifest is resolved and verified, before the config or any layer is
+    fetched (signature checks, the agent policy): raising refuses the pull."""
     ref = parse(reference)
     limits = limits or PullLimits()
     options = options or UnpackOptions()
     reg = Registry(ref, credentials=credentials, plain_http=plain_http,
-                   ssl_context=ssl_context, limits=limits)
+                   ssl_context=ssl_context, limits=limits, token=token)
     manifest = await reg.manifest()
+    if before_layers is not None:
+        await before_layers(reg, manifest)
     try:
         config = json.loads(await reg.blob_bytes(manifest.config, limits.max_config))
     except ValueError:

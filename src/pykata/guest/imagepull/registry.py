@@ -116,14 +116,17 @@ class Registry:
 
     def __init__(self, ref: Reference, *, credentials: Credentials | None = None,
                  plain_http: bool = False, ssl_context: Any = None,
-                 limits: PullLimits | None = None) -> None:
+                 limits: PullLimits | None = None, token: str = "") -> None:
         self.ref = ref
         self.credentials = credentials
         self.ssl_context = ssl_context
         self.limits = limits or PullLimits()
         scheme = "http" if plain_http else "https"
         self.base = http.URL.parse(f"{scheme}://{ref.endpoint}/")
-        self._auth: str | None = None
+        # A registry token given by the caller (CRI's RegistryToken) is sent as is.
+        if token and (not token.isprintable() or " " in token):
+            raise errors.InvalidArgument(f"{ref}: the registry token is not printable")
+        self._auth: str | None = f"Bearer {token}" if token else None
 
     def _same_origin(self, url: http.URL) -> bool:
         return (url.scheme, url.host, url.port) == (self.base.scheme, self.base.host,
@@ -225,6 +228,10 @@ class Registry:
             return await resp.read(limit), (resp.header("content-type") or "").split(";")[0]
         finally:
             await resp.close()
+
+    async def fetch(self, path: str, accept: str | None, limit: int) -> tuple[bytes, str]:
+        """GET ``path`` (at most ``limit`` bytes): the body and its content type."""
+        return await self._fetch(path, accept, limit)
 
     async def manifest(self) -> Manifest:
         """The image manifest for the reference, resolved to linux/amd64, verified."""
