@@ -28,7 +28,10 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors", "utils"},
     "__init__": set(),
     "ttrpc": BASE,
-    "guest": BASE | {"ttrpc"},  # the agent: never host code
+    "guest": BASE | {"ttrpc", "guest.policy"},  # the agent: never host code
+    # The agent policy's parser and evaluator (stdlib only): the host validates a
+    # document with the agent's own parser before it boots a VM.
+    "guest.policy": BASE,
     "hypervisor": BASE | {"ttrpc"},
     "resources": BASE | {"hypervisor"},
     "runtime.types": BASE,
@@ -36,16 +39,16 @@ ALLOWED: dict[str, set[str]] = {
     "observe": set(),
     "tracing": BASE | {"ttrpc", "observe"},  # host only: the shim's OpenTelemetry
     "runtime": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime.types",
-                       "observe", "tracing"},
+                       "observe", "tracing", "guest.policy"},
     "metrics": BASE | {"resources", "agent", "runtime.types"},  # the shim's per-sandbox metrics socket
     "shim": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime", "runtime.types",
                     "observe", "tracing", "metrics"},
     "image": BASE | {"guest"},  # reuses the guest's module-dependency parser
     "monitor": BASE | {"ttrpc", "agent", "runtime", "runtime.types", "shim"},
     "cli": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime", "runtime.types",
-                   "shim", "image", "monitor"},
+                   "shim", "image", "monitor", "guest.policy"},
     "testing": BASE | {"ttrpc", "hypervisor", "resources", "agent", "runtime",
-                       "runtime.types", "shim", "guest", "image", "monitor"},
+                       "runtime.types", "shim", "guest", "guest.policy", "image", "monitor"},
 }
 
 # Driver packages behind the hypervisor contract: only these layers may import
@@ -66,6 +69,8 @@ def layer(module: str) -> str:
         return "__init__"
     if parts[:2] == ["runtime", "types"]:
         return "runtime.types"
+    if parts[:2] == ["guest", "policy"]:
+        return "guest.policy"
     return parts[0]
 
 

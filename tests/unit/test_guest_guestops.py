@@ -24,6 +24,43 @@ def test_copy_file_in_chunks(tmp_path: Path) -> None:
 def test_copy_file_rejects_relative() -> None:
     with pytest.raises(errors.InvalidArgument):
         guestops.copy_file("rel/path", b"", 0, 0, 0o644, 0o755, 0, 0)
+    for bad in ("/a/../b", "/a/./b", "/", "/a/.."):
+        with pytest.raises(errors.InvalidArgument, match="no '.' or '..' components"):
+            guestops.copy_file(bad, b"", 0, 0, 0o644, 0o755, 0, 0)
+
+
+def _copy(path: Path, data: bytes = b"new") -> None:
+    guestops.copy_file(str(path), data, 0, len(data), 0o644, 0o755, os.getuid(), os.getgid())
+
+
+def test_copy_file_never_follows_a_symlink(tmp_path: Path) -> None:
+    """The agent policy allows CopyFile paths by their text: a symlink a
+    container planted anywhere on the way must not lead the write elsewhere."""
+    root = tmp_path.resolve()
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(b"old")
+    allowed = root / "allowed"
+    allowed.mkdir()
+    (allowed / "dir").symlink_to(outside)  # a directory component
+    with pytest.raises(errors.InvalidArgument, match="a symlink is never followed"):
+        _copy(allowed / "dir" / "f")
+    with pytest.raises(errors.InvalidArgument, match="a symlink is never followed"):
+        _copy(allowed / "dir" / "new" / "f")
+    assert (outside / "f").read_bytes() == b"old" and sorted(os.listdir(outside)) == ["f"]
+    # The last component: the link itself is replaced, its target untouched.
+    (allowed / "file").symlink_to(outside / "f")
+    _copy(allowed / "file")
+    assert not (allowed / "file").is_symlink() and (allowed / "file").read_bytes() == b"new"
+    assert (outside / "f").read_bytes() == b"old"
+    # The temporary name is not followed either (a chunked copy in progress).
+    (allowed / ".g.pykata-copy").symlink_to(outside / "f")
+    with pytest.raises(errors.Internal, match="cannot write"):
+        guestops.copy_file(str(allowed / "g"), b"abc", 0, 6, 0o644, 0o755, 0, 0)
+    assert (outside / "f").read_bytes() == b"old"
+    # A file where a directory is expected.
+    with pytest.raises(errors.InvalidArgument, match="not a directory"):
+        _copy(outside / "f" / "x")
 
 
 def test_cpu_ids() -> None:

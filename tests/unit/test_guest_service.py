@@ -4,6 +4,7 @@ root (development mode: the handlers that need none of them)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
@@ -134,3 +135,101 @@ def test_health(tmp_path: Path) -> None:
     h = service.HealthService()
     assert run(h.Check(pb.CheckRequest())).status == pb.HealthCheckResponse.SERVING
     assert run(h.Version(pb.CheckRequest())).grpc_version == "ttrpc"
+
+
+# -- the agent policy (issue 19, docs/confidential.md) ---------------------------------
+
+
+def _policy(**doc: Any) -> bytes:
+    return json.dumps({"version": 1, **doc}).encode()
+
+
+def test_the_policy_from_create_sandbox_decides_each_request(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path.resolve()
+    allowed = root / "ok"
+    doc = _policy(methods={"GetMetrics": "deny"}, copy_file={"paths": [f"{allowed}/"]},
+                  stdio="none")
+
+    async def go() -> None:
+        svc = make(tmp_path)
+        await svc.CreateSandbox(pb.CreateSandboxRequest(sandbox_id="sb1", policy=doc))
+        with pytest.raises(errors.PermissionDenied) as ei:
+            await svc.GetMetrics(pb.GetMetricsRequest())
+        assert str(ei.value) == ("agent policy: GetMetrics denied by rule methods.GetMetrics:"
+                                 " denied")
+        assert str(ei.value) in caplog.messages  # the refusal is logged in the guest
+        await svc.GetGuestDetails(pb.GetGuestDetailsRequest())  # the default: allow
+        # Decided before the handler runs: no file written, no NotFound for c9.
+        with pytest.raises(errors.PermissionDenied, match="rule copy_file.paths"):
+            await svc.CopyFile(pb.CopyFileRequest(path=f"{root}/elsewhere", data=b"x",
+                                                  file_size=1))
+        assert not (root / "elsewhere").exists()
+        with pytest.raises(errors.PermissionDenied, match="rule copy_file.paths"):
+            await svc.CopyFile(pb.CopyFileRequest(path=f"{allowed}/../elsewhere", data=b"x",
+                                                  file_size=1))
+        await svc.CopyFile(pb.CopyFileRequest(path=f"{allowed}/f", data=b"x", file_size=1,
+                                              file_mode=0o600))
+        assert (allowed / "f").read_bytes() == b"x"
+        for method in ("ReadStdout", "ReadStderr"):
+            with pytest.raises(errors.PermissionDenied, match=f"{method} denied by rule stdio"):
+                await getattr(svc, method)(pb.ReadStreamRequest(container_id="c9"))
+        with pytest.raises(errors.PermissionDenied, match="WriteStdin denied by rule stdio"):
+            await svc.WriteStdin(pb.WriteStreamRequest(container_id="c9", data=b"x"))
+        # Fixed: the document does not allow replacing it.
+        with pytest.raises(errors.PermissionDenied) as ei:
+            await svc.SetPolicy(pb.SetPolicyRequest(policy=_policy()))
+        assert str(ei.value) == ("agent policy: SetPolicy denied by rule set_policy: the"
+                                 " policy in force cannot be replaced")
+        with pytest.raises(errors.PermissionDenied):
+            await svc.GetMetrics(pb.GetMetricsRequest())
+        logs.set_sandbox("")
+
+    caplog.set_level(logging.WARNING, logger="pykata.guest.service")
+    asyncio.run(go())
+
+
+def test_set_policy_replaces_only_what_allows_it(tmp_path: Path) -> None:
+    async def go() -> None:
+        svc = make(tmp_path)
+        with pytest.raises(errors.InvalidArgument, match="invalid agent policy: version"):
+            await svc.CreateSandbox(pb.CreateSandboxRequest(policy=b'{"version": 7}'))
+        assert svc.sandbox.id == ""  # an invalid document changes nothing
+        await svc.CreateSandbox(pb.CreateSandboxRequest(sandbox_id="sb1"))  # no document
+        await svc.GetMetrics(pb.GetMetricsRequest())
+        # The built-in allow-all may be replaced once...
+        await svc.SetPolicy(pb.SetPolicyRequest(
+            policy=_policy(methods={"GetMetrics": "deny"}, set_policy="allow")))
+        with pytest.raises(errors.PermissionDenied):
+            await svc.GetMetrics(pb.GetMetricsRequest())
+        with pytest.raises(errors.InvalidArgument):  # invalid: the one in force stays
+            await svc.SetPolicy(pb.SetPolicyRequest(policy=b"[]"))
+        with pytest.raises(errors.PermissionDenied):
+            await svc.GetMetrics(pb.GetMetricsRequest())
+        # ...and this one says it may be replaced, by one that says it may not.
+        await svc.SetPolicy(pb.SetPolicyRequest(policy=_policy()))
+        await svc.GetMetrics(pb.GetMetricsRequest())
+        with pytest.raises(errors.PermissionDenied, match="rule set_policy"):
+            await svc.SetPolicy(pb.SetPolicyRequest(
+                policy=_policy(set_policy="allow")))
+        logs.set_sandbox("")
+
+    asyncio.run(go())
+
+
+def test_the_decorator_leaves_create_and_set_policy_to_their_handlers(tmp_path: Path) -> None:
+    """A policy denying everything by default still lets the host reach SetPolicy
+    (which refuses by its own rule) and CreateSandbox is never decided by it."""
+    async def go() -> None:
+        svc = make(tmp_path)
+        await svc.CreateSandbox(pb.CreateSandboxRequest(
+            sandbox_id="sb1", policy=_policy(default="deny", set_policy="allow")))
+        with pytest.raises(errors.PermissionDenied, match="rule default"):
+            await svc.GetGuestDetails(pb.GetGuestDetailsRequest())
+        with pytest.raises(errors.AlreadyExists):  # not PermissionDenied: not decided here
+            await svc.CreateSandbox(pb.CreateSandboxRequest(sandbox_id="sb2"))
+        await svc.SetPolicy(pb.SetPolicyRequest(policy=_policy()))
+        await svc.GetGuestDetails(pb.GetGuestDetailsRequest())
+        logs.set_sandbox("")
+
+    asyncio.run(go())

@@ -1,6 +1,7 @@
 """`pykata`: the admin CLI. Build the guest image, check the host, show the
 configuration, run a bundle in a VM for debugging, clean up leftovers, open the
-debug console of a sandbox (`exec`) and show its guest console (`logs`)."""
+debug console of a sandbox (`exec`), show its guest console (`logs`) and check
+an agent policy document (`policy check`)."""
 
 from __future__ import annotations
 
@@ -261,17 +262,22 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 # -- run (debug) --------------------------------------------------------------------
 async def _run_bundle(cfg: config.Config, bundle: Path, cid: str) -> int:
+    from pykata.runtime.bundle import load_spec
     from pykata.runtime.sandbox import Sandbox
 
-    sb = await Sandbox.create(cid, cfg)
+    spec = load_spec(bundle)
+    sb = await Sandbox.create(cid, cfg, annotations=spec.get("annotations") or {})
     try:
-        c = await sb.create_container(cid, bundle)
+        c = await sb.create_container(cid, bundle, spec)
         await c.start()
 
         async def pump(read: Any, out: Any) -> None:
-            while data := await read():
-                out.write(data)
-                out.flush()
+            try:
+                while data := await read():
+                    out.write(data)
+                    out.flush()
+            except errors.PermissionDenied as exc:  # the agent policy keeps it private
+                print(f"pykata: {exc}", file=sys.stderr)
 
         pumps = [asyncio.ensure_future(pump(c.init.read_stdout, sys.stdout.buffer))]
         if not c.init.terminal:
@@ -286,6 +292,25 @@ async def _run_bundle(cfg: config.Config, bundle: Path, cid: str) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     return asyncio.run(_run_bundle(cfg, Path(args.bundle).resolve(), args.id))
+
+
+# -- policy -------------------------------------------------------------------------
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Parse an agent policy document as the agent would: "ok", or its error."""
+    from pykata.guest.policy import MAX_DOCUMENT, Policy
+    from pykata.runtime.agentpolicy import read_document
+
+    try:
+        if args.file == "-":
+            doc = sys.stdin.buffer.read(MAX_DOCUMENT + 1)
+        else:
+            doc = read_document(args.file, "policy file")
+        Policy.parse(doc)
+    except errors.InvalidArgument as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print("ok")
+    return 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -702,6 +727,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bundle", required=True)
     r.add_argument("id")
     r.set_defaults(func=cmd_run)
+    po = sub.add_parser("policy", help="the agent policy (docs/confidential.md)")
+    posub = po.add_subparsers(dest="policy_cmd", required=True)
+    pc = posub.add_parser("check", help="is FILE a valid agent policy document?")
+    pc.add_argument("file", metavar="FILE", help="the JSON document (- for stdin)")
+    pc.set_defaults(func=cmd_policy_check)
     f = sub.add_parser("factory", help="VM templating and the VM cache")
     fsub = f.add_subparsers(dest="factory_cmd", required=True)
     fsub.add_parser("init", help="boot and save the VM template").set_defaults(

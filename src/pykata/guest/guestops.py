@@ -4,6 +4,7 @@ hotplug, guest details and metrics."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,31 +21,76 @@ def write_etc(resolv_lines: Sequence[str], hosts: str, etc: str = "/etc") -> Non
         Path(etc, "hosts").write_text(hosts if hosts.endswith("\n") else hosts + "\n")
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_parent(parts: Sequence[str], dir_mode: int) -> int:
+    """An fd of the directory ``/parts[0]/.../parts[-1]``, made (``dir_mode``)
+    where missing, walked from / one component at a time without following a
+    symlink in any of them (O_NOFOLLOW|O_DIRECTORY on each openat)."""
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for name in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_mode, dir_fd=fd)
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise errors.InvalidArgument(
+                        f"cannot write below {name!r}: not a directory (a symlink is never"
+                        " followed)") from None
+                raise
+            os.close(fd)
+            fd = sub
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def copy_file(path: str, data: bytes, offset: int, file_size: int, file_mode: int,
               dir_mode: int, uid: int, gid: int) -> None:
-    """Write one chunk of a file; the last chunk moves it into place atomically."""
+    """Write one chunk of a file; the last chunk moves it into place atomically.
+
+    No symlink is followed in any component of ``path`` (the agent policy
+    decides CopyFile on the path's text, docs/confidential.md): the directories
+    are walked with O_NOFOLLOW from /, the file is written through its
+    directory's fd and renamed over whatever the last component is."""
     if not path.startswith("/"):
         raise errors.InvalidArgument(f"copy target {path!r} is not absolute")
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.pykata-copy")
+    parts = [p for p in path.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise errors.InvalidArgument(f"copy target {path!r} is not a file path"
+                                     " (no '.' or '..' components)")
+    *dirs, name = parts
+    tmp = f".{name}.pykata-copy"
+    last = offset + len(data) >= file_size
+    mode = file_mode & 0o7777 or 0o644
+    dfd = -1
     try:
-        target.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode or 0o755)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if offset == 0 else 0)
-        fd = os.open(tmp, flags, file_mode & 0o7777 or 0o644)
+        dfd = _open_parent(dirs, dir_mode or 0o755)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC \
+            | (os.O_TRUNC if offset == 0 else 0)
+        fd = os.open(tmp, flags, mode, dir_fd=dfd)
         try:
             if data:
                 os.pwrite(fd, data, offset)
+            if last:
+                os.fchmod(fd, mode)
+                os.fchown(fd, uid, gid)
         finally:
             os.close(fd)
-        if offset + len(data) >= file_size:
-            os.chmod(tmp, file_mode & 0o7777 or 0o644)
-            os.chown(tmp, uid, gid)
-            os.replace(tmp, target)
+        if last:
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            if offset + len(data) >= file_size:
-                tmp.unlink()
+        if last and dfd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
         raise errors.Internal(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
 
 
 def _cpu_ids(text: str) -> list[int]:

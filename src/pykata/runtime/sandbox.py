@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from pykata.hypervisor.base import Hypervisor
 from pykata.resources import network
 from pykata.resources.blockdev import BlockDevices
 from pykata.resources.sharedfs import VirtioFsDaemon
-from pykata.runtime import boot, sizing
+from pykata.runtime import agentpolicy, boot, sizing
 from pykata.runtime.bundle import load_spec
 from pykata.runtime.container import Container
 from pykata.runtime.netwatch import NetworkWatch, configure_guest
@@ -88,18 +89,31 @@ class Sandbox:
         self._watchdog: Watchdog | None = None
         # How long each phase of its start-up (and its stop) took: see pykata.observe.
         self.phases = observe.Phases()
+        # What CreateSandbox gives the agent (docs/confidential.md): the agent
+        # policy and the node's image signature policy (b"": none).
+        self.policy = b""
+        self.policy_source = ""
+        self.image_policy = b""
 
     # -- creation ------------------------------------------------------------------
     @classmethod
     async def create(cls, sandbox_id: str, config: Config, *, hostname: str = "",
                      dns: list[str] | None = None, hosts: str = "", vcpus: int | None = None,
                      memory_mib: int | None = None, netns: str = "",
-                     namespace: str = DEFAULT_NAMESPACE, parts: Parts | None = None) -> Sandbox:
+                     namespace: str = DEFAULT_NAMESPACE, parts: Parts | None = None,
+                     annotations: Mapping[str, str] | None = None) -> Sandbox:
         """Boot the VM and bring up the agent; with ``netns``, connect the pod
-        network namespace's interfaces to it. On any error nothing is left behind
-        (and a sandbox that already exists is left as it is)."""
+        network namespace's interfaces to it. ``annotations``: the pod's (its
+        first container's spec), for the agent policy annotation. On any error
+        nothing is left behind (and a sandbox that already exists is left as it is)."""
+        # The documents for the agent, read and checked before anything starts.
+        policy = agentpolicy.agent_policy(config, annotations)
+        image_policy = agentpolicy.image_policy(config)
         sb = cls(sandbox_id, config, namespace, parts)
         sb.netns = netns
+        sb.policy, sb.image_policy = policy, image_policy
+        sb.policy_source = "the pod annotation" if policy and annotations and \
+            agentpolicy.POLICY_ANNOTATION in annotations else config.agent.policy_file
         with observe.phase("sandbox.create", sb.phases, sandbox=sandbox_id):
             try:
                 await sb._start(hostname or sandbox_id[:63], dns or [], hosts, vcpus,
@@ -166,7 +180,11 @@ class Sandbox:
                 self.id, hostname, boot.guest_storages(spec), dns=dns, hosts=hosts,
                 kernel_modules=self.config.agent.kernel_modules, random_seed=os.urandom(64),
                 debug_console=self.config.agent.debug_console,
+                policy=self.policy, image_policy=self.image_policy,
             )
+        if self.policy:
+            log.info("sandbox %s: agent policy in force (%d bytes, from %s)", self.id,
+                     len(self.policy), self.policy_source)
         self.state = State.RUNNING
         self.persist()
         if self.network is not None:

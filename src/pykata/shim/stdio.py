@@ -4,7 +4,9 @@ A relay is a process's ProcessIO (runtime/types.py): attached with
 ``Process.attach_io``, started by the process once it exists in the guest, and
 drained by it before the exit is final. Output relays end at the agent's
 end-of-stream, so everything the process wrote reaches the fifo before its exit
-is reported. Stdin EOF closes the process's stdin in the guest.
+is reported. Stdin EOF closes the process's stdin in the guest. An agent
+policy that keeps a process's stdio in the guest (PermissionDenied) ends that
+relay, logged once; the process runs on.
 """
 
 from __future__ import annotations
@@ -138,6 +140,10 @@ class StdioRelay:
             out = await FifoOut.open(path)
             while data := await read(CHUNK):
                 await out.write(data)
+        except errors.PermissionDenied as exc:
+            # The agent policy keeps this output in the guest (stdio "none" or
+            # "own-exec-only"): the end of the stream, not a failure of the process.
+            log.info("output of %s relayed no further: %s", self.proc.name, exc)
         except errors.PykataError as exc:
             log.debug("output relay to %s ended: %s", path, exc)
         except OSError as exc:
@@ -184,6 +190,8 @@ class StdioRelay:
                     break
                 await asyncio.sleep(EOF_GRACE[quiet_eofs - 1])
             await self.proc.close_stdin()
+        except errors.PermissionDenied as exc:  # the agent policy: no input for it
+            log.info("input of %s relayed no further: %s", self.proc.name, exc)
         except errors.PykataError as exc:
             log.debug("stdin relay from %s ended: %s", path, exc)
         except OSError as exc:

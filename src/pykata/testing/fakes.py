@@ -29,7 +29,7 @@ import copy
 import itertools
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,13 +502,14 @@ class FakeSandbox(Sandbox):
     async def running(cls, sandbox_id: str = "sb", *, state_dir: Path,
                       agent: FakeAgent | None = None, config: Config | None = None,
                       namespace: str = DEFAULT_NAMESPACE, hostname: str = "",
-                      netns: str = "", in_place: bool = False) -> FakeSandbox:
+                      netns: str = "", in_place: bool = False,
+                      annotations: Mapping[str, str] | None = None) -> FakeSandbox:
         """``Sandbox.create`` over fakes, state under ``state_dir`` (``config``
         copied, or changed itself if ``in_place``). The calls that brought it up
         are cleared from the fakes' records."""
         sb = await cls.create(sandbox_id, fake_config(state_dir, config, in_place=in_place),
                               hostname=hostname, netns=netns, namespace=namespace,
-                              parts=fake_parts(agent or FakeAgent()))
+                              parts=fake_parts(agent or FakeAgent()), annotations=annotations)
         assert isinstance(sb, FakeSandbox)
         sb.booted = list(sb.fake_agent.calls)
         sb.fake_agent.calls.clear()
@@ -552,12 +553,13 @@ class FakeSandboxFactory(_Recorder):
         self.made: list[FakeSandbox] = []
 
     async def __call__(self, sandbox_id: str, config: Config, *, hostname: str = "",
-                       netns: str = "", namespace: str = DEFAULT_NAMESPACE) -> FakeSandbox:
+                       netns: str = "", namespace: str = DEFAULT_NAMESPACE,
+                       annotations: Mapping[str, str] | None = None) -> FakeSandbox:
         self._call("create", sandbox_id, {"hostname": hostname, "netns": netns,
                                           "namespace": namespace})
         sb = await FakeSandbox.running(sandbox_id, state_dir=self.state_dir, agent=self.agent,
                                        config=config, namespace=namespace, hostname=hostname,
-                                       netns=netns, in_place=True)
+                                       netns=netns, in_place=True, annotations=annotations)
         self.made.append(sb)
         return sb
 
