@@ -236,6 +236,45 @@ def registry(net: Net, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reg
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def tls_registry(net: Net, registry: Registry,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same storage served over TLS on port 5443 with a self-signed
+    certificate (which the guest does not trust): its host:port."""
+    base = tmp_path_factory.mktemp("gp-tls-registry")
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+       "-nodes", "-days", "2", "-subj", "/CN=pykata", "-addext",
+       f"subjectAltName=IP:{net.reg_ip}", "-keyout", str(base / "key.pem"), "-out",
+       str(base / "cert.pem"))
+    host = f"{net.reg_ip}:5443"
+    cfg = base / "config.yml"
+    cfg.write_text("version: 0.1\nlog:\n  level: warn\n"
+                   f"storage:\n  filesystem:\n    rootdirectory: {registry.storage}\n"
+                   f"http:\n  addr: {host}\n  tls:\n    certificate: {base / 'cert.pem'}\n"
+                   f"    key: {base / 'key.pem'}\n")
+    with (base / "registry.log").open("wb") as logf:
+        proc = subprocess.Popen(["ip", "netns", "exec", net.reg_ns, REGISTRY, "serve", str(cfg)],
+                                stdout=logf, stderr=logf)
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, (base / "registry.log").read_text(errors="replace")
+            r = subprocess.run(["ip", "netns", "exec", net.reg_ns, "openssl", "s_client",
+                                "-connect", host], input=b"", capture_output=True, timeout=30)
+            if b"BEGIN CERTIFICATE" in r.stdout:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the TLS docker-registry did not answer")
+        yield host
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def tar_of(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
@@ -492,3 +531,76 @@ async def test_refused_images(sb: Sandbox, images: Images, registry: Registry,
     assert "\n" not in str(err)
     # Nothing of the refused pulls is left in the guest.
     assert await guest_pull_mounts(sb) == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_https_registry_is_spoken_to_with_tls(sb: Sandbox, images: Images,
+                                                    tls_registry: str, tmp_path: Path) -> None:
+    """The guest image carries TLS (Python's ssl, OpenSSL, the Mozilla CA bundle):
+    a registry not listed as plain HTTP is reached over https, and a certificate
+    no CA of the bundle signed is refused."""
+    image = images.plain.replace(images.plain.split("/")[0], tls_registry)
+    err = await create_fails(sb, tmp_path, image)
+    assert isinstance(err, errors.Unavailable), err
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err) and f"https://{tls_registry}/" in str(err), err
+
+
+_GUEST_HTTPS = """
+import asyncio, json, ssl, sys
+sys.path.insert(0, "/pull/src")
+from pykata import errors
+from pykata.guest.imagepull import pull_image
+from pykata.guest.imagepull.http import CA_BUNDLE
+ref = sys.argv[1]
+out = {"cas": ssl.create_default_context(cafile=CA_BUNDLE).cert_store_stats()["x509_ca"]}
+try:
+    asyncio.run(pull_image(ref, "/pull/root", "/pull/work"))
+except errors.Unavailable as exc:
+    out["untrusted"] = str(exc)
+ctx = ssl.create_default_context(cafile="/pull/cert.pem")
+out["digest"] = asyncio.run(pull_image(ref, "/pull/root", "/pull/work", ssl_context=ctx)
+                            ).manifest_digest
+print(json.dumps(out))
+"""
+
+
+def test_guest_image_python_pulls_over_https(tmp_path: Path) -> None:
+    """The guest image's own Python, OpenSSL and CA bundle (its initrd unpacked
+    and chrooted into, no VM) pull over TLS from a registry on 127.0.0.1 whose
+    CA it is given; with the image's bundle alone the certificate is refused."""
+    from pykata.testing.images import oci_archive
+    from tests.integration.test_imagepull_registry import _serve
+
+    initrd = config.load().initrd_path()
+    if not initrd.exists():
+        pytest.fail(f"guest image missing ({initrd}): run 'make setup'")
+    groot = tmp_path / "guest"
+    groot.mkdir()
+    with initrd.open("rb") as f:
+        subprocess.run(["cpio", "-idm", "--quiet"], stdin=f, cwd=groot, check=True,
+                       timeout=120)
+    src = Path(__file__).resolve().parents[2] / "src/pykata"
+    dest = groot / "pull/src/pykata"
+    (dest / "guest").mkdir(parents=True)
+    for name in ("__init__.py", "errors.py"):
+        shutil.copy(src / name, dest / name)
+    (dest / "guest/__init__.py").write_text("")
+    shutil.copytree(src / "guest/imagepull", dest / "guest/imagepull",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for d in ("root", "work"):
+        (groot / "pull" / d).mkdir()
+    base = tmp_path / "reg"
+    base.mkdir()
+    with _serve(base, tls=True) as reg:
+        archive = oci_archive(busybox_rootfs(CACHE / "busybox-rootfs"), tmp_path / "bb.tar",
+                              ref="pykata/busybox:tls")
+        digest = reg.push(f"oci-archive:{archive}", "pykata/busybox:tls")
+        shutil.copy(base / "cert.pem", groot / "pull/cert.pem")
+        out = subprocess.run(["chroot", str(groot), "/usr/bin/python3.11", "-SB", "-c",
+                              _GUEST_HTTPS, f"{reg.host}/pykata/busybox:tls"],
+                             capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got["cas"] > 100 and got["digest"] == digest, got
+    assert "CERTIFICATE_VERIFY_FAILED" in got["untrusted"], got
+    assert (groot / "pull/root/bin/busybox").is_file()

@@ -27,7 +27,13 @@ ROOTFS_PACKAGES = (
     "crun", "libcap2", "libseccomp2", "libsystemd0", "libyajl2", "libgcrypt20",
     "libgpg-error0", "liblz4-1", "liblzma5", "libzstd1",
     "busybox-static", "libstdc++6", "libgcc-s1",
+    # TLS for the guest pull (https registries): Python's _ssl links libssl3, and
+    # the trust store is ca-certificates' Mozilla bundle (ca_bundle below).
+    "libssl3", "ca-certificates",
 )
+
+# The CA bundle the guest trusts (pykata.guest.imagepull.http.CA_BUNDLE).
+CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
 
 # What the guest never needs.
 _TRIM = (
@@ -54,11 +60,11 @@ _TRIM = (
     "usr/lib/python3.11/nntplib.py", "usr/lib/python3.11/tarfile.py",
 )
 
-# Extension modules the agent never imports (or whose libraries are not shipped:
-# no OpenSSL, so hashlib uses its builtin hashes and asyncio has no ssl).
+# Extension modules the agent never imports (hashlib uses its builtin hashes;
+# _ssl stays for the guest pull's https).
 _TRIM_EXTENSIONS = (
     "_test", "_xx", "xxlimited", "_ctypes_test", "_codecs_", "_multibytecodec", "_curses",
-    "_dbm", "_gdbm", "_sqlite3", "_ssl", "_hashlib", "audioop", "nis", "ossaudiodev",
+    "_dbm", "_gdbm", "_sqlite3", "_hashlib", "audioop", "nis", "ossaudiodev",
     "readline", "_crypt", "_lsprof", "_decimal", "_uuid", "_zoneinfo", "_lzma", "_bz2",
     "_multiprocessing", "_posixshmem",
 )
@@ -102,8 +108,22 @@ def merge_usr(root: Path) -> None:
         src.symlink_to(f"usr/{top}")
 
 
+def ca_bundle(root: Path) -> None:
+    """/etc/ssl/certs/ca-certificates.crt from ca-certificates' Mozilla
+    certificates (what its postinst, update-ca-certificates, would write)."""
+    certs = sorted((root / "usr/share/ca-certificates/mozilla").glob("*.crt"))
+    if not certs:
+        raise errors.Internal("the guest image has no CA certificates"
+                              " (ca-certificates unpacked?)")
+    out = root / CA_BUNDLE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(b"".join(c.read_bytes().rstrip(b"\n") + b"\n" for c in certs))
+    rm(root / "usr/sbin/update-ca-certificates")
+
+
 def trim(root: Path, step: Callable[[str], None]) -> None:
     """Remove what the guest never needs (docs, most of the stdlib's extras, codecs)."""
+    ca_bundle(root)  # before usr/share goes
     for rel in _TRIM:
         rm(root / rel)
     for p in (root / "usr/lib/python3.11/lib-dynload").glob("*.so"):
