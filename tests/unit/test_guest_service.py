@@ -181,6 +181,7 @@ def test_the_policy_from_create_sandbox_decides_each_request(
             await svc.SetPolicy(pb.SetPolicyRequest(policy=_policy()))
         assert str(ei.value) == ("agent policy: SetPolicy denied by rule set_policy: the"
                                  " policy in force cannot be replaced")
+        assert str(ei.value) in caplog.messages
         with pytest.raises(errors.PermissionDenied):
             await svc.GetMetrics(pb.GetMetricsRequest())
         logs.set_sandbox("")
@@ -232,4 +233,28 @@ def test_the_decorator_leaves_create_and_set_policy_to_their_handlers(tmp_path: 
         await svc.GetGuestDetails(pb.GetGuestDetailsRequest())
         logs.set_sandbox("")
 
+    asyncio.run(go())
+
+
+def test_create_container_is_decided_by_the_policy_and_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pykata.testing import default_spec
+
+    spec = default_spec(["sh"])
+    spec["root"] = {"path": str(tmp_path / "no-rootfs")}
+
+    async def go() -> None:
+        svc = make(tmp_path)
+        await svc.CreateSandbox(pb.CreateSandboxRequest(sandbox_id="sb1", policy=_policy(
+            create_container={"commands": [{"argv": ["/pause"]}]})))
+        with pytest.raises(errors.PermissionDenied) as ei:
+            await svc.CreateContainer(pb.CreateContainerRequest(
+                container_id="c1", oci_spec_json=json.dumps(spec).encode()))
+        assert str(ei.value) == ('agent policy: CreateContainer denied by rule'
+                                 ' create_container.commands: ["sh"] matches no allowed command')
+        assert str(ei.value) in caplog.messages
+        assert svc.sandbox.containers == {}
+        logs.set_sandbox("")
+
+    caplog.set_level(logging.WARNING, logger="pykata.guest.service")
     asyncio.run(go())

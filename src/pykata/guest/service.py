@@ -193,7 +193,11 @@ class AgentService:
 
     @rpc(lambda r: f"{r.container_id} storages={len(r.storages)}")
     async def CreateContainer(self, req: pb.CreateContainerRequest) -> pb.Empty:
-        await self.sandbox.create_container(req)
+        try:
+            await self.sandbox.create_container(req)
+        except errors.PermissionDenied as exc:  # the policy (or an image signature)
+            log.warning("%s", exc)
+            raise
         return pb.Empty()
 
     @rpc(lambda r: r.container_id)
@@ -410,6 +414,10 @@ class AgentService:
 
     @rpc(lambda r: f"{len(r.policy)} bytes")
     async def SetPolicy(self, req: pb.SetPolicyRequest) -> pb.Empty:
-        self.sandbox.policy = self.sandbox.policy.replace(req.policy)
+        try:
+            self.sandbox.policy = self.sandbox.policy.replace(req.policy)
+        except errors.PermissionDenied as exc:
+            log.warning("%s", exc)
+            raise
         log.info("agent policy replaced: %d bytes", len(req.policy))
         return pb.Empty()
