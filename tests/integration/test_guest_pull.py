@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -604,3 +606,123 @@ def test_guest_image_python_pulls_over_https(tmp_path: Path) -> None:
     assert got["cas"] > 100 and got["digest"] == digest, got
     assert "CERTIFICATE_VERIFY_FAILED" in got["untrusted"], got
     assert (groot / "pull/root/bin/busybox").is_file()
+
+
+# -- through containerd's CRI plugin ---------------------------------------------------
+@contextlib.contextmanager
+def registry_on_bridge(bridge: str, ip: str, prefix: int, storage: Path,
+                       base: Path) -> Iterator[str]:
+    """docker-registry serving ``storage`` at ``ip``:5000 from a netns of ours whose
+    veth is a port of the CNI ``bridge`` (made here if CNI has not yet)."""
+    tag = uuid.uuid4().hex[:6]
+    ns, inner, outer = f"pkgp-cri-{tag}", f"gci{tag}", f"gco{tag}"
+    if not Path(f"/sys/class/net/{bridge}").exists():
+        sh("ip", "link", "add", "name", bridge, "type", "bridge")
+    sh("ip", "link", "set", bridge, "up")
+    sh("ip", "netns", "add", ns)
+    proc = None
+    try:
+        sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+        sh("ip", "link", "set", inner, "netns", ns)
+        sh("ip", "link", "set", outer, "master", bridge)
+        sh("ip", "link", "set", outer, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/{prefix}", "dev", inner)
+        sh("ip", "-n", ns, "link", "set", inner, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        cfg = base / "config.yml"
+        cfg.write_text("version: 0.1\nlog:\n  level: warn\n"
+                       f"storage:\n  filesystem:\n    rootdirectory: {storage}\n"
+                       f"http:\n  addr: {ip}:{PORT}\n")
+        with (base / "registry.log").open("wb") as logf:
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, REGISTRY, "serve", str(cfg)],
+                                    stdout=logf, stderr=logf)
+        for _ in range(300):
+            assert proc.poll() is None, (base / "registry.log").read_text(errors="replace")
+            r = subprocess.run(["ip", "netns", "exec", ns, "busybox", "wget", "-q", "-O",
+                                "/dev/null", f"http://{ip}:{PORT}/v2/"], capture_output=True,
+                               timeout=30)
+            if r.returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("docker-registry on the CNI bridge did not answer")
+        yield f"{ip}:{PORT}"
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def test_cri_pod_with_guest_pull_ignores_the_hosts_copy(
+        gp_config: config.Config, registry: Registry, base_layer: bytes,
+        tmp_path: Path) -> None:
+    """A CRI pod asking for the guest pull (pod annotation io.pykata.guest-pull):
+    containerd 1.6 has the image (imported here under the same name, with other
+    content: a stand-in for the host's pull), but the container runs from what
+    the guest pulled from the registry; the host's snapshot is never mounted on
+    the bundle, and everything goes with the pod."""
+    from pykata.protos import cri_api_pb2 as cri
+    from pykata.testing.cri import (
+        CRI_NAMESPACE,
+        container_config,
+        cri_containerd,
+        pod_config,
+    )
+    from pykata.testing.images import oci_archive
+    from pykata.testing.leaks import pod_leftovers
+
+    label = {"pykata.test": "guest-pull-cri"}
+    base = Path(f"/run/pykata-crigp-{uuid.uuid4().hex[:6]}")
+    marker = uuid.uuid4().hex
+    cfg = copy.deepcopy(gp_config)
+    with cri_containerd(base, Path("/var/lib/pykata-crigp-test"), label,
+                        pykata_config=config.to_toml(cfg)) as (ctd, net, client):
+        ip = str(net.subnet.network_address + 250)
+        (tmp_path / "reg").mkdir()
+        with registry_on_bridge(net.bridge, ip, net.subnet.prefixlen, registry.storage,
+                                tmp_path / "reg") as host:
+            cfg.guest_pull.plain_http_registries = [host]
+            (base / "pykata.toml").write_text(config.to_toml(cfg))
+            image = f"{host}/gp/cri:v1"
+            registry.image("gp/cri", "v1", [base_layer, tar_of({"etc/gp-marker":
+                                                                marker.encode()})])
+            # The host's copy: the same name, another marker.
+            hostroot = tmp_path / "hostcopy"
+            shutil.copytree(busybox_rootfs(CACHE / "busybox-rootfs"), hostroot,
+                            symlinks=True)
+            (hostroot / "etc/gp-marker").write_text("host-copy")
+            archive = oci_archive(hostroot, tmp_path / "host.tar", ref=image)
+            sh("ctr", "--address", str(ctd.socket), "--namespace", CRI_NAMESPACE, "images",
+               "import", str(archive))
+            tag = uuid.uuid4().hex[:10]
+            pcfg = pod_config(f"gp-{tag}", "pykata-test", uid=tag,
+                              log_directory=base / "pods" / tag, hostname=f"h-{tag}",
+                              labels=label, annotations={"io.pykata.guest-pull": "true"})
+            pod = client.run_pod_sandbox(pcfg, runtime_handler="pykata")
+            needles = [pod]
+            try:
+                cid = client.create_container(pod, container_config(
+                    "app", image, ["/bin/sh", "-c"], ["trap 'exit 0' TERM; sleep 3600 & wait"],
+                    log_path="app.log"), pcfg)
+                needles.append(cid)
+                client.start_container(cid)
+                r = client.exec_sync(cid, ["cat", "/etc/gp-marker"], timeout=60)
+                assert (r.exit_code, r.stdout.decode()) == (0, marker), r
+                bundle_root = (ctd.base / "state/io.containerd.runtime.v2.task" / CRI_NAMESPACE
+                               / cid / "rootfs")
+                assert bundle_root.is_dir() and not os.path.ismount(bundle_root)
+                assert list(bundle_root.iterdir()) == []
+                st = client.container_status(cid).status
+                assert st.state == cri.CONTAINER_RUNNING, st
+            finally:
+                client.stop_pod_sandbox(pod)
+                client.remove_pod_sandbox(pod)
+            deadline = time.monotonic() + 30
+            while pod_leftovers(needles) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not pod_leftovers(needles)
