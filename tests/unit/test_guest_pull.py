@@ -190,6 +190,26 @@ async def test_bad_signatures_are_refused_before_any_layer(
     assert list((tmp_path / "root").iterdir()) == []
 
 
+@pytest.mark.parametrize("signed", ["index", "platform manifest"])
+async def test_an_index_is_signed_by_its_own_digest(
+        reg: FakeRegistry, tmp_path: Path, keys: dict[str, tuple[Path, str]],  # noqa: F811
+        signed: str) -> None:
+    """cosign signs the digest the reference resolves to: for a multi-platform
+    image, the index's; a signature of the linux/amd64 manifest alone does not
+    stand for the index."""
+    digest, manifest = reg.add_image([BASE], tag="amd64-only")
+    index = reg.add_index([("", manifest, "amd64")], tag="v1")
+    ref = f"{reg.host}/test/img"
+    sign(reg, index if signed == "index" else digest, keys["good"][0], ref)
+    if signed == "index":
+        await signed_pull(reg, tmp_path, (keys["good"][1],), ref)
+        assert (tmp_path / "root/bin/tool").is_file()
+        return
+    with pytest.raises(cosign.SignatureError, match=f"unsigned \\(no {signature_tag(index)}"):
+        await signed_pull(reg, tmp_path, (keys["good"][1],), ref)
+    assert layer_gets(reg, manifest) == []
+
+
 async def test_signature_manifest_payload_is_checked(reg: FakeRegistry,  # noqa: F811
                                                      keys: dict[str, tuple[Path, str]]) -> None:
     digest, _ = reg.add_image([BASE])
