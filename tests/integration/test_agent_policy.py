@@ -258,6 +258,10 @@ def test_cri_pod_annotation_policy(pykata_config: config.Config, tmp_path: Path)
             assert st.status.exit_code == 0, st  # its exit, not a failure of its stdio
             log = Path(st.status.log_path)
             assert b"secret-output" not in (log.read_bytes() if log.exists() else b"")
+            # The shim ended the relay on the refusal, once per stream, at info level.
+            ctd_log = env[0].log.read_text(errors="replace")
+            assert f"output of {cid}/init relayed no further: agent policy: ReadStdout" \
+                " denied by rule stdio" in ctd_log, ctd_log[-3000:]
         finally:
             left = p.remove()
         assert not left, f"left behind: {left}"
