@@ -1,6 +1,10 @@
 """The agent policy: a JSON document fixed at sandbox creation that decides
-each AgentService request (issue 19). NOT YET WIRED into the agent: nothing
-calls :meth:`Policy.check` yet (docs/confidential.md has the plan).
+each AgentService request (issue 19, docs/confidential.md). The agent's rpc
+decorator (guest/service.py) calls :meth:`Policy.check` for every request but
+CreateSandbox (which brings the document), SetPolicy (:meth:`Policy.replace`)
+and CreateContainer (decided in guest/sandbox.py once the image digest is
+known); the host validates a document with :meth:`Policy.parse` before it
+boots a VM (runtime/agentpolicy.py, `pykata policy check`).
 
 Rego (Kata's choice) needs OPA, which the guest image does not have; this is a
 small declarative format with one evaluator in the stdlib. The format (every
@@ -59,10 +63,9 @@ Matching:
 * copy_file paths are decided lexically: the request's path must be absolute
   and already canonical (no "." or ".." component, no "//", no trailing "/");
   an entry ending with "/" allows the files below that directory, any other
-  entry that one file. The lexical decision is only sound if the agent then
-  writes without following symlinks in any component (O_NOFOLLOW on each
-  openat, or openat2 RESOLVE_NO_SYMLINKS|RESOLVE_BENEATH): the wiring must
-  change guestops.copy_file accordingly.
+  entry that one file. The lexical decision is sound because the agent
+  writes without following a symlink in any component
+  (guestops.copy_file: O_NOFOLLOW|O_DIRECTORY on each openat from /).
 * stdio "own-exec-only": only processes started through ExecProcess (or the
   debug console's DebugExec), never a container's init process (exec id
   ""); "none": no stdio at all.
