@@ -280,3 +280,30 @@ def test_guest_pull_selection() -> None:
     with pytest.raises(errors.InvalidArgument, match="names no image") as ei:
         guest_pull_of(spec_with({}), cfg)
     assert "--annotation io.pykata.guest-pull.image=<image>" in str(ei.value)
+
+
+def test_deploy_guest_pull_files_agree() -> None:
+    """deploy/guest-pull: the RuntimeClass's handler is the containerd runtime
+    entry, whose ConfigPath is the configuration the README says to make (the
+    node's configuration.toml with guest_pull.toml appended), which parses and
+    turns the guest pull on; the example pod asks by annotation."""
+    import tomllib
+
+    import yaml  # type: ignore[import-untyped,unused-ignore]
+
+    d = Path(__file__).resolve().parents[2] / "deploy"
+    rc = yaml.safe_load((d / "guest-pull/runtimeclass.yaml").read_text())
+    entry = tomllib.loads((d / "guest-pull/containerd.toml").read_text())[
+        "plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"][rc["handler"]]
+    assert entry["runtime_type"] == "io.containerd.pykata.v2"
+    assert "io.pykata.*" in entry["pod_annotations"]
+    assert entry["options"]["ConfigPath"].endswith("/configuration-guest-pull.toml")
+    text = (d / "pykata-deploy/configuration.toml").read_text().replace("@PREFIX@", "/opt/p")
+    cfg = config.parse(text + (d / "guest-pull/guest_pull.toml").read_text(), "guest-pull")
+    assert cfg.guest_pull.enabled and cfg.guest_pull.signature_policy_file
+    pod = yaml.safe_load((d / "guest-pull/pod.yaml").read_text())
+    assert pod["metadata"]["annotations"] == {"io.pykata.guest-pull": "true"}
+    assert guest_pull_of({"annotations": {
+        **pod["metadata"]["annotations"],
+        "io.kubernetes.cri.image-name": pod["spec"]["containers"][0]["image"]}},
+        config.Config()) is not None
