@@ -680,8 +680,11 @@ def test_cri_pod_with_guest_pull_ignores_the_hosts_copy(
     base = Path(f"/run/pykata-crigp-{uuid.uuid4().hex[:6]}")
     marker = uuid.uuid4().hex
     cfg = copy.deepcopy(gp_config)
-    with cri_containerd(base, Path("/var/lib/pykata-crigp-test"), label,
-                        pykata_config=config.to_toml(cfg)) as (ctd, net, client):
+    root = Path(f"/var/lib/pykata-crigp-{uuid.uuid4().hex[:6]}")
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        ctd, net, client = stack.enter_context(cri_containerd(
+            base, root, label, pykata_config=config.to_toml(cfg)))
         ip = str(net.subnet.network_address + 250)
         (tmp_path / "reg").mkdir()
         with registry_on_bridge(net.bridge, ip, net.subnet.prefixlen, registry.storage,
