@@ -29,8 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
     "ttrpc": BASE,
     "guest": BASE | {"ttrpc", "guest.policy"},  # the agent: never host code
-    # The agent policy's parser and evaluator (stdlib only): the host validates a
-    # document with the agent's own parser before it boots a VM.
+    # The guest's policy documents (stdlib only): the agent policy
+    # (guest/policy.py), the image signature policy (guest/imagepolicy.py) and
+    # the signature check it uses (guest/cosign.py). The host validates a document
+    # with the agent's own parser before it boots a VM.
     "guest.policy": BASE,
     "hypervisor": BASE | {"ttrpc"},
     "resources": BASE | {"hypervisor"},
@@ -62,6 +64,9 @@ DRIVER_SECTIONS = {"qemu"}
 DRIVER_NEUTRAL = {"runtime", "runtime.types", "shim", "resources", "agent", "monitor"}
 
 
+POLICY_MODULES = {"policy", "imagepolicy", "cosign"}  # guest modules of layer guest.policy
+
+
 def layer(module: str) -> str:
     """``pykata.runtime.types`` -> runtime.types, ``pykata.shim.main`` -> shim."""
     parts = module.split(".")[1:]
@@ -69,7 +74,7 @@ def layer(module: str) -> str:
         return "__init__"
     if parts[:2] == ["runtime", "types"]:
         return "runtime.types"
-    if parts[:2] == ["guest", "policy"]:
+    if parts[:1] == ["guest"] and parts[1:2] and parts[1] in POLICY_MODULES:
         return "guest.policy"
     return parts[0]
 
@@ -101,7 +106,8 @@ def imports(path: Path, module: str) -> list[tuple[int, str]]:
             # import those modules, not the package.
             for n in names:
                 sub = n.rpartition(".")[2]
-                if (target == "pykata" and sub in ALLOWED) or layer(n) == "runtime.types":
+                if (target == "pykata" and sub in ALLOWED) or layer(n) in ("runtime.types",
+                                                                           "guest.policy"):
                     out.append((node.lineno, n))
                 else:
                     out.append((node.lineno, target))

@@ -119,21 +119,24 @@ def test_a_bad_annotation_is_one_error(tmp_path: Path, value: str, words: str) -
     assert words in str(ei.value) and ANN in str(ei.value)
 
 
-def test_the_image_policy_is_only_checked_to_be_a_json_object(tmp_path: Path) -> None:
-    doc = b'{"anything": ["the guest decides"]}'
+def test_the_image_policy_is_checked_by_the_guests_parser(tmp_path: Path) -> None:
+    doc = b'{"version": 1, "default": "reject"}'
     assert agentpolicy.image_policy(_cfg(tmp_path, image_policy=doc)) == doc
-    for bad, words in ((b"[1]", "not a JSON object"), (b"{", "not JSON")):
+    for bad, words in ((b"[1]", "invalid image signature policy"),
+                       (b"{", "invalid image signature policy"),
+                       (b'{"version": 1, "anything": []}', "anything")):
         with pytest.raises(errors.InvalidArgument) as ei:
             agentpolicy.image_policy(_cfg(tmp_path, image_policy=bad))
-        assert str(ei.value).startswith(
-            f"[guest_pull] signature_policy_file {tmp_path}/signatures.json: {words}")
+        msg = str(ei.value)
+        assert msg.startswith(f"[guest_pull] signature_policy_file {tmp_path}/signatures.json: ")
+        assert words in msg and "\n" not in msg, msg
 
 
 # -- Sandbox.create and the shim --------------------------------------------------------
 
 
 async def test_the_sandbox_gives_its_agent_the_documents(tmp_path: Path) -> None:
-    sig = b'{"default": "reject"}'
+    sig = b'{"version": 1, "default": "reject"}'
     sb = await FakeSandbox.running(state_dir=tmp_path / "state",
                                    config=_cfg(tmp_path, _doc(), image_policy=sig))
     try:

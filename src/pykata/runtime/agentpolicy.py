@@ -24,13 +24,14 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import json
 import os
 import stat
 from collections.abc import Mapping
 
 from pykata import errors
 from pykata.config import Config
+from pykata.guest import imagepolicy
+from pykata.guest.imagepolicy import ImagePolicy
 from pykata.guest.policy import MAX_DOCUMENT, Policy
 
 POLICY_ANNOTATION = "io.katacontainers.config.agent.policy"
@@ -110,21 +111,15 @@ def _from_annotation(value: str) -> bytes:
 
 
 def image_policy(config: Config) -> bytes:
-    """The node's image signature policy for a new sandbox (b"": none); only
-    checked to be a JSON object: the guest interprets it."""
+    """The node's image signature policy for a new sandbox (b"": none),
+    validated with the guest's own parser before any VM boots."""
     path = config.guest_pull.signature_policy_file
     if not path:
         return b""
-    doc = read_document(path, "[guest_pull] signature_policy_file")
+    doc = read_document(path, "[guest_pull] signature_policy_file", imagepolicy.MAX_DOCUMENT)
     try:
-        obj = json.loads(doc)
-    except RecursionError:
+        ImagePolicy.parse(doc)
+    except errors.InvalidArgument as exc:
         raise errors.InvalidArgument(
-            f"[guest_pull] signature_policy_file {path}: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.InvalidArgument(
-            f"[guest_pull] signature_policy_file {path}: not JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise errors.InvalidArgument(
-            f"[guest_pull] signature_policy_file {path}: not a JSON object")
+            f"[guest_pull] signature_policy_file {path}: {exc}") from None
     return doc
