@@ -23,12 +23,14 @@ IMG = BUSYBOX_REF
 RT = ["--runtime", RUNTIME_TYPE]
 
 
-def wait_clean(timeout: float = 30.0) -> list[str]:
+def wait_clean(address: str, timeout: float = 30.0) -> list[str]:
+    """What this module's containerd (``address``) left, waited for up to ``timeout``;
+    pods of other containerds on the host (a soak beside the suite) do not count."""
     deadline = time.monotonic() + timeout
-    left = host_leftovers()
+    left = host_leftovers(address=address)
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = host_leftovers()
+        left = host_leftovers(address=address)
     return left
 
 
@@ -40,9 +42,9 @@ def ctd(rootfs: Path) -> Iterator[PrivateContainerd]:
 
 
 @pytest.fixture
-def clean() -> Iterator[None]:
+def clean(ctd: PrivateContainerd) -> Iterator[None]:
     yield
-    left = wait_clean()
+    left = wait_clean(str(ctd.socket))
     assert not left, f"left behind: {left}"
 
 
