@@ -28,6 +28,10 @@ Markers in requests
     the pod (mounted once, kept until the sandbox is destroyed).
     ``SANDBOX_NS_MARKER`` as a namespace path in an OCI spec: "the pod sandbox
     container's namespace", for the kinds in ``POD_SHARED_NAMESPACES``.
+    ``QUIESCED`` as the message of an UNAVAILABLE status: the agent ended (or
+    refused) a blocking call because a checkpoint is being taken
+    (PrepareCheckpoint); the host calls again once the sandbox runs again
+    (FinishCheckpoint). Never an exit or an end of stream.
     ``HOOK_STATE_ANNOTATION`` in an OCI spec's annotations: what the state of
     the hooks the guest runs (createContainer, startContainer) needs from the
     host (JSON: bundle, ociVersion); the agent takes it out of the annotations.
@@ -67,6 +71,7 @@ SANDBOX_SCOPE = "pykata.scope=sandbox"
 SANDBOX_NS_MARKER = "pykata:sandbox"
 POD_SHARED_NAMESPACES = ("ipc", "uts")
 HOOK_STATE_ANNOTATION = "io.github.pykata.hook-state"
+QUIESCED = "pykata: agent quiesced for a checkpoint; call again after it"
 
 # -- storages -----------------------------------------------------------------------------
 STORAGE_DRIVERS = ("virtiofs", "tmpfs", "local", "blk", "bind")

@@ -28,7 +28,8 @@ AGENT_METHODS = {
     "PauseContainer", "ResumeContainer", "UpdateContainer", "ListProcesses", "OnlineCPUMem",
     "GetGuestDetails", "GetMetrics", "GetOOMEvent", "SetGuestDateTime", "ReseedRandomDev",
     "CopyFile", "UpdateInterface", "UpdateRoutes", "AddARPNeighbors", "ListInterfaces",
-    "ListRoutes", "TakeSpans", "DebugExec", "SetPolicy",
+    "ListRoutes", "TakeSpans", "DebugExec", "SetPolicy", "PrepareCheckpoint",
+    "FinishCheckpoint",
 }
 
 

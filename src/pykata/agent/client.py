@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -27,6 +28,11 @@ from pykata.wire import AGENT_SERVICE, HEALTH_SERVICE
 
 M = TypeVar("M", bound=Message)
 
+# Calls that go through while the client is quiesced for a checkpoint (every
+# other call waits until finish_checkpoint): the quiesce itself and health.
+QUIESCE_EXEMPT = frozenset({"PrepareCheckpoint", "FinishCheckpoint", "Check"})
+QUIESCE_DRAIN = 10.0  # seconds prepare_checkpoint waits for the calls in flight
+
 
 class AgentClient:
     """One connection to one agent. Long-polling calls (ReadStdout, WaitProcess,
@@ -35,6 +41,10 @@ class AgentClient:
     def __init__(self, conn: Client, default_timeout: float = 60.0) -> None:
         self.conn = conn
         self.default_timeout = default_timeout
+        # Open unless quiesced for a checkpoint (prepare_checkpoint ..
+        # finish_checkpoint): calls then wait here before they are sent.
+        self._open = asyncio.Event()
+        self._open.set()
 
     async def _call(self, method: str, req: Message, resp_type: type[M],
                     timeout: float | bool | None = True, service: str = AGENT_SERVICE) -> M:
@@ -49,6 +59,8 @@ class AgentClient:
         # long polls without one (WaitProcess, ReadStdout, GetOOMEvent...) last as
         # long as what they wait for, which says nothing about the agent.
         # A cancelled call (its caller went) is not counted.
+        if not self._open.is_set() and method not in QUIESCE_EXEMPT:
+            await self._open.wait()
         started = time.monotonic()
         try:
             resp = await self.conn.call(service, method, req, resp_type, timeout=t)
@@ -65,7 +77,51 @@ class AgentClient:
         return resp
 
     async def close(self) -> None:
+        self._open.set()  # held calls go on, and fail on the closed connection
         await self.conn.close()
+
+    # -- checkpoint (docs/checkpoint-design.md) --------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not answered yet."""
+        return len(self.conn._pending)
+
+    @property
+    def next_stream_id(self) -> int:
+        return self.conn._next_id
+
+    @next_stream_id.setter
+    def next_stream_id(self, value: int) -> None:
+        if value < 1 or value % 2 == 0:
+            raise errors.InvalidArgument(f"a ttRPC client stream id is odd, not {value}")
+        self.conn._next_id = value
+
+    async def prepare_checkpoint(self, drain: float = QUIESCE_DRAIN) -> None:
+        """Quiesce for a checkpoint: hold every new call, have the agent end its
+        blocking calls (they answer wire.QUIESCED), and return once no call is in
+        flight, so nothing is half-sent when the VM stops. DeadlineExceeded if a
+        call is still out after ``drain`` seconds (the gate stays closed: call
+        finish_checkpoint to undo)."""
+        self._open.clear()
+        await self._call("PrepareCheckpoint", pb.Empty(), pb.Empty)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain
+        while self.in_flight:
+            if loop.time() >= deadline:
+                raise errors.DeadlineExceeded(
+                    f"checkpoint: {self.in_flight} agent calls still in flight after"
+                    f" {drain:g}s")
+            await asyncio.sleep(0.01)
+
+    async def finish_checkpoint(self, time_ns: int = 0, seed: bytes = b"") -> None:
+        """The VM runs again (resumed, or restored): set the guest clock to
+        ``time_ns`` (0: leave it), add ``seed`` to its entropy, serve blocking
+        calls again; held calls go out."""
+        try:
+            await self._call("FinishCheckpoint", pb.FinishCheckpointRequest(
+                time_ns=time_ns, seed=seed), pb.Empty)
+        finally:
+            self._open.set()
 
     # -- health ----------------------------------------------------------------------
     async def check(self, timeout: float = 5.0) -> bool:

@@ -10,6 +10,8 @@ status codes. State lives in :class:`~pykata.guest.sandbox.Sandbox`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -44,6 +46,10 @@ HEALTH_SERVICE: ServiceDescriptor = pb.DESCRIPTOR.pool.FindServiceByName(wire.HE
 DEFAULT_READ = 32 * 1024
 MAX_READ = 1024 * 1024  # stays well below the ttRPC message limit
 MAX_MODE = 0o177777  # st_mode: the file type and permission bits
+
+# PrepareCheckpoint waits at most this long for the blocking calls it ended to
+# return (each only has to see its cancellation).
+QUIESCE_WAIT = 5.0
 
 S = TypeVar("S")
 Q = TypeVar("Q")
@@ -126,6 +132,11 @@ class AgentService:
         self.sandbox = Sandbox(settings, Crun(reaper, settings))
         self.debug = DebugConsole(reaper)  # container_id "": the debug console
         self._network: Network | None = None
+        # Checkpoint quiesce (PrepareCheckpoint .. FinishCheckpoint): blocking
+        # calls are ended and refused with UNAVAILABLE wire.QUIESCED.
+        self.quiesced = False
+        self._quiesce = asyncio.Event()  # set: end the blocking calls now
+        self._blocking: set[asyncio.Task[Any]] = set()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -139,6 +150,35 @@ class AgentService:
         except errors.PermissionDenied as exc:
             log.warning("%s", exc)
             raise
+
+    async def _blocking_call(self, coro: Awaitable[R]) -> R:
+        """Run one blocking call (WaitProcess, Read*, GetOOMEvent) so that
+        PrepareCheckpoint can end it: UNAVAILABLE with wire.QUIESCED, the call's
+        effect not taken (what it waits for is still there for the next call)."""
+        if self.quiesced:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            raise errors.Unavailable(wire.QUIESCED)
+        task: asyncio.Task[R] = asyncio.ensure_future(coro)
+        ending = asyncio.ensure_future(self._quiesce.wait())
+        self._blocking.add(task)
+        try:
+            await asyncio.wait({task, ending}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if not task.cancelled():  # it finished after all: its answer stands
+                return task.result()
+            raise errors.Unavailable(wire.QUIESCED)
+        finally:
+            ending.cancel()
+            if not task.done():  # our own caller was cancelled (connection gone)
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            self._blocking.discard(task)
 
     def _require_init(self, what: str) -> None:
         if not self.settings.init_mode:
@@ -238,7 +278,7 @@ class AgentService:
 
     @rpc(_ids)
     async def WaitProcess(self, req: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
-        p = await self._process(req.container_id, req.exec_id).wait()
+        p = await self._blocking_call(self._process(req.container_id, req.exec_id).wait())
         return pb.WaitProcessResponse(status=p.status if p.status is not None else 255,
                                       exited_at_unix_nano=p.exited_at,
                                       oom_killed=p.oom_killed)
@@ -259,11 +299,11 @@ class AgentService:
 
     @rpc(lambda r: f"{_ids(r)} len={r.len}")
     async def ReadStdout(self, req: pb.ReadStreamRequest) -> pb.ReadStreamResponse:
-        return pb.ReadStreamResponse(data=await self._read(req, stderr=False))
+        return pb.ReadStreamResponse(data=await self._blocking_call(self._read(req, False)))
 
     @rpc(lambda r: f"{_ids(r)} len={r.len}")
     async def ReadStderr(self, req: pb.ReadStreamRequest) -> pb.ReadStreamResponse:
-        return pb.ReadStreamResponse(data=await self._read(req, stderr=True))
+        return pb.ReadStreamResponse(data=await self._blocking_call(self._read(req, True)))
 
     async def _read(self, req: pb.ReadStreamRequest, stderr: bool) -> bytes:
         p = self._process(req.container_id, req.exec_id)
@@ -347,7 +387,7 @@ class AgentService:
 
     @rpc()
     async def GetOOMEvent(self, req: pb.GetOOMEventRequest) -> pb.OOMEvent:
-        return pb.OOMEvent(container_id=await self.sandbox.oom.next())
+        return pb.OOMEvent(container_id=await self._blocking_call(self.sandbox.oom.next()))
 
     @rpc(lambda r: f"{r.sec}.{r.usec:06d}")
     async def SetGuestDateTime(self, req: pb.SetGuestDateTimeRequest) -> pb.Empty:
@@ -361,6 +401,40 @@ class AgentService:
     @rpc(lambda r: f"len={len(r.data)}")
     async def ReseedRandomDev(self, req: pb.ReseedRandomDevRequest) -> pb.Empty:
         sysutil.add_entropy(req.data)
+        return pb.Empty()
+
+    # -- checkpoint (docs/checkpoint-design.md): the host quiesces the agent before
+    # it saves the VM, so no call is in flight and nothing is half-sent.
+
+    @rpc()
+    async def PrepareCheckpoint(self, req: pb.Empty) -> pb.Empty:
+        self.quiesced = True
+        self._quiesce.set()
+        pending = set(self._blocking)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=QUIESCE_WAIT)
+            if late:
+                raise errors.DeadlineExceeded(
+                    f"PrepareCheckpoint: {len(late)} blocking calls did not end")
+        log.info("quiesced for a checkpoint (%d blocking calls ended)", len(pending))
+        return pb.Empty()
+
+    @rpc(lambda r: f"time_ns={r.time_ns} seed={len(r.seed)} bytes")
+    async def FinishCheckpoint(self, req: pb.FinishCheckpointRequest) -> pb.Empty:
+        if req.time_ns > 0:
+            if self.settings.init_mode:
+                try:
+                    sysutil.set_clock(req.time_ns)
+                except OSError as exc:
+                    raise errors.Internal(
+                        f"cannot set the clock: {exc.strerror}") from None
+            else:
+                log.info("FinishCheckpoint: not setting the clock (not the guest's init)")
+        if req.seed:
+            sysutil.add_entropy(req.seed)
+        self._quiesce.clear()
+        self.quiesced = False
+        log.info("running again after a checkpoint")
         return pb.Empty()
 
     @rpc(lambda r: f"{r.path} offset={r.offset} len={len(r.data)} size={r.file_size}")

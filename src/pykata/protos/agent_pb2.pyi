@@ -505,6 +505,14 @@ class ReseedRandomDevRequest(_message.Message):
     data: bytes
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
+class FinishCheckpointRequest(_message.Message):
+    __slots__ = ("time_ns", "seed")
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    time_ns: int
+    seed: bytes
+    def __init__(self, time_ns: _Optional[int] = ..., seed: _Optional[bytes] = ...) -> None: ...
+
 class CopyFileRequest(_message.Message):
     __slots__ = ("path", "file_size", "file_mode", "dir_mode", "uid", "gid", "offset", "data")
     PATH_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,7 @@ from pykata.runtime.types import (
     State,
     Stdio,
     Storage,
+    quiesced,
 )
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,9 @@ class PodSandbox(Protocol):
     vm: Hypervisor | None
     netns: str
     containers: dict[str, Container]
+    # Set while the sandbox runs; cleared while it is quiesced for a checkpoint:
+    # a blocking call the agent ended then (wire.QUIESCED) is made again once set.
+    resumed: asyncio.Event
 
     def persist(self) -> None: ...
 
@@ -159,6 +163,8 @@ def _require(what: str, current: State, *allowed: State) -> None:
 
 
 ExitCallback = Callable[["Process"], None]
+
+QUIESCED_RETRY = 0.1  # seconds between calls the agent keeps ending while the gate is open
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -299,9 +305,26 @@ class Process:
         self._start_io()
         self._waiter = asyncio.ensure_future(self._watch())
 
+    async def _again(self, call: Callable[[], Awaitable[R]]) -> R:
+        """A blocking agent call, made again when a checkpoint's quiesce ended it
+        (wire.QUIESCED): once the sandbox runs again. Never an exit or an end of
+        stream."""
+        while True:
+            try:
+                return await call()
+            except errors.Unavailable as exc:
+                if not quiesced(exc):
+                    raise
+            resumed = self.container.sandbox.resumed
+            if resumed.is_set():
+                await asyncio.sleep(QUIESCED_RETRY)
+            else:
+                log.debug("process %s: agent quiesced; waiting for the sandbox", self.name)
+                await resumed.wait()
+
     async def _watch(self) -> None:
         try:
-            status = await self._agent.wait_process(*self._ids)
+            status = await self._again(lambda: self._agent.wait_process(*self._ids))
         except errors.PykataError as exc:
             # The agent (its VM) is gone: 255 as Kata reports it, exited now.
             log.warning("lost process %s/%s: %s", *self._ids, exc)
@@ -367,10 +390,10 @@ class Process:
             await self.close_stdin()
 
     async def read_stdout(self, size: int = 65536) -> bytes:
-        return await self._agent.read_stdout(*self._ids, size)
+        return await self._again(lambda: self._agent.read_stdout(*self._ids, size))
 
     async def read_stderr(self, size: int = 65536) -> bytes:
-        return await self._agent.read_stderr(*self._ids, size)
+        return await self._again(lambda: self._agent.read_stderr(*self._ids, size))
 
     async def resize(self, rows: int, cols: int) -> None:
         self._require_started("resize the terminal of")

@@ -18,6 +18,7 @@ driver-neutral ``config.vm``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -94,6 +95,10 @@ class Sandbox:
         self.policy = b""
         self.policy_source = ""
         self.image_policy = b""
+        # Cleared while quiesced for a checkpoint (quiesce .. unquiesce): the
+        # blocking calls the agent ends then are made again once it is set.
+        self.resumed = asyncio.Event()
+        self.resumed.set()
 
     # -- creation ------------------------------------------------------------------
     @classmethod
@@ -200,6 +205,7 @@ class Sandbox:
         waited for ends at once (the processes with status 255), and end the
         containers that were created but not started (255 too)."""
         self.failure = reason
+        self.resumed.set()  # waiters call again, and see the connection gone
         if self._agent is not None:
             await self._agent.close()
         for c in list(self.containers.values()):
@@ -308,9 +314,26 @@ class Sandbox:
         await self.vm.resume()
         self.state = State.RUNNING
 
+    # -- checkpoint (docs/checkpoint-design.md) ------------------------------------
+    async def quiesce(self) -> None:
+        """Before the VM is saved: the agent ends its blocking calls (the host's
+        waiters hold until ``unquiesce``) and no agent call is left in flight.
+        On failure the caller undoes it with ``unquiesce``."""
+        self.resumed.clear()
+        await self.agent.prepare_checkpoint()
+
+    async def unquiesce(self, time_ns: int = 0, seed: bytes = b"") -> None:
+        """The VM runs again: the agent's clock (``time_ns``, 0 = leave it) and
+        entropy, blocking calls served and waited for again."""
+        try:
+            await self.agent.finish_checkpoint(time_ns, seed)
+        finally:
+            self.resumed.set()
+
     # -- teardown ------------------------------------------------------------------
     async def stop(self) -> None:
         """Stop every container, the VM and virtiofsd; remove all state. Idempotent."""
+        self.resumed.set()  # nothing waits for a resume that will not come
         with observe.phase("sandbox.stop", self.phases, sandbox=self.id):
             if self._watchdog is not None:
                 await self._watchdog.stop()  # what follows stops them on purpose

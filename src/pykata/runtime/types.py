@@ -9,6 +9,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pykata import errors, wire
+
+
+def quiesced(exc: BaseException) -> bool:
+    """Whether ``exc`` is the agent's answer to a blocking call (WaitProcess,
+    ReadStdout/ReadStderr, GetOOMEvent) while it is quiesced for a checkpoint:
+    call again once the sandbox runs again; never an exit or an end of stream."""
+    return isinstance(exc, errors.Unavailable) and exc.message == wire.QUIESCED
+
 
 class State(enum.Enum):
     """Lifecycle of sandboxes, containers and processes."""
@@ -233,5 +242,12 @@ class SandboxAgent(ContainerAgent, Protocol):
 
     async def metrics(self) -> str:
         """The guest's Prometheus text."""
+
+    async def prepare_checkpoint(self) -> None:
+        """Hold new calls, have the agent end its blocking calls (wire.QUIESCED),
+        return once none is in flight."""
+
+    async def finish_checkpoint(self, time_ns: int = 0, seed: bytes = b"") -> None:
+        """The VM runs again: clock, entropy, blocking calls served again."""
 
     async def close(self) -> None: ...

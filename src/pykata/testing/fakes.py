@@ -29,14 +29,14 @@ import copy
 import itertools
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from pykata import errors
+from pykata import errors, wire
 from pykata.config import Config
 from pykata.hypervisor.base import AgentChannel, Driver, Hypervisor, VMSpec
 from pykata.runtime.parts import Parts
@@ -52,6 +52,8 @@ from pykata.runtime.types import (
     Stdio,
     Storage,
 )
+
+T = TypeVar("T")
 
 
 class _Recorder:
@@ -114,6 +116,10 @@ class FakeAgent(_Recorder):
     runtime uses), as strict as the real one: unknown containers and processes
     are NotFound, a finished process cannot be signalled.
 
+    ``prepare_checkpoint`` quiesces it as the real client and agent do together:
+    pending blocking calls (wait_process, read_stdout, read_stderr) end with
+    Unavailable(wire.QUIESCED), new ones wait until ``finish_checkpoint``.
+
     A process ends when the test calls ``exit``, or on a signal in
     ``fatal_signals`` (status 128+signal), or when its container is removed
     (137). Its stdout/stderr end (b"") when it ends."""
@@ -133,6 +139,10 @@ class FakeAgent(_Recorder):
         self.closed = False
         self.metrics_text = "# fake guest metrics\n"
         self._pids = itertools.count(100)
+        self.quiesced = False
+        self._quiesce = asyncio.Event()  # set: end the pending blocking calls
+        self._open = asyncio.Event()  # cleared while quiesced: new calls wait
+        self._open.set()
 
     # -- what tests drive ------------------------------------------------------------
     def process(self, container_id: str, exec_id: str = "") -> FakeProcess:
@@ -212,6 +222,34 @@ class FakeAgent(_Recorder):
     async def close(self) -> None:
         self._call("close")
         self.closed = True
+        self._open.set()
+
+    async def prepare_checkpoint(self) -> None:
+        self._call("prepare_checkpoint")
+        self.quiesced = True
+        self._open.clear()
+        self._quiesce.set()
+        await asyncio.sleep(0)  # the ended calls see it
+
+    async def finish_checkpoint(self, time_ns: int = 0, seed: bytes = b"") -> None:
+        self._call("finish_checkpoint", time_ns, len(seed))
+        self.quiesced = False
+        self._quiesce.clear()
+        self._open.set()
+
+    async def _blocking(self, call: Awaitable[T]) -> T:
+        """One blocking call: held while quiesced, ended by prepare_checkpoint."""
+        await self._open.wait()
+        task = asyncio.ensure_future(call)
+        ending = asyncio.ensure_future(self._quiesce.wait())
+        try:
+            await asyncio.wait({task, ending}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise errors.Unavailable(wire.QUIESCED)
+        finally:
+            ending.cancel()
+            task.cancel()
 
     # -- containers ------------------------------------------------------------------
     async def create_container(self, container_id: str, spec: dict[str, Any],
@@ -271,7 +309,7 @@ class FakeAgent(_Recorder):
 
     async def wait_process(self, container_id: str, exec_id: str = "") -> ExitStatus:
         self._call("wait_process", container_id, exec_id)
-        return await asyncio.shield(self.process(container_id, exec_id).exit)
+        return await self._blocking(asyncio.shield(self.process(container_id, exec_id).exit))
 
     async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
         self._call("write_stdin", container_id, exec_id, data)
@@ -286,10 +324,10 @@ class FakeAgent(_Recorder):
         self.process(container_id, exec_id).stdin_closed = True
 
     async def read_stdout(self, container_id: str, exec_id: str = "", size: int = 65536) -> bytes:
-        return await _read(self.process(container_id, exec_id).stdout)
+        return await self._blocking(_read(self.process(container_id, exec_id).stdout))
 
     async def read_stderr(self, container_id: str, exec_id: str = "", size: int = 65536) -> bytes:
-        return await _read(self.process(container_id, exec_id).stderr)
+        return await self._blocking(_read(self.process(container_id, exec_id).stderr))
 
     async def resize_tty(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
         self._call("resize_tty", container_id, exec_id, rows, cols)
