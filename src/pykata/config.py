@@ -180,6 +180,10 @@ class RuntimeConfig:
     # Kubernetes emptyDir volumes live in the guest by default; true keeps them
     # on the host, shared through virtio-fs.
     disable_guest_empty_dir: bool = False
+    # Pods that can be checkpointed (shared_fs = "none") boot with their RAM in
+    # a file (<state_dir>/vm/<sandbox>.mem) instead of an anonymous memfd: what
+    # a checkpoint packs (docs/checkpoint-design.md). Off: nothing changes.
+    checkpointable: bool = False
     # Cap, in bytes, of each host log a sandbox writes from what the guest or its
     # VMM prints (console.log, qemu.log, virtiofsd.log): when full, a file becomes
     # <name>.1 (replacing the older one) and starts again, so at most twice this.

@@ -30,6 +30,30 @@ class NicSpec:
 
 
 @dataclass
+class PluggedDevice:
+    """A device hot-plugged into a running VM. A VM restoring that VM's saved
+    state has it on its command line with the same id and bus (the state is
+    matched to devices by address): a vCPU (``id`` cpu-N, the VMM's CPU type in
+    ``driver`` and its topology in ``props``) or a NIC (``id`` its netdev id,
+    on root port ``bus``, with ``mac`` and ``queues``; ``fds``: the new tap
+    queues at restore)."""
+
+    kind: str  # "vcpu" | "nic"
+    id: str
+    bus: str = ""
+    driver: str = ""
+    props: dict[str, int] = field(default_factory=dict)
+    mac: str = ""
+    queues: int = 1
+    fds: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """What a checkpoint manifest keeps (no fds: they are the host's of the day)."""
+        return {"kind": self.kind, "id": self.id, "bus": self.bus, "driver": self.driver,
+                "props": dict(self.props), "mac": self.mac, "queues": self.queues}
+
+
+@dataclass
 class VMSpec:
     """What the runtime asks of a hypervisor, in its own terms (not QEMU's)."""
 
@@ -64,6 +88,9 @@ class VMSpec:
     memory_file: Path | None = None
     incoming: bool = False  # start paused, waiting for restore()
     free_page_reporting: bool = False  # virtio-balloon: freed guest pages go back to the host
+    # What was hot-plugged into the VM whose state an ``incoming`` VM loads:
+    # repeated on the command line, same ids and buses (runtime/checkpoint.py).
+    restore_devices: list[PluggedDevice] = field(default_factory=list)
 
     @property
     def console_log(self) -> Path:
@@ -164,6 +191,31 @@ class Hypervisor(abc.ABC):
         (RAM from ``spec.memory_file``), then run it."""
         raise self._unsupported("restore")
 
+    # -- checkpoint (runtime/checkpoint.py) ------------------------------------------
+    def saveable(self) -> str:
+        """Why this VM's state cannot be saved and loaded into a new VMM ("" = it
+        can): devices the VMM cannot migrate, RAM not in ``spec.memory_file``,
+        hot-plugged devices whose content the saved state would not carry."""
+        return f"the {self.name} driver cannot save a VM"
+
+    async def save_to(self, fd: int) -> None:
+        """Pause the VM and write its device state into the open file ``fd`` (the
+        caller's: the driver uses its own copy); RAM stays in ``spec.memory_file``.
+        The VM stays paused: ``resume()`` runs it again."""
+        raise self._unsupported("checkpoint")
+
+    async def load(self, fd: int) -> None:
+        """Load device state from the open file ``fd`` (the caller's) into a VM
+        started with ``incoming`` (RAM from ``spec.memory_file``). The VM stays
+        paused: ``resume()`` runs it."""
+        raise self._unsupported("restore from a checkpoint")
+
+    async def checkpoint_info(self) -> dict[str, Any]:
+        """What a restore needs besides the VMSpec, from the running VMM: its
+        version, machine, device list and ``plugged`` (the hot-plugged devices,
+        :meth:`PluggedDevice.to_json` each, in the order they were added)."""
+        raise self._unsupported("checkpoint")
+
 
 class Driver(abc.ABC):
     """A hypervisor as configured on this host, probed once (accelerator,
@@ -182,6 +234,11 @@ class Driver(abc.ABC):
         """What besides the VMSpec shapes a VM's saved state (binary, machine,
         accelerator...): a VM saved under another identity cannot be restored."""
         return {"driver": self.name, "accel": self.accel}
+
+    async def version(self) -> dict[str, str]:
+        """The VMM's version as this host runs it (a checkpoint is restored only
+        by the same version): string fields, compared one by one."""
+        return {"driver": self.name}
 
     def agent_channel(self, requested: str) -> str:
         """The agent channel kind a VM uses for ``requested`` (auto | vsock | serial)."""

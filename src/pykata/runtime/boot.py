@@ -13,8 +13,10 @@ cached VM cannot carry (virtio-fs, NICs) is hot-plugged once the agent answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +24,7 @@ from pykata import errors, observe
 from pykata.hypervisor.base import Driver, Hypervisor, NicSpec, VMSpec
 from pykata.resources import network
 from pykata.resources.sharedfs import VirtioFsDaemon
-from pykata.runtime import factory, sizing, vmcache
+from pykata.runtime import checkpoint, factory, sizing, vmcache
 from pykata.runtime.state import ref_json
 from pykata.runtime.types import Storage
 from pykata.utils.process import ProcRef
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COLD, TEMPLATE, CACHE = "cold", "template", "VM cache"
+COLD, TEMPLATE, CACHE, RESTORE = "cold", "template", "VM cache", "checkpoint"
 
 
 def shared_fs(sb: Sandbox, make_daemon: bool = True) -> Path | None:
@@ -163,8 +165,34 @@ def _record_on_spawn(sb: Sandbox, vm: Hypervisor) -> None:
     vm.on_spawn = spawned
 
 
+def checkpointable_memory(sb: Sandbox, spec: VMSpec) -> None:
+    """With ``[runtime] checkpointable`` and no shared file system, put the
+    guest RAM of a cold boot in a file of our own (what a checkpoint packs):
+    ``<state dir>/vm/<sandbox>.mem``, recorded for teardown and cleanup before
+    it exists. Otherwise (the default) nothing changes."""
+    if not sb.config.runtime.checkpointable or spec.shared_fs_socket is not None \
+            or spec.memory_file is not None:
+        return
+    mem = factory.clone_memory_path(sb.config.runtime.state_dir, sb.key)
+    sb.record.extra["memory_file"] = str(mem)
+    sb.persist()
+    _new_memory_file(mem)
+    spec.memory_file = mem
+
+
+def _new_memory_file(mem: Path) -> None:
+    """An empty RAM file (QEMU sizes it); a stale one of ours is replaced."""
+    try:
+        fd = factory.create_private_file(mem)
+    except FileExistsError:
+        os.unlink(mem)
+        fd = factory.create_private_file(mem)
+    os.close(fd)
+
+
 async def cold(sb: Sandbox, driver: Driver, spec: VMSpec) -> None:
     """Boot the guest image, the pod's NICs and virtio-fs on the command line."""
+    checkpointable_memory(sb, spec)
     sb.vm = vm = driver.vm(spec)
     await vm.prepare()
     await _attach_network(sb, spec)
@@ -211,6 +239,86 @@ async def clone(sb: Sandbox, driver: Driver, spec: VMSpec, template: factory.Tem
         await vm.restore(template.state)
     log.debug("sandbox %s: cloned from template %s (%d MiB of RAM copied)", sb.id,
               template.key, copied >> 20)
+
+
+async def restore(sb: Sandbox, driver: Driver, spec: VMSpec, ckpt: Path,
+                  m: checkpoint.Manifest) -> None:
+    """Start the VM of checkpoint ``ckpt`` (manifest ``m``, already checked by
+    ``checkpoint.check_host``): its RAM unpacked into a file of our own while
+    the VMM is prepared and the pod network attached, then the VMM started
+    ``incoming`` with the checkpoint's devices and its state loaded. The VM is
+    left **paused** (``sb.vm.resume()`` runs it). NICs are matched to the
+    pod's interfaces by MAC: the ones on the checkpointed VM's command line in
+    their order, the hot-plugged ones on their root ports."""
+    mem = factory.clone_memory_path(sb.config.runtime.state_dir, sb.key)
+    sb.record.extra["memory_file"] = str(mem)
+    sb.persist()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(mem)  # a stale one of ours
+    shape = dataclasses.replace(spec, memory_file=mem, incoming=True, nics=[],
+                                shared_fs_socket=None)
+    unpacking = asyncio.ensure_future(asyncio.to_thread(
+        checkpoint.unpack_memory, ckpt / checkpoint.MEMORY, mem, m.memory))
+    try:
+        sb.vm = vm = driver.vm(shape)
+        await vm.prepare()
+        await _attach_network(sb, spec)
+        _restore_nics(sb, shape, m)
+    finally:
+        await asyncio.wait({unpacking})
+    try:
+        unpacking.result()
+    except OSError as exc:
+        raise errors.ResourceExhausted(
+            f"cannot unpack the checkpoint's memory to {mem}: {exc.strerror}"
+            f" ({mem.parent} needs {m.memory.data_bytes >> 20} MiB free)") from None
+    await vm.prepare()  # the command line now has the NICs
+    dfd = checkpoint.open_dir(ckpt)
+    try:
+        state = checkpoint.open_entry(dfd, checkpoint.VMSTATE, ckpt)
+    finally:
+        os.close(dfd)
+    try:
+        _record_on_spawn(sb, vm)
+        with observe.phase("vm.boot", sb.phases, sandbox=sb.id, how=RESTORE):
+            await vm.start()
+            _record_vm(sb, vm)
+            sb.persist()
+            await vm.load(state)
+    finally:
+        os.close(state)
+        if sb.network is not None:
+            sb.network.close_fds()  # the VMM holds them now
+    log.debug("sandbox %s: restored from %s (%d MiB of RAM)", sb.id, ckpt,
+              m.memory.data_bytes >> 20)
+
+
+def _restore_nics(sb: Sandbox, shape: VMSpec, m: checkpoint.Manifest) -> None:
+    """The pod's interfaces (by MAC) as the checkpointed VM had them: on the
+    command line (``shape.nics``) or hot-plugged (``shape.restore_devices``)."""
+    by_mac = {ep.mac.lower(): ep for ep in (sb.network.endpoints if sb.network else [])}
+    wanted = [mac.lower() for mac in m.cold_nics] + [
+        d.mac.lower() for d in shape.restore_devices if d.kind == "nic"]
+    missing = [mac for mac in wanted if mac not in by_mac]
+    if missing:
+        raise errors.FailedPrecondition(
+            f"cannot restore sandbox {sb.id}: its VM had a NIC with MAC {missing[0]}, and"
+            f" the pod network namespace {sb.netns or '(none)'} has no interface with it;"
+            " restore into the same network namespace")
+    if len(by_mac) > len(wanted):
+        extra = sorted(set(by_mac) - set(wanted))
+        log.warning("sandbox %s: interfaces %s of its network namespace were not in the"
+                    " checkpoint; they stay unconnected", sb.id, ", ".join(extra))
+    shape.nics = [NicSpec(by_mac[mac.lower()].fds, by_mac[mac.lower()].mac)
+                  for mac in m.cold_nics]
+    for d in shape.restore_devices:
+        if d.kind == "nic":
+            ep = by_mac[d.mac.lower()]
+            if len(ep.fds) != d.queues:
+                raise errors.FailedPrecondition(
+                    f"cannot restore sandbox {sb.id}: NIC {d.id} had {d.queues} queues,"
+                    f" the new tap has {len(ep.fds)}")
+            d.fds = list(ep.fds)
 
 
 async def plug_clone_devices(sb: Sandbox, spec: VMSpec) -> None:

@@ -179,9 +179,40 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
         if nic.queues > 1:
             dev += f",mq=on,vectors={2 * nic.queues + 2}"
         argv += ["-netdev", netdev, "-device", dev]
+    argv += restore_devices(spec)
     if spec.incoming:
         argv += ["-incoming", "defer"]
     argv += list(opts.extra_args)
+    return argv
+
+
+def restore_devices(spec: VMSpec) -> list[str]:
+    """The devices hot-plugged into the VM whose state this one loads, with the
+    ids and buses they had (after the root ports they sit on): vCPUs as
+    ``-device <type>,id=cpu-N,<topology>``, NICs as a tap netdev with the new
+    fds and ``virtio-net-pci,id=dev-<id>,bus=<port>``, as ``hotplug_nic`` adds them."""
+    argv: list[str] = []
+    for d in spec.restore_devices:
+        if d.kind == "vcpu":
+            if not d.driver:
+                raise ValueError(f"restored vCPU {d.id} has no CPU type")
+            props = "".join(f",{k}={v}" for k, v in d.props.items())
+            argv += ["-device", f"{d.driver},id={d.id}{props}"]
+        elif d.kind == "nic":
+            if not d.fds or len(d.fds) != d.queues:
+                raise ValueError(f"restored NIC {d.id} needs {d.queues} tap fds, has"
+                                 f" {len(d.fds)}")
+            taps = ":".join(str(fd) for fd in d.fds)
+            netdev = (f"tap,id={d.id},fd={taps}" if d.queues == 1
+                      else f"tap,id={d.id},fds={taps}")
+            dev = f"virtio-net-pci,netdev={d.id},id=dev-{d.id},bus={d.bus}"
+            if d.mac:
+                dev += f",mac={d.mac}"
+            if d.queues > 1:
+                dev += f",mq=on,vectors={2 * d.queues + 2}"
+            argv += ["-netdev", netdev, "-device", dev]
+        else:
+            raise ValueError(f"cannot restore a hot-plugged {d.kind!r} device ({d.id})")
     return argv
 
 

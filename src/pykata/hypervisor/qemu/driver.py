@@ -30,7 +30,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from pykata import errors
-from pykata.hypervisor.base import AgentChannel, Hypervisor, VMSpec
+from pykata.hypervisor.base import AgentChannel, Hypervisor, PluggedDevice, VMSpec
 from pykata.hypervisor.channels import SerialChannel, VsockChannel
 from pykata.hypervisor.qemu.cmdline import (
     QemuFds,
@@ -195,6 +195,15 @@ class QemuHypervisor(Hypervisor):
         self._vcpus = spec.vcpus
         self._dimms = 0
         self._ports: dict[str, str] = {}  # hot-plugged device id -> PCIe root port
+        # vCPUs and NICs hot-plugged (or, restored, on the command line as such):
+        # what a checkpoint of this VM must repeat (checkpoint_info).
+        self._plugged: list[PluggedDevice] = [
+            dataclasses.replace(d, fds=[]) for d in spec.restore_devices]
+        for d in self._plugged:
+            if d.kind == "nic":
+                self._ports[d.id] = d.bus
+            elif d.kind == "vcpu":
+                self._vcpus += 1
         self._fdsets: dict[str, int] = {}  # hot-plugged disk -> its add-fd set
         self.log_path = spec.run_dir / "qemu.log"
 
@@ -344,7 +353,8 @@ class QemuHypervisor(Hypervisor):
                 self._proc = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=out_w,
                     pass_fds=qemu_fds.all() + tuple(fd for nic in self.spec.nics
-                                                    for fd in nic.fds),
+                                                    for fd in nic.fds)
+                    + tuple(fd for d in self.spec.restore_devices for fd in d.fds),
                     cwd="/", **ids)
             except OSError as exc:
                 raise errors.VMLaunchError(
@@ -518,6 +528,10 @@ class QemuHypervisor(Hypervisor):
                 break
             args = {"driver": s["type"], "id": f"cpu-{present}", **s["props"]}
             await self._qmp_cmd("device_add", args)
+            self._plugged.append(PluggedDevice(
+                "vcpu", f"cpu-{present}", driver=str(s["type"]),
+                props={str(k): int(v) for k, v in s["props"].items()
+                       if k != "node-id" and isinstance(v, int)}))
             present += 1
         self._vcpus = present
         return present
@@ -711,6 +725,8 @@ class QemuHypervisor(Hypervisor):
                 with contextlib.suppress(errors.PykataError):
                     await self._qmp_cmd("netdev_del", {"id": nic_id})
                 raise
+            self._plugged.append(PluggedDevice("nic", nic_id, bus=port, mac=mac,
+                                               queues=len(fds)))
         except BaseException:
             self._ports.pop(nic_id, None)
             for name in names:
@@ -774,14 +790,100 @@ class QemuHypervisor(Hypervisor):
     async def restore(self, path: Path) -> None:
         if not self.spec.incoming:
             raise errors.FailedPrecondition(f"VM {self.spec.id} was not started to restore")
-        await self._migrate_caps()
         try:
             fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
         except OSError as exc:
             raise errors.FailedPrecondition(
                 f"cannot open the VM state file {path}: {exc.strerror}") from exc
-        await self._migrate_through(fd, "migrate-incoming", "migrate-in")
+        await self._load(fd)
         await self._qmp_cmd("cont")
+
+    async def _load(self, fd: int) -> None:
+        """migrate-incoming from ``fd`` (closed here); the VM stays paused."""
+        try:
+            await self._migrate_caps()
+        except BaseException:
+            os.close(fd)
+            raise
+        await self._migrate_through(fd, "migrate-incoming", "migrate-in")
+
+    # -- checkpoint (runtime/checkpoint.py) ---------------------------------------------
+    def saveable(self) -> str:
+        spec = self.spec
+        if spec.shared_fs_socket is not None or "vfs" in self._ports:
+            return ("its VM has a virtio-fs device (QEMU 7.2 cannot save vhost-user-fs);"
+                    " use shared_fs = \"none\" with guest-pulled images")
+        if spec.memory_file is None:
+            return ("its VM's RAM is not in a file (set [runtime] checkpointable = true"
+                    " before the pod starts)")
+        if spec.agent_channel != "serial":
+            return ("its VM reaches the agent over vsock (a CID is per VM): use"
+                    " agent_channel = \"serial\"")
+        if self._dimms:
+            return "its VM has hot-plugged memory (its content would not be saved)"
+        if self._fdsets:
+            return "its VM has hot-plugged block devices (not carried by a checkpoint yet)"
+        if self._qmp is None:
+            return "its VM is not running"
+        return ""
+
+    async def save_to(self, fd: int) -> None:
+        why = self.saveable()
+        if why:
+            raise errors.FailedPrecondition(f"cannot save VM {self.spec.id}: {why}")
+        mine = os.dup(fd)
+        try:
+            await self._migrate_caps()
+            await self._qmp_cmd("stop")
+        except BaseException:
+            os.close(mine)
+            raise
+        await self._migrate_through(mine, "migrate", "migrate-out")
+
+    async def load(self, fd: int) -> None:
+        if not self.spec.incoming:
+            raise errors.FailedPrecondition(f"VM {self.spec.id} was not started to restore")
+        await self._load(os.dup(fd))
+
+    async def checkpoint_info(self) -> dict[str, Any]:
+        version = await self._qmp_cmd("query-version")
+        machine = await self._qmp_cmd("qom-get", {"path": "/machine", "property": "type"})
+        pci = await self._qmp_cmd("query-pci")
+        cpus = await self._qmp_cmd("query-hotpluggable-cpus")
+        devices = [
+            {"bus": d.get("bus"), "slot": d.get("slot"), "function": d.get("function"),
+             "id": d.get("qdev_id", ""), "vendor": d.get("id", {}).get("vendor"),
+             "device": d.get("id", {}).get("device")}
+            for bus in _pci_buses(pci) for d in bus.get("devices", [])]
+        q = version.get("qemu", {}) if isinstance(version, Mapping) else {}
+        return {
+            "qemu": f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}",
+            "package": str(version.get("package", "")).strip(),
+            "machine": str(machine),
+            "pci": devices,
+            "vcpus": sum(1 for c in cpus if "qom-path" in c),
+            "dimms": self._dimms,
+            "ports": dict(self._ports),
+            "plugged": [d.to_json() for d in self._plugged],
+        }
+
+
+def _pci_buses(pci: Any) -> list[dict[str, Any]]:
+    """Every PCI bus of a query-pci answer, bridges' secondary buses included."""
+    out: list[dict[str, Any]] = []
+    todo = list(pci) if isinstance(pci, list) else []
+    while todo:
+        bus = todo.pop(0)
+        if not isinstance(bus, Mapping):
+            continue
+        out.append(dict(bus))
+        for d in bus.get("devices", []) or []:
+            bridge = d.get("pci_bridge") if isinstance(d, Mapping) else None
+            if isinstance(bridge, Mapping) and isinstance(bridge.get("bus"), Mapping):
+                sub = dict(bridge["bus"])
+                sub.setdefault("devices", bridge.get("devices", []))
+                todo.append(sub)
+    return out
 
 
 def _open_asset(what: str, path: Path) -> int:

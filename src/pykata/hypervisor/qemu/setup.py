@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pykata import errors
 from pykata.config import Config
 from pykata.hypervisor.base import Driver, Hypervisor, VMSpec
 from pykata.hypervisor.channels import vhost_vsock_available
@@ -16,6 +18,7 @@ from pykata.hypervisor.qemu.accel import AccelProbe, probe
 from pykata.hypervisor.qemu.caps import check_dax
 from pykata.hypervisor.qemu.cmdline import QemuOptions
 from pykata.hypervisor.qemu.driver import QemuHypervisor
+from pykata.utils.process import stop_child
 
 if TYPE_CHECKING:
     from pykata.hypervisor.handoff import ExportableVM, Handoff
@@ -33,6 +36,7 @@ class QemuDriver(Driver):
         self.options = options
         self.accel = options.accel
         self.reason = reason  # why this accelerator
+        self._version: dict[str, str] | None = None
 
     @classmethod
     async def probe(cls, config: Config) -> QemuDriver:
@@ -55,6 +59,13 @@ class QemuDriver(Driver):
             "root_ports": o.pcie_root_ports, "extra": list(o.extra_args),
             "portfwd_port": True,  # the virtio-serial port-forward channel is in the state
         }
+
+    async def version(self) -> dict[str, str]:
+        """``qemu --version``'s first line, e.g. "7.2.22" and "Debian
+        1:7.2+dfsg-7+deb12u18" (the package string, "" for a plain build)."""
+        if self._version is None:
+            self._version = await _qemu_version(self.binary)
+        return dict(self._version)
 
     def agent_channel(self, requested: str) -> str:
         if requested == "auto":
@@ -84,6 +95,28 @@ def options(config: Config, accel: str) -> QemuOptions:
         log_max_bytes=config.runtime.log_max_bytes,
         uid_lease_dir=Path(config.runtime.state_dir) / "uids",
     )
+
+
+_VERSION = re.compile(r"QEMU emulator version (\S+)(?: \((.*)\))?")
+
+
+async def _qemu_version(binary: str) -> dict[str, str]:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            binary, "--version", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    except OSError as exc:
+        raise errors.NotFound(f"cannot run {binary} --version: {exc.strerror}") from exc
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 10.0)
+    except TimeoutError:
+        await stop_child(proc, grace=0.5)
+        raise errors.DeadlineExceeded(f"{binary} --version did not answer in 10s") from None
+    first = out[:4096].decode(errors="replace").splitlines()[:1]
+    m = _VERSION.match(first[0].strip()) if first else None
+    if proc.returncode != 0 or m is None:
+        raise errors.Internal(f"cannot read the version of {binary}: {first[0] if first else ''!r}")
+    return {"driver": "qemu", "version": m.group(1), "package": m.group(2) or ""}
 
 
 def _file_id(path: str) -> list[Any]:
