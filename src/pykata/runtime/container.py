@@ -616,6 +616,15 @@ class Container:
             return
         await self.init.signal(sig, all_processes)
 
+    def end_checkpointed(self, status: int = 137) -> None:
+        """The pod was checkpointed and stopped (checkpoint with exit): its
+        running processes end now, as runc's do (137), execs first."""
+        now = time.time_ns()
+        for p in (*self.execs.values(), self.init):
+            if p.state is State.RUNNING:
+                p.cancel_watch()
+                p._finish(ExitStatus(status, now))
+
     def vm_lost(self) -> None:
         """Its VM is gone (runtime/watchdog.py): a container that was never started
         ends now, with LOST_STATUS; started processes end as their waits fail."""

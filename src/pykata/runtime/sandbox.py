@@ -330,6 +330,22 @@ class Sandbox:
         finally:
             self.resumed.set()
 
+    async def end_checkpointed(self) -> None:
+        """After a checkpoint with exit: the VM (saved, stopped) goes, every running
+        process ends with 137 (their exits are published), the containers stay
+        until deleted; ``stop`` removes the rest."""
+        if self._watchdog is not None:
+            await self._watchdog.stop()  # the VM stops on purpose
+        if self._agent is not None:
+            await self._agent.close()  # held and later calls fail at once
+        self.resumed.set()
+        for c in list(self.containers.values()):
+            c.end_checkpointed()
+        if self.vm is not None:
+            await self.vm.stop()
+        self.state = State.STOPPED
+        self.persist()
+
     # -- teardown ------------------------------------------------------------------
     async def stop(self) -> None:
         """Stop every container, the VM and virtiofsd; remove all state. Idempotent."""

@@ -243,6 +243,10 @@ class SandboxAgent(ContainerAgent, Protocol):
     async def metrics(self) -> str:
         """The guest's Prometheus text."""
 
+    @property
+    def next_stream_id(self) -> int:
+        """The ttRPC stream id of the next call (a restore carries on from it)."""
+
     async def prepare_checkpoint(self) -> None:
         """Hold new calls, have the agent end its blocking calls (wire.QUIESCED),
         return once none is in flight."""

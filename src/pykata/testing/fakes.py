@@ -2,7 +2,8 @@
 
     FakeAgent           an in-memory guest agent: containers, processes, their
                         output and exits, driven by the test (``exit``, ``output``)
-    FakeHypervisor      the Hypervisor contract (hypervisor/base.py) with no VMM
+    FakeHypervisor      the Hypervisor contract (hypervisor/base.py) with no VMM;
+                        its checkpoint (save_to/load) writes and reads ``vmstate``
     FakeDriver          the Driver contract: its VMs are FakeHypervisors
     FakeTree            the sandbox's shared tree, recording instead of mounting
     fake_parts          runtime.parts.Parts from the fakes above (and FakeAgent)
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import os
 import signal
 import time
 from collections.abc import Awaitable, Mapping, Sequence
@@ -140,6 +142,7 @@ class FakeAgent(_Recorder):
         self.metrics_text = "# fake guest metrics\n"
         self._pids = itertools.count(100)
         self.quiesced = False
+        self.next_stream_id = 1
         self._quiesce = asyncio.Event()  # set: end the pending blocking calls
         self._open = asyncio.Event()  # cleared while quiesced: new calls wait
         self._open.set()
@@ -384,6 +387,10 @@ class FakeHypervisor(Hypervisor):
         self._exited = asyncio.Event()
         self.blocks: dict[str, Path] = {}
         self.memory_added_mib = 0
+        self.saveable_reason: str | None = None  # None: as saveable() works it out
+        self.vmstate = b"fake VM state\n"  # what save_to writes
+        self.loaded = b""  # what load read
+        self.failures: dict[str, list[BaseException]] = {}  # method -> what it raises next
 
     @property
     def pid(self) -> int | None:
@@ -422,6 +429,38 @@ class FakeHypervisor(Hypervisor):
     async def resume(self) -> None:
         self.calls.append(("resume", ()))
         self.paused = False
+
+    # -- checkpoint: as QEMU 7.2 answers (no virtio-fs, RAM in a file) ---------------
+    def saveable(self) -> str:
+        if self.saveable_reason is not None:
+            return self.saveable_reason
+        if self.spec.shared_fs_socket is not None:
+            return ("its VM has a virtio-fs device (QEMU 7.2 cannot save vhost-user-fs);"
+                    " use shared_fs = \"none\" with guest-pulled images")
+        if self.spec.memory_file is None:
+            return "its VM's RAM is not in a file"
+        return ""
+
+    async def save_to(self, fd: int) -> None:
+        self.calls.append(("save_to", ()))
+        self._fail("save_to")
+        self.paused = True
+        os.write(fd, self.vmstate)
+
+    async def load(self, fd: int) -> None:
+        self.calls.append(("load", ()))
+        self._fail("load")
+        self.loaded = os.pread(fd, 1 << 20, 0)
+        self.paused = True
+
+    async def checkpoint_info(self) -> dict[str, Any]:
+        self.calls.append(("checkpoint_info", ()))
+        return {"vmm": "fake", "plugged": []}
+
+    def _fail(self, method: str) -> None:
+        pending = self.failures.get(method)
+        if pending:
+            raise pending.pop(0)
 
     async def hotplug_vcpus(self, total: int) -> int:
         self.calls.append(("hotplug_vcpus", (total,)))
