@@ -248,17 +248,123 @@ async def test_checkpoint_with_exit_stops_the_pod_with_137(tmp_path: Path) -> No
     assert shim.svc.sandbox is None and not shim.sandbox.dir.exists()
 
 
-async def test_create_from_a_checkpoint_is_refused_before_anything_boots(
-        tmp_path: Path) -> None:
-    shim = Shim(tmp_path)
-    b = tmp_path / "bundle"
-    (b / "rootfs").mkdir(parents=True)
+async def checkpointed(tmp_path: Path) -> tuple[Path, bytes]:
+    """A checkpoint of pod c1 taken with exit (as pykata-runtime asks), its
+    task deleted: the directory, and the RAM file's content."""
+    shim = Shim(tmp_path / "before")
+    await shim.run()
+    mem = shim.saveable()
+    ram = mem.read_bytes()
+    dest = tmp_path / "ctrd-checkpoint123"
+    dest.mkdir()
+    await shim.checkpoint(exit_after=True, path=dest)
+    await shim.svc.Delete(pb.DeleteRequest(id="c1"))
+    return dest, ram
+
+
+async def restoring_shim(tmp_path: Path, running: str = "c1") -> Shim:
+    """A new shim whose (fake) guest runs ``running``, as the restored VM's would."""
+    shim = Shim(tmp_path / "after")
+    shim.svc._restore_sandbox = shim.factory.restore
+    await shim.agent.create_container(running, {"process": {"args": ["sh"]}})
+    await shim.agent.start_container(running)
+    shim.agent.calls.clear()
+    return shim
+
+
+def bundle(tmp_path: Path, cid: str = "c1") -> Path:
+    b = tmp_path / f"bundle-restore-{cid}"
+    (b / "rootfs").mkdir(parents=True, exist_ok=True)
     (b / "config.json").write_text(json.dumps(default_spec(["sh"])))
-    with pytest.raises(errors.Unimplemented, match="restoring a checkpoint is not supported"):
-        await shim.svc.Create(pb.CreateTaskRequest(id="c1", bundle=str(b),
+    return b
+
+
+async def test_create_from_a_checkpoint_restores_the_vm_and_start_runs_it(
+        tmp_path: Path) -> None:
+    dest, ram = await checkpointed(tmp_path)
+    shim = await restoring_shim(tmp_path)
+    await shim.svc.Create(pb.CreateTaskRequest(id="c1", bundle=str(bundle(tmp_path)),
+                                               checkpoint=str(dest)))
+    sb = shim.sandbox
+    assert shim.factory.called("restore")[0][0] == "c1"
+    assert shim.factory.called("create") == []  # no boot
+    vm = sb.fake_vm
+    assert [n for n, _ in vm.calls] == ["start", "load"] and vm.paused
+    assert vm.loaded == vm.vmstate and vm.spec.incoming
+    # The RAM is the sandbox's own file now (holes kept); containerd's copy went.
+    assert vm.spec.memory_file is not None and vm.spec.memory_file.read_bytes() == ram
+    assert not (dest / checkpoint.MEMORY).exists()
+    # Created for containerd; nothing asked of the agent while the VM is paused.
+    assert (await shim.svc.State(pb.StateRequest(id="c1"))).status == tt.CREATED
+    assert shim.agent.calls == []
+    assert shim.pub.topics == ["/tasks/create"]
+
+    await shim.svc.Start(pb.StartRequest(id="c1"))
+    assert not vm.paused
+    names = [n for n, _ in shim.agent.calls]
+    assert names[:2] == ["check", "finish_checkpoint"]
+    (time_ns, seed_len), = shim.agent.called("finish_checkpoint")
+    assert time_ns > 0 and seed_len == 64
+    assert shim.agent.called("start_container") == []  # it runs already
+    assert (await shim.svc.State(pb.StateRequest(id="c1"))).status == tt.RUNNING
+    await settle()
+    assert shim.agent.called("wait_process") == [("c1", "")]
+    shim.agent.exit("c1", code=4)
+    wait = await asyncio.wait_for(shim.svc.Wait(pb.WaitRequest(id="c1")), 5)
+    assert wait.exit_status == 4
+    assert shim.pub.topics == ["/tasks/create", "/tasks/start", "/tasks/exit"]
+    await shim.svc.Delete(pb.DeleteRequest(id="c1"))
+    assert not sb.dir.exists() and not vm.spec.memory_file.exists()
+
+
+async def test_a_checkpoint_from_another_guest_image_is_refused_and_nothing_is_left(
+        tmp_path: Path) -> None:
+    dest, _ = await checkpointed(tmp_path)
+    doc = json.loads((dest / checkpoint.MANIFEST).read_text())
+    doc["guest_image"]["digest"] = "9adf748aa75a1311"
+    (dest / checkpoint.MANIFEST).write_text(json.dumps(doc))
+    shim = await restoring_shim(tmp_path)
+    with pytest.raises(errors.FailedPrecondition) as refused:
+        await shim.svc.Create(pb.CreateTaskRequest(id="c1", bundle=str(bundle(tmp_path)),
+                                                   checkpoint=str(dest)))
+    msg = str(refused.value)
+    assert "\n" not in msg and "guest_image.digest" in msg and "9adf748aa75a1311" in msg
+    assert shim.svc.sandbox is None and shim.pub.topics == []
+    state = tmp_path / "after" / "state"
+    assert not state.exists() or not any(p.is_file() for p in state.rglob("*"))
+
+
+async def test_a_truncated_vmstate_is_refused(tmp_path: Path) -> None:
+    dest, _ = await checkpointed(tmp_path)
+    with open(dest / checkpoint.VMSTATE, "r+b") as f:
+        f.truncate(3)
+    shim = await restoring_shim(tmp_path)
+    with pytest.raises(errors.FailedPrecondition, match="truncated or damaged"):
+        await shim.svc.Create(pb.CreateTaskRequest(id="c1", bundle=str(bundle(tmp_path)),
+                                                   checkpoint=str(dest)))
+    assert shim.svc.sandbox is None
+
+
+async def test_restore_under_another_id_is_refused(tmp_path: Path) -> None:
+    dest, _ = await checkpointed(tmp_path)
+    shim = Shim(tmp_path / "other", sandbox_id="c2")
+    shim.svc._restore_sandbox = shim.factory.restore
+    with pytest.raises(errors.FailedPrecondition, match="under the same id"):
+        await shim.svc.Create(pb.CreateTaskRequest(id="c2", bundle=str(bundle(tmp_path, "c2")),
+                                                   checkpoint=str(dest)))
+    assert shim.svc.sandbox is None and shim.factory.made == []
+
+
+async def test_create_from_a_checkpoint_into_a_running_pod_is_refused(tmp_path: Path) -> None:
+    shim = Shim(tmp_path)
+    await shim.run()
+    with pytest.raises(errors.FailedPrecondition, match="into a running pod"):
+        await shim.svc.Create(pb.CreateTaskRequest(id="c9", bundle=str(bundle(tmp_path, "c9")),
                                                    checkpoint="/tmp/ctrd-checkpoint1"))
-    assert shim.factory.called("create") == []
-    assert shim.pub.topics == []
+    with pytest.raises(errors.Unimplemented, match="pre-dump"):
+        await shim.svc.Create(pb.CreateTaskRequest(id="c9", bundle=str(bundle(tmp_path, "c9")),
+                                                   parent_checkpoint="/x"))
+    assert shim.pub.topics == ["/tasks/create", "/tasks/start"]
 
 
 def test_the_marker_is_one_plain_line() -> None:

@@ -242,6 +242,8 @@ class Process:
         """The agent knows this process: a started exec, or the init of a created container."""
         if self.exec_id:
             return self.started
+        if self.container.restored:
+            return False  # its stdio starts at its Start, when the VM runs
         return self.container.state is not State.CREATING
 
     def _what(self, verb: str) -> str:
@@ -416,6 +418,9 @@ class Container:
         self.execs: dict[str, Process] = {}
         self._host_mounts: list[Path] = []
         self._disks: list[str] = []  # serials of hot-plugged block volumes, one per use
+        # Restored from a checkpoint and not started yet: "running" or "paused"
+        # (its state in the checkpoint); its processes run in the guest already.
+        self.restored = ""
 
     def __repr__(self) -> str:
         return f"<Container {self.id} {self.state.value}>"
@@ -535,6 +540,8 @@ class Container:
     @_traced("container.start")
     async def start(self) -> int:
         _require(f"start container {self.id}", self.state, State.CREATED)
+        if self.restored:
+            return await self._start_restored()
         try:
             pid = await self._agent.start_container(self.id)
         except errors.PykataError:
@@ -546,6 +553,18 @@ class Container:
         self.state = State.RUNNING
         self.sandbox.persist()
         return pid
+
+    async def _start_restored(self) -> int:
+        """Start of a container restored from a checkpoint (its sandbox runs
+        again): thawed if it was paused, then watched and relayed as a
+        started one. Its pid in the guest is not known: 0."""
+        if self.restored == "paused":
+            await self._agent.resume(self.id)
+        self.restored = ""
+        self.init._started(0)
+        self.state = State.RUNNING
+        self.sandbox.persist()
+        return 0
 
     def _process_exited(self, proc: Process) -> None:
         if proc is self.init:

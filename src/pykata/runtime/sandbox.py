@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from pykata.hypervisor.base import Hypervisor
 from pykata.resources import network
 from pykata.resources.blockdev import BlockDevices
 from pykata.resources.sharedfs import VirtioFsDaemon
-from pykata.runtime import agentpolicy, boot, sizing
+from pykata.runtime import agentpolicy, boot, checkpoint, sizing
 from pykata.runtime.bundle import load_spec
 from pykata.runtime.container import Container
 from pykata.runtime.netwatch import NetworkWatch, configure_guest
@@ -99,6 +100,9 @@ class Sandbox:
         # blocking calls the agent ends then are made again once it is set.
         self.resumed = asyncio.Event()
         self.resumed.set()
+        # Restored from a checkpoint and not run yet (its VM loaded, paused, no
+        # agent connection): ``resume_restored`` runs it.
+        self.restored: checkpoint.Manifest | None = None
 
     # -- creation ------------------------------------------------------------------
     @classmethod
@@ -137,6 +141,67 @@ class Sandbox:
         if sb._agent is not None:
             await tracing.collect(sb._agent)
         return sb
+
+    @classmethod
+    async def restore(cls, sandbox_id: str, config: Config, ckpt: Path, *, netns: str = "",
+                      namespace: str = DEFAULT_NAMESPACE, parts: Parts | None = None
+                      ) -> Sandbox:
+        """The sandbox of checkpoint directory ``ckpt`` (docs/checkpoint-design.md
+        §6.5): refused in one line before anything starts unless this host can
+        restore it (same guest image, VMM, VM shape); else its VM is started
+        with the checkpoint's devices, its RAM unpacked into a file of its own
+        and its state loaded, **paused**, with no agent connection yet
+        (``resume_restored`` runs it). On any error nothing is left behind."""
+        m = await asyncio.to_thread(checkpoint.read_manifest, ckpt)
+        if m.sandbox_id != sandbox_id:
+            raise errors.FailedPrecondition(
+                f"cannot restore checkpoint of sandbox {m.sandbox_id} as sandbox {sandbox_id}:"
+                " restore it under the same id")
+        sb = cls(sandbox_id, config, namespace, parts)
+        sb.netns = netns
+        with observe.phase("sandbox.restore", sb.phases, sandbox=sandbox_id):
+            try:
+                driver = sb.parts.driver or await make_driver(config)
+                sb.accel = driver.accel
+                host = sizing.vm_spec(config, sandbox_id, namespace, sb.dir,
+                                      channel=driver.agent_channel(config.vm.agent_channel))
+                spec = checkpoint.restore_spec(m, host)
+                await checkpoint.check_host(m, ckpt, config, driver, spec)
+                sb._make_dir()
+                sb.tree.setup()
+                plugged_vcpus = sum(1 for d in spec.restore_devices if d.kind == "vcpu")
+                sb.size = Resizer(sandbox_id, spec.vcpus + plugged_vcpus, spec.memory_mib)
+                sb._base = (spec.vcpus, spec.memory_mib)
+                await boot.restore(sb, driver, spec, ckpt, m)
+                sb.restored = m
+                sb.state = State.PAUSED
+                sb.persist()
+            except BaseException:
+                await sb.stop()
+                raise
+        log.info("sandbox %s restored from %s (paused until started)", sandbox_id, ckpt)
+        return sb
+
+    async def resume_restored(self) -> None:
+        """Run a sandbox ``restore`` left paused: the VM runs, the agent is
+        dialled and told the clock and fresh entropy (FinishCheckpoint). A
+        sandbox not restored, or already run: nothing."""
+        m, self.restored = self.restored, None
+        if m is None:
+            return
+        assert self.vm is not None
+        await self.vm.resume()
+        self.state = State.RUNNING
+        self._watchdog = Watchdog(self.id, self.vm, self.virtiofsd, self._failed)
+        self._watchdog.start()
+        with observe.phase("agent.dial", self.phases, sandbox=self.id):
+            self._agent = await self.parts.connect(
+                self.vm, float(self.config.agent.dial_timeout),
+                float(self.config.runtime.create_container_timeout))
+        await self._agent.finish_checkpoint(time.time_ns(), os.urandom(64))
+        self.persist()
+        log.info("sandbox %s running again from its checkpoint (VM pid %s)", self.id,
+                 self.vm.pid)
 
     async def why_failed(self, exc: errors.PykataError, grace: float = 1.0) -> str:
         """Why the sandbox failed ("" if it did not), for an error ``exc`` an
@@ -256,6 +321,34 @@ class Sandbox:
             self.containers.pop(container_id, None)
             self.persist()
             raise
+        self.persist()
+        return c
+
+    def adopt(self, container_id: str, bundle: Path, spec: dict[str, Any]) -> Container:
+        """The container of the checkpoint this sandbox was restored from (not
+        run yet): it runs in the guest already (frozen if it was paused at the
+        checkpoint); CREATED for containerd until its Start, which resumes it.
+        Phase 1: a checkpoint of one container, restored under the same id."""
+        m = self.restored
+        if m is None:
+            raise errors.FailedPrecondition(
+                f"cannot restore container {container_id}: sandbox {self.id} was not restored"
+                " from a checkpoint (or already runs)")
+        ids = [e.id for e in m.containers]
+        if len(ids) != 1:
+            raise errors.FailedPrecondition(
+                f"cannot restore a checkpoint of {len(ids)} containers ({', '.join(ids[:5])}):"
+                " pykata restores single-container pods only")
+        entry = m.containers[0]
+        if entry.id != container_id:
+            raise errors.FailedPrecondition(
+                f"cannot restore container {entry.id} of the checkpoint as {container_id}:"
+                " restore it under the same id")
+        check_id("container", container_id)
+        c = Container(self, container_id, bundle, spec)
+        c.restored = "paused" if entry.state == State.PAUSED.value else "running"
+        c.state = State.CREATED
+        self.containers[container_id] = c
         self.persist()
         return c
 

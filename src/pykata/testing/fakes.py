@@ -641,6 +641,20 @@ class FakeSandboxFactory(_Recorder):
         return sb
 
 
+    async def restore(self, sandbox_id: str, config: Config, ckpt: Path, *, netns: str = "",
+                      namespace: str = DEFAULT_NAMESPACE) -> FakeSandbox:
+        """``Sandbox.restore`` over fakes (sharing ``agent``), state under ``state_dir``."""
+        self._call("restore", sandbox_id, {"checkpoint": str(ckpt), "netns": netns,
+                                           "namespace": namespace})
+        sb = await FakeSandbox.restore(sandbox_id, fake_config(self.state_dir, config,
+                                                               in_place=True),
+                                       ckpt, netns=netns, namespace=namespace,
+                                       parts=fake_parts(self.agent))
+        assert isinstance(sb, FakeSandbox)
+        self.made.append(sb)
+        return sb
+
+
 class FakeIO:
     """A process's stdio relay (runtime.types.ProcessIO) that only records. With
     ``hold_drain`` its drain waits until ``release()``: a test sees the exit is
