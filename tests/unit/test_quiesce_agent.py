@@ -76,3 +76,47 @@ def test_blocking_calls_of_a_missing_process_are_still_not_found(tmp_path: Path)
         await svc.FinishCheckpoint(pb.FinishCheckpointRequest(time_ns=1))  # dev mode: no clock
 
     asyncio.run(go())
+
+
+def test_the_real_client_and_agent_quiesce_together(tmp_path: Path) -> None:
+    """AgentClient over ttRPC to the AgentService: prepare_checkpoint returns
+    with nothing in flight, the pending blocking call answered QUIESCED (which
+    runtime.types.quiesced recognises), calls made meanwhile held until
+    finish_checkpoint, then answered."""
+    from pykata.agent.client import AgentClient
+    from pykata.runtime.types import quiesced
+    from pykata.ttrpc import Client, Server
+
+    async def go() -> None:
+        svc = make(tmp_path)
+        server = Server()
+        server.register_service(service.AGENT_SERVICE, svc)
+        server.register_service(service.HEALTH_SERVICE, service.HealthService())
+        sock = tmp_path / "agent.sock"
+        await server.serve_unix(sock)
+        agent = AgentClient(await Client.connect_unix(sock))
+        try:
+            oom = asyncio.ensure_future(agent.oom_event())
+            await asyncio.sleep(0.05)
+            assert agent.in_flight == 1
+            await agent.prepare_checkpoint()
+            assert agent.in_flight == 0 and svc.quiesced
+            with pytest.raises(errors.Unavailable) as ended:
+                await oom
+            assert quiesced(ended.value)
+            assert not quiesced(errors.Unavailable("ttrpc connection closed by peer"))
+            held = asyncio.ensure_future(agent.metrics())
+            await asyncio.sleep(0.1)
+            assert not held.done() and agent.in_flight == 0  # not even sent
+            assert await agent.check()  # health goes through
+            first = agent.next_stream_id
+            await agent.finish_checkpoint(time_ns=0, seed=b"x" * 16)
+            assert "pykata_agent_containers" in await asyncio.wait_for(held, 5)
+            assert not svc.quiesced and agent.next_stream_id > first
+            with pytest.raises(errors.InvalidArgument):
+                agent.next_stream_id = 4
+        finally:
+            await agent.close()
+            await server.close()
+
+    asyncio.run(go())
