@@ -516,9 +516,11 @@ class TaskService:
     async def _run_again(self, sb: Pod) -> None:
         """After a checkpoint (or a failed one): the VM runs, the agent's clock
         and entropy are fixed, the waits and reads held go on."""
-        if sb.vm is not None:
-            await sb.vm.resume()
-        await sb.unquiesce(time.time_ns(), os.urandom(64))
+        try:
+            if sb.vm is not None:
+                await sb.vm.resume()
+        finally:
+            await sb.unquiesce(time.time_ns(), os.urandom(64))
 
     async def _undo_checkpoint(self, sb: Pod, dest: Path, before: set[str]) -> None:
         """A checkpoint failed: the pod runs on (logged, never raised) and what
