@@ -322,3 +322,52 @@ def test_a_small_translation_cache_with_cpu_hotplug_runs_single_threaded_tcg() -
         "tcg,tb-size=32"]
     assert arg_after(build("q", grow, opts(accel="tcg")), "-accel") == ["tcg"]
     assert arg_after(build("q", grow, opts(accel="kvm", tb_size_mib=32)), "-accel") == ["kvm"]
+
+
+def test_restore_argv_repeats_hot_plugged_devices_with_their_ids_and_buses() -> None:
+    from pykata.hypervisor.base import PluggedDevice
+
+    plugged = [
+        PluggedDevice("nic", "net0", bus="rp0", mac="02:00:00:00:00:0a", fds=[40]),
+        PluggedDevice("vcpu", "cpu-1", driver="max-x86_64-cpu",
+                      props={"socket-id": 1, "core-id": 0, "thread-id": 0}),
+        PluggedDevice("nic", "net1", bus="rp1", mac="02:00:00:00:00:0b", queues=2,
+                      fds=[41, 42]),
+    ]
+    s = spec(vcpus=1, max_vcpus=4, memory_file=Path("/m"), incoming=True,
+             restore_devices=plugged)
+    argv = build("q", s, opts(pcie_root_ports=6))
+    devices = arg_after(argv, "-device")
+    assert "max-x86_64-cpu,id=cpu-1,socket-id=1,core-id=0,thread-id=0" in devices
+    assert "virtio-net-pci,netdev=net0,id=dev-net0,bus=rp0,mac=02:00:00:00:00:0a" in devices
+    assert ("virtio-net-pci,netdev=net1,id=dev-net1,bus=rp1,mac=02:00:00:00:00:0b,"
+            "mq=on,vectors=6") in devices
+    assert arg_after(argv, "-netdev") == ["tap,id=net0,fd=40", "tap,id=net1,fds=41:42"]
+    # in the order they were plugged, after the root ports they sit on, before -incoming
+    idx = [i for i, a in enumerate(argv) if "dev-net" in a or "id=cpu-1" in a]
+    assert [argv[i].split(",")[0] for i in idx] == ["virtio-net-pci", "max-x86_64-cpu",
+                                                    "virtio-net-pci"]
+    assert max(i for i, a in enumerate(argv) if a.startswith("pcie-root-port")) < idx[0]
+    assert argv[-2:] == ["-incoming", "defer"]
+    assert "-smp" in argv and arg_after(argv, "-smp") == ["1,maxcpus=4"]
+    # the same spec without them: exactly the argv of today
+    plain = build("q", dataclasses.replace(s, restore_devices=[]), opts(pcie_root_ports=6))
+    assert argv == [*plain[:-2],
+        "-netdev", "tap,id=net0,fd=40",
+        "-device", "virtio-net-pci,netdev=net0,id=dev-net0,bus=rp0,mac=02:00:00:00:00:0a",
+        "-device", "max-x86_64-cpu,id=cpu-1,socket-id=1,core-id=0,thread-id=0",
+        "-netdev", "tap,id=net1,fds=41:42",
+        "-device",
+        "virtio-net-pci,netdev=net1,id=dev-net1,bus=rp1,mac=02:00:00:00:00:0b,mq=on,vectors=6",
+        "-incoming", "defer"]
+
+
+def test_restore_argv_refuses_a_nic_without_its_taps() -> None:
+    from pykata.hypervisor.base import PluggedDevice
+
+    s = spec(restore_devices=[PluggedDevice("nic", "net0", bus="rp0", queues=2, fds=[40])])
+    with pytest.raises(ValueError, match="needs 2 tap fds, has 1"):
+        build("q", s, opts(pcie_root_ports=2))
+    s = spec(restore_devices=[PluggedDevice("dimm", "dimm0")])
+    with pytest.raises(ValueError, match="cannot restore"):
+        build("q", s, opts())

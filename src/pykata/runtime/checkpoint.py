@@ -324,7 +324,8 @@ def open_dir(path: Path, create: bool = False) -> int:
 def open_entry(dfd: int, name: str, where: Path) -> int:
     """``name`` in the directory ``dfd``, read-only: a regular file, not a symlink."""
     try:
-        fd = os.open(name, _READ, dir_fd=dfd)
+        # O_NONBLOCK: a FIFO planted there must not block the open.
+        fd = os.open(name, _READ | os.O_NONBLOCK, dir_fd=dfd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise errors.FailedPrecondition(
@@ -651,7 +652,7 @@ def unpack_fd(src: int, out: int, expect: MemoryInfo | None = None) -> MemoryInf
 
 
 def _with_files(src: Path, dst: Path, work: Callable[[int, int], MemoryInfo]) -> MemoryInfo:
-    fin = os.open(src, _READ)
+    fin = os.open(src, _READ | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fin).st_mode):
             raise errors.FailedPrecondition(f"{src} is not a regular file")
