@@ -515,3 +515,15 @@ def test_save_will_not_overwrite_or_follow(tmp_path: Path) -> None:
     with pytest.raises(errors.FailedPrecondition, match="not a directory"):
         asyncio.run(ck.save(fake_sb(tmp_path, vm), tmp_path / "ck2"))
     assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_the_manifest_keeps_the_pod_network_as_the_guest_has_it(tmp_path: Path) -> None:
+    ep = SimpleNamespace(name="eth0", mac="02:00:00:00:00:01",
+                         addresses=[(4, "10.231.77.1", 24), (6, "fd00::1", 64)])
+    sb = fake_sb(tmp_path, ram_vm(tmp_path), netns="/var/run/netns/p",
+                 network=SimpleNamespace(netns="/var/run/netns/p", endpoints=[ep]))
+    m = asyncio.run(ck.save(sb, tmp_path / "ck"))
+    assert read_manifest(tmp_path / "ck").network == ck.NetworkInfo(
+        "/var/run/netns/p", [ck.Interface("eth0", "02:00:00:00:00:01",
+                                          ["10.231.77.1/24", "fd00::1/64"])])
+    assert m.network.interfaces[0].addresses[0] == "10.231.77.1/24"

@@ -766,7 +766,7 @@ async def save(sb: Sandbox, dest: Path, *, containers: list[ContainerEntry] | No
             vm_shape_digest=shape_digest(shape),
             cold_nics=[n.mac for n in vm.spec.nics], plugged=plugged, memory=memory,
             vmstate_bytes=vmstate_bytes, containers=list(containers or []),
-            network=network or NetworkInfo(), agent_next_stream_id=next_stream_id,
+            network=network or pod_network(sb), agent_next_stream_id=next_stream_id,
             extra=dict(extra or {}))
         body = json.dumps(m.to_json(), sort_keys=True, indent=1).encode() + b"\n"
         parse_manifest(body)  # what we write, we can read back
@@ -803,6 +803,16 @@ async def save(sb: Sandbox, dest: Path, *, containers: list[ContainerEntry] | No
         raise
     finally:
         os.close(dfd)
+
+
+def pod_network(sb: Sandbox) -> NetworkInfo:
+    """The pod's interfaces as the guest was given them, and its netns."""
+    net = getattr(sb, "network", None)
+    if net is None:
+        return NetworkInfo(netns=getattr(sb, "netns", "") or "")
+    return NetworkInfo(netns=net.netns, interfaces=[
+        Interface(ep.name, ep.mac, [f"{addr}/{plen}" for _, addr, plen in ep.addresses])
+        for ep in net.endpoints])
 
 
 def _plugged_from(d: Any) -> PluggedDevice:
