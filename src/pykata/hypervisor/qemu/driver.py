@@ -814,8 +814,9 @@ class QemuHypervisor(Hypervisor):
             return ("its VM has a virtio-fs device (QEMU 7.2 cannot save vhost-user-fs);"
                     " use shared_fs = \"none\" with guest-pulled images")
         if spec.memory_file is None:
-            return ("its VM's RAM is not in a file (set [runtime] checkpointable = true"
-                    " before the pod starts)")
+            return ("its VM's RAM is not in a file: set [runtime] checkpointable = true"
+                    " before the pod starts (a VM from the VM cache has none unless it is"
+                    " a template clone)")
         if spec.agent_channel != "serial":
             return ("its VM reaches the agent over vsock (a CID is per VM): use"
                     " agent_channel = \"serial\"")
