@@ -64,8 +64,10 @@ RESULTS = Path(os.environ.get("PYKATA_SOAK_RESULTS", "/var/tmp/pykata-test/soak"
 CACHE = Path("/var/tmp/pykata-test")
 HANDLER = "pykata"
 LABEL = {"pykata.test": "soak"}
-SLEEP = ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
-SLEEP_SCRIPT = "trap 'exit 0' TERM; sleep 3600 & wait"
+# A long-lived container: sleeps until TERM, however long the soak runs (a
+# single `sleep 3600` once ended a 500-cycle soak's anchor pod after an hour).
+SLEEP_SCRIPT = "trap 'exit 0' TERM; while :; do sleep 3600 & wait; done"
+SLEEP = ["sh", "-c", SLEEP_SCRIPT]
 
 
 @dataclass(frozen=True)

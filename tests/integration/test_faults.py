@@ -86,8 +86,9 @@ FAULTS = ("qemu", "virtiofsd", "shim", "agent", "panic")
 CACHE = Path("/var/tmp/pykata-test")
 REPORT_DIR = Path(os.environ.get("PYKATA_FAULT_REPORT", str(CACHE / "faults")))
 RT = ["--runtime", RUNTIME_TYPE]
-SLEEP = ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
-SLEEP_SCRIPT = "trap 'exit 0' TERM; sleep 3600 & wait"
+# Sleeps until TERM however long the run (make soak-faults takes about an hour).
+SLEEP_SCRIPT = "trap 'exit 0' TERM; while :; do sleep 3600 & wait; done"
+SLEEP = ["sh", "-c", SLEEP_SCRIPT]
 NS = "faults"
 HANDLER = "pykata"
 LABEL = {"pykata.test": "faults"}
