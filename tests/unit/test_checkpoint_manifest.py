@@ -527,3 +527,55 @@ def test_the_manifest_keeps_the_pod_network_as_the_guest_has_it(tmp_path: Path) 
         "/var/run/netns/p", [ck.Interface("eth0", "02:00:00:00:00:01",
                                           ["10.231.77.1/24", "fd00::1/64"])])
     assert m.network.interfaces[0].addresses[0] == "10.231.77.1/24"
+
+
+# -- boot: the opt-in RAM file and the NICs of a restore ----------------------------------
+def boot_sb(tmp_path: Path, checkpointable: bool, endpoints: list[Any] | None = None) -> Any:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    config = SimpleNamespace(runtime=SimpleNamespace(checkpointable=checkpointable,
+                                                     state_dir=str(state)))
+    record = SimpleNamespace(extra={})
+    net = SimpleNamespace(endpoints=endpoints) if endpoints is not None else None
+    return SimpleNamespace(id="sb", key="sb", config=config, record=record, netns="/n",
+                           network=net, persist=lambda: None)
+
+
+def test_checkpointable_ram_file_only_when_asked_and_without_shared_fs(tmp_path: Path) -> None:
+    from pykata.runtime import boot
+
+    spec = host_spec(tmp_path)
+    boot.checkpointable_memory(boot_sb(tmp_path, False), spec)
+    assert spec.memory_file is None  # the default: nothing changes
+    spec = host_spec(tmp_path, shared_fs_socket=tmp_path / "vfs.sock")
+    boot.checkpointable_memory(boot_sb(tmp_path, True), spec)
+    assert spec.memory_file is None  # virtio-fs pods could not be saved anyway
+    spec = host_spec(tmp_path)
+    sb = boot_sb(tmp_path, True)
+    boot.checkpointable_memory(sb, spec)
+    assert spec.memory_file == tmp_path / "state" / "vm" / "sb.mem"
+    assert sb.record.extra["memory_file"] == str(spec.memory_file)
+    st = os.stat(spec.memory_file)
+    assert st.st_size == 0 and st.st_mode & 0o777 == 0o600
+    assert os.stat(spec.memory_file.parent).st_mode & 0o777 == 0o700
+
+
+def test_restore_matches_nics_by_mac(tmp_path: Path) -> None:
+    from pykata.runtime import boot
+
+    eps = [SimpleNamespace(mac="02:00:00:00:00:02", fds=[11, 12]),
+           SimpleNamespace(mac="02:00:00:00:00:01", fds=[10])]
+    m = manifest(tmp_path, plugged=[
+        PluggedDevice("nic", "net1", bus="rp0", mac="02:00:00:00:00:02", queues=2)])
+    shape = ck.restore_spec(m, host_spec(tmp_path))
+    boot._restore_nics(boot_sb(tmp_path, True, eps), shape, m)
+    assert [(n.mac, n.fds) for n in shape.nics] == [("02:00:00:00:00:01", [10])]
+    assert shape.restore_devices[0].fds == [11, 12]
+    assert m.plugged[0].fds == []  # the manifest's stay without fds
+    with pytest.raises(errors.FailedPrecondition, match="MAC 02:00:00:00:00:01.* same network"):
+        boot._restore_nics(boot_sb(tmp_path, True, eps[:1]), ck.restore_spec(
+            m, host_spec(tmp_path)), m)
+    with pytest.raises(errors.FailedPrecondition, match="had 2 queues, the new tap has 1"):
+        boot._restore_nics(boot_sb(tmp_path, True, [
+            SimpleNamespace(mac="02:00:00:00:00:02", fds=[11]), eps[1]]),
+            ck.restore_spec(m, host_spec(tmp_path)), m)
