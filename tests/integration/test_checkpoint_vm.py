@@ -125,3 +125,55 @@ async def test_checkpoint_and_restore_into_a_new_qemu(pykata_config: config.Conf
         if restored is not None:
             await restored.stop()
     assert leftovers(state_dir, sid) == []  # QEMU, state directory, RAM files
+
+
+async def test_restore_into_the_same_netns_keeps_both_nics(pykata_config: config.Config,
+                                                          state_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """A pod with a NIC on the VM's command line (eth0, there at boot) and one
+    hot-plugged later (eth1, on a root port): restored into the same network
+    namespace, the guest has both addresses and reaches both peers (traffic
+    only to namespaces this test made)."""
+    from tests.integration.test_network import link_namespaces, netns_pair, sh
+
+    cfg = copy.deepcopy(pykata_config)
+    cfg.vm.shared_fs = "none"
+    cfg.runtime.checkpointable = True
+    cfg.agent.debug_console = True
+    cfg.factory.enable_template = False
+    cfg.factory.vm_cache_number = 0
+    tag = uuid.uuid4().hex[:6]
+    sid = f"cn-{tag}"
+    ckpt = tmp_path / "ck"
+    ping = "ping -c 1 -W 5 10.231.91.1 >/dev/null && ping -c 1 -W 5 10.231.92.1 >/dev/null"
+    with netns_pair(tag) as (pod_ns, peer_ns):
+        link_namespaces(pod_ns, peer_ns, "eth0", "10.231.91")
+        netns = f"/run/netns/{pod_ns}"
+        sb = await Sandbox.create(sid, cfg, netns=netns)
+        restored: Sandbox | None = None
+        try:
+            link_namespaces(pod_ns, peer_ns, "eth1", "10.231.92")
+            await sb.sync_network()
+            assert sb.network is not None and len(sb.network.endpoints) == 2
+            await guest_sh(sb, "n=0; until ip -4 -o addr show | grep -q 10.231.92.2"
+                               " && [ $n -lt 60 ]; do n=$((n+1)); sleep 0.5; done; " + ping)
+            await sb.quiesce()
+            m = await checkpoint.save(sb, ckpt)
+            assert len(m.cold_nics) == 1 and [d.kind for d in m.plugged] == ["nic"]
+            assert {i.name for i in m.network.interfaces} == {"eth0", "eth1"}
+            await sb.end_checkpointed()
+            await sb.stop()
+            assert "_pk" not in sh("ip", "-n", pod_ns, "-o", "link")
+
+            restored = await Sandbox.restore(sid, cfg, ckpt, netns=netns)
+            assert restored.vm is not None
+            assert any("bus=rp0" in a for a in restored.vm.argv)  # type: ignore[attr-defined]
+            await restored.resume_restored()
+            out = await guest_sh(restored, "ip -4 -o addr show; " + ping)
+            assert "10.231.91.2/24" in out and "10.231.92.2/24" in out, out
+        finally:
+            await sb.stop()
+            if restored is not None:
+                await restored.stop()
+        assert "_pk" not in sh("ip", "-n", pod_ns, "-o", "link")
+    assert leftovers(state_dir, sid) == []
