@@ -167,3 +167,56 @@ def test_qemu_version_from_the_binary() -> None:
         asyncio.run(setup._qemu_version("/bin/true"))  # prints nothing
     with pytest.raises(errors.NotFound):
         asyncio.run(setup._qemu_version("/nonexistent/qemu"))
+
+
+class ListenQMP:
+    """qemu.qmp's listen(): delivers ``events`` to the listener once it listens."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+
+    def listen(self, listener: Any) -> Any:
+        import contextlib
+
+        async def deliver() -> None:
+            for e in self.events:
+                await listener.put(e)
+
+        self.task = asyncio.ensure_future(deliver())
+        return contextlib.nullcontext()
+
+
+def migrating_vm(tmp_path: Path, events: list[dict[str, Any]], exit_after: float | None) -> Any:
+    h = vm(tmp_path)
+    h._qmp = ListenQMP(events)  # type: ignore[assignment]
+
+    async def query(cmd: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        return {"status": "active"} if cmd == "query-migrate" else {}
+
+    async def wait() -> int:
+        if exit_after is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(exit_after or 0)
+        return 1
+
+    h._qmp_cmd = query  # type: ignore[method-assign]
+    h.wait = wait  # type: ignore[method-assign]
+    h.spec.run_dir.mkdir(parents=True, exist_ok=True)
+    h.log_path.write_text("qemu-system-x86_64: load of migration failed: Invalid argument\n")
+    return h
+
+
+def test_a_qemu_exiting_during_a_watched_migration_ends_the_wait(tmp_path: Path) -> None:
+    h = migrating_vm(tmp_path, [], exit_after=0.01)
+    with pytest.raises(errors.Unavailable) as exc:
+        asyncio.run(asyncio.wait_for(h._await_migration(60.0, watch_exit=True), 10))
+    assert str(exc.value) == ("QEMU of VM sb exited (status 1) during the migration:"
+                              " qemu-system-x86_64: load of migration failed: Invalid argument")
+
+
+def test_a_watched_migration_that_completes_is_not_an_error(tmp_path: Path) -> None:
+    done = [{"event": "MIGRATION", "data": {"status": "completed"}}]
+    h = migrating_vm(tmp_path, done, exit_after=None)
+    asyncio.run(asyncio.wait_for(h._await_migration(60.0, watch_exit=True), 10))
+    h = migrating_vm(tmp_path, done, exit_after=None)
+    asyncio.run(asyncio.wait_for(h._await_migration(60.0), 10))  # the templating wait

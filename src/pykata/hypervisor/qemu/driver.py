@@ -740,28 +740,61 @@ class QemuHypervisor(Hypervisor):
             {"capability": "x-ignore-shared", "state": True},
             {"capability": "events", "state": True}]})
 
-    async def _await_migration(self, timeout: float) -> None:
-        """Until the MIGRATION event says completed (or failed)."""
+    async def _await_migration(self, timeout: float, watch_exit: bool = False) -> None:
+        """Until the MIGRATION event says completed (or failed). ``watch_exit``:
+        QEMU exiting meanwhile (7.2 exits when an incoming stream is bad) ends
+        the wait at once with its exit and the end of its log."""
         assert self._qmp is not None
         listener = _Listener(("MIGRATION",))
-        with self._qmp.listen(listener):
-            status = str((await self._qmp_cmd("query-migrate")).get("status", ""))
-            try:
-                async with asyncio.timeout(timeout):
-                    while status not in ("completed", "failed", "cancelled"):
-                        event = await listener.get()
-                        data = event["data"] if "data" in event else None
-                        if isinstance(data, Mapping):
-                            status = str(data.get("status", ""))
-            except TimeoutError:
-                raise errors.DeadlineExceeded(
-                    f"VM {self.spec.id}: migration not done within {timeout:g}s") from None
+        exited: asyncio.Future[int] | None = (
+            asyncio.ensure_future(self.wait()) if watch_exit else None)
+        try:
+            with self._qmp.listen(listener):
+                status = str((await self._qmp_cmd("query-migrate")).get("status", ""))
+                try:
+                    async with asyncio.timeout(timeout):
+                        while status not in ("completed", "failed", "cancelled"):
+                            event = await self._next_event(listener, exited)
+                            data = event["data"] if "data" in event else None
+                            if isinstance(data, Mapping):
+                                status = str(data.get("status", ""))
+                except TimeoutError:
+                    raise errors.DeadlineExceeded(
+                        f"VM {self.spec.id}: migration not done within {timeout:g}s") from None
+        finally:
+            if exited is not None and not exited.done():
+                exited.cancel()
+                with contextlib.suppress(BaseException):
+                    await exited
         if status != "completed":
             info = await self._qmp_cmd("query-migrate")
             raise errors.Internal(f"VM {self.spec.id}: migration {status}:"
                                   f" {info.get('error-desc', 'no detail')}")
 
-    async def _migrate_through(self, fd: int, cmd: str, name: str) -> None:
+    async def _next_event(self, listener: _Listener,
+                          exited: asyncio.Future[int] | None) -> Any:
+        """The listener's next event; with ``exited``, Unavailable (one line:
+        QEMU's exit status and last log line) if QEMU exits first."""
+        if exited is None:
+            return await listener.get()
+        got = asyncio.ensure_future(listener.get())
+        try:
+            racing: set[asyncio.Future[Any]] = {got, exited}
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not got.done():
+                got.cancel()
+                with contextlib.suppress(BaseException):
+                    await got
+        if got.done() and not got.cancelled():
+            return got.result()
+        why = " ".join(tail(self.log_path, 1).split())
+        raise errors.Unavailable(
+            f"QEMU of VM {self.spec.id} exited (status {exited.result()}) during the"
+            f" migration" + (f": {why[:300]}" if why else ""))
+
+    async def _migrate_through(self, fd: int, cmd: str, name: str,
+                               watch_exit: bool = False) -> None:
         """``cmd`` (migrate or migrate-incoming) to or from ``fd``: the seccomp
         filter forbids exec: URIs, and QEMU cannot open the root-only file."""
         try:
@@ -773,7 +806,7 @@ class QemuHypervisor(Hypervisor):
         except BaseException:
             await self._closefd(name)
             raise
-        await self._await_migration(60.0)
+        await self._await_migration(60.0, watch_exit)
 
     async def save(self, path: Path) -> None:
         if self.spec.memory_file is None:
@@ -798,14 +831,14 @@ class QemuHypervisor(Hypervisor):
         await self._load(fd)
         await self._qmp_cmd("cont")
 
-    async def _load(self, fd: int) -> None:
+    async def _load(self, fd: int, watch_exit: bool = False) -> None:
         """migrate-incoming from ``fd`` (closed here); the VM stays paused."""
         try:
             await self._migrate_caps()
         except BaseException:
             os.close(fd)
             raise
-        await self._migrate_through(fd, "migrate-incoming", "migrate-in")
+        await self._migrate_through(fd, "migrate-incoming", "migrate-in", watch_exit)
 
     # -- checkpoint (runtime/checkpoint.py) ---------------------------------------------
     def saveable(self) -> str:
@@ -839,12 +872,12 @@ class QemuHypervisor(Hypervisor):
         except BaseException:
             os.close(mine)
             raise
-        await self._migrate_through(mine, "migrate", "migrate-out")
+        await self._migrate_through(mine, "migrate", "migrate-out", watch_exit=True)
 
     async def load(self, fd: int) -> None:
         if not self.spec.incoming:
             raise errors.FailedPrecondition(f"VM {self.spec.id} was not started to restore")
-        await self._load(os.dup(fd))
+        await self._load(os.dup(fd), watch_exit=True)
 
     async def checkpoint_info(self) -> dict[str, Any]:
         version = await self._qmp_cmd("query-version")
