@@ -220,3 +220,22 @@ def test_a_watched_migration_that_completes_is_not_an_error(tmp_path: Path) -> N
     asyncio.run(asyncio.wait_for(h._await_migration(60.0, watch_exit=True), 10))
     h = migrating_vm(tmp_path, done, exit_after=None)
     asyncio.run(asyncio.wait_for(h._await_migration(60.0), 10))  # the templating wait
+
+
+def test_load_reports_a_lost_qemu_on_one_line(tmp_path: Path) -> None:
+    h = vm(tmp_path, incoming=True)
+
+    async def lost(cmd: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        raise errors.Unavailable("QEMU of VM sb exited (status 1) during query-migrate:"
+                                 " line one\nline two")
+
+    h._qmp_cmd = lost  # type: ignore[method-assign]
+    r, w = os.pipe()
+    try:
+        with pytest.raises(errors.Unavailable) as exc:
+            asyncio.run(h.load(r))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert str(exc.value) == ("QEMU of VM sb exited (status 1) during query-migrate:"
+                              " line one line two")

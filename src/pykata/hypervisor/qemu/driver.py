@@ -872,12 +872,18 @@ class QemuHypervisor(Hypervisor):
         except BaseException:
             os.close(mine)
             raise
-        await self._migrate_through(mine, "migrate", "migrate-out", watch_exit=True)
+        try:
+            await self._migrate_through(mine, "migrate", "migrate-out", watch_exit=True)
+        except (errors.Unavailable, errors.Internal) as exc:
+            raise _one_line(exc) from exc
 
     async def load(self, fd: int) -> None:
         if not self.spec.incoming:
             raise errors.FailedPrecondition(f"VM {self.spec.id} was not started to restore")
-        await self._load(os.dup(fd), watch_exit=True)
+        try:
+            await self._load(os.dup(fd), watch_exit=True)
+        except (errors.Unavailable, errors.Internal) as exc:
+            raise _one_line(exc) from exc
 
     async def checkpoint_info(self) -> dict[str, Any]:
         version = await self._qmp_cmd("query-version")
@@ -900,6 +906,14 @@ class QemuHypervisor(Hypervisor):
             "ports": dict(self._ports),
             "plugged": [d.to_json() for d in self._plugged],
         }
+
+
+def _one_line(exc: errors.Unavailable | errors.Internal) -> errors.PykataError:
+    """``exc`` with its message on one line (QEMU's log tail may span several)."""
+    text = " ".join(str(exc).split())
+    if text == str(exc) or type(exc) not in (errors.Unavailable, errors.Internal):
+        return exc
+    return type(exc)(text)
 
 
 def _pci_buses(pci: Any) -> list[dict[str, Any]]:
