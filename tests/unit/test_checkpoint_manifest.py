@@ -264,7 +264,10 @@ def test_manifest_values_that_reach_a_command_line_are_checked(tmp_path: Path) -
             ({"bus": "pcie.0"}, "plugged[1].bus"),
             ({"mac": "02:00:00:00:00:02,x=y"}, "plugged[1].mac"),
             ({"queues": 0}, "plugged[1].queues"),
-            ({"kind": "dimm"}, "plugged[1].kind"),
+            ({"kind": "disk"}, "plugged[1].kind"),
+            ({"kind": "dimm", "props": {}}, "plugged[1].props"),
+            ({"kind": "dimm", "props": {"size-mib": 0}}, "plugged[1].props"),
+            ({"kind": "dimm", "props": {"size-mib": 64, "addr": 1}}, "plugged[1].props"),
     ):
         doc = json.loads(json.dumps(good))
         doc["plugged"][1].update(plugged)
@@ -546,7 +549,7 @@ def test_checkpointable_ram_file_only_when_asked_and_without_shared_fs(tmp_path:
 
     spec = host_spec(tmp_path)
     boot.checkpointable_memory(boot_sb(tmp_path, False), spec)
-    assert spec.memory_file is None  # the default: nothing changes
+    assert spec.memory_file is None and not spec.checkpointable  # the default: no change
     spec = host_spec(tmp_path, shared_fs_socket=tmp_path / "vfs.sock")
     boot.checkpointable_memory(boot_sb(tmp_path, True), spec)
     assert spec.memory_file is None  # virtio-fs pods could not be saved anyway
@@ -554,6 +557,7 @@ def test_checkpointable_ram_file_only_when_asked_and_without_shared_fs(tmp_path:
     sb = boot_sb(tmp_path, True)
     boot.checkpointable_memory(sb, spec)
     assert spec.memory_file == tmp_path / "state" / "vm" / "sb.mem"
+    assert spec.checkpointable  # its hot-plugged memory will be private
     assert sb.record.extra["memory_file"] == str(spec.memory_file)
     st = os.stat(spec.memory_file)
     assert st.st_size == 0 and st.st_mode & 0o777 == 0o600

@@ -76,8 +76,8 @@ def test_saveable_reasons(tmp_path: Path) -> None:
     assert "not in a file" in vm(tmp_path, memory_file=None).saveable()
     assert "vsock" in vm(tmp_path, agent_channel="vsock").saveable()
     h = vm(tmp_path)
-    h._dimms = 1
-    assert "hot-plugged memory" in h.saveable()
+    h._shared_dimms = 1
+    assert "hot-plugged shared memory" in h.saveable()
     h = vm(tmp_path)
     h._fdsets["d1"] = 3
     assert "block devices" in h.saveable()
@@ -239,3 +239,34 @@ def test_load_reports_a_lost_qemu_on_one_line(tmp_path: Path) -> None:
         os.close(w)
     assert str(exc.value) == ("QEMU of VM sb exited (status 1) during query-migrate:"
                               " line one line two")
+
+
+def test_checkpointable_vms_get_private_memory_that_a_checkpoint_carries(
+        tmp_path: Path) -> None:
+    h = vm(tmp_path, memory_slots=2, memory_mib=256, max_memory_mib=1024, checkpointable=True)
+    assert asyncio.run(h.hotplug_memory(128)) == 128
+    sent = h._qmp_cmd.sent  # type: ignore[attr-defined]
+    assert ("object-add", {"qom-type": "memory-backend-ram", "id": "mem-dimm0",
+                           "size": 128 << 20}) in sent
+    assert h.saveable() == ""
+    assert [d.to_json() for d in h._plugged] == [
+        {"kind": "dimm", "id": "dimm0", "bus": "", "driver": "", "props": {"size-mib": 128},
+         "mac": "", "queues": 1}]
+    # Without the opt-in (or with virtio-fs): shared as before, and refused.
+    for kw in ({}, {"checkpointable": True, "shared_fs_socket": tmp_path / "vfs.sock"}):
+        h = vm(tmp_path, memory_slots=2, memory_mib=256, max_memory_mib=1024, **kw)
+        asyncio.run(h.hotplug_memory(128))
+        assert ("object-add", {"qom-type": "memory-backend-memfd", "id": "mem-dimm0",
+                               "size": 128 << 20, "share": True}) in h._qmp_cmd.sent  # type: ignore[attr-defined]
+        assert h._plugged == []
+        assert "hot-plugged shared memory" in h.saveable() or "virtio-fs" in h.saveable()
+
+
+def test_a_restored_vm_counts_its_restored_memory(tmp_path: Path) -> None:
+    h = vm(tmp_path, memory_slots=2, incoming=True, checkpointable=True, restore_devices=[
+        PluggedDevice("dimm", "dimm0", props={"size-mib": 128})])
+    assert h._dimms == 1 and h.saveable() == ""
+    asyncio.run(h.hotplug_memory(64))
+    assert [d.id for d in h._plugged] == ["dimm0", "dimm1"]
+    with pytest.raises(errors.ResourceExhausted):
+        asyncio.run(h.hotplug_memory(64))

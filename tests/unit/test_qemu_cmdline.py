@@ -368,6 +368,22 @@ def test_restore_argv_refuses_a_nic_without_its_taps() -> None:
     s = spec(restore_devices=[PluggedDevice("nic", "net0", bus="rp0", queues=2, fds=[40])])
     with pytest.raises(ValueError, match="needs 2 tap fds, has 1"):
         build("q", s, opts(pcie_root_ports=2))
-    s = spec(restore_devices=[PluggedDevice("dimm", "dimm0")])
+    s = spec(restore_devices=[PluggedDevice("disk", "d0")])
     with pytest.raises(ValueError, match="cannot restore"):
         build("q", s, opts())
+
+
+def test_restore_argv_repeats_private_memory_in_order() -> None:
+    from pykata.hypervisor.base import PluggedDevice
+
+    s = spec(memory_slots=2, memory_mib=256, max_memory_mib=1024, restore_devices=[
+        PluggedDevice("dimm", "dimm0", props={"size-mib": 128}),
+        PluggedDevice("dimm", "dimm1", props={"size-mib": 256})])
+    argv = build("q", s, opts())
+    assert "memory-backend-ram,id=mem-dimm0,size=128M" in arg_after(argv, "-object")
+    assert "memory-backend-ram,id=mem-dimm1,size=256M" in arg_after(argv, "-object")
+    assert [d for d in arg_after(argv, "-device") if d.startswith("pc-dimm")] == [
+        "pc-dimm,id=dimm0,memdev=mem-dimm0", "pc-dimm,id=dimm1,memdev=mem-dimm1"]
+    assert arg_after(argv, "-m") == ["256M,slots=2,maxmem=1024M"]
+    with pytest.raises(ValueError, match="no size"):
+        build("q", spec(restore_devices=[PluggedDevice("dimm", "dimm0")]), opts())

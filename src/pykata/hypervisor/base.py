@@ -34,11 +34,11 @@ class PluggedDevice:
     """A device hot-plugged into a running VM. A VM restoring that VM's saved
     state has it on its command line with the same id and bus (the state is
     matched to devices by address): a vCPU (``id`` cpu-N, the VMM's CPU type in
-    ``driver`` and its topology in ``props``) or a NIC (``id`` its netdev id,
+    ``driver`` and its topology in ``props``), a NIC (``id`` its netdev id,
     on root port ``bus``, with ``mac`` and ``queues``; ``fds``: the new tap
-    queues at restore)."""
+    queues at restore) or private memory (``id`` dimmN, ``props["size-mib"]``)."""
 
-    kind: str  # "vcpu" | "nic"
+    kind: str  # "vcpu" | "nic" | "dimm"
     id: str
     bus: str = ""
     driver: str = ""
@@ -88,6 +88,10 @@ class VMSpec:
     memory_file: Path | None = None
     incoming: bool = False  # start paused, waiting for restore()
     free_page_reporting: bool = False  # virtio-balloon: freed guest pages go back to the host
+    # The runtime may checkpoint this VM ([runtime] checkpointable): memory
+    # hot-plugged while it has no vhost-user device is private (anonymous), so
+    # the saved state carries it (shared memory is skipped, x-ignore-shared).
+    checkpointable: bool = False
     # What was hot-plugged into the VM whose state an ``incoming`` VM loads:
     # repeated on the command line, same ids and buses (runtime/checkpoint.py).
     restore_devices: list[PluggedDevice] = field(default_factory=list)

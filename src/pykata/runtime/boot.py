@@ -173,6 +173,7 @@ def checkpointable_memory(sb: Sandbox, spec: VMSpec) -> None:
     if not sb.config.runtime.checkpointable or spec.shared_fs_socket is not None \
             or spec.memory_file is not None:
         return
+    spec.checkpointable = True
     mem = factory.clone_memory_path(sb.config.runtime.state_dir, sb.key)
     sb.record.extra["memory_file"] = str(mem)
     sb.persist()
@@ -216,6 +217,8 @@ async def clone(sb: Sandbox, driver: Driver, spec: VMSpec, template: factory.Tem
     sb.persist()
     shape = dataclasses.replace(spec, shared_fs_socket=None, nics=[], memory_file=mem,
                                 incoming=True)
+    # A clone without virtio-fs has its RAM in a file: checkpointable if asked.
+    shape.checkpointable = sb.config.runtime.checkpointable and spec.shared_fs_socket is None
     copying = asyncio.ensure_future(asyncio.to_thread(factory.sparse_copy,
                                                       template.memory, mem))
     try:

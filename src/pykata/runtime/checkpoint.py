@@ -270,15 +270,20 @@ def _check_values(m: Manifest) -> None:
     mac = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
     for i, d in enumerate(m.plugged):
         where = f"plugged[{i}]"
-        if d.kind not in ("vcpu", "nic"):
-            raise _bad(f"{where}.kind", f"{_show(d.kind)} is not vcpu or nic")
+        if d.kind not in ("vcpu", "nic", "dimm"):
+            raise _bad(f"{where}.kind", f"{_show(d.kind)} is not vcpu, nic or dimm")
         if not ident.fullmatch(d.id):
             raise _bad(f"{where}.id", f"{_show(d.id)} is not a device id")
-        if d.kind == "vcpu":
+        if d.kind == "dimm":
+            size = d.props.get("size-mib")
+            if set(d.props) != {"size-mib"} or size is None or not 0 < size <= 1 << 20:
+                raise _bad(f"{where}.props", f"{_show(d.props)} is not a memory size")
+        elif d.kind == "vcpu":
             if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}", d.driver):
                 raise _bad(f"{where}.driver", f"{_show(d.driver)} is not a CPU type")
             for k, v in d.props.items():
-                if not re.fullmatch(r"[a-z][a-z-]{0,31}", k) or not 0 <= v < 65536:
+                if not re.fullmatch(r"[a-z][a-z-]{0,31}", k) or not 0 <= v < 65536 or \
+                        isinstance(v, bool):
                     raise _bad(f"{where}.props", f"{_show({k: v})} is not a CPU slot property")
         else:
             if not re.fullmatch(r"rp[0-9]{1,2}", d.bus):
@@ -448,6 +453,7 @@ def restore_spec(m: Manifest, host: VMSpec) -> VMSpec:
         host, vcpus=int(s["vcpus"]), max_vcpus=int(s["max_vcpus"]),
         memory_mib=int(s["memory"]), max_memory_mib=int(s["max_memory"]),
         memory_slots=int(s["slots"]), shared_fs_socket=None, incoming=True, nics=[],
+        checkpointable=True,
         restore_devices=[dataclasses.replace(d, fds=[]) for d in m.plugged])
 
 

@@ -188,9 +188,11 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
 
 def restore_devices(spec: VMSpec) -> list[str]:
     """The devices hot-plugged into the VM whose state this one loads, with the
-    ids and buses they had (after the root ports they sit on): vCPUs as
-    ``-device <type>,id=cpu-N,<topology>``, NICs as a tap netdev with the new
-    fds and ``virtio-net-pci,id=dev-<id>,bus=<port>``, as ``hotplug_nic`` adds them."""
+    ids and buses they had (after the root ports they sit on), in the order
+    they were plugged: vCPUs as ``-device <type>,id=cpu-N,<topology>``, NICs
+    as a tap netdev with the new fds and ``virtio-net-pci,id=dev-<id>,bus=<port>``
+    (as ``hotplug_nic`` adds them), private memory as a RAM backend and a
+    ``pc-dimm`` (the same order gives the same addresses)."""
     argv: list[str] = []
     for d in spec.restore_devices:
         if d.kind == "vcpu":
@@ -211,6 +213,12 @@ def restore_devices(spec: VMSpec) -> list[str]:
             if d.queues > 1:
                 dev += f",mq=on,vectors={2 * d.queues + 2}"
             argv += ["-netdev", netdev, "-device", dev]
+        elif d.kind == "dimm":
+            size = d.props.get("size-mib", 0)
+            if size <= 0:
+                raise ValueError(f"restored memory {d.id} has no size")
+            argv += ["-object", f"memory-backend-ram,id=mem-{d.id},size={size}M",
+                     "-device", f"pc-dimm,id={d.id},memdev=mem-{d.id}"]
         else:
             raise ValueError(f"cannot restore a hot-plugged {d.kind!r} device ({d.id})")
     return argv

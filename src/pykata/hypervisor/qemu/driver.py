@@ -199,11 +199,14 @@ class QemuHypervisor(Hypervisor):
         # what a checkpoint of this VM must repeat (checkpoint_info).
         self._plugged: list[PluggedDevice] = [
             dataclasses.replace(d, fds=[]) for d in spec.restore_devices]
+        self._shared_dimms = 0  # hot-plugged memory a saved state would not carry
         for d in self._plugged:
             if d.kind == "nic":
                 self._ports[d.id] = d.bus
             elif d.kind == "vcpu":
                 self._vcpus += 1
+            elif d.kind == "dimm":
+                self._dimms += 1
         self._fdsets: dict[str, int] = {}  # hot-plugged disk -> its add-fd set
         self.log_path = spec.run_dir / "qemu.log"
 
@@ -540,10 +543,17 @@ class QemuHypervisor(Hypervisor):
         if not self.spec.memory_slots or self._dimms >= self.spec.memory_slots:
             raise errors.ResourceExhausted(f"VM {self.spec.id} has no free memory slot")
         n = self._dimms
-        await self._qmp_cmd("object-add", {
+        # Shared (vhost-user devices map all guest RAM), unless the VM may be
+        # checkpointed and has none: then private, carried in the saved state.
+        private = self._private_memory()
+        backend: dict[str, Any] = {
             "qom-type": "memory-backend-memfd", "id": f"mem-dimm{n}",
             "size": size_mib << 20, "share": True,
-        })
+        }
+        if private:
+            backend = {"qom-type": "memory-backend-ram", "id": f"mem-dimm{n}",
+                       "size": size_mib << 20}
+        await self._qmp_cmd("object-add", backend)
         try:
             await self._qmp_cmd("device_add", {
                 "driver": "pc-dimm", "id": f"dimm{n}", "memdev": f"mem-dimm{n}",
@@ -553,7 +563,18 @@ class QemuHypervisor(Hypervisor):
                 await self._qmp_cmd("object-del", {"id": f"mem-dimm{n}"})
             raise
         self._dimms += 1
+        if private:
+            self._plugged.append(PluggedDevice("dimm", f"dimm{n}",
+                                               props={"size-mib": size_mib}))
+        else:
+            self._shared_dimms += 1
         return size_mib
+
+    def _private_memory(self) -> bool:
+        """Whether memory hot-plugged now is private: a checkpointable VM without
+        a vhost-user device (virtio-fs, on the command line or hot-plugged)."""
+        return (self.spec.checkpointable and self.spec.shared_fs_socket is None
+                and "vfs" not in self._ports)
 
     def _claim_port(self, owner: str) -> str:
         """A free PCIe root port for a hot-plugged device (disk, NIC, virtio-fs)."""
@@ -853,8 +874,9 @@ class QemuHypervisor(Hypervisor):
         if spec.agent_channel != "serial":
             return ("its VM reaches the agent over vsock (a CID is per VM): use"
                     " agent_channel = \"serial\"")
-        if self._dimms:
-            return "its VM has hot-plugged memory (its content would not be saved)"
+        if self._shared_dimms:
+            return ("its VM has hot-plugged shared memory (its content would not be saved;"
+                    " [runtime] checkpointable pods get private memory)")
         if self._fdsets:
             return "its VM has hot-plugged block devices (not carried by a checkpoint yet)"
         if self._qmp is None:
