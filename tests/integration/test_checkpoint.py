@@ -10,14 +10,18 @@ on real VMs (docs/checkpoint-design.md §6.8).
   original runs on), killed and removed, then restored with ``ctr c restore
   --live``: the same shell (the token it drew at start, kept only in its
   memory) goes on counting from where it was, and a file written in the
-  writable layer is still there; the content store holds the checkpoint blob
-  of containerd's criu media type; nothing is left.
+  writable layer is still there; a TCP connection between two processes of the
+  pod carries on (the numbers the server received stay consecutive and go on
+  growing); the pod keeps its IP in the same network namespace and answers a
+  ping from the registry's; the content store holds the checkpoint blob of
+  containerd's criu media type; nothing is left.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -47,6 +51,13 @@ CRIU_TAR = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 # 0.2 s. A restarted shell would draw another token and count from 1.
 LOOP = ("t=$(cat /proc/sys/kernel/random/uuid); i=0;"
         " while :; do i=$((i+1)); echo \"$t $i\" > /tmp/n; sleep 0.2; done")
+# The counting shell, and a TCP connection inside the pod: nc's server writes
+# the consecutive numbers its client sends, one every 0.2 s, to /tmp/tcp (its
+# stdin never ends: busybox nc stops at the end of its input).
+POD = ("sleep 1000000 | nc -l -p 7000 > /tmp/tcp &"
+       " while ! netstat -ltn | grep -q :7000; do sleep 0.1; done;"
+       " (j=0; while :; do j=$((j+1)); echo $j; sleep 0.2; done) | nc 127.0.0.1 7000 & "
+       + LOOP)
 READS = 600  # attempts at reading the counter before giving up
 
 
@@ -72,6 +83,22 @@ def count_at_least(ctd: PrivateContainerd, cid: str, least: int) -> tuple[str, i
             return parts[0], int(parts[1])
         time.sleep(0.2)
     raise AssertionError(f"the counter of {cid} did not reach {least}: {last!r}")
+
+
+def tcp_at_least(ctd: PrivateContainerd, cid: str, least: int) -> int:
+    """The last number the pod's TCP server received, once at least ``least``;
+    every number before it arrived, once and in order."""
+    last = ""
+    for _ in range(READS):
+        rc, out, err = execute(ctd, cid, "cat", "/tmp/tcp")
+        last = (out or err)[-200:]
+        got = out[:out.rfind("\n") + 1].split()  # whole lines only
+        if rc == 0 and got and int(got[-1]) >= least:
+            assert got == [str(i) for i in range(1, len(got) + 1)], \
+                f"numbers lost or repeated: {out[-200:]!r}"
+            return len(got)
+        time.sleep(0.2)
+    raise AssertionError(f"the TCP server of {cid} did not reach {least}: {last!r}")
 
 
 def status(ctd: PrivateContainerd, cid: str) -> str:
@@ -142,11 +169,13 @@ def test_a_counting_shell_survives_checkpoint_and_restore(
         ctd.ctr("run", "-d", "--runtime", RUNTIME_TYPE, "--runtime-config-path",
                 str(cfg_file), "--with-ns", f"network:/run/netns/{net.pod_ns}",
                 "--annotation", f"{GUEST_PULL_IMAGE_ANNOTATION}={image}", REF, cid,
-                "sh", "-c", LOOP, timeout=900)
+                "sh", "-c", POD, timeout=900)
         token, _ = count_at_least(ctd, cid, 3)
+        tcp_at_least(ctd, cid, 1)
         rc, _, err = execute(ctd, cid, "sh", "-c", "echo kept > /etc/written")
         assert rc == 0, err
         _, before = count_at_least(ctd, cid, 1)
+        tcp_before = tcp_at_least(ctd, cid, 1)
 
         r = ctd.ctr("containers", "checkpoint", "--task", cid, ck, check=False, timeout=900)
         assert r.returncode == 0, r.stderr.decode(errors="replace")
@@ -173,5 +202,15 @@ def test_a_counting_shell_survives_checkpoint_and_restore(
         assert n2 >= before
         rc, out, err = execute(ctd, cid, "cat", "/etc/written")
         assert (rc, out) == (0, "kept\n"), err
+        # The same TCP connection carries on: numbers after the checkpoint's arrive,
+        # consecutive (a new connection would need a new server: nc -l takes one).
+        tcp_after = tcp_at_least(ctd, cid, tcp_before + 1)
+        tcp_at_least(ctd, cid, tcp_after + 1)
+        # Same IP in the same network namespace, reachable from the registry's.
+        rc, out, err = execute(ctd, cid, "ip", "-4", "-o", "addr", "show")
+        assert rc == 0 and f" {net.pod_ip}/" in out, out + err
+        ping = subprocess.run(["ip", "netns", "exec", net.reg_ns, "busybox", "ping", "-c", "1",
+                               "-W", "30", net.pod_ip], capture_output=True, timeout=120)
+        assert ping.returncode == 0, ping.stdout.decode() + ping.stderr.decode()
         ctd.ctr("tasks", "kill", "-s", "KILL", cid)
     assert not leftovers(cfg.runtime.state_dir, f"{NS}/{cid}")
