@@ -45,7 +45,13 @@ the shim fills as it likes) carry what the shim needs to rebuild its objects;
 Eligibility (``eligible``): no virtio-fs (QEMU 7.2 cannot save vhost-user-fs),
 the RAM in a file (``[runtime] checkpointable = true`` for a cold boot with
 ``shared_fs = "none"``; template clones always have it), the serial agent
-channel, no hot-plugged memory or block devices.
+channel, no hot-plugged block devices, no hot-plugged *shared* memory (a
+checkpointable VM's hot-plugged memory is private: the state carries it, and
+the restore's command line repeats it, as it repeats hot-plugged vCPUs and NICs).
+
+Restored sandboxes: their memory is ``spec.memory_mib`` plus every
+``m.plugged`` DIMM's ``props["size-mib"]``; their vCPUs ``spec.vcpus`` plus the
+plugged vCPUs.
 """
 
 from __future__ import annotations
