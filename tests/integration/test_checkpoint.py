@@ -14,13 +14,16 @@ on real VMs (docs/checkpoint-design.md §6.8).
   pod carries on (the numbers the server received stay consecutive and go on
   growing); the pod keeps its IP in the same network namespace and answers a
   ping from the registry's; the content store holds the checkpoint blob of
-  containerd's criu media type; nothing is left.
+  containerd's criu media type; nothing is left. The same checkpoint, its
+  manifest made to name another guest image, is refused in one line and
+  leaves nothing.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -141,14 +144,31 @@ def test_a_virtio_fs_pod_is_refused_and_keeps_running(pykata_config: config.Conf
     assert not leftovers(pykata_config.runtime.state_dir, f"{NS}/{cid}")
 
 
-def checkpoint_media_types(ctd: PrivateContainerd, ref: str) -> list[str]:
-    """The media types of what the checkpoint image ``ref`` (an OCI index) holds."""
+def checkpoint_index(ctd: PrivateContainerd, ref: str) -> list[dict[str, str]]:
+    """The descriptors the checkpoint image ``ref`` (an OCI index) holds."""
     for line in ctd.ctr("images", "ls").stdout.decode().splitlines()[1:]:
         f = line.split()
         if f and f[0] == ref:
-            index = json.loads(ctd.ctr("content", "get", f[2]).stdout)
-            return [str(m.get("mediaType")) for m in index.get("manifests", [])]
+            return list(json.loads(ctd.ctr("content", "get", f[2]).stdout)["manifests"])
     raise AssertionError(f"no image {ref}: {ctd.ctr('images', 'ls').stdout.decode()}")
+
+
+def checkpoint_media_types(ctd: PrivateContainerd, ref: str) -> list[str]:
+    return [str(d.get("mediaType")) for d in checkpoint_index(ctd, ref)]
+
+
+def tamper_guest_image(ctd: PrivateContainerd, ref: str, fake: str) -> str:
+    """Rewrite, in place and at the same length, the guest image digest in the
+    manifest inside the checkpoint's tar blob (containerd reads blobs back
+    without checking them): the digest it had."""
+    (desc,) = [d for d in checkpoint_index(ctd, ref) if d["mediaType"] == CRIU_TAR]
+    blob = ctd.root / "io.containerd.content.v1.content/blobs/sha256" / desc["digest"][7:]
+    data = blob.read_bytes()
+    m = re.search(rb'"guest_image": \{\s*"digest": "([0-9a-f]{16})"', data)
+    assert m, "no guest image digest in the checkpoint's manifest"
+    real = m.group(1)
+    blob.write_bytes(data[:m.start(1)] + fake.encode() + data[m.end(1):])
+    return real.decode()
 
 
 def test_a_counting_shell_survives_checkpoint_and_restore(
@@ -185,13 +205,7 @@ def test_a_counting_shell_survives_checkpoint_and_restore(
         assert t1 == token
         assert CRIU_TAR in checkpoint_media_types(ctd, ck)
 
-        ctd.ctr("tasks", "kill", "-s", "KILL", cid)
-        for _ in range(READS):
-            if status(ctd, cid) == "STOPPED":
-                break
-            time.sleep(0.2)
-        ctd.ctr("tasks", "rm", cid)
-        ctd.ctr("containers", "rm", cid)
+        remove(ctd, cid)
         assert not leftovers(cfg.runtime.state_dir, f"{NS}/{cid}")
 
         r = ctd.ctr("containers", "restore", "--live", cid, ck, check=False, timeout=900)
@@ -212,5 +226,30 @@ def test_a_counting_shell_survives_checkpoint_and_restore(
         ping = subprocess.run(["ip", "netns", "exec", net.reg_ns, "busybox", "ping", "-c", "1",
                                "-W", "30", net.pod_ip], capture_output=True, timeout=120)
         assert ping.returncode == 0, ping.stdout.decode() + ping.stderr.decode()
-        ctd.ctr("tasks", "kill", "-s", "KILL", cid)
+        remove(ctd, cid)
+        assert not leftovers(cfg.runtime.state_dir, f"{NS}/{cid}")
+
+        # A checkpoint from another guest image is refused in one line before any
+        # VM starts, and nothing is left.
+        real = tamper_guest_image(ctd, ck, "0123456789abcdef")
+        r = ctd.ctr("containers", "restore", "--live", cid, ck, check=False, timeout=900)
+        err = r.stderr.decode(errors="replace")
+        assert r.returncode != 0, err
+        lines = [ln for ln in err.splitlines() if "cannot restore checkpoint" in ln]
+        assert len(lines) == 1, err
+        assert (f'guest_image.digest is "0123456789abcdef" in the checkpoint, "{real}" on'
+                " this host") in lines[0]
+        assert status(ctd, cid) == ""
+        assert not leftovers(cfg.runtime.state_dir, f"{NS}/{cid}")
     assert not leftovers(cfg.runtime.state_dir, f"{NS}/{cid}")
+
+
+def remove(ctd: PrivateContainerd, cid: str) -> None:
+    """Kill the task, wait for it to stop, delete it and its container."""
+    ctd.ctr("tasks", "kill", "-s", "KILL", cid)
+    for _ in range(READS):
+        if status(ctd, cid) == "STOPPED":
+            break
+        time.sleep(0.2)
+    ctd.ctr("tasks", "rm", cid)
+    ctd.ctr("containers", "rm", cid)
