@@ -170,7 +170,10 @@ class Sandbox:
                 sb._make_dir()
                 sb.tree.setup()
                 plugged_vcpus = sum(1 for d in spec.restore_devices if d.kind == "vcpu")
-                sb.size = Resizer(sandbox_id, spec.vcpus + plugged_vcpus, spec.memory_mib)
+                plugged_mib = sum(int(d.props.get("size-mib", 0))
+                                  for d in spec.restore_devices if d.kind == "dimm")
+                sb.size = Resizer(sandbox_id, spec.vcpus + plugged_vcpus,
+                                  spec.memory_mib + plugged_mib)
                 sb._base = (spec.vcpus, spec.memory_mib)
                 await boot.restore(sb, driver, spec, ckpt, m)
                 sb.restored = m
