@@ -14,7 +14,8 @@ on real VMs (docs/checkpoint-design.md §6.8).
   pod carries on (the numbers the server received stay consecutive and go on
   growing); the pod keeps its IP in the same network namespace and answers a
   ping from the registry's; the content store holds the checkpoint blob of
-  containerd's criu media type; nothing is left. The same checkpoint, its
+  containerd's criu media type; the restored pod can be checkpointed again;
+  nothing is left. The first checkpoint, its
   manifest made to name another guest image, is refused in one line and
   leaves nothing.
 """
@@ -226,6 +227,13 @@ def test_a_counting_shell_survives_checkpoint_and_restore(
         ping = subprocess.run(["ip", "netns", "exec", net.reg_ns, "busybox", "ping", "-c", "1",
                                "-W", "30", net.pod_ip], capture_output=True, timeout=120)
         assert ping.returncode == 0, ping.stdout.decode() + ping.stderr.decode()
+        # The restored pod can be checkpointed again, and runs on.
+        _, again = count_at_least(ctd, cid, n2)
+        r = ctd.ctr("containers", "checkpoint", "--task", cid, f"ck/{cid}:2", check=False,
+                    timeout=900)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        t3, _ = count_at_least(ctd, cid, again + 1)
+        assert t3 == token and status(ctd, cid) == "RUNNING"
         remove(ctd, cid)
         assert not leftovers(cfg.runtime.state_dir, f"{NS}/{cid}")
 
