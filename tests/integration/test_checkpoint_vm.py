@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pykata import config
+from pykata import config, errors
 from pykata.protos import agent_pb2 as pb
 from pykata.runtime import checkpoint
 from pykata.runtime.sandbox import Sandbox
@@ -176,4 +176,70 @@ async def test_restore_into_the_same_netns_keeps_both_nics(pykata_config: config
             if restored is not None:
                 await restored.stop()
         assert "_pk" not in sh("ip", "-n", pod_ns, "-o", "link")
+    assert leftovers(state_dir, sid) == []
+
+
+async def test_private_memory_is_restored_and_a_damaged_state_refused(
+        pykata_config: config.Config, state_dir: Path, tmp_path: Path) -> None:
+    """Memory hot-plugged into a checkpointable VM is private: the state
+    carries it and the restore's command line repeats the DIMM, so the guest
+    has the same memory and can use it all. Then the same checkpoint with its
+    state damaged (same size): QEMU refuses the stream and exits; the restore
+    says so in one line, at once, and leaves nothing."""
+    cfg = copy.deepcopy(pykata_config)
+    cfg.vm.shared_fs = "none"
+    cfg.vm.default_maxmemory = 2048
+    cfg.runtime.checkpointable = True
+    cfg.agent.debug_console = True
+    cfg.factory.enable_template = False
+    cfg.factory.vm_cache_number = 0
+    sid = f"cm-{uuid.uuid4().hex[:6]}"
+    ckpt = tmp_path / "ck"
+    sb = await Sandbox.create(sid, cfg)
+    restored: Sandbox | None = None
+    try:
+        assert sb.vm is not None
+        assert await sb.vm.hotplug_memory(256) == 256
+        await guest_sh(sb, "n=0; until [ $(grep MemTotal /proc/meminfo | tr -dc 0-9) -gt"
+                           " 600000 ] || [ $n -ge 60 ]; do n=$((n+1)); sleep 0.5; done")
+        mem_total = (await guest_sh(sb, "grep MemTotal /proc/meminfo")).split()[1]
+        assert int(mem_total) > 600000, mem_total
+        # Fill memory so pages of the DIMM hold data, keep a token in a tmpfs.
+        await guest_sh(sb, "mkdir -p /mnt/ckm && mount -t tmpfs -o size=400m ckm /mnt/ckm"
+                           " && dd if=/dev/urandom of=/mnt/ckm/fill bs=1M count=300"
+                           " 2>/dev/null && md5sum /mnt/ckm/fill > /mnt/ckm/sum")
+        want = (await guest_sh(sb, "cat /mnt/ckm/sum")).split()[0]
+        assert checkpoint.eligible(sb) == ""
+        await sb.quiesce()
+        m = await checkpoint.save(sb, ckpt)
+        assert [(d.kind, d.props) for d in m.plugged] == [("dimm", {"size-mib": 256})]
+        print(f"state {m.vmstate_bytes >> 20} MiB (the DIMM), RAM file"
+              f" {m.memory.data_bytes >> 20} MiB")
+        await sb.end_checkpointed()
+        await sb.stop()
+
+        restored = await Sandbox.restore(sid, cfg, ckpt)
+        assert restored.vm is not None
+        assert "pc-dimm,id=dimm0,memdev=mem-dimm0" in restored.vm.argv  # type: ignore[attr-defined]
+        await restored.resume_restored()
+        out = (await guest_sh(restored, "grep MemTotal /proc/meminfo; md5sum /mnt/ckm/fill"))
+        assert out.split()[1] == mem_total and out.split()[3] == want, out
+        await restored.stop()
+        assert leftovers(state_dir, sid) == []
+
+        state = ckpt / checkpoint.VMSTATE
+        size = state.stat().st_size
+        with open(state, "r+b") as f:
+            f.seek(size // 2)
+            f.write(bytes(size - size // 2))
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable) as exc:
+            await Sandbox.restore(sid, cfg, ckpt)
+        print(f"damaged state refused in {time.monotonic() - t0:.1f}s: {exc.value}")
+        assert "exited (status 1) during" in str(exc.value)
+        assert "\n" not in str(exc.value)
+    finally:
+        await sb.stop()
+        if restored is not None:
+            await restored.stop()
     assert leftovers(state_dir, sid) == []
