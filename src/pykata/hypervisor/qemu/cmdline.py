@@ -11,6 +11,7 @@ set).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,19 +172,27 @@ def build_argv(binary: str, spec: VMSpec, opts: QemuOptions, fds: QemuFds) -> li
     for i in range(opts.pcie_root_ports):
         argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
     for i, nic in enumerate(spec.nics):
-        taps = ":".join(str(fd) for fd in nic.fds)
-        netdev = f"tap,id=net{i},fd={taps}" if nic.queues == 1 else f"tap,id=net{i},fds={taps}"
-        dev = f"virtio-net-pci,netdev=net{i}"
-        if nic.mac:
-            dev += f",mac={nic.mac}"
-        if nic.queues > 1:
-            dev += f",mq=on,vectors={2 * nic.queues + 2}"
-        argv += ["-netdev", netdev, "-device", dev]
+        argv += _tap_nic(f"net{i}", nic.fds, nic.queues, nic.mac)
     argv += restore_devices(spec)
     if spec.incoming:
         argv += ["-incoming", "defer"]
     argv += list(opts.extra_args)
     return argv
+
+
+def _tap_nic(netdev_id: str, fds: Sequence[int], queues: int, mac: str,
+             placement: str = "") -> list[str]:
+    """``-netdev tap`` on the given fds and its ``virtio-net-pci`` (multi-queue
+    when ``queues`` > 1); ``placement`` adds the device's id and bus."""
+    taps = ":".join(str(fd) for fd in fds)
+    netdev = (f"tap,id={netdev_id},fd={taps}" if queues == 1
+              else f"tap,id={netdev_id},fds={taps}")
+    dev = f"virtio-net-pci,netdev={netdev_id}{placement}"
+    if mac:
+        dev += f",mac={mac}"
+    if queues > 1:
+        dev += f",mq=on,vectors={2 * queues + 2}"
+    return ["-netdev", netdev, "-device", dev]
 
 
 def restore_devices(spec: VMSpec) -> list[str]:
@@ -204,15 +213,7 @@ def restore_devices(spec: VMSpec) -> list[str]:
             if not d.fds or len(d.fds) != d.queues:
                 raise ValueError(f"restored NIC {d.id} needs {d.queues} tap fds, has"
                                  f" {len(d.fds)}")
-            taps = ":".join(str(fd) for fd in d.fds)
-            netdev = (f"tap,id={d.id},fd={taps}" if d.queues == 1
-                      else f"tap,id={d.id},fds={taps}")
-            dev = f"virtio-net-pci,netdev={d.id},id=dev-{d.id},bus={d.bus}"
-            if d.mac:
-                dev += f",mac={d.mac}"
-            if d.queues > 1:
-                dev += f",mq=on,vectors={2 * d.queues + 2}"
-            argv += ["-netdev", netdev, "-device", dev]
+            argv += _tap_nic(d.id, d.fds, d.queues, d.mac, f",id=dev-{d.id},bus={d.bus}")
         elif d.kind == "dimm":
             size = d.props.get("size-mib", 0)
             if size <= 0:
