@@ -65,6 +65,7 @@ from pykata.runtime import factory
 from pykata.runtime.dial import dial_agent
 from pykata.runtime.sizing import vm_spec
 from pykata.runtime.state import DEFAULT_NAMESPACE
+from pykata.utils.unixsock import socket_of_ours
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +177,7 @@ def bind_endpoint(path: Path) -> socket.socket:
     ours (nothing answers) is replaced; a live one means another server runs;
     anything else at the path is refused, never removed."""
     check_endpoint_dir(path)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
-            raise errors.FailedPrecondition(
-                f"{path} exists and is not a socket of ours: refusing to replace it")
+    if socket_of_ours(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         probe.settimeout(1.0)
         try:

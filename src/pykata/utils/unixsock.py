@@ -43,6 +43,20 @@ def addressable(path: str | os.PathLike[str]) -> Iterator[str]:
         os.close(dfd)
 
 
+def socket_of_ours(path: Path) -> bool:
+    """Whether a socket owned by this process's user is at ``path`` (False: nothing
+    is); anything else there (a symlink, a file, someone else's socket) is
+    refused with FailedPrecondition, never to be replaced."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        raise errors.FailedPrecondition(
+            f"{path} exists and is not a socket of ours: refusing to replace it")
+    return True
+
+
 def bind_private(path: Path, backlog: int = 64, *, umask: bool = True) -> socket.socket:
     """A listening AF_UNIX socket at ``path`` (any length), mode 0600. A stale
     socket of ours at the path is replaced; anything else there (a symlink, a
@@ -51,14 +65,7 @@ def bind_private(path: Path, backlog: int = 64, *, umask: bool = True) -> socket
     for a moment (the umask is the process's: callers with threads that create
     files pass False and rely on a root-only directory instead); either way it
     is 0600 before it listens."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
-            raise errors.FailedPrecondition(
-                f"{path} exists and is not a socket of ours: refusing to replace it")
+    if socket_of_ours(path):
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
