@@ -75,6 +75,20 @@ def netns_of(pod: Pod) -> str:
                     if n["type"] == "network"))
 
 
+def wait_listening(pod: Pod, cid: str, port: int) -> None:
+    """Until something in the pod listens on TCP ``port`` (bounded): a fixed sleep
+    lost the race on a busy CI host, and the forward then met a refusal."""
+    def listening() -> bool:
+        rows = [line.split() for line in pod.sh(
+            cid, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null")[0].splitlines()]
+        return any(len(r) > 3 and r[1].endswith(f":{port:04X}") and r[3] == "0A"
+                   for r in rows)
+    deadline = time.monotonic() + 60
+    while not listening():
+        assert time.monotonic() < deadline, f"nothing listens on port {port} in the pod"
+        time.sleep(0.3)
+
+
 def forward(pod: Pod, port: int) -> ForwardedConnection:
     return ForwardedConnection(pod.c.port_forward(pod.id, port), port)
 
@@ -118,7 +132,7 @@ def test_large_upload(web: tuple[Pod, str]) -> None:
     once, and containerd would cut the upload a second later)."""
     pod, cid = web
     pod.sh(cid, "rm -f /tmp/up; (sleep 3600 | nc -l -p 9000 > /tmp/up) >/dev/null 2>&1 &")
-    time.sleep(0.5)
+    wait_listening(pod, cid, 9000)
     payload = os.urandom(6 << 20)
     with forward(pod, 9000) as conn:
         conn.send(payload)
@@ -167,7 +181,7 @@ def test_half_close_and_reset_in_the_pod_netns(web: tuple[Pod, str]) -> None:
     pod, cid = web
     pod.sh(cid, "printf '#!/bin/sh\\nwc -c\\n' > /tmp/count && chmod +x /tmp/count && "
                 "(nc -ll -p 9002 -e /tmp/count >/dev/null 2>&1 &)")
-    time.sleep(0.5)
+    wait_listening(pod, cid, 9002)
     netns = netns_of(pod)
 
     def half_close() -> bytes:
