@@ -14,11 +14,13 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 #    image, erofs-utils its read-only root image; crun/runc/containerd/podman/... are
 #    the container tools pykata plugs into and is measured against; iptables goes
 #    into the test image of the privileged-pod tests; prometheus is the real scraper
-#    of the pykata-monitor test, and its promtool checks the dashboard's PromQL.
+#    of the pykata-monitor test, and its promtool checks the dashboard's PromQL; criu
+#    only because podman refuses checkpoint/restore unless criu >= 3.11 answers its
+#    version query (pykata never runs it; runc's checkpoint in the benchmarks does).
 PKGS=(qemu-system-x86 qemu-utils busybox-static cpio lz4 zstd xz-utils kmod binutils e2fsprogs
       erofs-utils iproute2 psmisc util-linux crun runc containerd containernetworking-plugins
       podman conmon skopeo docker-registry docker.io runsc iptables ca-certificates
-      prometheus)
+      prometheus criu)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
