@@ -421,6 +421,12 @@ def private_config(state: Path) -> str:
     """TOML for the shims: this test's own state directory, nothing shared."""
     cfg = _with_rootfs_mode(config.load())
     cfg.runtime.state_dir = str(state)
+    # PYKATA_SOAK_PODS VMs boot at once on this host's 2 cores under TCG: 10 of
+    # them took over 45 s (the default dial timeout) each to reach the agent. The
+    # operator's knob for a host this loaded is [agent] dial_timeout; the soak sets
+    # it for the parallelism it asks for (a failure is still a failure).
+    pods = int(os.environ.get("PYKATA_SOAK_PODS", "4"))
+    cfg.agent.dial_timeout = max(cfg.agent.dial_timeout, 11 * pods)  # < the CRI call's 120 s
     return config.to_toml(cfg)
 
 
