@@ -348,6 +348,19 @@ async def test_failed_boot_unmounts_the_rootfs(shim: Shim,
     assert shim.svc.sandbox is None and shim.pub.events == []
 
 
+async def test_impossible_limits_are_refused_before_a_vm_boots(
+        shim: Shim, monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts = Mounts(monkeypatch)
+    shim.svc.config.vm.default_maxmemory = 4096
+    spec = {"linux": {"resources": {"memory": {"limit": 8192 << 20}}}}
+    with pytest.raises(errors.InvalidArgument,
+                       match="memory limit of 8192 MiB is impossible: .* at most 4096 MiB"):
+        await shim.create(rootfs=snapshot(), spec=spec)
+    assert shim.factory.made == []  # no VM was asked for
+    assert mounts.unmounted == [shim.bundle("c1")]
+    assert shim.svc.sandbox is None and shim.pub.events == []
+
+
 async def test_failed_second_container_keeps_the_pod(tmp_path: Path) -> None:
     shim = Shim(tmp_path, sandbox_id="pod")
     await shim.create("pod")

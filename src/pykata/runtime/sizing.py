@@ -29,10 +29,8 @@ def vm_spec(config: Config, sandbox_id: str, namespace: str, run_dir: Path, *,
     defaults) at boot, up to the configured maxima (default: the host's)."""
     q = config.vm
     n = vcpus or q.default_vcpus
-    max_cpus = max(n, q.default_maxvcpus or (os.cpu_count() or 1))
     mem = memory_mib or q.default_memory
-    host_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
-    max_mem = max(mem, q.default_maxmemory or host_mem)
+    max_cpus, max_mem = maxima(config, n, mem)
     # Hot-plugged memory comes up online by itself (the agent still checks).
     params = (q.kernel_params or LEAN_KERNEL_PARAMS) + " memhp_default_state=online"
     if config.agent.container_engine != "native":  # the guest's default
@@ -53,6 +51,23 @@ def vm_spec(config: Config, sandbox_id: str, namespace: str, run_dir: Path, *,
         debug=q.enable_debug or config.agent.enable_debug,
         free_page_reporting=q.reclaim_guest_freed_memory,
     )
+
+
+def maxima(config: Config, vcpus: int, memory_mib: int) -> tuple[int, int]:
+    """(vCPUs, MiB) a VM booted with ``vcpus``/``memory_mib`` can grow to: the
+    configured maxima, by default the host's."""
+    q = config.vm
+    host_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    return (max(vcpus, q.default_maxvcpus or (os.cpu_count() or 1)),
+            max(memory_mib, q.default_maxmemory or host_mem))
+
+
+def check_limits_before_boot(sandbox_id: str, config: Config, res: dict[str, Any]) -> None:
+    """The first container's limits against what the sandbox's VM could ever
+    have, before it boots (``check_limits`` asks again of the booted VM)."""
+    q = config.vm
+    max_cpus, max_mem = maxima(config, q.default_vcpus, q.default_memory)
+    _refuse_beyond(sandbox_id, max_cpus, max_mem, res)
 
 
 def root_params(device: str, fstype: str = "erofs") -> str:
@@ -95,15 +110,20 @@ def wanted(base: tuple[int, int], limits: list[dict[str, Any]]) -> tuple[int, in
 
 def check_limits(sandbox_id: str, spec: VMSpec, res: dict[str, Any]) -> None:
     """A container may not ask for more than the VM can ever have."""
+    _refuse_beyond(sandbox_id, spec.max_vcpus, spec.max_memory_mib, res)
+
+
+def _refuse_beyond(sandbox_id: str, max_vcpus: int, max_memory_mib: int,
+                   res: dict[str, Any]) -> None:
     cpus, mem = needs(res)
-    if cpus > spec.max_vcpus:
+    if cpus > max_vcpus:
         raise errors.InvalidArgument(
             f"a CPU limit of {cpus} vCPUs is impossible: sandbox {sandbox_id} can have at most"
-            f" {spec.max_vcpus} (default_maxvcpus)")
-    if mem > spec.max_memory_mib:
+            f" {max_vcpus} (default_maxvcpus)")
+    if mem > max_memory_mib:
         raise errors.InvalidArgument(
             f"a memory limit of {mem} MiB is impossible: sandbox {sandbox_id} can have at most"
-            f" {spec.max_memory_mib} MiB (default_maxmemory)")
+            f" {max_memory_mib} MiB (default_maxmemory)")
 
 
 def memory_to_add(present_mib: int, wanted_mib: int) -> int:

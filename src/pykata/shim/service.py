@@ -35,7 +35,7 @@ from pykata.hypervisor.base import Hypervisor
 from pykata.protos import containerd_events_pb2 as ev
 from pykata.protos import containerd_runc_options_pb2 as runcopts
 from pykata.protos import containerd_shim_pb2 as pb
-from pykata.runtime import checkpoint, hooks, specconv
+from pykata.runtime import checkpoint, hooks, sizing, specconv
 from pykata.runtime.bundle import load_spec, spec_annotations
 from pykata.runtime.container import Container, PodSettings, Process, guest_pull_of
 from pykata.runtime.sandbox import Sandbox
@@ -246,6 +246,9 @@ class TaskService:
                     specconv.validate(spec, bundle)
                     specconv.check_spec(spec, self.config.agent.container_engine)
                     specconv.check_namespaces(spec, specconv.PodNamespaces())
+                    sizing.check_limits_before_boot(
+                        self.sandbox_id, self.config,
+                        (spec.get("linux") or {}).get("resources") or {})
                     pod = PodSettings.of(spec)
                     self._booting = asyncio.current_task()  # Shutdown cancels it
                     try:
