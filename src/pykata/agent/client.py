@@ -32,6 +32,7 @@ M = TypeVar("M", bound=Message)
 # other call waits until finish_checkpoint): the quiesce itself and health.
 QUIESCE_EXEMPT = frozenset({"PrepareCheckpoint", "FinishCheckpoint", "Check"})
 QUIESCE_DRAIN = 10.0  # seconds prepare_checkpoint waits for the calls in flight
+COPY_CHUNK = 256 << 10  # bytes of a file per CopyFile request
 
 
 class AgentClient:
@@ -195,6 +196,20 @@ class AgentClient:
                 plain_http_registries=list(guest_pull.plain_http_registries),
                 storage_bytes=guest_pull.storage_bytes))
         await self._call("CreateContainer", req, pb.Empty, timeout=timeout or True)
+
+    async def copy_file(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0,
+                        gid: int = 0, dir_mode: int = 0o755) -> None:
+        """Write ``data`` as the guest file ``path`` (CopyFile, in chunks of
+        COPY_CHUNK; the agent moves it into place with the last one)."""
+        offset = 0
+        while True:
+            part = data[offset:offset + COPY_CHUNK]
+            await self._call("CopyFile", pb.CopyFileRequest(
+                path=path, file_size=len(data), file_mode=mode, dir_mode=dir_mode, uid=uid,
+                gid=gid, offset=offset, data=part), pb.Empty)
+            offset += len(part)
+            if offset >= len(data):
+                return
 
     async def start_container(self, container_id: str) -> int:
         resp = await self._call("StartContainer", pb.StartContainerRequest(

@@ -25,7 +25,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal as signals
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ from pykata.runtime.types import (
     Storage,
     quiesced,
 )
+from pykata.wire import GUEST_SHARED_DIR
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,67 @@ class Tree(Protocol):
     def unshare(self, points: list[str]) -> list[str]: ...
 
     def clear(self, rel: str) -> list[str]: ...
+
+
+# Without a shared file system a bind of a regular file up to this size is
+# copied into the VM (podman's /etc/hosts, /etc/resolv.conf, /etc/hostname,
+# /run/.containerenv); anything else bound from the host is refused.
+BIND_FILE_MAX = 1 << 20
+
+
+@dataclass(frozen=True)
+class HostFile:
+    """A host file read for a copy into the guest."""
+
+    data: bytes
+    mode: int
+    uid: int
+    gid: int
+
+
+def read_bind_file(hm: specconv.HostMount, limit: int = BIND_FILE_MAX) -> HostFile:
+    """The content of the bind source ``hm.source`` when it is a regular file of
+    at most ``limit`` bytes, read without following a link in its last
+    component (nor opening anything but a regular file); else one line saying
+    why it cannot reach a VM without a shared file system."""
+    what = f"bind mount {hm.destination or hm.target} (source {hm.source})"
+    need = f"{what} needs a shared file system; this pod has shared_fs = none"
+    try:
+        st = os.lstat(hm.source)
+    except OSError as exc:
+        raise errors.InvalidArgument(f"{what}: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise errors.FailedPrecondition(f"{need} (it is a symbolic link; only regular files"
+                                        " are copied into the VM)")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise errors.FailedPrecondition(f"{need} (it is {kind}; only regular files are"
+                                        " copied into the VM)")
+    try:
+        fd = os.open(hm.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.InvalidArgument(f"{what}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # replaced since the lstat
+            raise errors.FailedPrecondition(f"{need} (it is not a regular file)")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise errors.InvalidArgument(f"{what}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise errors.FailedPrecondition(
+            f"{need} (it is larger than {limit >> 10} KiB, the most copied into the VM)")
+    return HostFile(b"".join(chunks), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
 
 
 class PodSandbox(Protocol):
@@ -474,10 +538,17 @@ class Container:
         if guest_pull is not None:  # the guest never sees the host's root filesystem
             host_mounts = [hm for hm in host_mounts if hm.target != f"{self.id}/rootfs"]
             log.info("container %s: the guest pulls %s", self.id, guest_pull.image)
+        copies: list[tuple[str, HostFile]] = []
+        if self.sandbox.config.vm.shared_fs != "virtio-fs":
+            # No shared file system: small files are copied in, the rest refused.
+            copies = self._file_copies(host_mounts)
+            host_mounts = []
         try:
             self._mount_shared(host_mounts)
             self.sandbox.persist()
             await self.sandbox.fit_resources()
+            for path, f in copies:
+                await self._agent.copy_file(path, f.data, f.mode, f.uid, f.gid)
             storages, devices = await self._attach_blocks(plan.blocks)
             # The pod's sandbox container owns the pod's pid namespace; containers
             # that join a pid namespace (shareProcessNamespace) get that one.
@@ -516,6 +587,20 @@ class Container:
         serials, self._disks = self._disks, []
         if serials:
             await blockdev.detach_all(self.sandbox.block_devices(), serials)
+
+    def _file_copies(self, host_mounts: list[specconv.HostMount]) -> list[tuple[str, HostFile]]:
+        """``shared_fs = "none"``: what the guest gets instead of the host's binds,
+        a copy of each (small, regular) file at the guest path the spec names;
+        anything else is refused in one line before anything changes."""
+        out = []
+        for hm in host_mounts:
+            if hm.target == f"{self.id}/rootfs":
+                raise errors.FailedPrecondition(
+                    f"cannot create container {self.id}: its root filesystem {hm.source}"
+                    " needs a shared file system; this pod has shared_fs = none (have the"
+                    f" guest pull its image: annotation {GUEST_PULL_IMAGE_ANNOTATION})")
+            out.append((f"{GUEST_SHARED_DIR}/{hm.target}", read_bind_file(hm)))
+        return out
 
     def _mount_shared(self, host_mounts: list[specconv.HostMount]) -> None:
         """Bind the root filesystem and volumes into the sandbox's host-only tree

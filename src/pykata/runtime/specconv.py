@@ -5,7 +5,9 @@ How each mount or device of the spec reaches the guest (docs/storage.md):
 - the root filesystem and host bind mounts (directories, files) go through the
   sandbox's virtio-fs share: their paths are rewritten to paths below
   GUEST_SHARED_DIR and the host is told which bind mounts to make below the
-  shared directory (HostMount);
+  shared directory (HostMount); without a shared file system (``shared_fs =
+  "none"``) the runtime copies a small regular file to that guest path
+  instead, and refuses anything else (runtime/container.py);
 - a mount whose source is a host block device (``type: ext4``, ...) becomes a
   hot-plugged disk the agent mounts below GUEST_STORAGE_DIR; the container
   gets a bind of that mount (BlockVolume with a mount point);
@@ -119,6 +121,8 @@ class HostMount:
     recursive: bool = True  # with the mounts below the source (``rbind``)
     recursive_ro: bool = False  # every mount read-only (``rro``)
     receive: bool = False  # receives the host's later mounts below it (``rslave``)
+    # The spec's mount destination (messages only; "" for the root filesystem).
+    destination: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -484,7 +488,8 @@ def _host_bind(m: dict[str, Any], source: Path, target: str) -> HostMount:
     readonly, rro = _read_only(opts)
     return HostMount(source, target, readonly,
                      recursive="rbind" in opts or m.get("type") == "rbind", recursive_ro=rro,
-                     receive=bool(props) and props[-1] in ("slave", "rslave"))
+                     receive=bool(props) and props[-1] in ("slave", "rslave"),
+                     destination=str(m["destination"]))
 
 
 def _submount_binds(m: dict[str, Any], hm: HostMount,

@@ -213,6 +213,9 @@ class ContainerAgent(Protocol):
 
     async def list_processes(self, container_id: str) -> list[ProcessInfo]: ...
 
+    async def copy_file(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0,
+                        gid: int = 0, dir_mode: int = 0o755) -> None: ...
+
 
 class SandboxAgent(ContainerAgent, Protocol):
     """What the sandbox itself asks of the guest agent (on top of its containers'

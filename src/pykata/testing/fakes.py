@@ -139,6 +139,7 @@ class FakeAgent(_Recorder):
         self.online = (1, 512 << 20)  # (CPUs, memory bytes) online_cpu_mem reports
         self.vm: FakeHypervisor | None = None  # if set, online is what this VM has
         self.closed = False
+        self.files: dict[str, tuple[bytes, int, int, int]] = {}  # copy_file: data, mode, ids
         self.metrics_text = "# fake guest metrics\n"
         self._pids = itertools.count(100)
         self.quiesced = False
@@ -265,6 +266,11 @@ class FakeAgent(_Recorder):
             raise errors.AlreadyExists(f"container {container_id} already exists")
         self.containers[container_id] = spec
         self.procs[container_id, ""] = FakeProcess(container_id, "", spec.get("process") or {})
+
+    async def copy_file(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0,
+                        gid: int = 0, dir_mode: int = 0o755) -> None:
+        self._call("copy_file", path, len(data))
+        self.files[path] = (data, mode, uid, gid)
 
     async def start_container(self, container_id: str) -> int:
         self._call("start_container", container_id)

@@ -136,7 +136,47 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("spec")
     sp.add_argument("--bundle", "-b", default="")
     cmd("features")
+    checkpoint_flags(cmd("checkpoint"))
+    restore_flags(cmd("restore"))
     return p
+
+
+def _criu_flags(sp: argparse.ArgumentParser) -> None:
+    """runc's checkpoint/restore flags that mean nothing for a VM (it keeps its
+    TCP connections, sockets, jobs, locks and cgroups as they are): accepted."""
+    sp.add_argument("--image-path", dest="image_path", default="")
+    sp.add_argument("--work-path", dest="work_path", default="")
+    for flag in ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks",
+                 "--auto-dedup", "--lazy-pages"):
+        sp.add_argument(flag, action="store_true")
+    sp.add_argument("--manage-cgroups-mode", dest="manage_cgroups_mode", default="")
+    sp.add_argument("--empty-ns", dest="empty_ns", action="append", default=[])
+
+
+def checkpoint_flags(sp: argparse.ArgumentParser) -> None:
+    """runc's ``checkpoint`` (podman 4.3 passes ``--leave-running`` twice)."""
+    _criu_flags(sp)
+    sp.add_argument("--leave-running", dest="leave_running", action="store_true")
+    sp.add_argument("--pre-dump", dest="pre_dump", action="store_true")
+    sp.add_argument("--parent-path", dest="parent_path", default="")
+    sp.add_argument("--page-server", dest="page_server", default="")
+    sp.add_argument("--status-fd", dest="status_fd", default="")
+    sp.add_argument("id")
+
+
+def restore_flags(sp: argparse.ArgumentParser) -> None:
+    """runc's ``restore``, as conmon calls it for podman."""
+    _criu_flags(sp)
+    sp.add_argument("--bundle", "-b", default="")
+    sp.add_argument("--pid-file", dest="pid_file", default="")
+    sp.add_argument("--console-socket", dest="console_socket", default="")
+    sp.add_argument("--detach", "-d", action="store_true")
+    sp.add_argument("--no-subreaper", dest="no_subreaper", action="store_true")
+    sp.add_argument("--no-pivot", dest="no_pivot", action="store_true")
+    sp.add_argument("--no-new-keyring", dest="no_new_keyring", action="store_true")
+    sp.add_argument("--lsm-profile", dest="lsm_profile", default="")
+    sp.add_argument("--lsm-mount-context", dest="lsm_mount_context", default="")
+    sp.add_argument("id")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

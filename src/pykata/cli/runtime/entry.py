@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pykata import errors
 from pykata.cli.runtime.args import parse_args
 from pykata.cli.runtime.base import LOG, OCI_VERSION, PROG, CLIError
+from pykata.cli.runtime.checkpoint import do_checkpoint, do_restore
 from pykata.cli.runtime.exec import do_exec
 from pykata.cli.runtime.lifecycle import (
     do_create,
@@ -28,7 +29,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "create": do_create, "start": do_start, "run": do_run, "state": do_state,
     "kill": do_kill, "delete": do_delete, "exec": do_exec, "ps": do_ps, "list": do_list,
     "pause": do_pause, "resume": do_resume, "update": do_update, "events": do_events,
-    "spec": do_spec, "features": do_features,
+    "spec": do_spec, "features": do_features, "checkpoint": do_checkpoint,
+    "restore": do_restore,
 }
 
 

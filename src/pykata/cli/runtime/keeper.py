@@ -102,7 +102,9 @@ def destroy(d: Path, cid: str) -> None:
     from pykata.runtime.cleanup import cleanup
 
     with contextlib.suppress(Exception):
-        asyncio.run(cleanup(config.load().runtime.state_dir, cid, NAMESPACE, force=True))
+        # The keeper's configuration (its state dir), which may not be this process's.
+        cfg = config.load(Path(meta["config"]) if meta.get("config") else None)
+        asyncio.run(cleanup(cfg.runtime.state_dir, cid, NAMESPACE, force=True))
     with contextlib.suppress(FileNotFoundError):
         socket_of(d).unlink()
     hookrun.remove_netns(d)

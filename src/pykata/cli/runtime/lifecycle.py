@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
 
-from pykata import errors
+from pykata import config, errors
 from pykata.cli.rtclient import call
 from pykata.cli.runtime import hookrun
 from pykata.cli.runtime.args import parse_signal
@@ -62,6 +62,16 @@ def read_bundle(bundle: Path) -> dict[str, Any]:
 
 
 def do_create(a: argparse.Namespace) -> int:
+    create(a)
+    return 0
+
+
+def create(a: argparse.Namespace, checkpoint: Path | None = None,
+           timeout: float = CREATE_TIMEOUT) -> None:
+    """``create``; with ``checkpoint``, the container of that checkpoint
+    directory (``restore``): its keeper restores the VM, paused, instead of
+    booting one. Either way the host hooks prestart and createRuntime run at
+    the end (runc's restore runs them too), and nothing is left on error."""
     bundle = Path(a.bundle or os.getcwd()).resolve()
     spec = read_bundle(bundle)
     d = state_dir(a.root, a.id)
@@ -87,13 +97,16 @@ def do_create(a: argparse.Namespace) -> int:
         LOG.debug(f"create {a.id}: keeper {keeper.pid}, stand-in {standin.pid}")
         req = pb.CreateTaskRequest(id=a.id, bundle=str(bundle), terminal=terminal,
                                    stdin=str(fdir / "stdin"), stdout=str(fdir / "stdout"),
-                                   stderr="" if terminal else str(fdir / "stderr"))
-        call(d, "Create", req, pb.CreateTaskResponse, timeout=CREATE_TIMEOUT)
+                                   stderr="" if terminal else str(fdir / "stderr"),
+                                   checkpoint=str(checkpoint or ""))
+        call(d, "Create", req, pb.CreateTaskResponse, timeout=timeout)
         root = Path(spec["root"]["path"])
         meta = {**hookrun.create_meta(a.id, bundle, spec), "pid": standin.pid,
                 "standin": standin_ref.to_json(), "keeper": keeper.to_json(),
                 "rootfs": str(root if root.is_absolute() else bundle / root),
-                "created": now_rfc3339(), "terminal": terminal}
+                "created": now_rfc3339(), "terminal": terminal,
+                # The keeper's configuration: podman calls delete without it.
+                "config": os.environ.get(config.ENV_VAR, "")}
         save_meta(d, meta)
         # The container exists (in the VM, its network namespace here): runc runs
         # these now too; a failure fails create and everything goes.
@@ -107,7 +120,6 @@ def do_create(a: argparse.Namespace) -> int:
                 standin.wait(5)
         destroy(d, a.id)
         raise
-    return 0
 
 
 def do_start(a: argparse.Namespace) -> int:
