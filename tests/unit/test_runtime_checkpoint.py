@@ -114,9 +114,10 @@ def test_the_keeper_is_asked_with_runc_options(leave_running: bool) -> None:
 class Keeper:
     """The calls do_checkpoint makes of the keeper (``rtclient.call``)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, status: str = "running",
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, image: Path, status: str = "running",
                  fail: Exception | None = None) -> None:
         self.requests: list[Any] = []
+        self.image = image
         self.fail = fail
         monkeypatch.setattr(checkpoint, "existing", lambda root, cid: Path(root) / cid)
         monkeypatch.setattr(checkpoint, "task_status", lambda d, cid: status)
@@ -127,31 +128,55 @@ class Keeper:
         self.requests.append((method, req))
         if self.fail is not None:
             raise self.fail
-        Path(req.path, ckpt.INVENTORY).write_text("x")
+        assert Path(req.path).parent == Path(self.image)  # a new directory inside it
+        for name in ckpt.FILES:
+            Path(req.path, name).write_text(f"new {name}")
         return resp()
 
 
 @pytest.mark.parametrize("leave", [True, False])
 def test_checkpoint_makes_the_image_dir_and_asks_the_keeper(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, leave: bool) -> None:
-    keeper = Keeper(monkeypatch)
     image = tmp_path / "bundle" / "checkpoint"
+    keeper = Keeper(monkeypatch, image)
     argv = ["checkpoint", "--image-path", str(image), "--work-path", str(tmp_path),
             *(["--leave-running"] * 2 if leave else []), "c1"]
     assert checkpoint.do_checkpoint(args.parse_args(argv)) == 0
     ((method, req),) = keeper.requests
     assert method == "Checkpoint" and isinstance(req, pb.CheckpointTaskRequest)
-    assert (req.id, req.path) == ("c1", str(image))
+    assert req.id == "c1"
     assert checkpoint_exit(req.options) is (not leave)
     assert image.is_dir() and (image.stat().st_mode & 0o777) == 0o700
+    assert sorted(p.name for p in image.iterdir()) == sorted(ckpt.FILES)
+
+
+def test_a_checkpoint_replaces_the_one_in_the_image_path_only_when_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """podman checkpoints -R into the same path again: the old files go only
+    once the new checkpoint is complete, and a failure leaves the old one."""
+    image = tmp_path / "checkpoint"
+    image.mkdir()
+    for name in ckpt.FILES:
+        (image / name).write_text(f"old {name}")
+    (image / "keep-me").write_text("podman's")
+    argv = ["checkpoint", "--image-path", str(image), "--leave-running", "c1"]
+    Keeper(monkeypatch, image, fail=errors.Internal("the VM went away"))
+    with pytest.raises(errors.Internal):
+        checkpoint.do_checkpoint(args.parse_args(argv))
+    assert sorted(p.name for p in image.iterdir()) == sorted([*ckpt.FILES, "keep-me"])
+    assert (image / ckpt.MANIFEST).read_text() == f"old {ckpt.MANIFEST}"
+    Keeper(monkeypatch, image)
+    assert checkpoint.do_checkpoint(args.parse_args(argv)) == 0
+    assert sorted(p.name for p in image.iterdir()) == sorted([*ckpt.FILES, "keep-me"])
+    assert all((image / n).read_text() == f"new {n}" for n in ckpt.FILES)
 
 
 def test_a_refused_checkpoint_leaves_no_image_dir(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     line = ("cannot checkpoint sandbox c1: its VM has a virtio-fs device (QEMU 7.2 cannot"
             " save vhost-user-fs)")
-    Keeper(monkeypatch, fail=errors.FailedPrecondition(line))
     image = tmp_path / "checkpoint"
+    Keeper(monkeypatch, image, fail=errors.FailedPrecondition(line))
     with pytest.raises(errors.FailedPrecondition, match="virtio-fs"):
         checkpoint.do_checkpoint(args.parse_args(["checkpoint", "--image-path", str(image),
                                                   "c1"]))
@@ -162,7 +187,7 @@ def test_a_refused_checkpoint_leaves_no_image_dir(tmp_path: Path,
 def test_only_a_running_container_is_checkpointed(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   status: str) -> None:
-    keeper = Keeper(monkeypatch, status=status)
+    keeper = Keeper(monkeypatch, tmp_path / "i", status=status)
     with pytest.raises(CLIError, match=f"cannot checkpoint container c1: it is {status}"):
         checkpoint.do_checkpoint(args.parse_args(["checkpoint", "--image-path",
                                                   str(tmp_path / "i"), "c1"]))

@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,17 +89,40 @@ def do_checkpoint(a: argparse.Namespace) -> int:
     made = not image.exists()
     try:
         image.mkdir(mode=0o700, parents=True, exist_ok=True)
-        call(d, "Checkpoint", pb.CheckpointTaskRequest(
-            id=a.id, path=str(image), options=run_options(a.leave_running)),
-            empty_pb2.Empty, timeout=CHECKPOINT_TIMEOUT)
+        # Into a new directory inside it first: a checkpoint already there (podman
+        # checkpoints -R into the same path) is replaced only by a complete one.
+        work = Path(tempfile.mkdtemp(prefix=".pykata-", dir=image))
+        try:
+            call(d, "Checkpoint", pb.CheckpointTaskRequest(
+                id=a.id, path=str(work), options=run_options(a.leave_running)),
+                empty_pb2.Empty, timeout=CHECKPOINT_TIMEOUT)
+            _move_in(work, image)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         if made:
             with contextlib.suppress(OSError):
-                image.rmdir()  # only if the keeper left it empty
+                image.rmdir()
         raise
     if not a.leave_running:
         _wait_stopped(d)
     return 0
+
+
+def _move_in(work: Path, image: Path) -> None:
+    """The checkpoint's files from ``work`` into ``image``, over whatever files
+    of those names were there (never followed); the manifest, which marks a
+    checkpoint complete, goes first and comes back last."""
+    src, dst = ckpt.open_dir(work), ckpt.open_dir(image)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ckpt.MANIFEST, dir_fd=dst)
+        for name in (*(f for f in ckpt.FILES if f != ckpt.MANIFEST), ckpt.MANIFEST):
+            os.replace(name, name, src_dir_fd=src, dst_dir_fd=dst)
+        os.fsync(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
 
 
 def _wait_stopped(d: Path) -> None:
