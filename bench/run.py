@@ -10,7 +10,7 @@ docs/benchmarks.png (plots) and docs/benchmarks.md (tables).
 Each section is its own script and process (startup.py, exec_latency.py,
 engine.py, agent_start.py, vmcache.py, density.py twice (cold and template
 steps; 50 template pods at once), rpc.py, storage.py, network.py,
-portforward.py, confinement.py, monitor_scrape.py) with a time limit; a section that
+portforward.py, confinement.py, monitor_scrape.py, checkpoint.py) with a time limit; a section that
 fails or times out is reported and the others still run. Every script cleans
 up what it created (pods, VMs, netns, loop devices, containerd state), also on
 Ctrl-C or on the SIGTERM of its time limit.
@@ -54,6 +54,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], int, int]] = {
     "portforward": (("portforward.py",), 600, 240),
     "confinement": (("confinement.py",), 900, 300),
     "monitor": (("monitor_scrape.py",), 900, 300),
+    "checkpoint": (("checkpoint.py",), 2400, 1200),
 }
 
 MiB = 1 << 20
@@ -443,6 +444,9 @@ def render(d: dict[str, Any], suite: dict[str, Any]) -> str:
                 "reads /proc and asks its agent for the guest's figures), with 0, 1 and 10 "
                 "idle CRI pods from a VM template; the notes give the CPU one scrape costs "
                 "the monitor and the shims.", "", *series_table(mo["series"])]
+    ck = d.get("checkpoint")
+    if ck:
+        out += _checkpoint(ck)
     extra = HERE / "notes.md"
     if extra.exists():
         out += ["", extra.read_text().rstrip()]
@@ -476,6 +480,83 @@ def _density(de: dict[str, Any], how: str = "") -> list[str]:
                 f"(1 pod), {steps[-1]['shim_rss_max_kib'] / 1024:.1f} MiB "
                 f"({steps[-1]['pods']} pods)."]
     return out + _burst(de.get("burst"))
+
+
+def _checkpoint(ck: dict[str, Any]) -> list[str]:
+    """The checkpoint section: one row per runtime and workload, one column per
+    figure (median, min-max), then what failed and pykata's own phases."""
+    info = ck.get("info") or {}
+    series = {s["name"]: s for s in ck.get("series", [])}
+    cols = (("checkpoint", "checkpoint"), ("size", "size"), ("restore", "restore to running"),
+            ("answer", "restore to first answer"), ("pss", "restored PSS"),
+            ("rss", "restored VMM RSS"))
+    la0 = ", ".join(f"{x:.1f}" for x in info.get("loadavg_start", []))
+    la1 = ", ".join(f"{x:.1f}" for x in info.get("loadavg_end", []))
+    out = ["", f"## Checkpoint and restore ({ck.get('when', '')})", "",
+           f"`bench/checkpoint.py`: each container is checkpointed and restored "
+           f"{info.get('runs', '?')} times in a row (each cycle checkpoints what the "
+           "previous one restored), idle and after `dd if=/dev/urandom bs=1M count="
+           f"{info.get('fill_mib', '?')}` into memory (pykata: the container's writable "
+           "layer, a guest tmpfs; runc and runsc: a tmpfs at /tmp; bare QEMU: its "
+           "initramfs). pykata: `ctr c checkpoint --task CID REF`, kill and remove, `ctr c "
+           "restore --live CID REF`, a pod with `shared_fs = \"none\"`, `[runtime] "
+           f"checkpointable`, {info.get('memory_mib', '?')} MiB of guest RAM and its image "
+           "pulled in the guest from a registry in a namespace the benchmark made; runc: "
+           "the same ctr commands (criu); runsc: `runsc checkpoint` / `runsc restore` on "
+           "a bundle (ptrace, `--network=none`); bare QEMU: the same kernel, initrd and "
+           "memory size with a shell as init, QMP `stop` + `migrate` to a file fd, then a "
+           "new QEMU with `-incoming defer`, `migrate-incoming`, `cont`. Size: containerd's "
+           "content-store blob (criu tar media type), runsc's image directory, QEMU's "
+           "state file. First answer: `ctr t exec CID true` / `runsc exec CID true` "
+           "succeeds (bare QEMU: its shell prints its next line). PSS: the shim (or "
+           "runsc's processes) and every child, QEMU's unmapped RAM file included; RSS: "
+           "QEMU's (runsc: its sandbox's).", "",
+           f"**Shared host:** the 2 cores were shared with a soak test and other VM "
+           f"tests while this ran (load average {la0 or '?'} at the start, {la1 or '?'} "
+           "at the end): read the times as upper bounds and the spreads as noise.", "",
+           "| runtime, workload | runs | " + " | ".join(c for _, c in cols) + " |",
+           "|---|---|" + "---|" * len(cols)]
+    notes = []
+    for r in ck.get("rows", []):
+        label = f"{r['runtime']}, {r['workload']}"
+        cells = []
+        n = 0
+        for key, _ in cols:
+            s = series.get(f"{label}: {key}")
+            if not s or not s.get("samples"):
+                cells.append("-")
+                continue
+            n = max(n, len(s["samples"]))
+            u = s["unit"]
+            spread = f" ({fmt(s['min'], u)} - {fmt(s['max'], u)})" if len(s["samples"]) > 1 \
+                else ""
+            cells.append(f"**{fmt(s['median'], u)}**{spread}")
+        if not n and r.get("note"):
+            cells[0] = "failed (below)"
+        out.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+        if r.get("note"):
+            notes.append(f"- {label}: {r['note']}")
+    if notes:
+        out += ["", *notes]
+    details = ck.get("details") or {}
+    for r in ck.get("rows", []):
+        if r["runtime"] != "pykata":
+            continue
+        d = details.get(f"{r['runtime']}, {r['workload']}: details") or {}
+        phases = d.get("phases") or []
+        files = d.get("files") or []
+        if not phases:
+            continue
+        names = list(phases[0])
+        med = {k: sorted(p.get(k, 0.0) for p in phases)[len(phases) // 2] for k in names}
+        mem = sorted(f.get("memory.pkram", 0) for f in files)
+        vms = sorted(f.get("vmstate", 0) for f in files)
+        out += ["", f"pykata, {r['workload']}: the shim's phases (the checkpoint's dump.log, "
+                "median): " + ", ".join(f"{k} {fmt(v, 's')}" for k, v in med.items())
+                + (f"; packed RAM (memory.pkram) {fmt(mem[len(mem) // 2] / MiB, 'MiB')}, "
+                   f"device state (vmstate) {fmt(vms[len(vms) // 2] / MiB, 'MiB')}"
+                   if mem else "") + "."]
+    return out
 
 
 def _burst(b: dict[str, Any] | None) -> list[str]:
