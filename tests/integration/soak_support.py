@@ -163,16 +163,16 @@ class Scope:
         return sorted(p for p in points
                       if any(p == d or p.startswith(d + "/") for d in prefixes))
 
-    def files(self, skip: Iterable[str] = ()) -> int:
+    def files(self, skip: Iterable[str] = ()) -> list[str]:
         """Entries below the state directories, not crossing a mount point."""
         stop = set(skip)
-        n = 0
+        found: list[str] = []
         for d in self.dirs:
             for top, dirs, names in os.walk(d):
                 keep = [x for x in dirs if os.path.join(top, x) not in stop]
-                n += len(names) + len(keep)
+                found += [os.path.join(top, x) for x in names + keep]
                 dirs[:] = [x for x in keep if not os.path.islink(os.path.join(top, x))]
-        return n
+        return found
 
     def sockets(self) -> list[str]:
         from pykata.shim.main import socket_path
@@ -227,6 +227,7 @@ class Scope:
         procs = self.processes(table)
         shims = self.shims(table)
         mounts = self.mounts()
+        files = self.files(mounts)
         shim_fds = sum(self.fds(p) for p in shims.values())
         child_fds = sum(self.fds(p) for s in shims.values() for p in descendants(table, s))
         counts = {
@@ -236,7 +237,7 @@ class Scope:
             "fds shims": shim_fds,
             "fds shim children": child_fds,
             "mounts": len(mounts),
-            "files": self.files(mounts),
+            "files": len(files),
             "shim sockets": len(self.sockets()),
             "netns": len(self.live_netns()),
             "taps": self.taps(),
@@ -249,7 +250,7 @@ class Scope:
             memory = {"anchor shim rss KiB": rss, "anchor shim pss KiB": pss,
                       "anchor shim fds": self.fds(shims[anchor]),
                       "anchor shim threads": threads(shims[anchor], self.proc)}
-        return Snapshot(counts, memory, procs, mounts)
+        return Snapshot(counts, memory, procs, mounts, files)
 
     def settle(self, anchor: str = "", bound: float = 30.0, interval: float = 0.5
                ) -> Snapshot:
@@ -324,6 +325,7 @@ class Snapshot:
     memory: dict[str, int]
     processes: dict[int, str] = field(default_factory=dict)
     mount_list: list[str] = field(default_factory=list)
+    file_list: list[str] = field(default_factory=list)
 
 
 def count_changes(before: Snapshot, after: Snapshot) -> list[str]:
@@ -336,6 +338,11 @@ def count_changes(before: Snapshot, after: Snapshot) -> list[str]:
         new = set(after.processes.values()) - set(before.processes.values())
         out += [f"new process: {c[:200]}" for c in sorted(new)]
         out += [f"new mount: {m}" for m in sorted(set(after.mount_list) - set(before.mount_list))]
+        came = sorted(set(after.file_list) - set(before.file_list))
+        went = sorted(set(before.file_list) - set(after.file_list))
+        out += [f"new file: {f}" for f in came[:20]] + (
+            [f"... and {len(came) - 20} more new files"] if len(came) > 20 else [])
+        out += [f"file gone: {f}" for f in went[:10]]
     return out
 
 

@@ -102,7 +102,7 @@ def test_mounts_and_files_stay_below_the_state_dirs(proc: Path, tmp_path: Path) 
         f"38 25 0:34 / {state}x/sub rw - tmpfs tmpfs rw\n")
     assert s.mounts() == [str(mounted)]
     # sbs, soak, pod1, shared, state.json, mounts, log (the mount point not entered)
-    assert s.files(s.mounts()) == 7
+    assert len(s.files(s.mounts())) == 7
     snap = s.snapshot()
     assert snap.counts["mounts"] == 1 and snap.counts["files"] == 7
 
