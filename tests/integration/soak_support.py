@@ -41,7 +41,7 @@ from typing import Any
 from pykata import config
 from pykata.protos import cri_api_pb2 as cri
 from pykata.testing import busybox_rootfs, leftovers
-from pykata.testing.containerd import PrivateContainerd
+from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
 from pykata.testing.cri import (
     BUSYBOX_REF,
     CNINetwork,
@@ -467,6 +467,7 @@ class CtrEnv:
         self.ctd.import_image(archive)
         self.scope = Scope(address=self.ctd.socket, containerd_pid=self.ctd.proc.pid,
                            dirs=(self.state, base, self.ctd.root), namespace="soak")
+        self._warm = False
 
     def ctr(self, *args: str, timeout: float = 300) -> tuple[int, str, str]:
         r = self.ctd.ctr(*args, check=False, timeout=timeout)
@@ -475,6 +476,19 @@ class CtrEnv:
     def remove(self, cid: str) -> None:
         self.ctr("task", "delete", "-f", cid)
         self.ctr("container", "delete", cid)
+
+    def warm(self) -> None:
+        """One container run to its end and removed, once per environment: what
+        a first pod makes once (containerd's namespace directories, pykata's
+        state directories) is then not counted as a leak of what follows."""
+        if self._warm:
+            return
+        cid = f"warm-{tag()}"
+        self.scope.ids.add(cid)
+        rc, _, err = self.ctr("run", "--rm", "--runtime", RUNTIME_TYPE, BUSYBOX_REF, cid, "true")
+        assert rc == 0, f"the warm-up container failed: {err}"
+        self.scope.wait_shims_gone([cid], 30)
+        self._warm = True
 
     def close(self) -> list[str]:
         for cid in self.ctr("tasks", "ls", "-q")[1].split():

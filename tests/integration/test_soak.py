@@ -330,6 +330,7 @@ def test_ctr_client_gone_while_the_vm_boots(ctr_env: CtrEnv) -> None:
     Create (Delete, then Shutdown); the shim goes and nothing of the pod is left."""
     env, scope = ctr_env, ctr_env.scope
     fig = Figures("ctr-client-gone")
+    env.warm()
     baseline = scope.settle()
     cid = f"gone-{tag()}"
     scope.ids.add(cid)
@@ -408,6 +409,7 @@ def test_ctr_burst_every_shim_exits(ctr_env: CtrEnv) -> None:
     deletes every shim exits by itself and nothing is left."""
     env, scope = ctr_env, ctr_env.scope
     fig = Figures("ctr-burst", {"rounds asked": BURST_ROUNDS, "pods per round": PODS})
+    env.warm()
     baseline = scope.settle()
     done = 0
     end = baseline
