@@ -16,7 +16,8 @@ container's network namespace (``--network ns:<path>``, made by the test):
   token, the counter goes on from where it was) and ``podman ps`` shows it
   up, although podman deleted the checkpoint directory right after the
   restore; an exported checkpoint (``--export``) of the restored container,
-  removed, comes back with ``restore --import``;
+  removed, comes back with ``restore --import`` (imported under another
+  name, i.e. another id, it is refused in one line);
 - a default (virtio-fs) container's checkpoint is refused in one line and it
   keeps running;
 - nothing is left: no keeper, VM, stand-in or state directory.
@@ -216,6 +217,19 @@ def test_podman_checkpoint_and_restore(
         assert r.returncode == 0, r.stderr
         assert podman(conf, "rm", cid).returncode == 0
         assert gone(cfg.runtime.state_dir, cid) == []
+        # Imported under another name, podman gives it another id: refused in one
+        # line before any VM starts, nothing left.
+        other = f"{name}-other"
+        r = podman(conf, "container", "restore", "--import", str(export), "--name", other)
+        assert r.returncode != 0
+        lines = [ln for ln in r.stderr.splitlines() if "cannot restore checkpoint" in ln]
+        assert len(lines) == 1, r.stderr
+        assert f"cannot restore checkpoint of sandbox {cid} as sandbox " in lines[0]
+        assert "restore it under the same id" in lines[0]
+        oid = status(podman, conf, other, "{{.Id}}")
+        podman(conf, "rm", "-f", other)
+        if oid:
+            assert gone(cfg.runtime.state_dir, oid) == []
         r = podman(conf, "container", "restore", "--import", str(export))
         assert r.returncode == 0, r.stderr
         assert status(podman, conf, cid) == "running"
