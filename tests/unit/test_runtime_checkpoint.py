@@ -311,3 +311,49 @@ def test_read_bind_file_caps_what_it_reads(tmp_path: Path) -> None:
         read_bind_file(hm, limit=9)
     with pytest.raises(errors.InvalidArgument, match="No such file"):
         read_bind_file(specconv.HostMount(tmp_path / "gone", "c1/mounts/1/gone"))
+
+
+# -- restore --------------------------------------------------------------------------------
+class Restore:
+    """What do_restore does with create (lifecycle) and the keeper."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, image: Path,
+                 start_fails: bool = False) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.start_fails = start_fails
+        image.mkdir(exist_ok=True)
+        (image / ckpt.MANIFEST).write_text("{}")
+        monkeypatch.setattr(checkpoint, "create", self.create)
+        monkeypatch.setattr(checkpoint, "call", self.call)
+        monkeypatch.setattr(checkpoint, "destroy", lambda d, cid: self.events.append(
+            ("destroy", cid)))
+
+    def create(self, a: Any, checkpoint: Path | None = None, timeout: float = 0) -> None:
+        self.events.append(("create", a.id, checkpoint, a.bundle, a.pid_file))
+
+    def call(self, d: Path, method: str, req: Any, resp: Any, timeout: float) -> Any:
+        self.events.append((method, req.id))
+        if self.start_fails:
+            raise errors.Unavailable("the VM went away")
+        return resp()
+
+
+def test_restore_is_create_from_the_checkpoint_then_start(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    r = Restore(monkeypatch, tmp_path / "checkpoint")
+    a = args.parse_args(["--root", str(tmp_path), "restore", "--bundle", "/b", "--pid-file",
+                         "/b/pid", "--detach", "--image-path", str(tmp_path / "checkpoint"),
+                         "--work-path", "/b", "c1"])
+    assert checkpoint.do_restore(a) == 0
+    assert r.events == [("create", "c1", tmp_path / "checkpoint", "/b", "/b/pid"),
+                        ("Start", "c1")]
+
+
+def test_a_restore_that_cannot_start_leaves_nothing(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    r = Restore(monkeypatch, tmp_path / "checkpoint", start_fails=True)
+    a = args.parse_args(["--root", str(tmp_path), "restore", "--detach", "--image-path",
+                         str(tmp_path / "checkpoint"), "c1"])
+    with pytest.raises(errors.Unavailable):
+        checkpoint.do_restore(a)
+    assert r.events[-1] == ("destroy", "c1")
