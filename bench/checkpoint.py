@@ -108,6 +108,7 @@ def one_line(text: str, limit: int = 240) -> str:
 
 METRICS = (  # key, unit, what
     ("checkpoint", "s", "checkpoint"),
+    ("shim", "s", "checkpoint: in the shim"),
     ("size", "MiB", "checkpoint size"),
     ("restore", "s", "restore to a running task"),
     ("answer", "s", "restore to the first answer"),
@@ -337,6 +338,17 @@ def dump_phases(dump: str) -> dict[str, float]:
     return out
 
 
+def shim_checkpoint_times(ctd: PrivateContainerd, cid: str) -> list[float]:
+    """What pykata's shim logged (containerd's log) for each checkpoint of ``cid``:
+    seconds from its Checkpoint call's start to the pod running again."""
+    pat = re.compile(rf"sandbox {re.escape(cid)} checkpointed into \S+ in ([0-9.]+)s")
+    try:
+        text = ctd.log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [float(m.group(1)) for m in pat.finditer(text)]
+
+
 def shim_root(ctd: PrivateContainerd, cid: str, markers: tuple[str, ...]) -> int:
     for pid, _, cmd in processes():
         words = cmd.split()
@@ -354,6 +366,7 @@ def ctr_row(ctd: PrivateContainerd, runtime: str, workload: str, run_extra: list
     cid = f"ck{runtime[:2]}{uuid.uuid4().hex[:6]}"
     row = new_row(runtime, workload, {
         "checkpoint": "ctr c checkpoint --task CID REF",
+        "shim": "the shim's log: checkpointed into DIR in Ns" if runtime == "pykata" else "-",
         "size": "content-store blob of media type ...criu.checkpoint.criu.tar",
         "restore": "ctr c restore --live CID REF",
         "answer": "ctr c restore --live CID REF; ctr t exec CID true",
@@ -393,6 +406,9 @@ def ctr_row(ctd: PrivateContainerd, runtime: str, workload: str, run_extra: list
                 row.note = f"ctr c checkpoint failed: {one_line(r.stderr.decode(errors='replace'))}"
                 break
             row.samples["checkpoint"].append(dt)
+            shim = shim_checkpoint_times(ctd, cid)
+            if len(shim) == i + 1:
+                row.samples["shim"].append(shim[-1])
             blob = checkpoint_blob(ctd, ref)
             if blob is not None and blob.exists():
                 row.samples["size"].append(blob.stat().st_size / MiB)
@@ -438,6 +454,7 @@ def pykata_config(work: Path, state: Path, registry_host: str) -> Path:
     cfg.guest_pull.plain_http_registries = [registry_host]
     cfg.guest_pull.storage_mib = 512
     cfg.runtime.create_container_timeout = 900  # a pull under TCG on a busy machine
+    cfg.agent.dial_timeout = 600  # a TCG boot on a loaded 2-core host can take minutes
     p = work / "pykata-checkpoint.toml"
     p.write_text(config.to_toml(cfg))
     return p
@@ -821,9 +838,10 @@ def main() -> int:
     details: dict[str, Any] = {}
 
     def add(runtime: str, workload: str, fn: Callable[..., Row], *fn_args: Any) -> Row:
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"loadavg_start": list(os.getloadavg())}
         log(f"checkpoint: {runtime}, {workload}")
         row = guarded(runtime, workload, fn, *fn_args, extra)
+        extra["loadavg_end"] = list(os.getloadavg())
         rows.append(row)
         details[row.name("details")] = extra
         return row

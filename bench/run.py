@@ -487,7 +487,8 @@ def _checkpoint(ck: dict[str, Any]) -> list[str]:
     figure (median, min-max), then what failed and pykata's own phases."""
     info = ck.get("info") or {}
     series = {s["name"]: s for s in ck.get("series", [])}
-    cols = (("checkpoint", "checkpoint"), ("size", "size"), ("restore", "restore to running"),
+    cols = (("checkpoint", "checkpoint"), ("shim", "of which in pykata's shim"),
+            ("size", "size"), ("restore", "restore to running"),
             ("answer", "restore to first answer"), ("pss", "restored PSS"),
             ("rss", "restored VMM RSS"))
     la0 = ", ".join(f"{x:.1f}" for x in info.get("loadavg_start", []))
@@ -510,15 +511,25 @@ def _checkpoint(ck: dict[str, Any]) -> list[str]:
            "state file. First answer: `ctr t exec CID true` / `runsc exec CID true` "
            "succeeds (bare QEMU: its shell prints its next line). PSS: the shim (or "
            "runsc's processes) and every child, QEMU's unmapped RAM file included; RSS: "
-           "QEMU's (runsc: its sandbox's).", "",
-           f"**Shared host:** the 2 cores were shared with a soak test and other VM "
-           f"tests while this ran (load average {la0 or '?'} at the start, {la1 or '?'} "
-           "at the end): read the times as upper bounds and the spreads as noise.", "",
-           "| runtime, workload | runs | " + " | ".join(c for _, c in cols) + " |",
-           "|---|---|" + "---|" * len(cols)]
+           "QEMU's (runsc: its sandbox's). `ctr c checkpoint` includes containerd's "
+           "pause, its tar of the checkpoint directory into the content store and its "
+           "resume; *of which in pykata's shim* is the shim's own log line (quiesce, save, "
+           "pack the RAM, run again). pykata's state directory, and so the pod's RAM file, "
+           "is on tmpfs (/dev/shm), as /run is on a usual host (here /run is on the disk).",
+           "",
+           f"**Shared host:** the 2 cores are shared with a soak test and other "
+           f"engineers' VM tests (load average {la0 or '?'} at the start of this run, "
+           f"{la1 or '?'} at its end; each part's own in bench/results/checkpoint.json): "
+           "read the times as upper bounds and the spreads as noise.", "",
+           "| runtime, workload | runs | " + " | ".join(c for _, c in cols) +
+           " | load average (1 min), start - end |",
+           "|---|---|" + "---|" * len(cols) + "---|"]
     notes = []
     for r in ck.get("rows", []):
         label = f"{r['runtime']}, {r['workload']}"
+        d = (ck.get("details") or {}).get(f"{label}: details") or {}
+        load = (f"{d['loadavg_start'][0]:.1f} - {d['loadavg_end'][0]:.1f}"
+                if d.get("loadavg_start") and d.get("loadavg_end") else "?")
         cells = []
         n = 0
         for key, _ in cols:
@@ -533,11 +544,29 @@ def _checkpoint(ck: dict[str, Any]) -> list[str]:
             cells.append(f"**{fmt(s['median'], u)}**{spread}")
         if not n and r.get("note"):
             cells[0] = "failed (below)"
-        out.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+        out.append(f"| {label} | {n} | " + " | ".join(cells) + f" | {load} |")
         if r.get("note"):
             notes.append(f"- {label}: {r['note']}")
     if notes:
         out += ["", *notes]
+    def median_of(runtime: str, workload: str, key: str) -> float:
+        s = series.get(f"{runtime}, {workload}: {key}")
+        return float(s["median"]) if s and s.get("samples") else 0.0
+
+    for workload in dict.fromkeys(r["workload"] for r in ck.get("rows", [])):
+        parts = []
+        for other in ("bare QEMU", "runsc"):
+            cmp = []
+            for k, what in (("checkpoint", "checkpoint"), ("size", "size"),
+                            ("answer", "restore to first answer"), ("pss", "restored PSS")):
+                ours, theirs = median_of("pykata", workload, k), median_of(other, workload, k)
+                if ours and theirs:
+                    cmp.append(f"{what} {ours / theirs:.1f}x")
+            if cmp:
+                parts.append(f"against {other}: " + ", ".join(cmp))
+        if parts:
+            out += ["", f"pykata, {workload} (medians; only as fair as the rows' load "
+                    "averages are alike): " + "; ".join(parts) + "."]
     details = ck.get("details") or {}
     for r in ck.get("rows", []):
         if r["runtime"] != "pykata":
