@@ -434,6 +434,8 @@ def private_config(state: Path) -> str:
     # it for the parallelism it asks for (a failure is still a failure).
     pods = int(os.environ.get("PYKATA_SOAK_PODS", "4"))
     cfg.agent.dial_timeout = max(cfg.agent.dial_timeout, 11 * pods)  # < the CRI call's 120 s
+    # And the guest's create: 2 of 100 burst creates passed 60 s at load 16.
+    cfg.runtime.create_container_timeout = max(cfg.runtime.create_container_timeout, 11 * pods)
     return config.to_toml(cfg)
 
 
