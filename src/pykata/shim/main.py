@@ -80,6 +80,62 @@ def _alive(path: Path) -> bool:
         s.close()
 
 
+STALE_SOCKET_AGE = 10.0  # seconds: far beyond a starting shim's bind -> listen
+MAX_SWEEP = 4096  # socket directory entries looked at per start
+
+
+def _refused(path: Path) -> bool:
+    """Whether connecting to ``path`` is refused: a socket nobody listens on."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(path))
+        return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def sweep_stale_sockets(directory: Path = SOCKET_DIR,
+                        min_age: float = STALE_SOCKET_AGE) -> list[str]:
+    """Remove the sockets of ours in ``directory`` that nobody serves any more:
+    a shim killed before containerd dialled it leaves its socket, and
+    containerd (1.6) runs no ``shim delete`` when that dial fails. Only a
+    socket (owned by us, not a link or file) at least ``min_age`` seconds old,
+    whose connect is refused, and that is still the same inode when removed.
+    The names removed."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []
+    removed: list[str] = []
+    try:
+        now = time.time()
+        for n, name in enumerate(os.listdir(dfd)):
+            if n >= MAX_SWEEP:
+                break
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except OSError:
+                continue
+            if (not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid()
+                    or now - st.st_mtime < min_age or not _refused(directory / name)):
+                continue
+            try:
+                if os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino != st.st_ino:
+                    continue  # bound again meanwhile: someone's live socket now
+                os.unlink(name, dir_fd=dfd)
+            except OSError:
+                continue
+            removed.append(name)
+    finally:
+        os.close(dfd)
+    return removed
+
+
 def private_dir(path: Path, *, tighten: bool = False) -> None:
     """Make sure ``path`` is a directory only we can change: missing components
     are created 0700 (whatever the umask); an existing one must be a real
@@ -151,6 +207,14 @@ def cmd_start(args: argparse.Namespace) -> int:
         _write_address(bundle, address)
         print(address, end="")
         return 0
+    try:
+        stale = sweep_stale_sockets()
+    except OSError as exc:  # never a reason not to start
+        log.warning("cannot sweep stale shim sockets: %s", exc)
+    else:
+        if stale:
+            log.info("removed %d stale shim socket(s) nobody served: %s", len(stale),
+                     ", ".join(stale[:8]))
     pid = spawn_server(path, cwd=bundle, namespace=args.namespace, address=args.address,
                        publish_binary=args.publish_binary, shim_id=sandbox_id,
                        debug=args.debug)
