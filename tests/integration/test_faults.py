@@ -381,12 +381,16 @@ class CtrEnv:
         t0 = time.monotonic()
         self.ctr("task", "delete", "-f", cid)
         self.ctr("container", "rm", cid)
-        left = _wait(lambda: not self.leaks(cid), CLEAN_BOUND, 0.2)
+        sock = socket_path(self.address, NS, cid)
+
+        def settled() -> bool:
+            left = self.leaks(cid)
+            return not left or (left == [f"shim socket {sock}"] and _refused(sock))
+        left = _wait(settled, CLEAN_BOUND, 0.2) and not self.leaks(cid)
         if not left:
             self.ctr("task", "delete", "-f", cid)
             self.ctr("container", "rm", cid)
             rest = self.leaks(cid)
-            sock = socket_path(self.address, NS, cid)
             if rest == [f"shim socket {sock}"] and _refused(sock):
                 # The shim died before containerd dialled it: containerd runs no
                 # `shim delete` then. The next shim start sweeps such a socket once
