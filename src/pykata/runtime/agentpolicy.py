@@ -33,6 +33,7 @@ from pykata.config import Config
 from pykata.guest import imagepolicy
 from pykata.guest.imagepolicy import ImagePolicy
 from pykata.guest.policy import MAX_DOCUMENT, Policy
+from pykata.utils.files import read_capped
 
 POLICY_ANNOTATION = "io.katacontainers.config.agent.policy"
 MAX_ANNOTATION = (MAX_DOCUMENT + 2) // 3 * 4 + 4  # base64 of MAX_DOCUMENT, some slack
@@ -51,21 +52,14 @@ def read_document(path: str, what: str, limit: int = MAX_DOCUMENT) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise errors.InvalidArgument(f"{what} {path}: not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_capped(fd, limit)
     except OSError as exc:
         raise errors.InvalidArgument(f"{what} {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    if size > limit:
+    if len(data) > limit:
         raise errors.InvalidArgument(f"{what} {path}: larger than {limit} bytes")
-    return b"".join(chunks)
+    return data
 
 
 def agent_policy(config: Config, annotations: Mapping[str, str] | None = None) -> bytes:

@@ -53,6 +53,7 @@ from pykata.runtime.types import (
     Storage,
     quiesced,
 )
+from pykata.utils.files import read_capped
 from pykata.wire import GUEST_SHARED_DIR
 
 log = logging.getLogger(__name__)
@@ -149,22 +150,15 @@ def read_bind_file(hm: specconv.HostMount, limit: int = BIND_FILE_MAX) -> HostFi
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # replaced since the lstat
             raise errors.FailedPrecondition(f"{need} (it is not a regular file)")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_capped(fd, limit)
     except OSError as exc:
         raise errors.InvalidArgument(f"{what}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
-    if size > limit:
+    if len(data) > limit:
         raise errors.FailedPrecondition(
             f"{need} (it is larger than {limit >> 10} KiB, the most copied into the VM)")
-    return HostFile(b"".join(chunks), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    return HostFile(data, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
 
 
 class PodSandbox(Protocol):
