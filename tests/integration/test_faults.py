@@ -48,7 +48,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -65,7 +64,7 @@ import pytest
 from pykata import config
 from pykata.protos import cri_api_pb2 as cri
 from pykata.runtime.state import SandboxRecord, sandbox_dir
-from pykata.shim.main import STALE_SOCKET_AGE, socket_path
+from pykata.shim.main import STALE_SOCKET_AGE, socket_path, socket_refused
 from pykata.testing import busybox_rootfs, leftovers
 from pykata.testing.bundles import default_spec, make_bundle
 from pykata.testing.containerd import RUNTIME_TYPE, PrivateContainerd
@@ -385,13 +384,13 @@ class CtrEnv:
 
         def settled() -> bool:
             left = self.leaks(cid)
-            return not left or (left == [f"shim socket {sock}"] and _refused(sock))
+            return not left or (left == [f"shim socket {sock}"] and socket_refused(sock))
         left = _wait(settled, CLEAN_BOUND, 0.2) and not self.leaks(cid)
         if not left:
             self.ctr("task", "delete", "-f", cid)
             self.ctr("container", "rm", cid)
             rest = self.leaks(cid)
-            if rest == [f"shim socket {sock}"] and _refused(sock):
+            if rest == [f"shim socket {sock}"] and socket_refused(sock):
                 # The shim died before containerd dialled it: containerd runs no
                 # `shim delete` then. The next shim start sweeps such a socket once
                 # it is STALE_SOCKET_AGE old: start one and look again.
@@ -578,21 +577,6 @@ def _creating_trial(env: CtrEnv, tr: Trial, rng: random.Random) -> None:
     if tr.fault == "agent":
         assert "Attempted to kill init" in text, text
     tr.outcome = "create failed"
-
-
-def _refused(path: Path) -> bool:
-    """Whether a connect to the socket at ``path`` is refused (nobody serves it)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(2)
-        s.connect(str(path))
-        return False
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def _trial(env: CtrEnv, report: Report, fault: str, phase: str, n: int) -> None:

@@ -84,7 +84,7 @@ STALE_SOCKET_AGE = 10.0  # seconds: far beyond a starting shim's bind -> listen
 MAX_SWEEP = 4096  # socket directory entries looked at per start
 
 
-def _refused(path: Path) -> bool:
+def socket_refused(path: Path) -> bool:
     """Whether connecting to ``path`` is refused: a socket nobody listens on."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -122,7 +122,7 @@ def sweep_stale_sockets(directory: Path = SOCKET_DIR,
             except OSError:
                 continue
             if (not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid()
-                    or now - st.st_mtime < min_age or not _refused(directory / name)):
+                    or now - st.st_mtime < min_age or not socket_refused(directory / name)):
                 continue
             try:
                 if os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino != st.st_ino:
