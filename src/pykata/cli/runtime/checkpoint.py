@@ -39,7 +39,7 @@ from google.protobuf import any_pb2, empty_pb2
 from pykata.cli.rtclient import call
 from pykata.cli.runtime.base import CLIError
 from pykata.cli.runtime.keeper import destroy
-from pykata.cli.runtime.lifecycle import create, remove
+from pykata.cli.runtime.lifecycle import create, wait_in_foreground
 from pykata.cli.runtime.state import (
     existing,
     load_meta,
@@ -150,12 +150,4 @@ def do_restore(a: argparse.Namespace) -> int:
         raise
     if a.detach:
         return 0
-    pid = int(load_meta(d)["pid"])
-    code = 255
-    with contextlib.suppress(ChildProcessError):
-        _, st = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(st)
-        if code < 0:
-            code = 128 - code
-    remove(d, a.id)
-    return code
+    return wait_in_foreground(d, a.id)

@@ -156,6 +156,12 @@ def do_run(a: argparse.Namespace) -> int:
         raise
     if a.detach:
         return 0
+    return wait_in_foreground(d, a.id, keep=a.keep)
+
+
+def wait_in_foreground(d: Path, cid: str, *, keep: bool = False) -> int:
+    """runc's run/restore without ``--detach``: the container's exit status (a
+    signal as 128 + its number), then it is removed unless ``keep``."""
     pid = int(load_meta(d)["pid"])
     code = 255
     with contextlib.suppress(ChildProcessError):
@@ -163,8 +169,8 @@ def do_run(a: argparse.Namespace) -> int:
         code = os.waitstatus_to_exitcode(status)
         if code < 0:
             code = 128 - code
-    if not a.keep:
-        remove(d, a.id)
+    if not keep:
+        remove(d, cid)
     return code
 
 
